@@ -1,0 +1,209 @@
+"""Typed config sections. Every field is a NeoX key (hyphens or underscores) with a one-line doc.
+
+A field's ``effect`` says what it does here: ``used`` (read by this project), or ``ignored``
+(a NeoX key accepted so real NeoX/Pythia configs load unchanged; the doc says why it has no
+effect). docs/config.md is generated from these declarations (``python -m neox_l2e.config.docs``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def F(default: Any = dataclasses.MISSING, doc: str = "", *, effect: str = "used", aliases: tuple = (),
+      factory: Any = None):
+    """Declare a config field: default, one-line doc, effect (used / ignored) and NeoX aliases."""
+    meta = {"doc": doc, "effect": effect, "aliases": tuple(aliases)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+IGN = "ignored"
+
+
+@dataclass
+class ModelConfig:
+    """The Pythia / GPT-NeoX architecture."""
+    num_layers: int = F(None, "Number of transformer layers (required).")
+    hidden_size: int = F(None, "Model width h (required).")
+    num_attention_heads: int = F(None, "Attention heads; must divide hidden-size (and heads must divide by the TP degree).")
+    seq_length: int = F(2048, "Training sequence length in tokens.")
+    max_position_embeddings: Optional[int] = F(None, "Longest position the model supports; defaults to seq-length.")
+    intermediate_size: Optional[int] = F(None, "MLP width; defaults to 4 x hidden-size, as in Pythia.")
+    vocab_size: Optional[int] = F(None, "Tokenizer vocabulary size before padding; taken from the tokenizer when one is configured (Pythia's 20B tokenizer: 50277).")
+    make_vocab_size_divisible_by: int = F(128, "Pad the vocabulary to a multiple of this times the TP degree, as NeoX does.")
+    pos_emb: str = F("rotary", "Position embedding; only 'rotary' (Pythia's) is implemented.")
+    rotary_pct: float = F(1.0, "Fraction of each head's dims that get rotary embeddings (Pythia: 0.25); in (0, 1].")
+    rotary_emb_base: int = F(10000, "Rotary base frequency.")
+    gpt_j_residual: bool = F(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)) (Pythia: true).")
+    gpt_j_tied: bool = F(False, "GPT-J style single shared LayerNorm for attention and MLP in the parallel residual.")
+    no_weight_tying: bool = F(False, "Untied input and output embeddings (Pythia: true).")
+    norm: str = F("layernorm", "Normalisation; only 'layernorm' (torch's LayerNorm, no apex) is implemented.")
+    layernorm_epsilon: float = F(1.0e-5, "LayerNorm epsilon.")
+    activation: str = F("gelu", "MLP activation; only 'gelu' is implemented (see bias-gelu-fusion for which GELU).")
+    bias_gelu_fusion: bool = F(False, "NeoX fuses bias+GELU with the tanh approximation: true = tanh GELU, false = exact erf GELU.")
+    hidden_dropout: float = F(0.0, "Dropout on the attention and MLP outputs.")
+    attention_dropout: float = F(0.0, "Dropout on attention probabilities.")
+    init_method: str = F("normal", "Init of input-side weights: normal, small_init (std sqrt(2/(5h))), xavier_normal, xavier_uniform.")
+    output_layer_init_method: str = F("scaled_normal", "Init of layer-output weights: scaled_normal (std/sqrt(2L)), wang_init (2/(L sqrt(h))), normal, small_init.")
+    init_method_std: float = F(0.02, "Standard deviation for the 'normal' and 'scaled_normal' inits.")
+    output_layer_parallelism: str = F("column", "How the output head is split under TP; only 'column' (NeoX default, Pythia) is implemented.")
+    attention_config: Any = F(None, "Attention type per layer, NeoX form [[['flash'], N]]; 'global' and 'flash' both use torch scaled_dot_product_attention (flash kernel picked by torch on GPU); other types are refused.")
+    scaled_upper_triang_masked_softmax_fusion: bool = F(False, "NeoX fused-softmax flag; no effect here: attention always goes through torch SDPA, which is fused.", effect=IGN)
+    scaled_masked_softmax_fusion: bool = F(False, "NeoX fused-softmax flag; no effect here: torch SDPA is always used.", effect=IGN)
+    rope_fusion: bool = F(False, "NeoX fused-rotary flag; no effect here: rotary is plain torch.", effect=IGN)
+    use_bias_in_attn_linear: bool = F(True, "Biases in the QKV and attention-out projections (Pythia: true).")
+    use_bias_in_norms: bool = F(True, "Biases in LayerNorms (Pythia: true).")
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and learning-rate schedule (NeoX names)."""
+    optimizer: dict = F(None, "NeoX optimizer block {type: Adam|AdamW, params: {lr, betas, eps}}; Adam means AdamW with weight-decay, as in NeoX.", factory=lambda: {"type": "Adam", "params": {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8}})
+    lr: Optional[float] = F(None, "Peak learning rate; defaults to optimizer.params.lr.")
+    min_lr: float = F(0.0, "Learning rate at the end of decay (Pythia: lr/10).")
+    weight_decay: float = F(0.01, "Decoupled weight decay (Pythia: 0.1); not applied to biases and norms.")
+    lr_decay_style: str = F("cosine", "Decay after warmup: cosine, linear or constant.")
+    lr_decay_iters: Optional[int] = F(None, "Iterations over which lr decays; defaults to train-iters.")
+    warmup: float = F(0.01, "Linear warmup as a fraction of lr-decay-iters (Pythia: 0.01).")
+    gradient_clipping: float = F(1.0, "Clip the global gradient norm to this (0 = off).")
+    zero_allow_untested_optimizer: bool = F(True, "Passed to DeepSpeed so ZeRO accepts torch's AdamW.", effect=IGN)
+
+
+@dataclass
+class TrainingConfig:
+    """Steps, batches, evaluation and checkpoints."""
+    train_iters: int = F(1000, "Optimizer steps to train.")
+    train_micro_batch_size_per_gpu: int = F(4, "Sequences per micro-batch on each data-parallel rank.")
+    gradient_accumulation_steps: int = F(1, "Micro-batches per optimizer step.", aliases=("gas",))
+    train_batch_size: Optional[int] = F(None, "Global batch in sequences; if set it must equal micro-batch x gas x DP size.")
+    seed: int = F(1234, "Seed for weights, data order and dropout.")
+    eval_interval: int = F(1000, "Evaluate on the valid split every this many steps.")
+    eval_iters: int = F(10, "Micro-batches per evaluation.")
+    save: Optional[str] = F(None, "Checkpoint directory to save to.")
+    load: Optional[str] = F(None, "Checkpoint directory to resume from (the `latest` tag).")
+    checkpoint_factor: Optional[int] = F(None, "Save a checkpoint every this many steps (NeoX's save-interval).", aliases=("save_interval",))
+    extra_save_iters: Optional[list] = F(None, "Additional steps at which to save (Pythia's log-spaced early checkpoints).")
+    keep_last_n_checkpoints: Optional[int] = F(None, "Keep only the newest N checkpoints (None keeps all).")
+    save_on_interrupt: bool = F(True, "On Ctrl-C (SIGINT/SIGTERM), save a checkpoint before exiting.")
+    max_bad_steps: int = F(10, "Stop with an error after this many consecutive steps with a NaN/inf loss (each one is skipped).")
+    dist_timeout_s: int = F(300, "Seconds a collective may wait before a rank gives up (so a dead rank ends the run instead of hanging).")
+    checkpoint_activations: bool = F(False, "Recompute each layer's activations in backward (torch.utils.checkpoint).")
+    checkpoint_num_layers: int = F(1, "Layers per checkpointed chunk.")
+    partition_activations: bool = F(False, "NeoX splits checkpointed activations across TP ranks; no effect here (memory optimisation not implemented).", effect=IGN)
+    synchronize_each_layer: bool = F(False, "NeoX CUDA-sync debugging flag; no effect here.", effect=IGN)
+    finetune: bool = F(False, "Load only model weights from `load` (fresh optimizer, step 0).")
+    no_load_optim: bool = F(False, "When resuming, do not load optimizer state.")
+    iteration: Optional[int] = F(None, "NeoX internal resume counter; ignored (the checkpoint records the step).", effect=IGN)
+
+
+@dataclass
+class DataConfig:
+    """Datasets, tokenizer and loading."""
+    data_path: Optional[str] = F(None, "Single dataset prefix (PATH for PATH.bin/.idx) split by `split`.")
+    train_data_paths: Optional[list] = F(None, "Training dataset prefixes (blended by train-data-weights).")
+    valid_data_paths: Optional[list] = F(None, "Validation dataset prefixes.")
+    test_data_paths: Optional[list] = F(None, "Test dataset prefixes.")
+    train_data_weights: Optional[list] = F(None, "Blend weights for train-data-paths (default: proportional to size).")
+    valid_data_weights: Optional[list] = F(None, "Blend weights for valid-data-paths.")
+    test_data_weights: Optional[list] = F(None, "Blend weights for test-data-paths.")
+    split: str = F("969,30,1", "train,valid,test weights used to split data-path.")
+    data_impl: str = F("mmap", "Dataset format; only 'mmap' (the Megatron/NeoX .bin/.idx) is implemented.")
+    mmap_warmup: bool = F(False, "NeoX pre-reads the mmap; no effect here.", effect=IGN)
+    num_workers: int = F(2, "DataLoader worker processes.")
+    tokenizer_type: str = F("HFTokenizer", "HFTokenizer (tokenizers JSON, e.g. Pythia's 20B) or SPMTokenizer (SentencePiece .model).")
+    vocab_file: Optional[str] = F(None, "Tokenizer file for tokenizer-type.")
+    merge_file: Optional[str] = F(None, "GPT-2 BPE merges file; not used by the supported tokenizers.", effect=IGN)
+    data_cache_dir: Optional[str] = F(None, "Where the epoch-order index files are cached; defaults to next to the data.")
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor / data parallelism, ZeRO and the launcher."""
+    model_parallel_size: int = F(1, "Tensor-parallel degree (must divide the world size, heads and the MLP width).")
+    pipe_parallel_size: int = F(0, "Pipeline parallelism is not implemented: 0 or 1 (as in the Pythia configs) both mean none.")
+    zero_optimization: dict = F(None, "DeepSpeed ZeRO block; stage 0-3 (stage 3 is refused with TP > 1); other entries go to DeepSpeed as given.", factory=lambda: {"stage": 0})
+    distributed_backend: str = F("nccl", "NeoX backend name; here the backend is chosen by device: NCCL on GPU, gloo on CPU.")
+    launcher: str = F("pdsh", "deepy.py multi-node launcher: pdsh, openmpi, mvapich, slurm (passed to the DeepSpeed launcher).")
+    deepspeed_slurm: bool = F(False, "Launched by srun: read rank and world size from SLURM variables.")
+    deepspeed_mpi: bool = F(False, "Launched by mpirun: discover ranks through MPI.")
+    hostfile: Optional[str] = F(None, "DeepSpeed hostfile (lines 'host slots=N') for multi-node launches.")
+    include: Optional[str] = F(None, "DeepSpeed --include host/GPU filter.")
+    exclude: Optional[str] = F(None, "DeepSpeed --exclude host/GPU filter.")
+    num_nodes: int = F(-1, "Number of nodes to use (-1: all in the hostfile).")
+    num_gpus: Optional[int] = F(None, "GPUs (or CPU ranks) per node to launch.")
+    master_port: int = F(29500, "Rendezvous port.")
+    master_addr: Optional[str] = F(None, "Rendezvous address (default: first host).")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric precision."""
+    precision: Optional[str] = F(None, "fp32, fp16 or bfloat16; derived from the fp16 / bf16 blocks when not given.")
+    fp16: Optional[dict] = F(None, "DeepSpeed fp16 block {enabled, loss_scale (0 = dynamic), initial_scale_power, loss_scale_window, hysteresis, min_loss_scale}.")
+    bf16: Optional[dict] = F(None, "DeepSpeed bf16 block {enabled}.")
+    fp32_allreduce: bool = F(False, "All-reduce gradients in fp32.")
+    fp16_lm_cross_entropy: bool = F(False, "NeoX computes the LM loss in half precision when set; here the loss is always fp32.", effect=IGN)
+
+
+@dataclass
+class LoggingConfig:
+    """Logs, metrics and monitoring."""
+    log_interval: int = F(10, "Log metrics every this many steps.")
+    steps_per_print: int = F(10, "DeepSpeed's own print interval.")
+    wall_clock_breakdown: bool = F(False, "DeepSpeed per-phase timers; passed to DeepSpeed.")
+    log_dir: Optional[str] = F(None, "Where metrics.jsonl goes (default: the save directory, or runs/<name>).")
+    tensorboard_dir: Optional[str] = F(None, "TensorBoard event directory (default: <log-dir>/tensorboard).")
+    use_wandb: bool = F(False, "Log to Weights & Biases when wandb is installed.")
+    wandb_project: str = F("neox-l2e", "W&B project.")
+    wandb_group: Optional[str] = F(None, "W&B group.")
+    wandb_team: Optional[str] = F(None, "W&B entity.")
+    wandb_host: Optional[str] = F(None, "W&B host.")
+    log_grad_norm: bool = F(True, "Log the global gradient norm.")
+    log_param_norm: bool = F(False, "Log the global parameter norm.")
+    progress_bar: bool = F(True, "Show a tqdm progress bar on rank 0.")
+
+
+@dataclass
+class L2EConfig:
+    """L2E: inhibiting monosemantic neurons (docs/l2e.md says which values are the paper's and which ours)."""
+    l2e_enabled: bool = F(False, "Turn monosemantic-neuron inhibition on.")
+    l2e_method: str = F("l2e", "l2e (moving threshold + regularisation loss), memel (per-batch top-k + reverse deactivation baseline) or none.")
+    l2e_layers: Any = F("mid2", "Inhibited layers: mid2, mid-third, top-bot, or an explicit list of 0-based layer indices.")
+    l2e_ratio: float = F(0.02, "Target fraction p of (token, neuron) activations selected (paper: 1% 70M, 2% 410M, 3% 2.8B).")
+    l2e_lambda: float = F(0.1, "Weight of the inhibition loss added to the LM loss (our choice, measured: docs/l2e.md).")
+    l2e_eta: float = F(0.05, "Step size of the log-space threshold update log tau += eta (frac - p) / p (our choice).")
+    l2e_tau_init: Any = F("quantile", "'quantile' = exact (1-p) quantile of phi on the first eligible batch, or a number.")
+    l2e_decay: Optional[float] = F(None, "None = cumulative statistics (the paper); a value in (0, 1) decays old counts by it per micro-batch.")
+    l2e_min_samples: int = F(64, "A neuron is inhibited only once its statistics hold this many samples (>= 2).")
+    l2e_warmup_steps: int = F(0, "Optimizer steps before inhibition starts (statistics are gathered meanwhile).")
+    l2e_eps: float = F(1.0e-6, "Epsilon inside log((z - mean)^2 + eps) (our choice; keeps the loss finite at z = mean).")
+    l2e_backend: str = F("auto", "MLP implementation: auto (triton on CUDA, torch elsewhere), torch, or triton.")
+    l2e_reference_levels: list = F(None, "phi levels whose exceedance fractions are logged to compare runs.", factory=lambda: [5.0, 10.0, 25.0])
+    l2e_fkr_k: list = F(None, "FKR: k values as percentages of neurons (tools/fkr.py).", factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 10.0])
+    l2e_fkr_tau_mode: str = F("per-token", "FKR default reading of tau_k: per-token (k-th largest phi across a token's neurons) or global (over all pairs).")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "parallel": ParallelConfig,
+    "precision": PrecisionConfig,
+    "logging": LoggingConfig,
+    "l2e": L2EConfig,
+}
+
+
+def field_index():
+    """Map every accepted key (canonical and aliases, underscore form) to (section, field name)."""
+    index = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            index[f.name] = (section, f.name)
+            for alias in f.metadata.get("aliases", ()):
+                index[alias] = (section, f.name)
+    return index

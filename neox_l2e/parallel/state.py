@@ -1,0 +1,121 @@
+"""The parallel state: who this rank is and which groups it talks to. Passed to what needs it.
+
+Rank layout (as Megatron/NeoX): tensor-parallel groups are runs of consecutive ranks,
+data-parallel groups stride by the TP degree. With world size 4 and TP 2:
+    TP groups [0, 1] [2, 3];  DP groups [0, 2] [1, 3].
+A single process (no torch.distributed) is ParallelState.single(): every collective is a no-op.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelState:
+    world_size: int = 1
+    rank: int = 0
+    tp: int = 1
+    tp_rank: int = 0
+    dp: int = 1
+    dp_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp_group: Optional[object] = None
+    dp_group: Optional[object] = None
+    tp_ranks: tuple = (0,)
+    dp_ranks: tuple = (0,)
+
+    @classmethod
+    def single(cls, device: Optional[torch.device] = None) -> "ParallelState":
+        return cls(device=torch.device(device) if device is not None else torch.device("cpu"))
+
+    @classmethod
+    def from_distributed(cls, tp: int = 1, device: Optional[torch.device] = None) -> "ParallelState":
+        """Build the TP and DP groups of an initialised default process group."""
+        if not dist.is_initialized():
+            return cls.single(device)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % tp:
+            raise ValueError(f"model-parallel-size {tp} does not divide the world size {world}")
+        dp = world // tp
+        tp_group = dp_group = None
+        my_tp, my_dp = (rank,), (rank,)
+        # every rank must create every group, in the same order
+        for i in range(dp):
+            ranks = tuple(range(i * tp, (i + 1) * tp))
+            g = dist.new_group(list(ranks))
+            if rank in ranks:
+                tp_group, my_tp = g, ranks
+        for j in range(tp):
+            ranks = tuple(range(j, world, tp))
+            g = dist.new_group(list(ranks))
+            if rank in ranks:
+                dp_group, my_dp = g, ranks
+        if device is None:
+            device = default_device()
+        return cls(world_size=world, rank=rank, tp=tp, tp_rank=rank % tp, dp=dp, dp_rank=rank // tp,
+                   device=torch.device(device), tp_group=tp_group, dp_group=dp_group,
+                   tp_ranks=my_tp, dp_ranks=my_dp)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- small collectives used outside autograd (statistics, metrics) ----
+    def all_reduce_tp(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.tp > 1:
+            dist.all_reduce(t, op=op, group=self.tp_group)
+        return t
+
+    def all_reduce_dp(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.dp > 1:
+            dist.all_reduce(t, op=op, group=self.dp_group)
+        return t
+
+    def all_reduce_world(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=op)
+        return t
+
+    def all_gather_dp(self, t: torch.Tensor) -> list:
+        """The tensor from every data-parallel rank, in DP-rank order (deterministic merges)."""
+        if self.dp == 1:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.dp)]
+        dist.all_gather(out, t.contiguous(), group=self.dp_group)
+        return out
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def default_device() -> torch.device:
+    """CUDA device of this local rank when there is a GPU, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def default_backend() -> str:
+    """NCCL on GPU, gloo on CPU: chosen by device, whatever the config's distributed-backend says."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(timeout_s: int = 300) -> None:
+    """Initialise torch.distributed from the launcher's environment (RANK, WORLD_SIZE, MASTER_*)."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    backend = default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(default_device())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
