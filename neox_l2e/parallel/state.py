@@ -94,6 +94,25 @@ class ParallelState:
         dist.all_gather(out, t.contiguous(), group=self.dp_group)
         return out
 
+    # ---- DeepSpeed's `mpu` protocol (engine = deepspeed.initialize(..., mpu=ps)) ----
+    def get_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp
+
+    def get_model_parallel_group(self):
+        return self.tp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
     def barrier(self):
         if self.world_size > 1:
             dist.barrier()

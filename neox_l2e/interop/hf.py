@@ -1,0 +1,241 @@
+"""Hugging Face GPTNeoX interchange: import a HF checkpoint directory, export ours to one.
+
+Our parameter names are HF's (gpt_neox.embed_in, gpt_neox.layers.N.attention.query_key_value, ...),
+so the conversion is a config translation plus dropping our non-weight state (L2E buffers).
+Weights are read through safetensors where present, and ``torch.load(weights_only=True)`` otherwise:
+a checkpoint from elsewhere never runs code. No network access.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from ..config import ConfigError, NeoXConfig
+
+
+class InteropError(ValueError):
+    """A Hugging Face directory or checkpoint that cannot be converted: one line naming the file and problem."""
+
+
+WEIGHT_SUFFIXES = (".weight", ".bias")
+
+# ---------------------------------------------------------------------------------------------
+# config translation
+
+
+def hf_config_from_neox(cfg: NeoXConfig, vocab_size: int) -> dict:
+    """config.json for transformers' GPTNeoXForCausalLM, saying which GELU was used."""
+    m = cfg.model
+    return {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "vocab_size": vocab_size,
+        "hidden_size": m.hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "intermediate_size": cfg.ffn_size,
+        # tanh GELU (NeoX bias-gelu-fusion) is torch's gelu(approximate="tanh") = HF "gelu_pytorch_tanh"
+        "hidden_act": "gelu_pytorch_tanh" if cfg.gelu_approximate == "tanh" else "gelu",
+        "max_position_embeddings": m.max_position_embeddings or m.seq_length,
+        "layer_norm_eps": m.layernorm_epsilon,
+        "use_parallel_residual": m.gpt_j_residual,
+        "tie_word_embeddings": not m.no_weight_tying,
+        "attention_bias": m.use_bias_in_attn_linear,
+        "attention_dropout": m.attention_dropout,
+        "hidden_dropout": m.hidden_dropout,
+        "initializer_range": m.init_method_std,
+        # transformers >= 5 reads rope_parameters; older versions read rotary_pct / rotary_emb_base
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_emb_base),
+                            "partial_rotary_factor": m.rotary_pct},
+        "rotary_pct": m.rotary_pct,
+        "rotary_emb_base": m.rotary_emb_base,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def neox_keys_from_hf(hf: dict, source: str = "config.json") -> dict:
+    """NeoX config keys (underscore form) describing the model of a HF GPTNeoX config.json."""
+    def need(key):
+        if key not in hf:
+            raise InteropError(f"{source}: missing '{key}'; is this a GPTNeoX config.json?")
+        return hf[key]
+
+    if hf.get("model_type", "gpt_neox") != "gpt_neox":
+        raise InteropError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'gpt_neox'")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rotary_pct = hf.get("rotary_pct", rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    base = hf.get("rotary_emb_base", rope.get("rope_theta", hf.get("rope_theta", 10000)))
+    act = hf.get("hidden_act", "gelu")
+    if act in ("gelu", "gelu_python"):
+        tanh = False
+    elif act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        tanh = True
+    else:
+        raise InteropError(f"{source}: hidden_act {act!r} is not a GELU this project implements")
+    vocab = int(need("vocab_size"))
+    hidden = int(need("hidden_size"))
+    return {
+        "num_layers": int(need("num_hidden_layers")),
+        "hidden_size": hidden,
+        "num_attention_heads": int(need("num_attention_heads")),
+        "intermediate_size": int(hf.get("intermediate_size") or 4 * hidden),
+        "vocab_size": vocab,
+        "make_vocab_size_divisible_by": 1,       # the HF vocab is already padded: keep it as it is
+        "max_position_embeddings": int(hf.get("max_position_embeddings", 2048)),
+        "seq_length": min(2048, int(hf.get("max_position_embeddings", 2048))),
+        "rotary_pct": float(rotary_pct),
+        "rotary_emb_base": int(base),
+        "gpt_j_residual": bool(hf.get("use_parallel_residual", True)),
+        "no_weight_tying": not bool(hf.get("tie_word_embeddings", False)),
+        "layernorm_epsilon": float(hf.get("layer_norm_eps", 1e-5)),
+        "bias_gelu_fusion": tanh,
+        "use_bias_in_attn_linear": bool(hf.get("attention_bias", True)),
+        "attention_dropout": float(hf.get("attention_dropout", 0.0) or 0.0),
+        "hidden_dropout": float(hf.get("hidden_dropout", 0.0) or 0.0),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a HF directory
+
+
+def read_hf_dir(path) -> tuple:
+    """(config dict, state dict) of a HF GPTNeoX checkpoint directory, with clear errors."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InteropError(f"{path}: not a directory (expected a Hugging Face model folder with config.json)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise InteropError(f"{path}: no config.json; not a Hugging Face model folder")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise InteropError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return hf, _read_weights(path)
+
+
+def _read_weights(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = []
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise InteropError(f"{index}: not a valid shard index (no weight_map)") from None
+            files = [path / f for f in sorted(set(weight_map.values()))]
+            break
+    if not files:
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise InteropError(f"{path}: no weights found (model.safetensors or pytorch_model.bin)")
+    state = {}
+    for f in files:
+        if not f.is_file():
+            raise InteropError(f"{f}: weight shard listed in the index is missing")
+        try:
+            if f.suffix == ".safetensors":
+                part = load_file(str(f))
+            else:
+                part = torch.load(f, map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise InteropError(f"{f}: cannot read weights ({str(e).splitlines()[0][:200]})") from None
+        if not isinstance(part, dict):
+            raise InteropError(f"{f}: expected a dict of tensors")
+        state.update(part)
+    return state
+
+
+def hf_state_to_ours(hf_state: dict, expected: dict, source: str) -> dict:
+    """Keep the weights our model expects (names are shared); check every one is present with the right shape."""
+    out = {}
+    for name, shape in expected.items():
+        if name not in hf_state:
+            raise InteropError(f"{source}: weight '{name}' is missing (incomplete or not a GPTNeoX checkpoint)")
+        t = hf_state[name]
+        if tuple(t.shape) != tuple(shape):
+            raise InteropError(f"{source}: weight '{name}' has shape {tuple(t.shape)}, the config implies {tuple(shape)}")
+        out[name] = t
+    return out
+
+
+def our_state_to_hf(state: dict) -> dict:
+    """Our full (unsharded) state dict -> HF names: only the weights (L2E buffers and the like are dropped)."""
+    return {k: v.contiguous() for k, v in state.items()
+            if k.endswith(WEIGHT_SUFFIXES) and ".inhibitor." not in k}
+
+
+# ---------------------------------------------------------------------------------------------
+# directory writers
+
+
+def write_hf_dir(out_dir, cfg: NeoXConfig, full_state: dict, vocab_size: int,
+                 tokenizer_files: Iterable = (), dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+    """Write a folder transformers loads with GPTNeoXForCausalLM.from_pretrained (atomic: temp dir, then rename)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InteropError(f"{out_dir}: exists and is not empty; pass --overwrite or choose another folder")
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        weights = our_state_to_hf(full_state)
+        if dtype is not None:
+            weights = {k: v.to(dtype) for k, v in weights.items()}
+        if not (not cfg.model.no_weight_tying) and "embed_out.weight" not in weights:
+            raise InteropError("export: embed_out.weight missing from an untied model")
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        hf = hf_config_from_neox(cfg, vocab_size)
+        if dtype is not None:
+            hf["torch_dtype"] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        for f in tokenizer_files:
+            f = Path(f)
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_hf_into_model(hf_dir, cfg_overrides: Optional[dict] = None, ps=None):
+    """Build our model from a HF GPTNeoX folder (weights loaded). Returns (model, cfg)."""
+    from ..config import build_config
+    from ..model import GPTNeoX
+    from ..parallel import ParallelState
+
+    hf, state = read_hf_dir(hf_dir)
+    keys = neox_keys_from_hf(hf, str(Path(hf_dir) / "config.json"))
+    keys.update(cfg_overrides or {})
+    try:
+        cfg = build_config(keys, {k: str(Path(hf_dir) / "config.json") for k in keys})
+    except ConfigError as e:
+        raise InteropError(str(e)) from None
+    ps = ps or ParallelState.single()
+    model = GPTNeoX(cfg, ps, init=False)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k.endswith(WEIGHT_SUFFIXES) and ".inhibitor." not in k}
+    if ps.tp > 1:
+        raise InteropError("load_hf_into_model builds a TP=1 model; re-split with the checkpoint tools for TP > 1")
+    weights = hf_state_to_ours(state, expected, str(hf_dir))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected, unexpected
+    return model, cfg
