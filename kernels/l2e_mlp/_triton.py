@@ -1,0 +1,247 @@
+"""Triton kernels of the fused MLP up-projection + GELU + L2E (forward epilogue, statistics merge, backward).
+
+All arithmetic after the GEMM is fp32. Tiles are [BLOCK_M rows (tokens), BLOCK_N columns (neurons)].
+Per-tile outputs go to partials buffers that the host (or ``_merge_moments_kernel``) reduces in a fixed
+order; no float atomics anywhere, so every output is bitwise reproducible for a given launch config.
+
+Partials layout (P = cdiv(T, BLOCK_M) row blocks, Q = cdiv(N, BLOCK_N) column blocks):
+    pmean[P, N], pm2[P, N]  fp32   per-row-block column mean and M2 (two-pass inside the tile)
+    psel[P, Q]              int32  selected entries of the tile
+    ploss[P, Q]             fp32   sum over the tile's selected entries of log((z - mean)^2 + eps)
+Row block p has min(BLOCK_M, T - p * BLOCK_M) rows; that count is implied, never stored.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_TANH_K = 0.7978845608028654  # sqrt(2 / pi)
+_TANH_C = 0.044715
+
+
+@triton.jit
+def _gelu(u, APPROX_TANH: tl.constexpr):
+    """GELU of fp32 ``u``. tanh form written as u * sigmoid(2a) (= 0.5 u (1 + tanh a)), which has no
+    cancellation near 0 and saturates cleanly for large |a|."""
+    if APPROX_TANH:
+        a = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+        z = u / (1.0 + tl.exp(-2.0 * a))
+    else:
+        z = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    return z
+
+
+@triton.jit
+def _gelu_grad(u, APPROX_TANH: tl.constexpr):
+    """dGELU/du of fp32 ``u``."""
+    if APPROX_TANH:
+        a = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+        s = 1.0 / (1.0 + tl.exp(-2.0 * a))  # = 0.5 (1 + tanh a);  1 - tanh^2 a = 4 s (1 - s)
+        g = s + u * (2.0 * s * (1.0 - s)) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * u * u))
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
+        g = cdf + u * pdf
+    return g
+
+
+@triton.jit
+def _round_bf16(x, BF16_RNE: tl.constexpr):
+    """fp32 -> bf16-representable fp32 with round-to-nearest-even, done by hand when BF16_RNE: Triton's
+    interpreter truncates fp32 -> bf16 casts (compiled code rounds to nearest even already; inf/finite
+    values only, which is all this path sees)."""
+    if BF16_RNE:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
+        x = b.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
+                  z_ptr, mean_ptr, inv_var_ptr, tau, eps,
+                  pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
+                  APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """From the fp32 pre-activation tile ``u`` (bias included): store z, then the tile's L2E partials."""
+    mask2 = row_mask[:, None] & col_mask[None, :]
+    z = _gelu(u, APPROX_TANH)
+    z_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(z_ptr + z_offs, _round_bf16(z, BF16_RNE).to(z_ptr.dtype.element_ty), mask=mask2)
+
+    mu = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
+    iv = tl.load(inv_var_ptr + cols, mask=col_mask, other=0.0)
+    d = z - mu[None, :]
+    d2 = d * d
+    phi = d2 * iv[None, :]
+    sel = (phi >= tau) & mask2
+    n_sel = tl.sum(tl.sum(sel.to(tl.int32), axis=1), axis=0)
+    terms = tl.where(sel, tl.log(d2 + eps), 0.0)
+    loss = tl.sum(tl.sum(terms, axis=1), axis=0)
+    tl.store(psel_ptr + pid_m * num_pid_n + pid_n, n_sel)
+    tl.store(ploss_ptr + pid_m * num_pid_n + pid_n, loss)
+
+    # two-pass moments of the tile's valid rows, from the registers (z is read once)
+    cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    t_mean = tl.sum(tl.where(mask2, z, 0.0), axis=0) / cnt
+    dev = tl.where(mask2, z - t_mean[None, :], 0.0)
+    t_m2 = tl.sum(dev * dev, axis=0)
+    p_offs = pid_m.to(tl.int64) * N + cols
+    tl.store(pmean_ptr + p_offs, t_mean, mask=col_mask)
+    tl.store(pm2_ptr + p_offs, t_m2, mask=col_mask)
+
+
+@triton.jit
+def _split_fwd_kernel(u_ptr, bias_ptr, z_ptr, mean_ptr, inv_var_ptr,
+                      pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
+                      M, N, tau, eps,
+                      HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """"split" mode: u_lin = x W^T (cuBLAS, [M, N] contiguous, x.dtype) is read once; bias, GELU, z and
+    the L2E partials in one pass."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_pid_n = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask2 = row_mask[:, None] & col_mask[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    u = tl.load(u_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        u = u + b[None, :]
+    _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
+                  z_ptr, mean_ptr, inv_var_ptr, tau, eps, pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
+                  APPROX_TANH, BF16_RNE, BLOCK_M)
+
+
+@triton.jit
+def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr,
+                     pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
+                     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, tau, eps,
+                     HAS_BIAS: tl.constexpr, SAVE_U: tl.constexpr, EPILOGUE: tl.constexpr,
+                     APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """"fused-gemm" mode: u = x W^T with fp32 accumulation, rounded to x.dtype (the same pre-activation
+    as "split"), optionally stored (SAVE_U), then the L2E epilogue (EPILOGUE=False only recomputes u)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped launch order: GROUP_M row blocks share the W column panel while it is in L2
+    group_size = GROUP_M * num_pid_n
+    group_id = pid // group_size
+    first_m = group_id * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kb * BLOCK_K
+        a = tl.load(x_ptrs, mask=row_mask[:, None] & (ks[None, :] < k_left), other=0.0)
+        b = tl.load(w_ptrs, mask=(ks[:, None] < k_left) & col_mask[None, :], other=0.0)
+        if DOT_FP32:  # the interpreter's bf16 dot is wrong: do it in fp32 there (products are exact)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    u_lin = _round_bf16(acc, BF16_RNE).to(x_ptr.dtype.element_ty)  # the stored/saved pre-activation (no bias), as cuBLAS gives it
+    if SAVE_U:
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(u_ptr + offs, u_lin, mask=row_mask[:, None] & col_mask[None, :])
+    if EPILOGUE:
+        u = u_lin.to(tl.float32)
+        if HAS_BIAS:
+            bv = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            u = u + bv[None, :]
+        _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
+                      z_ptr, mean_ptr, inv_var_ptr, tau, eps, pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
+                      APPROX_TANH, BF16_RNE, BLOCK_M)
+
+
+@triton.jit
+def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, M, N, P,
+                          BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Merge the P row-block partials of each column: the multi-way form of Chan's merge,
+        mean = sum_p c_p mean_p / n,    M2 = sum_p M2_p + sum_p c_p (mean_p - mean)^2,
+    which equals the left fold of pairwise merges in exact arithmetic, uses only non-negative terms
+    (no sum-of-squares cancellation) and reduces in a fixed order (chunks of BLOCK_P, in order)."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    ps = tl.arange(0, BLOCK_P)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + ps
+        pm = p < P
+        c = tl.where(pm, tl.minimum(M - p * BLOCK_M, BLOCK_M), 0).to(tl.float32)
+        offs = p.to(tl.int64)[:, None] * N + cols[None, :]
+        mp = tl.load(pmean_ptr + offs, mask=pm[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.sum(c[:, None] * mp, axis=0)
+    mean = acc / (M * 1.0)
+    m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + ps
+        pm = p < P
+        c = tl.where(pm, tl.minimum(M - p * BLOCK_M, BLOCK_M), 0).to(tl.float32)
+        offs = p.to(tl.int64)[:, None] * N + cols[None, :]
+        lm = pm[:, None] & col_mask[None, :]
+        mp = tl.load(pmean_ptr + offs, mask=lm, other=0.0)
+        m2p = tl.load(pm2_ptr + offs, mask=lm, other=0.0)
+        dm = mp - mean[None, :]
+        m2 += tl.sum(m2p + c[:, None] * dm * dm, axis=0)
+    tl.store(mean_out_ptr + cols, mean, mask=col_mask)
+    tl.store(m2_out_ptr + cols, m2, mask=col_mask)
+
+
+@triton.jit
+def _bwd_kernel(u_ptr, bias_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, pdb_ptr,
+                M, N, stride_dzm, stride_dzn, tau, eps,
+                HAS_BIAS: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr,
+                APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """dL/du = (dL/dz + g * selected * 2 (z - mean) / ((z - mean)^2 + eps)) * GELU'(u), with z and the
+    selection recomputed from the saved pre-activation (bitwise the forward's), plus per-row-block
+    column sums of dL/du (fp32) for the bias gradient."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask2 = row_mask[:, None] & col_mask[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    u = tl.load(u_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        u = u + b[None, :]
+    grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_DZ:
+        dz_offs = rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :] * stride_dzn
+        grad += tl.load(dz_ptr + dz_offs, mask=mask2, other=0.0).to(tl.float32)
+    if HAS_G:
+        g = tl.load(g_ptr).to(tl.float32)
+        z = _gelu(u, APPROX_TANH)
+        mu = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
+        iv = tl.load(inv_var_ptr + cols, mask=col_mask, other=0.0)
+        d = z - mu[None, :]
+        d2 = d * d
+        sel = ((d2 * iv[None, :]) >= tau) & mask2
+        grad += tl.where(sel, g * (2.0 * d / (d2 + eps)), 0.0)
+    du = tl.where(mask2, grad * _gelu_grad(u, APPROX_TANH), 0.0)
+    tl.store(du_ptr + offs, _round_bf16(du, BF16_RNE).to(du_ptr.dtype.element_ty), mask=mask2)
+    if HAS_BIAS:
+        tl.store(pdb_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(du, axis=0), mask=col_mask)
