@@ -107,6 +107,11 @@ def _check_type(value, hint, key, src):
         if isinstance(value, bool) or not isinstance(value, int):
             bad = "an integer"
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads '2e-05' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             bad = "a number"
         else:
@@ -294,16 +299,16 @@ def validate(cfg: NeoXConfig) -> None:
     if m.gpt_j_tied and not m.gpt_j_residual:
         raise ConfigError(f"{s('gpt_j_tied')}: gpt-j-tied needs gpt-j-residual: true")
     if m.attention_config is not None:
-        total = 0
         try:
-            for types, count in m.attention_config:
-                for t in types:
-                    if t not in ("global", "flash"):
-                        raise ConfigError(f"{s('attention_config')}: attention-config: type {t!r} is not supported "
-                                          "(only global/flash, both run torch SDPA)")
-                total += int(count)
+            entries = [(list(types), int(count)) for types, count in m.attention_config]
         except (TypeError, ValueError):
             raise ConfigError(f"{s('attention_config')}: attention-config must look like [[['flash'], N]]") from None
+        for types, _ in entries:
+            for t in types:
+                if t not in ("global", "flash"):
+                    raise ConfigError(f"{s('attention_config')}: attention-config: type {t!r} is not supported "
+                                      "(only global/flash, both run torch SDPA)")
+        total = sum(count for _, count in entries)
         if total != m.num_layers:
             raise ConfigError(f"{s('attention_config')}: attention-config covers {total} layers but num-layers is "
                               f"{m.num_layers}")
@@ -401,11 +406,11 @@ def build_config(values: Mapping[str, Any], sources: Optional[Mapping[str, str]]
         if k not in index:
             close = difflib.get_close_matches(k, list(index), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0].replace('_', '-')}'?" if close else "; see docs/config.md for the known keys"
-            raise ConfigError(f"{src}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{src}: unknown key '{k.replace('_', '-')}'{hint}")
         section, name = index[k]
         if name in per_section[section]:
             raise ConfigError(f"{src}: key '{key}' and its alias '{name}' are both set; keep one")
-        per_section[section][name] = _check_type(value, hints[section][name], key, src)
+        per_section[section][name] = _check_type(value, hints[section][name], k.replace("_", "-"), src)
         resolved_sources[name] = src
     sections = {name: cls(**per_section[name]) for name, cls in SECTIONS.items()}
     cfg = NeoXConfig(**sections, sources=resolved_sources)

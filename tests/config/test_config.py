@@ -1,0 +1,181 @@
+"""Config loading: the real Pythia files, merging rules, error messages, generated docs."""
+import difflib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from neox_l2e.config import ConfigError, load_config
+from neox_l2e.config.docs import render
+from neox_l2e.model import GPTNeoX
+from neox_l2e.parallel import ParallelState
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data" / "pythia-configs"
+
+# Parameter counts of the published Hugging Face Pythia checkpoints (vocab padded to 128 x TP).
+PUBLISHED = {
+    "14m": 14_067_712, "31m": 30_494_720, "70m": 70_426_624, "160m": 162_322_944, "410m": 405_334_016,
+    "1b": 1_011_781_632, "1.4b": 1_414_647_808, "2.8b": 2_775_208_960, "6.9b": 6_857_302_016,
+    "12b": 11_846_072_320,
+}
+SHAPES = {  # layers, hidden, heads, lr (neox-facts.md)
+    "70m": (6, 512, 8, 1e-3), "160m": (12, 768, 12, 6e-4), "410m": (24, 1024, 16, 3e-4), "1b": (16, 2048, 8, 2.5e-4),
+    "1.4b": (24, 2048, 16, 2e-4), "2.8b": (32, 2560, 32, 1.6e-4), "6.9b": (32, 4096, 32, 1.2e-4),
+    "12b": (36, 5120, 40, 1.2e-4), "14m": (6, 128, 4, 1e-3), "31m": (6, 256, 8, 1e-3),
+}
+
+
+def count(cfg):
+    return GPTNeoX(cfg, ParallelState(tp=cfg.tp, device=torch.device("meta"))).num_parameters()
+
+
+def expected_count(layers, h, vocab):
+    return 2 * vocab * h + layers * (12 * h * h + 13 * h) + 2 * h
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+def test_shipped_pythia_configs(size):
+    cfg = load_config(ROOT / "configs" / "pythia" / f"pythia-{size}.yml")
+    layers, h, heads, lr = SHAPES[size]
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, cfg.lr) == (layers, h, heads, lr)
+    assert (m.rotary_pct, m.gpt_j_residual, m.no_weight_tying, m.layernorm_epsilon) == (0.25, True, True, 1e-5)
+    assert cfg.optimizer.weight_decay == 0.1 and cfg.optimizer.min_lr == pytest.approx(lr / 10)
+    assert cfg.optimizer.optimizer["params"]["betas"] == [0.9, 0.95] and cfg.training.train_iters == 143000
+    n = count(cfg)
+    assert n == PUBLISHED[size] == expected_count(layers, h, cfg.padded_vocab_size())
+
+
+def test_70m_parameter_count_with_vocab_50304():
+    cfg = load_config(ROOT / "configs" / "pythia" / "pythia-70m.yml")
+    assert cfg.padded_vocab_size() == 50304 and count(cfg) == 70_426_624
+
+
+REAL_FILES = sorted(p.name for p in SHARED.glob("*.yml"))
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_real_pythia_training_configs(name):
+    path = SHARED / name
+    if name == "pythia-12b.yml":  # published with a missing comma after "attention-config"
+        with pytest.raises(ConfigError, match=r"pythia-12b\.yml:21:\d+: YAML syntax error.*missing comma"):
+            load_config(path)
+        return
+    if name == "pythia-12b-deduped.yml":  # published with layers and heads swapped: 36 heads cannot split 5120
+        with pytest.raises(ConfigError, match=r"pythia-12b-deduped\.yml: num-attention-heads 36 does not divide "
+                                              r"hidden-size 5120"):
+            load_config(path, overrides={"vocab_size": 50277})
+        return
+    cfg = load_config(path, overrides={"vocab_size": 50277})
+    size = name.removeprefix("pythia-").removesuffix(".yml").removesuffix("-deduped")
+    assert count(cfg) == PUBLISHED[size]
+    assert cfg.data.train_data_paths and cfg.data.tokenizer_type == "HFTokenizer"
+    assert cfg.gelu_approximate == "tanh"  # bias-gelu-fusion: true
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BASE = '{"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "vocab-size": 100, "rotary-pct": 0.25}\n'
+
+
+def test_hyphens_and_underscores_and_merge(tmp_path):
+    a = write(tmp_path, "a.yml", BASE)
+    b = write(tmp_path, "b.yml", "seq_length: 128\ntrain-micro-batch-size-per-gpu: 3\ngas: 2\n")
+    cfg = load_config([a, b])
+    assert cfg.model.seq_length == 128 and cfg.training.train_micro_batch_size_per_gpu == 3
+    assert cfg.training.gradient_accumulation_steps == 2 and cfg.source_of("seq-length") == str(b)
+
+
+def test_key_in_two_files_names_both(tmp_path):
+    a = write(tmp_path, "a.yml", BASE)
+    b = write(tmp_path, "b.yml", "hidden_size: 128\n")
+    with pytest.raises(ConfigError, match=r"b\.yml: key 'hidden_size' is also set in .*a\.yml"):
+        load_config([a, b])
+
+
+def test_duplicate_key_in_one_file(tmp_path):
+    a = write(tmp_path, "a.yml", "num-layers: 2\nnum_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"a\.yml:2:1: YAML syntax error: key 'num_layers' given twice"):
+        load_config(a)
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    a = write(tmp_path, "a.yml", BASE)
+    b = write(tmp_path, "b.yml", "hiden-size: 3\n")
+    with pytest.raises(ConfigError, match=r"b\.yml: unknown key 'hiden-size'; did you mean 'hidden-size'\?"):
+        load_config([a, b])
+
+
+def test_safe_loader_refuses_python_objects(tmp_path):
+    a = write(tmp_path, "a.yml", "num-layers: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match=r"a\.yml:1:\d+: YAML syntax error"):
+        load_config(a)
+
+
+BASE_KEYS = {"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "vocab-size": 100, "rotary-pct": 0.25}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"num-attention-heads": 5}, r"num-attention-heads 5 does not divide hidden-size 64"),
+    ({"rotary-pct": 1.5}, r"rotary-pct must be in \(0, 1\]"),
+    ({"rotary-pct": 0.0}, r"rotary-pct must be in \(0, 1\]"),
+    ({"pipe-parallel-size": 2}, r"pipeline parallelism is not implemented"),
+    ({"model-parallel-size": 2, "zero_optimization": {"stage": 3}}, r"ZeRO stage 3 with model-parallel-size 2 is not supported"),
+    ({"model-parallel-size": 3}, r"model-parallel-size 3 does not divide num-attention-heads 4"),
+    ({"zero_optimization": {"stage": 4}}, r"stage must be 0, 1, 2 or 3"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, r"fp16 and bf16 are both enabled"),
+    ({"lr-decay-style": "exponential"}, r"lr-decay-style: 'exponential' is not supported"),
+    ({"num-layers": "two"}, r"num-layers: expected an integer"),
+    ({"l2e-ratio": 2}, r"l2e-ratio is a fraction"),
+    ({"l2e-layers": [7]}, r"layer 7 is out of range for num-layers 2"),
+    ({"attention-config": [[["sparse"], 2]]}, r"type 'sparse' is not supported"),
+])
+def test_impossible_combinations(tmp_path, extra, message):
+    a = tmp_path / "a.yml"
+    a.write_text(yaml.safe_dump({**BASE_KEYS, **extra}))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(a)
+    assert "\n" not in str(err.value) and "a.yml" in str(err.value)
+
+
+def test_numeric_strings_from_yaml_1_1(tmp_path):
+    cfg = load_config([write(tmp_path, "a.yml", BASE), write(tmp_path, "b.yml", "min_lr: 2e-05\n")])
+    assert cfg.optimizer.min_lr == 2e-05
+
+
+def test_world_size_check(tmp_path):
+    cfg = load_config(write(tmp_path, "a.yml", BASE.rstrip()[:-1] + ', "model-parallel-size": 2}'))
+    with pytest.raises(ConfigError, match="model-parallel-size 2 does not divide the world size 3"):
+        cfg.check_world_size(3)
+    assert cfg.check_world_size(4) == 2
+
+
+def test_l2e_layer_selection(tmp_path):
+    from neox_l2e.config import resolve_layers
+    assert resolve_layers("mid2", 6) == [2, 3] and resolve_layers("mid2", 24) == [11, 12]
+    assert resolve_layers("top-bot", 6) == [0, 5] and resolve_layers("mid-third", 6) == [2, 3]
+    assert resolve_layers("mid-third", 24) == list(range(8, 16)) and resolve_layers([3, 1], 6) == [1, 3]
+
+
+def test_docs_config_md_is_current():
+    current = (ROOT / "docs" / "config.md").read_text()
+    fresh = render()
+    if current != fresh:
+        diff = "\n".join(list(difflib.unified_diff(current.splitlines(), fresh.splitlines(), lineterm=""))[:20])
+        pytest.fail("docs/config.md is out of date; run `make docs`\n" + diff)
+
+
+def test_every_field_documented():
+    import dataclasses
+    from neox_l2e.config import SECTIONS
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            doc = f.metadata.get("doc", "")
+            assert doc and "\n" not in doc, f"{cls.__name__}.{f.name} needs a one-line doc"
+            assert f.metadata["effect"] in ("used", "ignored")
