@@ -328,6 +328,8 @@ def validate(cfg: NeoXConfig) -> None:
         raise ConfigError(f"{s('min_lr')}: min-lr {o.min_lr} must be between 0 and lr {cfg.lr}")
 
     t = cfg.training
+    if t.train_iters is None:  # resolved once, here: train the whole LR schedule
+        t.train_iters = o.lr_decay_iters if o.lr_decay_iters is not None else 1000
     for key in ("train_iters", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "eval_iters",
                 "eval_interval", "checkpoint_num_layers"):
         if getattr(t, key) < 1:

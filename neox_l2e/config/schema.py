@@ -75,7 +75,7 @@ class OptimizerConfig:
 @dataclass
 class TrainingConfig:
     """Steps, batches, evaluation and checkpoints."""
-    train_iters: int = F(1000, "Optimizer steps to train.")
+    train_iters: Optional[int] = F(None, "Optimizer steps to train; defaults to lr-decay-iters, else 1000 (a Pythia config alone trains its whole schedule; a grid file can stop it early).")
     train_micro_batch_size_per_gpu: int = F(4, "Sequences per micro-batch on each data-parallel rank.")
     gradient_accumulation_steps: int = F(1, "Micro-batches per optimizer step.", aliases=("gas",))
     train_batch_size: Optional[int] = F(None, "Global batch in sequences; if set it must equal micro-batch x gas x DP size.")

@@ -179,3 +179,20 @@ def test_every_field_documented():
             doc = f.metadata.get("doc", "")
             assert doc and "\n" not in doc, f"{cls.__name__}.{f.name} needs a one-line doc"
             assert f.metadata["effect"] in ("used", "ignored")
+
+
+@pytest.mark.parametrize("grid", sorted(p.name for p in (ROOT / "configs" / "l2e").glob("*.yml")))
+def test_l2e_grid_adds_to_every_pythia_config(grid):
+    for size in ("70m", "410m", "2.8b"):
+        cfg = load_config([ROOT / "configs" / "pythia" / f"pythia-{size}.yml", ROOT / "configs" / "l2e" / grid])
+        assert cfg.training.train_iters == 14300 and cfg.optimizer.lr_decay_iters == 143000
+        if grid == "baseline.yml":
+            assert not cfg.l2e_active
+        else:
+            assert cfg.l2e_active and cfg.l2e.l2e_ratio in (0.01, 0.02, 0.03)
+            assert cfg.l2e.l2e_method == ("memel" if grid.startswith("memel") else "l2e")
+    L = cfg.model.num_layers  # 2.8B: 32 layers
+    expect = {"mid2": [15, 16], "mid-third": list(range(10, 21)), "top-bot": [0, 31]}
+    for name, layers in expect.items():
+        if name in grid and not (name == "mid2" and "mid-third" in grid):
+            assert cfg.inhibited_layers() == layers, (grid, L)
