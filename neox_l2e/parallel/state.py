@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .random import RNGTracker
+
 
 @dataclass
 class ParallelState:
@@ -29,16 +31,37 @@ class ParallelState:
     dp_group: Optional[object] = None
     tp_ranks: tuple = (0,)
     dp_ranks: tuple = (0,)
+    rng: Optional[RNGTracker] = None       # dropout streams (neox_l2e.parallel.random); seeded by the model
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+        if self.tp < 1 or not 0 <= self.tp_rank < self.tp:
+            raise ValueError(f"bad tensor-parallel layout: tp={self.tp}, tp_rank={self.tp_rank}")
+        if self.rng is None:
+            self.rng = RNGTracker(self.device)
 
     @classmethod
     def single(cls, device: Optional[torch.device] = None) -> "ParallelState":
         return cls(device=torch.device(device) if device is not None else torch.device("cpu"))
 
     @classmethod
-    def from_distributed(cls, tp: int = 1, device: Optional[torch.device] = None) -> "ParallelState":
-        """Build the TP and DP groups of an initialised default process group."""
+    def layout(cls, tp: int, tp_rank: int = 0, device="meta") -> "ParallelState":
+        """A process-group-free state describing one TP rank (meta-device models for checkpoint tools).
+        Its collectives must not be called."""
+        return cls(tp=tp, tp_rank=tp_rank, device=torch.device(device))
+
+    @classmethod
+    def from_distributed(cls, tp: int = 1, device: Optional[torch.device] = None,
+                         seed: Optional[int] = None) -> "ParallelState":
+        """Build the TP and DP groups of an initialised default process group (every rank must call it).
+        With ``seed`` the dropout RNG streams are seeded too (else the model seeds them from its config)."""
         if not dist.is_initialized():
-            return cls.single(device)
+            if tp != 1:
+                raise ValueError(f"model-parallel-size {tp} needs torch.distributed with {tp} or more ranks")
+            ps = cls.single(device)
+            if seed is not None:
+                ps.rng.seed(seed, 0)
+            return ps
         world, rank = dist.get_world_size(), dist.get_rank()
         if world % tp:
             raise ValueError(f"model-parallel-size {tp} does not divide the world size {world}")
@@ -58,9 +81,12 @@ class ParallelState:
                 dp_group, my_dp = g, ranks
         if device is None:
             device = default_device()
-        return cls(world_size=world, rank=rank, tp=tp, tp_rank=rank % tp, dp=dp, dp_rank=rank // tp,
-                   device=torch.device(device), tp_group=tp_group, dp_group=dp_group,
-                   tp_ranks=my_tp, dp_ranks=my_dp)
+        ps = cls(world_size=world, rank=rank, tp=tp, tp_rank=rank % tp, dp=dp, dp_rank=rank // tp,
+                 device=torch.device(device), tp_group=tp_group, dp_group=dp_group,
+                 tp_ranks=my_tp, dp_ranks=my_dp)
+        if seed is not None:
+            ps.rng.seed(seed, ps.tp_rank)
+        return ps
 
     @property
     def is_distributed(self) -> bool:
@@ -95,6 +121,9 @@ class ParallelState:
         return out
 
     # ---- DeepSpeed's `mpu` protocol (engine = deepspeed.initialize(..., mpu=ps)) ----
+    # DeepSpeed reduces gradients over get_data_parallel_group(), partitions ZeRO-1/2 state over it,
+    # and sums gradient norms over get_model_parallel_group(), counting parameters not marked
+    # `tensor_model_parallel` on model-parallel rank 0 only (layers.mark_tp_param sets the marks).
     def get_model_parallel_rank(self) -> int:
         return self.tp_rank
 
@@ -103,6 +132,22 @@ class ParallelState:
 
     def get_model_parallel_group(self):
         return self.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.tp_ranks[0]
+
+    def get_pipe_parallel_rank(self) -> int:
+        return 0
+
+    def get_pipe_parallel_world_size(self) -> int:
+        return 1
+
+    def get_data_parallel_group_ranks(self) -> list:
+        return list(self.dp_ranks)
 
     def get_data_parallel_rank(self) -> int:
         return self.dp_rank
