@@ -34,6 +34,7 @@ class Attention(nn.Module):
         self.heads = m.num_attention_heads // ps.tp                      # heads on this rank
         self.head_dim = cfg.head_dim
         self.dropout = m.attention_dropout
+        self.rng = ps.rng                                                 # TP-rank-specific stream for dropout
         self.query_key_value = ColumnParallelLinear(m.hidden_size, 3 * m.hidden_size, ps,
                                                     bias=m.use_bias_in_attn_linear, dtype=dtype)
         self.dense = RowParallelLinear(m.hidden_size, m.hidden_size, ps, bias=m.use_bias_in_attn_linear, dtype=dtype)
@@ -44,8 +45,12 @@ class Attention(nn.Module):
         qkv = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)   # [b, heads, s, 3 hd]
         q, k, v = qkv.split(self.head_dim, dim=-1)                        # each [b, heads, s, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if p > 0.0:
+            with self.rng.fork():                                         # this rank's heads: own dropout stream
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)   # [b, s, h/tp]
         return self.dense(y)                                              # [b, s, h]
 
@@ -88,6 +93,9 @@ class GPTNeoX(nn.Module):
         m = cfg.model
         self.cfg, self.ps = cfg, ps
         self.vocab_size = cfg.padded_vocab_size(ps.tp, vocab_size)      # padded, global
+        self.base_vocab_size = cfg.padded_vocab_size(1, vocab_size)     # padded for TP=1; rows past it are inert
+        if not ps.rng.seeded:
+            ps.rng.seed(cfg.training.seed, ps.tp_rank)                    # dropout streams (neox_l2e.parallel.random)
         self.gradient_checkpointing = cfg.training.checkpoint_activations
         self.checkpoint_num_layers = cfg.training.checkpoint_num_layers
         self.gpt_neox = nn.Module()                                       # HF naming: gpt_neox.*
@@ -135,7 +143,8 @@ class GPTNeoX(nn.Module):
                 p.zero_()
             else:
                 fn = outer if (name.endswith("attention.dense.weight") or name.endswith("dense_4h_to_h.weight")) else inner
-                init_sharded_(p, full, getattr(p, "tp_partition_dim", None), self.ps, fn, gen)
+                rows = self.base_vocab_size if name.endswith(("embed_in.weight", "embed_out.weight")) else None
+                init_sharded_(p, full, getattr(p, "tp_partition_dim", None), self.ps, fn, gen, init_rows=rows)
 
     # ---------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor) -> ModelOutput:
@@ -147,7 +156,8 @@ class GPTNeoX(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             n = self.checkpoint_num_layers
             for start in range(0, len(layers), n):
-                x = checkpoint(_run_layers, layers[start:start + n], x, cos, sin, use_reentrant=False)
+                x = checkpoint(_run_layers, layers[start:start + n], x, cos, sin, use_reentrant=False,
+                               context_fn=self.ps.rng.checkpoint_contexts)
         else:
             x = _run_layers(layers, x, cos, sin)
         x = self.gpt_neox.final_layer_norm(x)
@@ -161,11 +171,11 @@ class GPTNeoX(nn.Module):
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32); logits may be vocab-parallel."""
-        return vocab_parallel_cross_entropy(logits, labels, self.ps).mean()
+        return vocab_parallel_cross_entropy(logits, labels, self.ps, vocab_limit=self.base_vocab_size).mean()
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Gather the vocab-parallel logits to [b, s, V] (inference, tests)."""
-        return gather_from_tp(logits, self.ps)
+        """Gather the vocab-parallel logits to [b, s, V] (inference, tests); V = the vocab padded for TP=1."""
+        return gather_from_tp(logits, self.ps)[..., :self.base_vocab_size]
 
     def num_parameters(self) -> int:
         """Parameters of the whole (unsharded) model, whatever the TP degree."""
