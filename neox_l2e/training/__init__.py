@@ -1,0 +1,14 @@
+"""Training: DeepSpeed engine setup, the loop, the NeoX LR schedule, checkpoints, logging, faults."""
+from .checkpoint import (CheckpointError, latest_tag, list_tags, read_model_states, write_weights_checkpoint)
+from .faults import TrainingError
+from .schedule import AnnealingLR, neox_lr
+
+__all__ = ["AnnealingLR", "CheckpointError", "TrainingError", "latest_tag", "list_tags", "neox_lr",
+           "read_model_states", "write_weights_checkpoint", "train", "Trainer", "TrainResult"]
+
+
+def __getattr__(name):          # the loop imports DeepSpeed: only on demand
+    if name in ("train", "Trainer", "TrainResult"):
+        from . import loop
+        return getattr(loop, name)
+    raise AttributeError(name)

@@ -1,0 +1,300 @@
+"""Checkpoints: DeepSpeed checkpoint folders, saved atomically, plus readers for other tools.
+
+Layout (docs/checkpoints.md is the contract):
+
+    save_dir/
+      latest                                  the newest complete tag; written last (temp file + os.replace)
+      global_step{N}/
+        mp_rank_{tp:02d}_model_states.pt      DeepSpeed's file: "module" (full model state_dict of this TP
+                                              rank, L2E buffers included) + our client state
+        zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt   ZeRO optimizer shards (ZeRO >= 1)
+        rng_state_rank{R:05d}.pt              python / numpy / torch (/ cuda) RNG of global rank R
+
+A save writes into ``save_dir/.tmp-global_step{N}``; when every rank has finished, rank 0 renames the
+folder to ``global_step{N}`` and only then moves ``latest``. A save killed at any point leaves the
+previous checkpoint, and ``latest``, untouched.
+
+Readers (no DeepSpeed, no process group): ``latest_tag``, ``list_tags``, ``read_model_states``;
+writer for importers: ``write_weights_checkpoint`` (a weights-only checkpoint that train.py loads
+with ``finetune: true``).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+TMP_PREFIX = ".tmp-"
+TAG_RE = re.compile(r"^global_step(\d+)$")
+# test hook: SIGKILL this process inside the save of the given iteration (after the files are written,
+# before the folder is renamed and `latest` moves)
+KILL_IN_SAVE_ENV = "NEOX_L2E_TEST_KILL_IN_SAVE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or written: one line naming the path and the problem."""
+
+
+def tag_for(iteration: int) -> str:
+    return f"global_step{int(iteration)}"
+
+
+def step_of(tag: str) -> Optional[int]:
+    m = TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def model_states_name(tp_rank: int) -> str:
+    return f"mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# readers
+
+
+def latest_tag(save_dir) -> Optional[str]:
+    """The tag named by save_dir/latest, or None when there is no (complete) checkpoint."""
+    p = Path(save_dir) / "latest"
+    if not p.is_file():
+        return None
+    tag = p.read_text().strip()
+    return tag or None
+
+
+def list_tags(save_dir) -> list:
+    """Complete checkpoint tags (global_stepN folders with model states) in step order."""
+    d = Path(save_dir)
+    if not d.is_dir():
+        return []
+    tags = [p.name for p in d.iterdir()
+            if p.is_dir() and step_of(p.name) is not None and (p / model_states_name(0)).is_file()]
+    return sorted(tags, key=step_of)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read ({str(e).splitlines()[0][:200]})") from None
+
+
+def read_model_states(save_dir, tag: Optional[str] = None) -> tuple:
+    """(cfg_dict, [state_dict per TP rank], client_state of TP rank 0) of a checkpoint (default: latest).
+
+    cfg_dict is the resolved config saved with the run (``cfg.to_dict()``); rebuild it with
+    ``neox_l2e.config.config_from_checkpoint_dict``. The state dicts are on CPU in the dtype the
+    model had (fp16/bf16 runs: half precision weights).
+    """
+    d = Path(save_dir)
+    tag = tag or latest_tag(d)
+    if tag is None:
+        raise CheckpointError(f"{d}: no checkpoint (no 'latest' file); pass a tag or a folder with a checkpoint")
+    folder = d / tag
+    if not (folder / model_states_name(0)).is_file():
+        raise CheckpointError(f"{folder}: no {model_states_name(0)}; not a complete checkpoint")
+    states, client = [], None
+    rank = 0
+    while (folder / model_states_name(rank)).is_file():
+        sd = _torch_load(folder / model_states_name(rank))
+        if "module" not in sd:
+            raise CheckpointError(f"{folder / model_states_name(rank)}: no 'module' entry")
+        states.append(sd["module"])
+        if rank == 0:
+            client = {k: v for k, v in sd.items() if k != "module"}
+        rank += 1
+    cfg_dict = client.get("neox_config")
+    if cfg_dict is None:
+        raise CheckpointError(f"{folder / model_states_name(0)}: no 'neox_config' entry (not a neox-l2e checkpoint)")
+    return cfg_dict, states, client
+
+
+def write_latest(save_dir, tag: str) -> None:
+    """Point save_dir/latest at tag atomically (temp file, fsync, os.replace)."""
+    d = Path(save_dir)
+    tmp = d / f".latest.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / "latest")
+
+
+def write_weights_checkpoint(save_dir, cfg, state_dicts_per_tp_rank: Sequence[dict], tag: str = "global_step0",
+                             client_state: Optional[dict] = None) -> Path:
+    """A weights-only checkpoint (no optimizer) in the same layout; train.py starts from it with finetune: true.
+
+    ``state_dicts_per_tp_rank[r]`` is the model state_dict of TP rank r (one entry for TP 1).
+    """
+    d = Path(save_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (TMP_PREFIX + tag)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    base = {"neox_config": cfg.to_dict(), "iteration": step_of(tag) or 0, "consumed_train_samples": 0,
+            "neox_l2e_format": FORMAT_VERSION, "weights_only": True, "tp": len(state_dicts_per_tp_rank),
+            "dp_world_size": 1, "mp_world_size": len(state_dicts_per_tp_rank)}
+    base.update(client_state or {})
+    for r, sd in enumerate(state_dicts_per_tp_rank):
+        entry = dict(base)
+        entry["module"] = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in sd.items()}
+        torch.save(entry, tmp / model_states_name(r))
+    _commit_folder(d, tmp, tag)
+    write_latest(d, tag)
+    return d / tag
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# saving / loading with a DeepSpeed engine
+
+
+def _commit_folder(save_dir: Path, tmp: Path, tag: str) -> None:
+    final = save_dir / tag
+    if final.exists():            # a stale folder of that name (not `latest`, see save_checkpoint)
+        trash = save_dir / f"{TMP_PREFIX}old-{tag}-{os.getpid()}"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def save_checkpoint(engine, save_dir, iteration: int, client_state: dict, ps, keep_last_n: Optional[int] = None) -> Optional[str]:
+    """Save a complete, resumable checkpoint of `engine` as global_step{iteration}; every rank calls this.
+
+    Returns the tag, or None when that tag is already the latest checkpoint (nothing to do).
+    """
+    d = Path(save_dir)
+    tag = tag_for(iteration)
+    if latest_tag(d) == tag and (d / tag / model_states_name(0)).is_file():
+        return None
+    tmp_tag = TMP_PREFIX + tag
+    if ps.is_main:
+        d.mkdir(parents=True, exist_ok=True)
+        if (d / tmp_tag).exists():
+            shutil.rmtree(d / tmp_tag)
+    ps.barrier()
+    state = dict(client_state)
+    state.setdefault("neox_l2e_format", FORMAT_VERSION)
+    engine.save_checkpoint(str(d), tag=tmp_tag, client_state=state, save_latest=False)
+    torch.save(rng_state(), d / tmp_tag / f"rng_state_rank{ps.rank:05d}.pt")
+    if _zero3(engine):
+        # ZeRO-3 leaves "module" partitioned: store the consolidated weights (+ buffers) instead
+        full = engine._zero3_consolidated_16bit_state_dict()
+        if ps.is_main:
+            path = d / tmp_tag / model_states_name(0)
+            sd = torch.load(path, map_location="cpu", weights_only=False)
+            sd["module"] = full
+            torch.save(sd, path)
+    ps.barrier()
+    kill_at = os.environ.get(KILL_IN_SAVE_ENV)
+    if kill_at is not None and int(kill_at) == int(iteration):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    if ps.is_main:
+        _commit_folder(d, d / tmp_tag, tag)
+        write_latest(d, tag)
+        if keep_last_n:
+            prune_checkpoints(d, keep_last_n)
+    ps.barrier()
+    return tag
+
+
+def prune_checkpoints(save_dir, keep_last_n: int) -> list:
+    """Delete all but the newest keep_last_n complete checkpoints (never the latest one), and stale temp folders."""
+    d = Path(save_dir)
+    latest = latest_tag(d)
+    tags = list_tags(d)
+    keep = set(tags[-keep_last_n:]) | ({latest} if latest else set())
+    removed = []
+    for t in tags:
+        if t not in keep:
+            shutil.rmtree(d / t, ignore_errors=True)
+            removed.append(t)
+    for p in d.iterdir():
+        if p.is_dir() and p.name.startswith(TMP_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def _zero3(engine) -> bool:
+    return bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
+
+
+def _load_buffers_only(src, dst):
+    """ZeRO-3 resume: parameters come from the ZeRO shards; only the buffers (L2E state) from 'module'."""
+    own = dict(dst.named_buffers())
+    for k, v in src.items():
+        if k in own:
+            own[k].copy_(v)
+
+
+def load_checkpoint(engine, load_dir, ps, load_optimizer: bool = True, tag: Optional[str] = None) -> dict:
+    """Resume engine (model, optimizer, loss scale) and this rank's RNG; returns the client state."""
+    d = Path(load_dir)
+    tag = tag or latest_tag(d)
+    if tag is None:
+        raise CheckpointError(f"{d}: no checkpoint to load (no 'latest' file)")
+    if not (d / tag / model_states_name(0)).is_file():
+        raise CheckpointError(f"{d / tag}: missing {model_states_name(0)}; the checkpoint is incomplete")
+    custom = _load_buffers_only if _zero3(engine) else None
+    path, client = engine.load_checkpoint(str(d), tag=tag, load_optimizer_states=load_optimizer,
+                                          load_lr_scheduler_states=False, custom_load_fn=custom)
+    if path is None:
+        raise CheckpointError(f"{d / tag}: DeepSpeed could not load the checkpoint")
+    rng = d / tag / f"rng_state_rank{ps.rank:05d}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+    client = dict(client or {})
+    client["tag"] = tag
+    return client
+
+
+def load_weights_into(model, load_dir, tp_rank: int = 0, tag: Optional[str] = None, strict: bool = True) -> dict:
+    """finetune: copy the weights (and buffers) of TP rank tp_rank of a checkpoint into an unwrapped model."""
+    d = Path(load_dir)
+    tag = tag or latest_tag(d)
+    if tag is None:
+        raise CheckpointError(f"{d}: no checkpoint to load (no 'latest' file)")
+    path = d / tag / model_states_name(tp_rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint has fewer TP ranks than this run "
+                              "(re-shard it to this model-parallel-size)")
+    sd = _torch_load(path)
+    module = sd["module"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in module]
+    if strict and any(".inhibitor." not in k for k in missing):
+        raise CheckpointError(f"{path}: missing weights {missing[:3]}...; does the config match the checkpoint?")
+    for k, v in module.items():
+        if k in own:
+            if tuple(own[k].shape) != tuple(v.shape):
+                raise CheckpointError(f"{path}: '{k}' has shape {tuple(v.shape)}, the model expects "
+                                      f"{tuple(own[k].shape)}")
+            with torch.no_grad():
+                own[k].copy_(v.to(own[k].dtype))
+    return {k: v for k, v in sd.items() if k != "module"}

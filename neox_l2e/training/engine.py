@@ -1,0 +1,159 @@
+"""DeepSpeed engine setup: process group, optimizer (AdamW), the DeepSpeed config dict, the engine.
+
+    ps = setup_distributed(cfg)                         # gloo on CPU, NCCL on GPU; dist-timeout-s
+    model = GPTNeoX(cfg, ps, vocab_size)
+    engine, optimizer = build_engine(cfg, model, ps)    # ZeRO 0-3, fp32 / fp16 / bf16, clipping, gas
+
+The optimizer is always a client ``torch.optim.AdamW`` (fused on CUDA, plain on CPU): no DeepSpeed op
+has to be compiled. NeoX's "Adam" with weight decay is AdamW; biases and norm weights get no decay.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, NeoXConfig
+from ..parallel import ParallelState, default_backend, default_device, init_distributed
+
+# DeepSpeed's shared-memory all-reduce op for CPU ranks must be JIT-compiled (about a minute the first
+# time). It only speeds up large CPU all-reduces; gloo works without it. Off unless this is "1".
+SHM_ENV = "NEOX_L2E_DS_SHM"
+
+FP16_KEYS = ("enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
+             "consecutive_hysteresis", "auto_cast")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_distributed(cfg: NeoXConfig) -> ParallelState:
+    """Initialise the default process group (also for one process: DeepSpeed needs one) and the TP/DP groups.
+
+    The world size is checked against the config first, so a bad launch fails with one ConfigError line.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
+    cfg.check_world_size(world)
+    timeout = cfg.training.dist_timeout_s
+    if not dist.is_initialized():
+        if world > 1:
+            init_distributed(timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            if default_backend() == "nccl":
+                torch.cuda.set_device(default_device())
+            dist.init_process_group(backend=default_backend(), rank=0, world_size=1,
+                                    timeout=datetime.timedelta(seconds=timeout))
+    return ParallelState.from_distributed(cfg.tp, default_device())
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim < 2 or name.endswith(".bias") or "norm" in name
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """Two AdamW groups: weights with decay; biases and LayerNorm parameters without (as NeoX)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if _no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: NeoXConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = (cfg.optimizer.optimizer or {}).get("params") or {}
+    betas = tuple(params.get("betas", (0.9, 0.999)))
+    eps = float(params.get("eps", 1e-8))
+    zero = cfg.parallel.zero_optimization or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in (None, "none") or zero.get("cpu_offload")
+    kwargs = {}
+    if device.type == "cuda" and not offload:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.lr, betas=betas, eps=eps,
+                             **kwargs)
+
+
+def deepspeed_config(cfg: NeoXConfig, dp: int) -> dict:
+    """The DeepSpeed config dict for this run (batch, gas, clipping, ZeRO, precision)."""
+    t = cfg.training
+    zero = {k: v for k, v in dict(cfg.parallel.zero_optimization or {"stage": 0}).items() if k != "cpu_offload"}
+    if (cfg.parallel.zero_optimization or {}).get("cpu_offload"):
+        zero.setdefault("offload_optimizer", {"device": "cpu"})
+    ds = {
+        "train_micro_batch_size_per_gpu": t.train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp,
+        "gradient_clipping": cfg.optimizer.gradient_clipping,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": cfg.logging.steps_per_print if cfg.logging.wall_clock_breakdown else 10 ** 9,
+        "wall_clock_breakdown": cfg.logging.wall_clock_breakdown,
+    }
+    prec = cfg.precision_name
+    if prec == "fp16":
+        block = {k: v for k, v in (cfg.precision.fp16 or {}).items() if k in FP16_KEYS}
+        block["enabled"] = True
+        block.setdefault("loss_scale", 0)
+        ds["fp16"] = block
+    elif prec == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    if cfg.precision.fp32_allreduce and prec != "fp32":
+        ds["communication_data_type"] = "fp32"
+    return ds
+
+
+def _quiet_deepspeed(verbose: bool) -> None:
+    try:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _maybe_disable_shm_op(ps: ParallelState) -> None:
+    if ps.device.type != "cpu" or os.environ.get(SHM_ENV, "0") == "1":
+        return
+    import importlib
+    # (`import deepspeed.comm.torch as m` would give the torch package: deepspeed.comm imports torch)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
+def build_engine(cfg: NeoXConfig, model: torch.nn.Module, ps: ParallelState):
+    """deepspeed.initialize with a client AdamW; returns (engine, base torch optimizer)."""
+    import deepspeed
+
+    _quiet_deepspeed(cfg.logging.wall_clock_breakdown)
+    _maybe_disable_shm_op(ps)
+    from deepspeed.accelerator import get_accelerator
+    if cfg.precision_name == "fp16" and not get_accelerator().is_fp16_supported():
+        raise ConfigError(f"{cfg.source_of('fp16')}: fp16 training needs a GPU (DeepSpeed's CPU accelerator has no "
+                          "fp16 support); use bf16 or fp32 there")
+    optimizer = build_optimizer(model, cfg, ps.device)
+    kwargs = {}
+    if ps.tp > 1:
+        kwargs["mpu"] = ps
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ps.dp),
+                                           dist_init_required=False, **kwargs)
+    return engine, optimizer

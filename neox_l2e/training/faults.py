@@ -1,0 +1,81 @@
+"""Faults: NaN/inf steps, interrupts, and the errors the command line turns into one line.
+
+- A step whose loss is NaN/inf on ANY rank is skipped on every rank (a flag is all-reduced with the
+  loss, so all ranks decide together); after ``max-bad-steps`` consecutive such steps training stops
+  with ``TrainingError``.
+- A dead rank: the process group is created with ``dist-timeout-s``, so a collective waiting on a dead
+  peer raises instead of hanging (torchrun / the DeepSpeed launcher then stop the other ranks).
+- Ctrl-C / SIGTERM set a flag (see ``InterruptFlag``); the loop finishes the current step, all ranks
+  agree through the same all-reduce, a checkpoint is saved when ``save-on-interrupt`` is on.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Optional
+
+# test hook: comma-separated iterations (0-based count of steps before the one to poison) whose loss
+# becomes NaN on the given rank(s) ("3,4" or "3,4@1" for rank 1 only)
+NAN_ENV = "NEOX_L2E_TEST_NAN_STEPS"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many bad steps, incomplete checkpoint, ...): one line for the user."""
+
+
+class InterruptFlag:
+    """Installs SIGINT/SIGTERM handlers that only record the signal; restores the old ones on exit."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:          # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt     # a second Ctrl-C stops at once
+        self.signum = signum
+
+    @property
+    def set(self) -> bool:
+        return self.signum is not None
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def nan_steps_from_env(rank: int) -> set:
+    raw = os.environ.get(NAN_ENV, "").strip()
+    if not raw:
+        return set()
+    spec, _, who = raw.partition("@")
+    if who and int(who) != rank:
+        return set()
+    return {int(x) for x in spec.split(",") if x.strip()}
+
+
+@contextlib.contextmanager
+def skipped_update(optimizer, skip: bool):
+    """Make the base torch optimizer's step() a no-op for one DeepSpeed engine.step().
+
+    DeepSpeed still runs its bookkeeping (gradient reduction and clearing, counters), but neither the
+    weights nor the Adam moments and step count change: a clean skip under every ZeRO stage and precision.
+    """
+    if not skip:
+        yield
+        return
+    optimizer.step = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        del optimizer.step

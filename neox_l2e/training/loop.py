@@ -1,0 +1,422 @@
+"""The training loop: NeoX-style steps on a DeepSpeed engine, evaluation, checkpoints, L2E hooks.
+
+    result = train(cfg)                        # data from cfg.data (neox_l2e.data)
+    result = train(cfg, datasets={...}, vocab_size=V)   # tests / tools: any datasets with {"text": [seq+1]}
+
+One step (iteration -> iteration + 1):
+    inh.set_step(iteration) for every inhibitor
+    gas x { tokens [mb, seq+1] -> loss = lm + lambda * l2e -> engine.backward -> inh.commit() }
+    engine.step() (skipped on every rank when any rank saw a NaN/inf loss)
+    lr schedule advances on applied steps; consumed samples advance always.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import NeoXConfig
+from . import checkpoint as ckpt
+from .engine import build_engine, setup_distributed
+from .faults import InterruptFlag, TrainingError, nan_steps_from_env, skipped_update
+from .monitor import Monitor, fmt_count
+from .schedule import AnnealingLR
+
+
+@dataclass
+class TrainResult:
+    iteration: int = 0
+    start_iteration: int = 0
+    consumed_train_samples: int = 0
+    train_losses: list = field(default_factory=list)      # (iteration, lm loss) for every step, NaN when skipped
+    valid_losses: list = field(default_factory=list)      # (iteration, valid lm loss)
+    lrs: list = field(default_factory=list)               # (iteration, lr used by that step)
+    skipped_steps: int = 0                                # NaN/inf steps skipped
+    overflow_steps: int = 0                               # fp16 loss-scale overflows (skipped by DeepSpeed)
+    checkpoints: list = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    elapsed_s: float = 0.0
+    l2e_metrics: dict = field(default_factory=dict)       # layer -> metrics dict (last logged)
+    interrupted: bool = False
+    num_parameters: int = 0
+    log_dir: Optional[str] = None
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+class _SimpleSampleIterator:
+    """Megatron order without shuffling: global sample i of the run is dataset[i % len]; each DP rank takes
+    its contiguous slice of every global micro-batch. Used only when neox_l2e.data has no SampleIterator."""
+
+    def __init__(self, dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=0):
+        self.dataset, self.mb, self.dp_rank, self.dp = dataset, micro_batch_size, dp_rank, dp_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = self.consumed_samples + self.dp_rank * self.mb
+        rows = [np.asarray(self.dataset[(start + i) % len(self.dataset)]["text"], dtype=np.int64)
+                for i in range(self.mb)]
+        self.consumed_samples += self.mb * self.dp
+        return torch.from_numpy(np.stack(rows))
+
+
+def sample_iterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=0):
+    try:
+        from ..data import SampleIterator
+    except ImportError:
+        SampleIterator = _SimpleSampleIterator
+    return SampleIterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=consumed_samples)
+
+
+def build_data(cfg: NeoXConfig, dp: int):
+    """(datasets, vocab_size, tokenizer) from cfg.data through neox_l2e.data."""
+    from ..data import build_datasets, build_tokenizer
+    d, t = cfg.data, cfg.training
+    tokenizer = None
+    vocab = cfg.model.vocab_size
+    if d.vocab_file:
+        tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file)
+        vocab = vocab or tokenizer.vocab_size
+    global_batch = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp
+    eval_samples = t.eval_iters * t.train_micro_batch_size_per_gpu * dp
+    num_samples = {"train": t.train_iters * global_batch, "valid": eval_samples, "test": eval_samples}
+    datasets = build_datasets(d, cfg.model.seq_length, t.seed, num_samples=num_samples, vocab_size=vocab)
+    return datasets, vocab, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def default_log_dir(cfg: NeoXConfig) -> Optional[str]:
+    if cfg.logging.log_dir:
+        return cfg.logging.log_dir
+    if cfg.training.save:
+        return cfg.training.save
+    return None
+
+
+class Trainer:
+    def __init__(self, cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None,
+                 loss_hook: Optional[Callable] = None, quiet: bool = False, stream=None):
+        self.cfg = cfg
+        t = cfg.training
+        self.ps = ps or setup_distributed(cfg)
+        ps = self.ps
+        _seed_all(t.seed)
+        if datasets is None:
+            datasets, vocab_size, self.tokenizer = build_data(cfg, ps.dp)
+        self.datasets = datasets
+        vocab_size = vocab_size or cfg.model.vocab_size
+        from ..model import GPTNeoX
+        self.model = GPTNeoX(cfg, ps, vocab_size=vocab_size)
+        self.num_parameters = self.model.num_parameters()
+        self.finetuned_from = None
+        if t.load and t.finetune:
+            ckpt.load_weights_into(self.model, t.load, ps.tp_rank)
+            self.finetuned_from = t.load
+        self.engine, self.optimizer = build_engine(cfg, self.model, ps)
+        self.module = self.engine.module
+        self.scheduler = AnnealingLR.from_config(self.optimizer, cfg)
+        self.iteration = 0
+        self.consumed = 0
+        self.resumed_from = None
+        if t.load and not t.finetune and ckpt.latest_tag(t.load) is not None:
+            client = ckpt.load_checkpoint(self.engine, t.load, ps, load_optimizer=not t.no_load_optim)
+            self.iteration = int(client.get("iteration", 0))
+            self.consumed = int(client.get("consumed_train_samples", 0))
+            if "lr_scheduler" in client:
+                self.scheduler.load_state_dict(client["lr_scheduler"])
+            self.resumed_from = f"{t.load}/{client['tag']}"
+        self.global_batch = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * ps.dp
+        self.tokens_per_step = self.global_batch * cfg.model.seq_length
+        self.loss_hook = loss_hook
+        self.nan_steps = nan_steps_from_env(ps.rank)
+        self.inhibitors = list(self.module.inhibitors()) if hasattr(self.module, "inhibitors") else []
+        self.log_dir = default_log_dir(cfg)
+        self.monitor = Monitor(cfg, self.log_dir, enabled=ps.is_main and not quiet, total_iters=t.train_iters,
+                               start_iter=self.iteration, stream=stream)
+
+    # ---------------------------------------------------------------- pieces
+    def header(self) -> list:
+        cfg, ps = self.cfg, self.ps
+        lines = [
+            f"world size {ps.world_size} | layout TP {ps.tp} x DP {ps.dp} | ZeRO stage {cfg.zero_stage} | "
+            f"precision {cfg.precision_name} | device {ps.device.type}",
+            f"parameters {fmt_count(self.num_parameters)} ({self.num_parameters:,}) | tokens per step "
+            f"{self.tokens_per_step:,} ({self.global_batch} x {cfg.model.seq_length}; micro-batch "
+            f"{cfg.training.train_micro_batch_size_per_gpu} x gas {cfg.training.gradient_accumulation_steps} x DP {ps.dp})",
+        ]
+        l2e = (f"L2E {cfg.l2e.l2e_method} on layers {cfg.inhibited_layers()} (p = {cfg.l2e.l2e_ratio:g}, "
+               f"lambda = {cfg.l2e.l2e_lambda:g})" if self.inhibitors else "L2E off")
+        lines.append(f"train-iters {cfg.training.train_iters} | lr {cfg.lr:g} {cfg.optimizer.lr_decay_style} "
+                     f"(warmup {self.scheduler.warmup_iters}, min {cfg.optimizer.min_lr:g}) | {l2e}")
+        if self.resumed_from:
+            lines.append(f"resumed from {self.resumed_from} at step {self.iteration} "
+                         f"({self.consumed:,} samples consumed)")
+        if self.finetuned_from:
+            lines.append(f"weights from {self.finetuned_from} (finetune: fresh optimizer, step 0)")
+        return lines
+
+    def _batch(self, it) -> tuple:
+        tokens = next(it).to(self.ps.device, non_blocking=True).long()
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ps.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def client_state(self) -> dict:
+        return {"neox_config": self.cfg.to_dict(), "iteration": self.iteration,
+                "consumed_train_samples": self.consumed, "lr_scheduler": self.scheduler.state_dict(),
+                "tp": self.ps.tp, "dp": self.ps.dp, "padded_vocab_size": self.module.vocab_size,
+                "num_parameters": self.num_parameters}
+
+    def save(self) -> Optional[str]:
+        t = self.cfg.training
+        if not t.save:
+            return None
+        tag = ckpt.save_checkpoint(self.engine, t.save, self.iteration, self.client_state(), self.ps,
+                                   keep_last_n=t.keep_last_n_checkpoints)
+        if tag:
+            self.monitor.print(f"saved checkpoint {Path(t.save) / tag}")
+        return tag
+
+    def _should_save(self) -> bool:
+        t = self.cfg.training
+        if not t.save:
+            return False
+        if t.checkpoint_factor and self.iteration % t.checkpoint_factor == 0:
+            return True
+        return bool(t.extra_save_iters) and self.iteration in t.extra_save_iters
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> Optional[float]:
+        ds = self.datasets.get(split) if self.datasets else None
+        if ds is None or len(ds) == 0:
+            return None
+        t = self.cfg.training
+        self.engine.eval()
+        it = sample_iterator(ds, t.train_micro_batch_size_per_gpu, self.ps.dp_rank, self.ps.dp, 0)
+        total = torch.zeros(2, dtype=torch.float64, device=self.ps.device)
+        for _ in range(t.eval_iters):
+            x, y = self._batch(it)
+            out = self.engine(x)
+            total[0] += self.module.lm_loss(out.logits, y).double()
+            total[1] += 1
+        self.engine.train()
+        self._all_reduce(total)
+        return float(total[0] / total[1])
+
+    def train_step(self, interrupt: InterruptFlag) -> dict:
+        cfg, t = self.cfg, self.cfg.training
+        gas = t.gradient_accumulation_steps
+        lam = cfg.l2e.l2e_lambda
+        for inh in self.inhibitors:
+            inh.set_step(self.iteration)
+        lr = self.scheduler.get_lr()
+        bad = False
+        stop = False
+        lm_sum, l2e_sum, l2e_n = 0.0, 0.0, 0
+        for _ in range(gas):
+            x, y = self._batch(self.train_iter)
+            out = self.engine(x)
+            lm = self.module.lm_loss(out.logits, y)
+            loss = lm + lam * out.l2e_loss if out.l2e_loss is not None else lm
+            if self.iteration in self.nan_steps:
+                loss = loss + float("nan")
+            if self.loss_hook is not None:
+                loss = self.loss_hook(self.iteration, loss)
+            finite = torch.isfinite(loss.detach())
+            zero = torch.zeros((), device=lm.device, dtype=torch.float32)
+            flags = torch.stack([
+                torch.where(finite, lm.detach().float(), zero),
+                torch.where(finite, out.l2e_loss.detach().float(), zero) if out.l2e_loss is not None else zero,
+                (~finite).float(),
+                torch.tensor(float(interrupt.set), device=lm.device),
+            ])
+            flags = self._all_reduce(flags).tolist()       # every rank decides the same thing
+            micro_bad = flags[2] > 0
+            bad = bad or micro_bad
+            stop = stop or flags[3] > 0
+            self.engine.backward(loss)
+            if not micro_bad:
+                for inh in self.inhibitors:
+                    inh.commit()
+                lm_sum += flags[0] / self.ps.world_size
+                if out.l2e_loss is not None:
+                    l2e_sum += flags[1] / self.ps.world_size
+                    l2e_n += 1
+        with skipped_update(self.optimizer, bad):
+            self.engine.step()
+        applied = (not bad) and self.engine.was_step_applied()
+        stats = {"lr": lr, "bad": bad, "applied": applied, "stop": stop,
+                 "lm_loss": lm_sum / gas if not bad else float("nan"),
+                 "l2e_loss": (l2e_sum / l2e_n) if l2e_n else None}
+        if applied:
+            self.scheduler.step()
+        gn = self.engine.get_global_grad_norm() if applied else None
+        if gn is not None:
+            gn = float(gn)
+            stats["grad_norm"] = gn if math.isfinite(gn) else None
+        self.iteration += 1
+        self.consumed += self.global_batch
+        return stats
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> TrainResult:
+        cfg, t, ps = self.cfg, self.cfg.training, self.ps
+        res = TrainResult(iteration=self.iteration, start_iteration=self.iteration,
+                          consumed_train_samples=self.consumed, num_parameters=self.num_parameters,
+                          log_dir=self.log_dir)
+        mon = self.monitor
+        mon.header(self.header())
+        mon.log("run", self.iteration, {"world_size": ps.world_size, "tp": ps.tp, "dp": ps.dp,
+                                        "zero_stage": cfg.zero_stage, "precision": cfg.precision_name,
+                                        "num_parameters": self.num_parameters,
+                                        "tokens_per_step": self.tokens_per_step,
+                                        "l2e_layers": [i.layer_index for i in self.inhibitors]})
+        self.train_iter = sample_iterator(self.datasets["train"], t.train_micro_batch_size_per_gpu, ps.dp_rank,
+                                          ps.dp, consumed_samples=self.consumed)
+        self.engine.train()
+        consecutive_bad = 0
+        window = {"loss": [], "l2e": [], "time": [], "gn": []}
+        t_start = time.perf_counter()
+        steps_timed, time_total = 0, 0.0
+        mon.start_bar()
+        try:
+            with InterruptFlag() as interrupt:
+                while self.iteration < t.train_iters:
+                    t0 = time.perf_counter()
+                    s = self.train_step(interrupt)
+                    dt = time.perf_counter() - t0
+                    if self.iteration > res.start_iteration + 1 or t.train_iters - res.start_iteration == 1:
+                        steps_timed += 1                         # the first step (warm-up) is not timed
+                        time_total += dt
+                    res.train_losses.append((self.iteration, s["lm_loss"]))
+                    res.lrs.append((self.iteration, s["lr"]))
+                    if s["bad"]:
+                        res.skipped_steps += 1
+                        consecutive_bad += 1
+                        mon.print(f"warning: step {self.iteration}: NaN/inf loss, step skipped "
+                                  f"({consecutive_bad} in a row, limit max-bad-steps={t.max_bad_steps})")
+                        mon.log("train", self.iteration, {"skipped": 1, "consecutive_bad_steps": consecutive_bad})
+                        if consecutive_bad >= t.max_bad_steps:
+                            raise TrainingError(f"{consecutive_bad} consecutive steps with a NaN/inf loss "
+                                                f"(max-bad-steps = {t.max_bad_steps}), last at step "
+                                                f"{self.iteration}; lower the lr, check the data, or resume "
+                                                "from an earlier checkpoint")
+                    else:
+                        consecutive_bad = 0
+                        if not s["applied"]:
+                            res.overflow_steps += 1
+                        window["loss"].append(s["lm_loss"])
+                        if s["l2e_loss"] is not None:
+                            window["l2e"].append(s["l2e_loss"])
+                        if s.get("grad_norm") is not None:
+                            window["gn"].append(s["grad_norm"])
+                    window["time"].append(dt)
+                    avg_dt = time_total / steps_timed if steps_timed else dt
+                    tps = self.tokens_per_step / avg_dt if avg_dt > 0 else 0.0
+                    last_loss = window["loss"][-1] if window["loss"] else float("nan")
+                    mon.update_bar(self.iteration, last_loss, s["lr"], tps, avg_dt,
+                                   (t.train_iters - self.iteration) * avg_dt)
+                    if self.iteration % cfg.logging.log_interval == 0 or self.iteration == res.start_iteration + 1 \
+                            or self.iteration == t.train_iters:
+                        self._log_train(window, s, tps, res)
+                        window = {"loss": [], "l2e": [], "time": [], "gn": []}
+                    if self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
+                        self._log_valid(res)
+                    if self._should_save() and self.iteration < t.train_iters:
+                        tag = self.save()
+                        if tag:
+                            res.checkpoints.append(tag)
+                    if s["stop"]:
+                        res.interrupted = True
+                        break
+            if res.interrupted:
+                mon.print(f"interrupted at step {self.iteration}")
+                if t.save_on_interrupt and t.save:
+                    tag = self.save()
+                    if tag:
+                        res.checkpoints.append(tag)
+            else:
+                self._log_valid(res)
+                if t.save:
+                    tag = self.save()
+                    if tag:
+                        res.checkpoints.append(tag)
+        finally:
+            mon.close()
+        res.iteration, res.consumed_train_samples = self.iteration, self.consumed
+        res.elapsed_s = time.perf_counter() - t_start
+        res.tokens_per_s = self.tokens_per_step * steps_timed / time_total if time_total > 0 else 0.0
+        return res
+
+    def _l2e_metrics(self) -> dict:
+        out = {}
+        for inh in self.inhibitors:
+            m = inh.metrics()
+            out[inh.layer_index] = {k: float(v) for k, v in m.items()}
+        return out
+
+    def _log_train(self, window: dict, s: dict, tps: float, res: TrainResult) -> None:
+        m = {"lm_loss": float(np.mean(window["loss"])) if window["loss"] else float("nan"), "lr": s["lr"],
+             "tokens_per_s": tps, "step_time_s": float(np.mean(window["time"])) if window["time"] else 0.0,
+             "consumed_samples": self.consumed, "skipped_steps": res.skipped_steps}
+        if window["l2e"]:
+            m["l2e_loss"] = float(np.mean(window["l2e"]))
+        if window["gn"] and self.cfg.logging.log_grad_norm:
+            m["grad_norm"] = float(np.mean(window["gn"]))
+        if self.cfg.precision_name == "fp16":
+            m["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
+        if self.cfg.logging.log_param_norm:
+            sq = torch.zeros((), dtype=torch.float64, device=self.ps.device)
+            for p in self.module.parameters():
+                sq += p.detach().double().pow(2).sum()
+            m["param_norm"] = float(sq.sqrt())
+        l2e = self._l2e_metrics()           # every rank (metrics may reduce across ranks)
+        res.l2e_metrics = l2e
+        for layer, d in l2e.items():
+            for k, v in d.items():
+                m[f"l2e/layer{layer}/{k}"] = v
+        self.monitor.log("train", self.iteration, m)
+
+    def _log_valid(self, res: TrainResult) -> None:
+        loss = self.evaluate("valid")
+        if loss is None:
+            return
+        res.valid_losses.append((self.iteration, loss))
+        ppl = math.exp(loss) if loss < 50 else float("inf")
+        self.monitor.log("valid", self.iteration, {"lm_loss": loss, "ppl": ppl})
+        self.monitor.print(f"step {self.iteration}: valid loss {loss:.4f} (ppl {ppl:.2f})")
+
+
+def train(cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None,
+          loss_hook: Optional[Callable] = None, quiet: bool = False, stream=None) -> TrainResult:
+    """Build everything from the config and train; returns a TrainResult (every rank)."""
+    trainer = Trainer(cfg, datasets=datasets, vocab_size=vocab_size, ps=ps, loss_hook=loss_hook, quiet=quiet,
+                      stream=stream)
+    return trainer.train()

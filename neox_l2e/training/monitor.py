@@ -1,0 +1,127 @@
+"""Run logging on rank 0: header lines, a tqdm progress bar, metrics.jsonl, TensorBoard, optional W&B.
+
+metrics.jsonl holds one JSON object per line: {"kind": "train"|"valid"|"run", "iteration": N, ...};
+L2E metrics appear as "l2e/layer{i}/{key}" (the same keys go to TensorBoard and W&B).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def fmt_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+class Monitor:
+    """Everything the user sees. Only the main rank writes; other ranks get a silent instance."""
+
+    def __init__(self, cfg, log_dir: Optional[str], enabled: bool = True, total_iters: int = 0, start_iter: int = 0,
+                 stream=None):
+        self.enabled = enabled
+        self.cfg = cfg
+        self.stream = stream or sys.stdout
+        self.log_dir = Path(log_dir) if log_dir else None
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        self._bar = None
+        self.total, self.start = total_iters, start_iter
+        if not enabled:
+            return
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", buffering=1)
+            tb_dir = cfg.logging.tensorboard_dir or str(self.log_dir / "tensorboard")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(tb_dir)
+            except ImportError:        # tensorboard not installed: metrics.jsonl still has everything
+                self._tb = None
+        if cfg.logging.use_wandb:
+            try:
+                import wandb
+                self._wandb = wandb.init(project=cfg.logging.wandb_project, group=cfg.logging.wandb_group,
+                                         entity=cfg.logging.wandb_team, config=cfg.to_dict())
+            except ImportError:
+                self.print("warning: use-wandb is set but wandb is not installed; logging to metrics.jsonl and TensorBoard only")
+            except Exception as e:  # noqa: BLE001 - W&B problems never stop training
+                self.print(f"warning: W&B disabled ({str(e).splitlines()[0][:120]})")
+                self._wandb = None
+
+    # ---------------------------------------------------------------- text
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def header(self, lines: list) -> None:
+        for line in lines:
+            self.print(line)
+
+    # ---------------------------------------------------------------- progress bar
+    def start_bar(self) -> None:
+        if not self.enabled or not self.cfg.logging.progress_bar:
+            return
+        from tqdm import tqdm
+        self._bar = tqdm(total=self.total, initial=self.start, unit="step", file=self.stream, dynamic_ncols=True,
+                         mininterval=0.5, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+
+    def update_bar(self, iteration: int, loss: float, lr: float, tokens_per_s: float, step_time: float,
+                   eta_s: float) -> None:
+        if self._bar is None:
+            return
+        self._bar.n = iteration
+        self._bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {fmt_count(tokens_per_s)} tok/s "
+                                  f"{step_time * 1000:.0f} ms/step ETA {fmt_time(eta_s)}", refresh=False)
+        self._bar.refresh()
+
+    # ---------------------------------------------------------------- metrics
+    def log(self, kind: str, iteration: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "iteration": iteration, "time": round(time.time(), 3)}
+        rec.update({k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                    for k, v in metrics.items()})
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(rec, default=str) + "\n")
+        scalars = {f"{kind}/{k}" if not k.startswith("l2e/") else k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, iteration)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=iteration)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
