@@ -75,11 +75,14 @@ def _bf16_rne(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreter_enabled()
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 GEMM like torch's: TF32 only where torch itself would use it
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreter_enabled():
-        return "tf32"
-    return "ieee"
+def _input_precision(dtype: torch.dtype):
+    """tl.dot's input_precision: fp32 GEMMs like torch's (TF32 only where torch itself would use it);
+    16-bit operands keep Triton's default (None); the interpreter's fp32-cast bf16 path is exact."""
+    if interpreter_enabled():
+        return "ieee"
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return None
 
 
 def _gemm_launch(x, weight, bias, u_lin, z, mean, inv_var, parts, tau, eps, approx_tanh, save_u, epilogue,
@@ -208,11 +211,12 @@ class FusedUpGeluL2E(torch.autograd.Function):
 def fused_up_gelu_l2e(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       mean: torch.Tensor, inv_var: torch.Tensor, tau: float, eps: float,
                       approximate: str = "none", mode: str = "split", *,
-                      config: Optional[KernelConfig] = None):
+                      config: Optional[KernelConfig] = None, save_preact: Optional[bool] = None):
     """Fused MLP up-projection + GELU + L2E on one tensor-parallel shard of neurons.
 
     Returns ``z, loss_sum, n_sel, (count, bmean, bm2)``; see the package docstring. ``config`` overrides
-    the launch configuration (tests use small tiles; ``save_preact=False`` recomputes u in backward).
+    the launch configuration (tests use small tiles); ``save_preact`` overrides ``config.save_preact``
+    (True: keep the pre-activation x W^T for backward; False: recompute it there with the forward's GEMM).
     Tensors the kernels cannot run on (CPU without TRITON_INTERPRET=1) go through the torch
     implementation of the same contract (``l2e_mlp_reference(..., round_preact=True)``).
     """
@@ -220,6 +224,8 @@ def fused_up_gelu_l2e(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if not triton_usable(x.device):
         return l2e_mlp_reference(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, round_preact=True)
     cfg = config if config is not None else default_config()
+    if save_preact is not None and save_preact != cfg.save_preact:
+        cfg = replace(cfg, save_preact=bool(save_preact))
     mean = mean.detach().contiguous()
     inv_var = inv_var.detach().contiguous()
     if bias is not None:

@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""Benchmark the fused MLP up-projection + GELU + L2E kernel against its alternatives.
+
+For each Pythia MLP shape (x [T, h] times W [4h, h]^T) and each pass (forward, backward) it times
+    fused:<mode>   neox_l2e.kernels.l2e_mlp.fused_up_gelu_l2e (modes "split" and "fused-gemm"); with
+                   ":recompute" the pre-activation is recomputed in backward instead of saved
+    floor          cuBLAS GEMM + bias + GELU, no L2E statistics (F.gelu(F.linear(x, W, b)))
+    torch-l2e      the unfused torch L2E path (neox_l2e.l2e.functional ops on z)
+    compiled-l2e   torch.compile of the torch-l2e path
+and, forward only, the bare GEMMs: gemm:torch (torch.mm: cuBLAS on CUDA) and gemm:triton (the fused-gemm kernel's GEMM,
+no epilogue), so the table says where the Triton GEMM is slower than cuBLAS.
+
+Metrics: ms (median), TFLOP/s (2 T N h forward, 4 T N h backward), GB/s over a nominal byte count (the
+tensors any implementation must touch: forward x, W, b, z; backward dz, u, x, W, dx, dW; the same formula
+for every variant, so it is a normalised speed, not measured traffic), x_floor = ms / floor ms,
+vs_torch = torch-l2e ms / ms (speed-up over the unfused path).
+
+CUDA: triton.testing.do_bench. Without CUDA a CPU timer runs a smoke-sized problem (--tokens, --shapes);
+the fused variants need Triton's interpreter there and are skipped unless --interpret-fused.
+
+    python tools/bench_kernels.py --csv bench_l2e_mlp.csv                      # on a GPU
+    python tools/bench_kernels.py --tokens 256 --shapes 70m --csv smoke.csv    # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+SHAPES = {"70m": 512, "410m": 1024, "2.8b": 2560, "6.9b": 4096}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=None,
+                   help="comma list of Pythia sizes (70m,410m,2.8b,6.9b) or hidden sizes h; "
+                        "default: all four on CUDA, 70m on CPU")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="token rows T (default 8 x 2048 = 16384 on CUDA, 256 on CPU)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--approximate", default="none", choices=["none", "tanh"])
+    p.add_argument("--modes", default="split,fused-gemm", help="fused kernel modes to time")
+    p.add_argument("--preact", default=None, choices=["save", "recompute", "both"],
+                   help="fused variants keep the pre-activation for backward, recompute it, or time both "
+                        "(rows fused:<mode> and fused:<mode>:recompute); default both on CUDA, save on CPU")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--interpret-fused", action="store_true",
+                   help="on CPU, time the fused variants in Triton's interpreter (very slow)")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup ms (CUDA) / iterations (CPU: 1)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench rep ms (CUDA); CPU: at least 3 runs")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="time all variants once per round, this many rounds; report the median")
+    p.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+_HAS_GPU_NODE = os.path.exists("/dev/nvidiactl")
+if ARGS.interpret_fused and not _HAS_GPU_NODE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch/triton are imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from neox_l2e.l2e import functional as L  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def timer(fn, grad_to_none=None):
+    """Median milliseconds of fn()."""
+    if CUDA:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=ARGS.warmup, rep=ARGS.rep, grad_to_none=grad_to_none,
+                                       return_mode="median")
+    for _ in range(2):  # warmup (and any lazy compilation)
+        fn()
+    times = []
+    t_end = time.perf_counter() + 0.3
+    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 20):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def torch_l2e(x, w, b, mean, inv_var, tau, eps, approximate):
+    """The unfused torch path: cuBLAS linear, GELU, then neox_l2e.l2e.functional on z."""
+    z = F.gelu(F.linear(x, w, b), approximate=approximate)
+    mask = L.select(z, mean, inv_var, tau)
+    loss = L.inhibition_loss_sum(z, mean, mask, eps)
+    stats = L.batch_moments(z)
+    return z, loss, mask.sum(), stats
+
+
+def floor_path(x, w, b, approximate):
+    return F.gelu(F.linear(x, w, b), approximate=approximate)
+
+
+def bench_shape(name, h, T, dtype, rows):
+    dev = "cuda" if CUDA else "cpu"
+    N = 4 * h
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(T, h, generator=g).to(dev, dtype).requires_grad_()
+    w = (torch.randn(N, h, generator=g) / math.sqrt(h)).to(dev, dtype).requires_grad_()
+    b = (0.1 * torch.randn(N, generator=g)).to(dev, dtype).requires_grad_()
+    with torch.no_grad():  # running statistics from a sample of the batch, threshold at 3 sigma
+        _, mu, m2 = L.batch_moments(floor_path(x[: min(T, 1024)], w, b, ARGS.approximate))
+        cnt = min(T, 1024)
+        mean = mu.float().contiguous()
+        inv_var = L.inv_var_from_stats(torch.full_like(m2, cnt), m2, 2).contiguous()
+    tau, eps = 9.0, 1e-6
+    gz = torch.randn(T, N, generator=g).to(dev, dtype)
+    gl = torch.tensor(1e-3 / max(1, T), device=dev)
+    leaves = [x, w, b]
+    e = torch.finfo(dtype).bits // 8
+    flops = {"fwd": 2.0 * T * N * h, "bwd": 4.0 * T * N * h}
+    nbytes = {"fwd": e * (T * h + N * h + N + T * N), "bwd": e * (2 * T * N + 2 * T * h + 2 * N * h)}
+
+    variants = []
+    fused_ok = CUDA or ARGS.interpret_fused
+    if fused_ok:
+        from neox_l2e.kernels.l2e_mlp import fused_up_gelu_l2e
+        preact = ARGS.preact or ("both" if CUDA else "save")
+        saves = {"save": [True], "recompute": [False], "both": [True, False]}[preact]
+        for mode in [m for m in ARGS.modes.split(",") if m]:
+            for save in saves:
+                variants.append((f"fused:{mode}" + ("" if save else ":recompute"),
+                                 (lambda mode=mode, save=save: fused_up_gelu_l2e(
+                                     x, w, b, mean, inv_var, tau, eps, ARGS.approximate, mode, save_preact=save)),
+                                 True))
+    variants.append(("floor", lambda: (floor_path(x, w, b, ARGS.approximate),), False))
+    variants.append(("torch-l2e", lambda: torch_l2e(x, w, b, mean, inv_var, tau, eps, ARGS.approximate), True))
+    if not ARGS.no_compile:
+        compiled = torch.compile(torch_l2e)
+        variants.append(("compiled-l2e", lambda: compiled(x, w, b, mean, inv_var, tau, eps, ARGS.approximate),
+                         True))
+
+    # prepare every variant (compile, warm up, keep one graph for the backward timings) ...
+    prepared, results = {}, {}
+    for vname, fn, has_loss in variants:
+        try:
+            fn()
+            out = fn()
+            outs, grads = [out[0]], [gz]
+            if has_loss:
+                outs.append(out[1])
+                grads.append(gl)
+
+            def bwd(outs=outs, grads=grads):
+                torch.autograd.backward(outs, grads, retain_graph=True)
+            bwd()
+            prepared[vname] = {"fwd": fn, "bwd": bwd}
+        except Exception as exc:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
+            results[vname] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+        for t in leaves:
+            t.grad = None
+
+    # ... and the bare GEMMs (forward): is the Triton GEMM slower than cuBLAS at this shape?
+    def no_grad(f):
+        def g():
+            with torch.no_grad():
+                return f()
+        return g
+    prepared["gemm:torch"] = {"fwd": no_grad(lambda: torch.mm(x, w.t()))}
+    if fused_ok and "fused-gemm" in ARGS.modes:
+        from neox_l2e.kernels.l2e_mlp import default_config
+        from neox_l2e.kernels.l2e_mlp.ops import _recompute_preact
+        cfg = default_config()
+        prepared["gemm:triton"] = {"fwd": no_grad(lambda: _recompute_preact(x, w, "fused-gemm", cfg))}
+
+    # then time them side by side: ARGS.rounds rounds, each timing every variant once; median over rounds
+    samples = {}
+    for _ in range(ARGS.rounds):
+        for vname, fns in prepared.items():
+            for pas, f in fns.items():
+                samples.setdefault(vname, {}).setdefault(pas, []).append(timer(f, grad_to_none=leaves))
+    for vname, by_pass in samples.items():
+        results[vname] = {pas: statistics.median(v) for pas, v in by_pass.items()}
+    prepared.clear()
+    for t in leaves:
+        t.grad = None
+    if CUDA:
+        torch.cuda.empty_cache()
+
+    for vname, r in results.items():
+        for pas in ("fwd", "bwd"):
+            if "error" in r:
+                if pas == "fwd":
+                    rows.append(dict(shape=name, h=h, N=N, T=T, pass_=pas, variant=vname, ms=None,
+                                     note=r["error"]))
+                continue
+            if pas not in r:
+                continue
+            ms = r[pas]
+            floor = results.get("floor", {}).get(pas)
+            torch_ms = results.get("torch-l2e", {}).get(pas)
+            rows.append(dict(shape=name, h=h, N=N, T=T, pass_=pas, variant=vname, ms=ms,
+                             tflops=flops[pas] / ms / 1e9, gbs=nbytes[pas] / ms / 1e6,
+                             x_floor=ms / floor if floor and not vname.startswith("gemm") else None,
+                             vs_torch=torch_ms / ms if torch_ms and not vname.startswith("gemm") else None,
+                             note=""))
+    ct, tt = results.get("gemm:torch", {}).get("fwd"), results.get("gemm:triton", {}).get("fwd")
+    if ct and tt:
+        for r in rows:
+            if r["shape"] == name and r["variant"] == "gemm:triton":
+                r["note"] = f"Triton GEMM {'slower' if tt > ct else 'not slower'} than {'cuBLAS' if CUDA else 'torch.mm'} ({tt / ct:.2f}x)"
+    del x, w, b, gz
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main():
+    dtype = DTYPES[ARGS.dtype]
+    if ARGS.shapes is None:
+        shape_names = list(SHAPES) if CUDA else ["70m"]
+    else:
+        shape_names = [s.strip() for s in ARGS.shapes.split(",") if s.strip()]
+    T = ARGS.tokens if ARGS.tokens is not None else (8 * 2048 if CUDA else 256)
+    if CUDA:
+        device = torch.cuda.get_device_name()
+        timer_name = "triton.testing.do_bench (median per round)"
+    else:
+        device = f"CPU ({torch.get_num_threads()} threads)"
+        timer_name = "time.perf_counter (median of >= 3 runs per round)"
+        if not ARGS.interpret_fused:
+            print("note: no CUDA; fused variants skipped (--interpret-fused runs them in Triton's interpreter)")
+    print(f"device: {device}; torch {torch.__version__}; dtype {ARGS.dtype}; GELU approximate={ARGS.approximate}; "
+          f"T={T}; timer: {timer_name}; {ARGS.rounds} rounds, variants alternating, median of rounds")
+    rows = []
+    for s in shape_names:
+        h = SHAPES[s] if s in SHAPES else int(s)
+        bench_shape(s, h, T, dtype, rows)
+
+    head = ["shape", "h", "N", "T", "pass", "variant", "ms", "TFLOP/s", "GB/s", "x_floor", "vs_torch", "note"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for r in rows:
+        cells = [r["shape"], r["h"], r["N"], r["T"], r["pass_"], r["variant"], fmt(r["ms"], ".3f"),
+                 fmt(r.get("tflops"), ".2f"), fmt(r.get("gbs"), ".1f"), fmt(r.get("x_floor"), ".3f"),
+                 fmt(r.get("vs_torch"), ".2f"), r["note"]]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+
+    if CUDA:  # the issue's goals, forward pass
+        for s in shape_names:
+            by = {(r["variant"], r["pass_"]): r for r in rows if r["shape"] == s and r["ms"] is not None}
+            for mode in ARGS.modes.split(","):
+                r = by.get((f"fused:{mode}", "fwd"))
+                if r and r.get("x_floor") and r.get("vs_torch"):
+                    ok = r["x_floor"] <= 1.05 and r["vs_torch"] >= 1.5
+                    print(f"goal {s} fused:{mode} fwd: {r['x_floor']:.3f}x floor (<= 1.05), "
+                          f"{r['vs_torch']:.2f}x faster than torch-l2e (>= 1.5): {'MET' if ok else 'NOT MET'}")
+
+    if ARGS.csv:
+        import csv
+        cols = ["shape", "h", "N", "T", "pass", "variant", "ms", "tflops", "gbs", "x_floor", "vs_torch", "note"]
+        with open(ARGS.csv, "w", newline="") as f:
+            wr = csv.writer(f)
+            wr.writerow(["device", "dtype", "approximate"] + cols)
+            for r in rows:
+                vals = [r.get("pass_") if c == "pass" else r.get(c) for c in cols]
+                vals = [f"{v:.6g}" if isinstance(v, float) else v for v in vals]
+                wr.writerow([device, ARGS.dtype, ARGS.approximate] + vals)
+        print(f"wrote {ARGS.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
