@@ -1,0 +1,89 @@
+"""merge_tp_states / split_tp_state: exact round trips, partitioning per key, vocab padding per TP degree."""
+import pytest
+import torch
+
+from neox_l2e.model import GPTNeoX
+from neox_l2e.parallel import ParallelState
+from neox_l2e.parallel.reshard import merge_tp_states, partition_dims, split_tp_state
+from tp_common import random_full_state, tiny_cfg
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_split_merge_round_trip_is_exact(tp):
+    cfg = tiny_cfg()
+    full = random_full_state(cfg)
+    parts = split_tp_state(full, cfg, tp)
+    assert len(parts) == tp
+    # each part loads strictly into that rank's TP model (shapes and keys agree)
+    for r, sd in enumerate(parts):
+        model = GPTNeoX(cfg, ParallelState.layout(tp, r, device="cpu"), init=False)
+        model.load_state_dict(sd, strict=True)
+    merged = merge_tp_states(parts, cfg)
+    assert set(merged) == set(full)
+    for k in full:
+        assert torch.equal(merged[k], full[k]), k
+
+
+def test_partitioning_per_key():
+    cfg = tiny_cfg()
+    dims = partition_dims(cfg, 2, list(random_full_state(cfg)))
+    assert dims["gpt_neox.embed_in.weight"] == 0
+    assert dims["embed_out.weight"] == 0
+    assert dims["gpt_neox.layers.0.attention.query_key_value.weight"] == 0
+    assert dims["gpt_neox.layers.0.attention.query_key_value.bias"] == 0
+    assert dims["gpt_neox.layers.0.attention.dense.weight"] == 1
+    assert dims["gpt_neox.layers.0.attention.dense.bias"] is None          # row-parallel bias: replicated
+    assert dims["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"] == 0
+    assert dims["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"] == 1
+    assert dims["gpt_neox.layers.0.mlp.dense_4h_to_h.bias"] is None
+    assert dims["gpt_neox.layers.0.input_layernorm.weight"] is None
+
+
+def test_vocab_padding_follows_tp_degree():
+    cfg = tiny_cfg()                                    # vocab 100, divisible-by 8: 104 rows at TP=1, 112 at TP=2
+    full = random_full_state(cfg)
+    assert full["embed_out.weight"].shape[0] == 104
+    parts = split_tp_state(full, cfg, 2)
+    assert [p["embed_out.weight"].shape[0] for p in parts] == [56, 56]
+    assert parts[1]["embed_out.weight"][48:].abs().sum() == 0        # the 8 extra TP padding rows are zero
+    assert torch.equal(parts[1]["embed_out.weight"][:48], full["embed_out.weight"][56:])
+    # unknown vocab size (tokenizer-provided): inferred from the non-zero rows
+    merged = merge_tp_states(parts, cfg.replace(vocab_size=None), vocab_size=None)
+    assert torch.equal(merged["embed_out.weight"], full["embed_out.weight"])
+
+
+def test_l2e_statistics_split_by_neuron_and_tau_replicated():
+    cfg = tiny_cfg()
+    full = random_full_state(cfg)
+    n = cfg.ffn_size
+    pre = "gpt_neox.layers.1.mlp.inhibitor."
+    full.update({pre + "count": torch.arange(n, dtype=torch.float32), pre + "mean": torch.randn(n),
+                 pre + "m2": torch.rand(n), pre + "tau": torch.tensor(3.5)})
+    parts = split_tp_state(full, cfg, 2)
+    assert torch.equal(parts[1][pre + "count"], torch.arange(n // 2, n, dtype=torch.float32))
+    assert parts[0][pre + "tau"].item() == parts[1][pre + "tau"].item() == 3.5
+    merged = merge_tp_states(parts, cfg)
+    for k in (pre + "count", pre + "mean", pre + "m2", pre + "tau"):
+        assert torch.equal(merged[k], full[k])
+
+
+def test_merge_refuses_mismatched_ranks_and_warns_on_diverged_replicas():
+    cfg = tiny_cfg()
+    parts = split_tp_state(random_full_state(cfg), cfg, 2)
+    bad = dict(parts[1])
+    bad.pop("embed_out.weight")
+    with pytest.raises(ValueError, match="different keys"):
+        merge_tp_states([parts[0], bad], cfg)
+    parts[1]["gpt_neox.final_layer_norm.weight"] = parts[1]["gpt_neox.final_layer_norm.weight"] + 1
+    with pytest.warns(UserWarning, match="replicated tensor differs"):
+        merge_tp_states(parts, cfg)
+
+
+def test_tp_model_from_same_seed_is_the_same_model():
+    """init draws full tensors from one generator (TP padding rows zero), so TP=2 shards merge to the TP=1 init."""
+    cfg = tiny_cfg()
+    ref = GPTNeoX(cfg, ParallelState.single()).state_dict()
+    parts = [GPTNeoX(cfg, ParallelState.layout(2, r, device="cpu")).state_dict() for r in range(2)]
+    merged = merge_tp_states(parts, cfg)
+    for k in ref:
+        assert torch.equal(merged[k], ref[k]), k
