@@ -47,8 +47,10 @@ def select(z: torch.Tensor, mean: torch.Tensor, inv_var: torch.Tensor, tau) -> t
 def inhibition_loss_sum(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
     """Sum over selected entries of log((z - mean)^2 + eps) (fp32 scalar, differentiable in z only)."""
     d = z.float() - mean.detach()
-    terms = torch.log(d * d + eps)
-    return torch.where(mask, terms, torch.zeros_like(terms)).sum()
+    # log of 1 (= 0) on unselected entries, so their gradient is exactly 0 even where z == mean and
+    # eps == 0 (masking log(d^2 + eps) after the fact would give 0 * inf = NaN there)
+    arg = torch.where(mask, d * d + eps, torch.ones_like(d))
+    return torch.log(arg).sum()
 
 
 def inhibition_grad(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
