@@ -1,0 +1,346 @@
+"""Streaming monosemanticity statistics of MLP neurons on labelled text (the method page, sections 5-6).
+
+For each layer and neuron j (z = the post-GELU MLP hidden unit, one sample per token position):
+
+    pass 1   count, mean_j, var_j over the whole dataset (Chan merge of per-batch (count, mean, M2), fp32)
+    pass 2   phi_ij = (z_ij - mean_j)^2 / var_j  (neox_l2e.l2e.functional.phi), and, streamed per batch:
+               - per-label sums of phi  -> phi_l(j) = mean phi over tokens labelled l
+                                           phi_-l(j) = mean phi over the other tokens
+               - the phi of a bounded, seeded token subsample for a seeded neuron sample (K-S test)
+               - per-token kills: the top ceil(k N) neurons of each token, counted per (label, neuron)
+               - global kills: a running top ceil(k T N) buffer of (phi, label, neuron) over all pairs
+No activation tensor outlives its batch, so memory does not grow with the dataset (except the global FKR
+buffer: 12 bytes x max(k) x tokens x neurons per layer; leave "global" out of the FKR modes to drop it).
+
+From the sums: l*_j = argmax_l phi_l(j) (the neuron's relatively monosemantic feature); the K-S statistic of
+neuron j compares its phi on tokens of l*_j with its phi on all tokens (scipy.stats.ks_2samp); the FKR at k is
+false kills / kills, a false kill being a kill of neuron j on a token whose label is not l*_j. Two readings of
+tau_k: "per-token" (default: tau_k is the k-th largest phi among the token's neurons, k a fraction of the
+layer's neurons) and "global" (the k-th largest over all (token, neuron) pairs of the layer).
+The final formulas are those of neox_l2e.l2e.fkr when that module provides them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..l2e import functional as F
+from .common import AnalysisError
+from .labelled import LabelledTokens
+
+FKR_MODES = ("per-token", "global")
+DEFAULT_KS = (0.005, 0.01, 0.02, 0.03, 0.05)
+
+
+@dataclass
+class ScanOptions:
+    batch_size: int = 8                       # windows per forward
+    layers: Optional[Sequence[int]] = None    # default: all layers
+    neuron_sample: int = 1000                 # neurons per layer for the mean phi_l* and the K-S test (paper: 1,000)
+    ks_tokens: int = 4000                     # token subsample kept for the K-S test
+    fkr_ks: Sequence[float] = DEFAULT_KS      # k as a fraction (of the layer's neurons / of all pairs)
+    fkr_modes: Sequence[str] = FKR_MODES
+    compute_ks: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self, num_layers: int) -> List[int]:
+        layers = list(range(num_layers)) if self.layers is None else sorted({int(i) for i in self.layers})
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad or not layers:
+            raise AnalysisError(f"layers {bad or '[]'} out of range for a model with {num_layers} layers")
+        for k in self.fkr_ks:
+            if not 0.0 < float(k) <= 1.0:
+                raise AnalysisError(f"FKR k={k}: must be a fraction in (0, 1]")
+        for m in self.fkr_modes:
+            if m not in FKR_MODES:
+                raise AnalysisError(f"FKR mode {m!r}: use one of {', '.join(FKR_MODES)}")
+        if self.batch_size < 1 or self.neuron_sample < 1:
+            raise AnalysisError("batch size and neuron sample must be positive")
+        return layers
+
+
+@dataclass
+class LayerResult:
+    layer: int
+    num_neurons: int
+    phi_l: torch.Tensor              # [C, N] mean phi over tokens with label l
+    phi_not_l: torch.Tensor          # [C, N] mean phi over the other tokens
+    l_star: torch.Tensor             # [N]
+    sample: torch.Tensor             # [M] sampled neuron indices (seeded)
+    ks_stat: Optional[torch.Tensor]  # [M] K-S statistic of the sampled neurons (None when off)
+    ks_pvalue: Optional[torch.Tensor]
+    mean: torch.Tensor               # [N] dataset mean of z
+    var: torch.Tensor                # [N] dataset variance of z (unbiased)
+    fkr: Dict[str, Dict[float, float]] = field(default_factory=dict)     # mode -> k -> FKR
+    kills: Dict[str, Dict[float, int]] = field(default_factory=dict)     # mode -> k -> number of kills
+    tau: Dict[float, float] = field(default_factory=dict)                # global tau_k
+
+    @property
+    def phi_lstar(self) -> torch.Tensor:
+        return self.phi_l.gather(0, self.l_star[None]).squeeze(0)
+
+    @property
+    def phi_not_lstar(self) -> torch.Tensor:
+        return self.phi_not_l.gather(0, self.l_star[None]).squeeze(0)
+
+    def summary(self, label_names: Sequence[str]) -> dict:
+        s = self.sample
+        out = {
+            "layer": self.layer,
+            "num_neurons": self.num_neurons,
+            "mean_phi_lstar_sample": float(self.phi_lstar[s].mean()),
+            "mean_phi_not_lstar_sample": float(self.phi_not_lstar[s].mean()),
+            "mean_phi_lstar_all": float(self.phi_lstar.mean()),
+            "mean_phi_not_lstar_all": float(self.phi_not_lstar.mean()),
+            "median_ratio_sample": float((self.phi_lstar[s] / self.phi_not_lstar[s].clamp_min(1e-12)).median()),
+            "lstar_counts": {label_names[c]: int((self.l_star == c).sum()) for c in range(len(label_names))},
+            "dead_neurons": int((self.var <= 0).sum()),
+            "fkr": {m: {str(k): v for k, v in d.items()} for m, d in self.fkr.items()},
+            "kills": {m: {str(k): v for k, v in d.items()} for m, d in self.kills.items()},
+            "tau_global": {str(k): v for k, v in self.tau.items()},
+        }
+        if self.ks_stat is not None:
+            out["mean_ks_stat_sample"] = float(self.ks_stat.mean())
+            out["median_ks_stat_sample"] = float(self.ks_stat.median())
+        return out
+
+
+@dataclass
+class ScanResult:
+    name: str
+    num_parameters: int
+    num_layers: int
+    label_names: List[str]
+    tokens_per_label: Dict[str, int]
+    layers: List[LayerResult]
+    options: dict
+    path: str = ""
+
+    def summary(self) -> dict:
+        return {"name": self.name, "path": self.path, "num_parameters": self.num_parameters,
+                "num_layers": self.num_layers, "labels": self.label_names, "tokens_per_label": self.tokens_per_label,
+                "options": self.options, "layers": [l.summary(self.label_names) for l in self.layers]}
+
+
+# ------------------------------------------------------------------------------------------------
+# forward with the MLP capture hooks
+
+
+class _Stop(Exception):
+    """Raised from the last needed layer's hook: the rest of the forward (and the logits) is skipped."""
+
+
+def forward_mlp_activations(model, data: LabelledTokens, layers: Sequence[int], batch_size: int,
+                            handler: Callable, desc: str = "", progress: bool = False) -> None:
+    """Run the model over ``data`` in batches; call ``handler(layer, z [T, N], labels [T], token_index [T])``
+    for every layer in ``layers`` with the valid (non-padding) tokens of the batch. ``token_index`` numbers
+    the dataset's valid tokens 0..num_tokens-1 in window order."""
+    blocks = model.gpt_neox.layers
+    last = max(layers)
+    device = next(model.parameters()).device
+    flat_valid = data.valid.reshape(-1)
+    first_index = torch.cumsum(data.valid.sum(1), 0) - data.valid.sum(1)      # index of each window's first token
+    state = {}
+
+    def hook_for(i):
+        def capture(z):
+            z = z.reshape(-1, z.shape[-1])[state["mask"]]
+            handler(i, z, state["labels"], state["index"])
+            if i == last:
+                raise _Stop
+        return capture
+
+    want = set(layers)
+    for i in want:
+        blocks[i].mlp.capture = hook_for(i)
+    try:
+        it = range(0, data.tokens.shape[0], batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+        with torch.inference_mode():
+            for s in it:
+                e = min(s + batch_size, data.tokens.shape[0])
+                valid = data.valid[s:e]
+                seq = valid.shape[1]
+                state["mask"] = valid.reshape(-1).to(device)
+                state["labels"] = data.labels[s:e, None].expand(-1, seq)[valid].to(device)
+                pos = torch.arange(seq)[None].expand(e - s, -1)
+                state["index"] = (first_index[s:e, None] + pos)[valid].to(device)
+                try:
+                    model(data.tokens[s:e].to(device))
+                except _Stop:
+                    pass
+    finally:
+        for i in want:
+            blocks[i].mlp.capture = None
+    del flat_valid
+
+
+# ------------------------------------------------------------------------------------------------
+# the passes
+
+
+def _counts_for(ks: Sequence[float], n: int) -> List[int]:
+    return [max(1, min(n, int(math.ceil(float(k) * n)))) for k in ks]
+
+
+class _LayerAccumulator:
+    def __init__(self, n: int, num_labels: int, total_tokens: int, opts: ScanOptions, device, gen: torch.Generator,
+                 ks_token_mask: Optional[torch.Tensor]):
+        self.n, self.C, self.T = n, num_labels, total_tokens
+        self.opts = opts
+        self.moments = None
+        self.sample = torch.randperm(n, generator=gen)[:min(opts.neuron_sample, n)].sort().values
+        self.sample_dev = self.sample.to(device)
+        self.ks_token_mask = ks_token_mask
+        self.phi_sum = torch.zeros(num_labels, n, dtype=torch.float64, device=device)
+        self.label_count = torch.zeros(num_labels, dtype=torch.float64, device=device)
+        self.ks_phi: List[torch.Tensor] = []
+        self.ks_lab: List[torch.Tensor] = []
+        ks = [float(k) for k in opts.fkr_ks]
+        self.ks = ks
+        self.k_tok = _counts_for(ks, n)
+        self.per_token = "per-token" in opts.fkr_modes
+        self.glob = "global" in opts.fkr_modes
+        self.kills_tok = torch.zeros(len(ks), num_labels * n, dtype=torch.float64, device=device) if self.per_token else None
+        self.k_glob = _counts_for(ks, total_tokens * n)
+        self.gmax = max(self.k_glob) if self.glob else 0
+        self.g_val = torch.empty(0, dtype=torch.float32, device=device)
+        self.g_code = torch.empty(0, dtype=torch.int64, device=device)
+
+    # pass 1
+    def add_moments(self, z):
+        b = F.batch_moments(z)
+        self.moments = b if self.moments is None else F.merge_moments(self.moments, b)
+
+    def finish_moments(self):
+        count, mean, m2 = self.moments
+        self.mean = mean
+        self.var = m2 / (count - 1.0).clamp_min(1.0)
+        inv_var = F.inv_var_from_stats(count.expand_as(m2), m2, 2)
+        self.inv_var = torch.where(self.var > F.VAR_FLOOR, inv_var, torch.zeros_like(inv_var))   # dead neurons: phi 0
+
+    # pass 2
+    def add_phi(self, z, labels, index):
+        phi = F.phi(z, self.mean, self.inv_var)                                    # [T, N] fp32
+        onehot = torch.nn.functional.one_hot(labels, self.C).to(phi.dtype)          # [T, C]
+        self.phi_sum += (onehot.t() @ phi).double()
+        self.label_count += onehot.sum(0).double()
+        if self.ks_token_mask is not None:
+            keep = self.ks_token_mask[index]
+            if keep.any():
+                self.ks_phi.append(phi[keep][:, self.sample_dev].cpu())
+                self.ks_lab.append(labels[keep].cpu())
+        if self.per_token:
+            top = phi.topk(max(self.k_tok), dim=1, sorted=True).indices            # [T, kmax]
+            codes = labels[:, None] * self.n + top
+            for ki, kn in enumerate(self.k_tok):
+                self.kills_tok[ki] += torch.bincount(codes[:, :kn].reshape(-1), minlength=self.C * self.n).double()
+        if self.glob:
+            vals = phi.reshape(-1)
+            codes = (labels[:, None] * self.n + torch.arange(self.n, device=phi.device)[None]).reshape(-1)
+            if self.g_val.numel() >= self.gmax:
+                floor = self.g_val[-1]
+                keep = vals > floor
+                vals, codes = vals[keep], codes[keep]
+            allv = torch.cat([self.g_val, vals])
+            allc = torch.cat([self.g_code, codes])
+            k = min(self.gmax, allv.numel())
+            top = allv.topk(k, sorted=True)
+            self.g_val, self.g_code = top.values, allc[top.indices]
+
+    def result(self, layer: int) -> LayerResult:
+        cnt = self.label_count
+        if (cnt == 0).any() or (cnt == self.T).any():
+            raise AnalysisError("every label needs tokens, and at least one other label must have tokens")
+        phi_l = self.phi_sum / cnt[:, None]
+        phi_not_l = (self.phi_sum.sum(0, keepdim=True) - self.phi_sum) / (self.T - cnt)[:, None]
+        l_star = lstar_from_phi_l(phi_l)
+        res = LayerResult(layer=layer, num_neurons=self.n, phi_l=phi_l.float().cpu(), phi_not_l=phi_not_l.float().cpu(),
+                          l_star=l_star.cpu(), sample=self.sample, ks_stat=None, ks_pvalue=None,
+                          mean=self.mean.float().cpu(), var=self.var.float().cpu())
+        if self.ks_phi:
+            res.ks_stat, res.ks_pvalue = ks_statistics(torch.cat(self.ks_phi), torch.cat(self.ks_lab),
+                                                       res.l_star[self.sample])
+        if self.per_token:
+            res.fkr["per-token"], res.kills["per-token"] = {}, {}
+            for ki, k in enumerate(self.ks):
+                kills = self.kills_tok[ki].view(self.C, self.n)
+                fkr, total = fkr_from_kill_counts(kills, l_star)
+                res.fkr["per-token"][k], res.kills["per-token"][k] = fkr, total
+        if self.glob:
+            res.fkr["global"], res.kills["global"] = {}, {}
+            for k, kn in zip(self.ks, self.k_glob):
+                codes = self.g_code[:kn]
+                lab, neuron = codes // self.n, codes % self.n
+                false = (lab != l_star.to(codes.device)[neuron]).sum().item()
+                res.fkr["global"][k] = false / max(1, kn)
+                res.kills["global"][k] = int(kn)
+                res.tau[k] = float(self.g_val[kn - 1])
+        return res
+
+
+def lstar_from_phi_l(phi_l: torch.Tensor) -> torch.Tensor:
+    """l*_j = the label with the highest mean phi (ties: the lowest label index)."""
+    return phi_l.argmax(0)
+
+
+def fkr_from_kill_counts(kills: torch.Tensor, l_star: torch.Tensor) -> tuple:
+    """(FKR, number of kills) from kill counts [C, N] per (label, neuron) and l* [N]."""
+    total = kills.sum().item()
+    right = kills.gather(0, l_star.to(kills.device)[None]).sum().item()
+    return ((total - right) / total if total > 0 else float("nan")), int(round(total))
+
+
+def ks_statistics(phi: torch.Tensor, labels: torch.Tensor, l_star: torch.Tensor) -> tuple:
+    """K-S statistic and p-value per column: phi[:, m] on tokens of label l_star[m] vs phi[:, m] on all tokens."""
+    from scipy.stats import ks_2samp
+    phi_np, lab_np = phi.double().numpy(), labels.numpy()
+    stats, pvals = np.full(phi.shape[1], np.nan), np.full(phi.shape[1], np.nan)
+    for m in range(phi.shape[1]):
+        own = phi_np[lab_np == int(l_star[m]), m]
+        if own.size == 0:
+            continue
+        r = ks_2samp(own, phi_np[:, m])
+        stats[m], pvals[m] = r.statistic, r.pvalue
+    return torch.from_numpy(stats).float(), torch.from_numpy(pvals).float()
+
+
+def scan_model(model, data: LabelledTokens, opts: Optional[ScanOptions] = None, name: str = "model",
+               path: str = "") -> ScanResult:
+    """Both passes over ``data`` for one model; see the module docstring."""
+    opts = opts or ScanOptions()
+    blocks = model.gpt_neox.layers
+    layers = opts.validate(len(blocks))
+    device = next(model.parameters()).device
+    T, C = data.num_tokens, len(data.label_names)
+    n = blocks[0].mlp.dense_h_to_4h.weight.shape[0]
+    gen = torch.Generator().manual_seed(opts.seed)
+    ks_mask = None
+    if opts.compute_ks:
+        pick = torch.randperm(T, generator=gen)[:min(opts.ks_tokens, T)]
+        ks_mask = torch.zeros(T, dtype=torch.bool)
+        ks_mask[pick] = True
+        ks_mask = ks_mask.to(device)
+    acc = {i: _LayerAccumulator(n, C, T, opts, device, torch.Generator().manual_seed(opts.seed * 1009 + i), ks_mask)
+           for i in layers}
+    forward_mlp_activations(model, data, layers, opts.batch_size, lambda i, z, lab, idx: acc[i].add_moments(z),
+                            desc=f"{name} pass 1/2 (mean, var)", progress=opts.progress)
+    for a in acc.values():
+        a.finish_moments()
+    forward_mlp_activations(model, data, layers, opts.batch_size, lambda i, z, lab, idx: acc[i].add_phi(z, lab, idx),
+                            desc=f"{name} pass 2/2 (phi)", progress=opts.progress)
+    results = [acc[i].result(i) for i in layers]
+    num_params = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
+    return ScanResult(name=name, num_parameters=int(num_params), num_layers=len(blocks), label_names=data.label_names,
+                      tokens_per_label=data.tokens_per_label(), layers=results, path=path,
+                      options={"batch_size": opts.batch_size, "neuron_sample": opts.neuron_sample,
+                               "ks_tokens": opts.ks_tokens if opts.compute_ks else 0,
+                               "fkr_ks": [float(k) for k in opts.fkr_ks], "fkr_modes": list(opts.fkr_modes),
+                               "seed": opts.seed, "num_tokens": T, "stats": "dataset mean and unbiased variance per neuron"})
