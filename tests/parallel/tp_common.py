@@ -52,3 +52,45 @@ def gather_states(local: dict, ps, cfg) -> dict:
     parts = [None] * ps.tp
     dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()}, group=ps.tp_group)
     return merge_tp_states(parts, cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# training through the project's Trainer (neox_l2e.training.loop)
+
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+os.environ.setdefault("NEOX_L2E_DS_SHM", "0")      # no JIT build of DeepSpeed's CPU shared-memory op
+
+
+class Arithmetic(torch.utils.data.Dataset):
+    """Learnable sequences token[t] = (a + b t) mod VOCAB (a, b per sample), so the loss falls in a few steps."""
+
+    def __init__(self, n: int = 256, seed: int = 0, seq: int = 16):
+        g = np.random.default_rng(seed)
+        a, b = g.integers(0, VOCAB, size=n), g.integers(1, 4, size=n)
+        self.rows = (a[:, None] + b[:, None] * np.arange(seq + 1)[None, :]) % VOCAB
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"text": self.rows[i].astype(np.int64)}
+
+
+def train_cfg(**extra):
+    keys = dict(optimizer={"type": "Adam", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-8}},
+                min_lr=0.001, weight_decay=0.1, gradient_clipping=1.0, warmup=0.1, train_iters=6, lr_decay_iters=6,
+                eval_interval=1000, eval_iters=1, log_interval=1, progress_bar=False,
+                train_micro_batch_size_per_gpu=4)
+    keys.update(extra)
+    return tiny_cfg(**keys)
+
+
+def run_trainer(cfg, ps, **kw):
+    """Train with the project's Trainer; returns ([(iteration, lm loss)], trainer)."""
+    from neox_l2e.training.loop import Trainer
+    trainer = Trainer(cfg, datasets={"train": Arithmetic()}, vocab_size=VOCAB, ps=ps, quiet=True, **kw)
+    res = trainer.train()
+    return res.train_losses, trainer
