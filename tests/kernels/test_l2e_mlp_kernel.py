@@ -79,7 +79,7 @@ def oracle(x, w, b, mean, inv_var, tau, eps, approximate, dz=None, lam=0.0):
     d = z - mean.double()
     phi = d * d * inv_var.double()
     mask = (phi >= tau).detach()
-    terms = torch.where(mask, torch.log(d * d + eps), torch.zeros_like(d))
+    terms = torch.log(torch.where(mask, d * d + eps, torch.ones_like(d)))  # log 1 = 0 off the selection
     loss = terms.sum()
     zd = z.detach()
     bmean = zd.mean(0)
@@ -113,7 +113,7 @@ def _run(x, w, b, mean, inv_var, tau, eps, approximate, mode, dz, lam, cfg=SMALL
                                                             mode, config=cfg)
     total = (z.float() * dz.float()).sum() + lam * loss
     total.backward()
-    return dict(z=z, loss=loss, n_sel=n_sel, count=count, bmean=bmean, bm2=bm2, dx=xr.grad, dw=wr.grad,
+    return dict(z=z, loss=loss.detach(), n_sel=n_sel, count=count, bmean=bmean, bm2=bm2, dx=xr.grad, dw=wr.grad,
                 db=br.grad if br is not None else None)
 
 
