@@ -7,6 +7,9 @@ Layout (docs/checkpoints.md is the contract):
       global_step{N}/
         mp_rank_{tp:02d}_model_states.pt      DeepSpeed's file: "module" (full model state_dict of this TP
                                               rank, L2E buffers included) + our client state
+        zero_pp_rank_{dp}_mp_rank_00_model_states.pt   ZeRO-3 only: DeepSpeed's per-rank files (partitioned
+                                              "module"); mp_rank_00_model_states.pt is then written by us
+                                              with the consolidated weights
         zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt   ZeRO optimizer shards (ZeRO >= 1)
         rng_state_rank{R:05d}.pt              python / numpy / torch (/ cuda) RNG of global rank R
 
@@ -155,19 +158,27 @@ def write_weights_checkpoint(save_dir, cfg, state_dicts_per_tp_rank: Sequence[di
 # RNG
 
 
-def rng_state() -> dict:
+def rng_state(ps=None) -> dict:
+    """Every RNG of this rank: python, numpy, torch (CPU, CUDA) and the model's dropout streams (ps.rng)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    tracker = getattr(ps, "rng", None)
+    if tracker is not None:
+        state["tracker"] = tracker.get_states()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, ps=None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    tracker = getattr(ps, "rng", None)
+    if tracker is not None and "tracker" in state:
+        tracker.set_states(state["tracker"])
+        torch.set_rng_state(state["torch"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,15 +212,16 @@ def save_checkpoint(engine, save_dir, iteration: int, client_state: dict, ps, ke
     state = dict(client_state)
     state.setdefault("neox_l2e_format", FORMAT_VERSION)
     engine.save_checkpoint(str(d), tag=tmp_tag, client_state=state, save_latest=False)
-    torch.save(rng_state(), d / tmp_tag / f"rng_state_rank{ps.rank:05d}.pt")
+    torch.save(rng_state(ps), d / tmp_tag / f"rng_state_rank{ps.rank:05d}.pt")
     if _zero3(engine):
-        # ZeRO-3 leaves "module" partitioned: store the consolidated weights (+ buffers) instead
+        # ZeRO-3 writes zero_pp_rank_{dp}_mp_rank_00_model_states.pt with a partitioned "module"; add the
+        # contract's mp_rank_00_model_states.pt holding the consolidated weights (+ buffers) for readers
         full = engine._zero3_consolidated_16bit_state_dict()
         if ps.is_main:
-            path = d / tmp_tag / model_states_name(0)
-            sd = torch.load(path, map_location="cpu", weights_only=False)
+            src = d / tmp_tag / f"zero_pp_rank_0_{model_states_name(0)}"
+            sd = torch.load(src, map_location="cpu", weights_only=False)
             sd["module"] = full
-            torch.save(sd, path)
+            torch.save(sd, d / tmp_tag / model_states_name(0))
     ps.barrier()
     kill_at = os.environ.get(KILL_IN_SAVE_ENV)
     if kill_at is not None and int(kill_at) == int(iteration):
@@ -268,7 +280,7 @@ def load_checkpoint(engine, load_dir, ps, load_optimizer: bool = True, tag: Opti
         raise CheckpointError(f"{d / tag}: DeepSpeed could not load the checkpoint")
     rng = d / tag / f"rng_state_rank{ps.rank:05d}.pt"
     if rng.is_file():
-        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False), ps)
     client = dict(client or {})
     client["tag"] = tag
     return client

@@ -157,6 +157,9 @@ class Trainer:
         self.log_dir = default_log_dir(cfg)
         self.monitor = Monitor(cfg, self.log_dir, enabled=ps.is_main and not quiet, total_iters=t.train_iters,
                                start_iter=self.iteration, stream=stream)
+        self.train_iter = sample_iterator(self.datasets["train"], t.train_micro_batch_size_per_gpu, ps.dp_rank,
+                                          ps.dp, consumed_samples=self.consumed)
+        self.engine.train()
 
     # ---------------------------------------------------------------- pieces
     def header(self) -> list:
@@ -230,7 +233,7 @@ class Trainer:
         self._all_reduce(total)
         return float(total[0] / total[1])
 
-    def train_step(self, interrupt: InterruptFlag) -> dict:
+    def train_step(self, interrupt: Optional[InterruptFlag] = None) -> dict:
         cfg, t = self.cfg, self.cfg.training
         gas = t.gradient_accumulation_steps
         lam = cfg.l2e.l2e_lambda
@@ -240,7 +243,7 @@ class Trainer:
         bad = False
         stop = False
         lm_sum, l2e_sum, l2e_n = 0.0, 0.0, 0
-        for _ in range(gas):
+        for micro in range(gas):
             x, y = self._batch(self.train_iter)
             out = self.engine(x)
             lm = self.module.lm_loss(out.logits, y)
@@ -255,7 +258,7 @@ class Trainer:
                 torch.where(finite, lm.detach().float(), zero),
                 torch.where(finite, out.l2e_loss.detach().float(), zero) if out.l2e_loss is not None else zero,
                 (~finite).float(),
-                torch.tensor(float(interrupt.set), device=lm.device),
+                torch.tensor(float(interrupt is not None and interrupt.set), device=lm.device),
             ])
             flags = self._all_reduce(flags).tolist()       # every rank decides the same thing
             micro_bad = flags[2] > 0
@@ -269,8 +272,10 @@ class Trainer:
                 if out.l2e_loss is not None:
                     l2e_sum += flags[1] / self.ps.world_size
                     l2e_n += 1
-        with skipped_update(self.optimizer, bad):
-            self.engine.step()
+            # engine.step() after every micro-batch (DeepSpeed counts micro-steps); the last one is the
+            # accumulation boundary that runs the optimizer, made a no-op when any micro-batch was bad
+            with skipped_update(self.optimizer, bad and micro == gas - 1):
+                self.engine.step()
         applied = (not bad) and self.engine.was_step_applied()
         stats = {"lr": lr, "bad": bad, "applied": applied, "stop": stop,
                  "lm_loss": lm_sum / gas if not bad else float("nan"),
@@ -298,9 +303,6 @@ class Trainer:
                                         "num_parameters": self.num_parameters,
                                         "tokens_per_step": self.tokens_per_step,
                                         "l2e_layers": [i.layer_index for i in self.inhibitors]})
-        self.train_iter = sample_iterator(self.datasets["train"], t.train_micro_batch_size_per_gpu, ps.dp_rank,
-                                          ps.dp, consumed_samples=self.consumed)
-        self.engine.train()
         consecutive_bad = 0
         window = {"loss": [], "l2e": [], "time": [], "gn": []}
         t_start = time.perf_counter()

@@ -1,16 +1,19 @@
-"""The NeoX learning-rate schedule (Megatron's AnnealingLR), as a function of completed steps.
+"""The NeoX learning-rate schedule (GPT-NeoX's AnnealingLR, the one Pythia was trained with).
 
-    warmup_iters = int(warmup * decay_iters)               decay_iters = lr-decay-iters or train-iters
-    it <= warmup_iters (warmup_iters > 0):  lr = peak * it / warmup_iters
-    afterwards, with t = it - warmup_iters and T = decay_iters - warmup_iters:
-      cosine:   lr = min_lr + (peak - min_lr) / 2 * (cos(pi * t / T) + 1)
-      linear:   lr = peak * (T - t) / T
+With W = int(warmup * T_end) warmup steps, T_end = lr-decay-iters (default train-iters) and
+n = min(it, T_end - W):
+    it <= W (W > 0):  lr = peak * n / W
+    otherwise, with t = n - W:
+      cosine:   lr = peak / 2 * (cos(pi * t / T_end) + 1)
+      linear:   lr = peak * (T_end - t) / T_end
       constant: lr = peak
-    and finally lr = max(lr, min_lr)     (so past decay_iters the lr stays at min_lr)
+    lr = max(lr, min_lr)
 
-`it` is the number of optimizer steps already applied; step k (1-based) runs with lr(k - 1), as in
-NeoX, where the scheduler is stepped after each optimizer step. Steps skipped for a NaN/inf loss or an
-fp16 overflow do not advance the schedule (DeepSpeed steps the NeoX scheduler only on applied steps).
+These are NeoX's formulas verbatim, quirks included: the cosine is taken over T_end (not T_end - W),
+has no min-lr offset (min-lr is a floor), and the clamp n <= T_end - W freezes the lr after
+T_end - W steps. `it` counts optimizer steps already applied: step k (1-based) runs with lr(k - 1),
+as in NeoX, whose scheduler DeepSpeed steps after each applied optimizer step. Steps skipped for a
+NaN/inf loss or an fp16 overflow therefore do not advance the schedule.
 """
 from __future__ import annotations
 
@@ -18,15 +21,15 @@ import math
 
 
 def neox_lr(it: int, peak: float, min_lr: float, decay_iters: int, warmup_iters: int, style: str) -> float:
-    """Learning rate after `it` applied steps (the NeoX/Megatron AnnealingLR formulas)."""
+    """Learning rate after `it` applied steps (NeoX's AnnealingLR.get_lr)."""
+    n = min(it, decay_iters - warmup_iters)
     if warmup_iters > 0 and it <= warmup_iters:
-        return float(peak) * it / warmup_iters
-    t = it - warmup_iters
-    T = decay_iters - warmup_iters
+        return float(peak) * n / warmup_iters
+    t = n - warmup_iters
     if style == "cosine":
-        lr = min_lr + (peak - min_lr) / 2.0 * (math.cos(math.pi * t / T) + 1) if T > 0 else min_lr
+        lr = peak / 2.0 * (math.cos(math.pi * t / decay_iters) + 1)
     elif style == "linear":
-        lr = peak * (T - t) / T if T > 0 else min_lr
+        lr = peak * (decay_iters - t) / decay_iters
     elif style == "constant":
         lr = peak
     else:

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Train a Pythia / GPT-NeoX model (with L2E when configured) from NeoX yml configs.
+
+    python train.py configs/local/demo.yml                                   # one process (CPU or one GPU)
+    torchrun --standalone --nproc_per_node 2 train.py CONFIG.yml [...]       # several ranks on one node
+    python deepy.py train.py CONFIG.yml [...]                                # NeoX-style (DeepSpeed launcher)
+
+Extra ``key=value`` arguments override config keys (``train-iters=20``). Errors in the configs, the
+data or the launch are printed as one line ``error: ...`` with exit status 2; an interrupted run
+(Ctrl-C / SIGTERM) exits with 130 after saving a checkpoint when save-on-interrupt is on.
+See docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+
+os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")   # a dead peer raises instead of hanging
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Train from NeoX yml configs (see docs/training.md).")
+    p.add_argument("configs", nargs="*", help="yml files (merged; a key in two files is an error) and key=value overrides")
+    p.add_argument("--config-b64", help="the resolved config as base64 JSON (set by deepy.py)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed launcher
+    return p.parse_args(argv)
+
+
+def load(args):
+    from neox_l2e.config import ConfigError, build_config, load_config, parse_override
+    files = [c for c in args.configs if "=" not in c]
+    overrides = dict(parse_override(c) for c in args.configs if "=" in c)
+    if args.config_b64:
+        values = json.loads(base64.b64decode(args.config_b64).decode())
+        values.update(overrides)
+        return build_config(values, {k: "<deepy>" for k in values})
+    if not files:
+        raise ConfigError("no config file given; usage: train.py CONFIG.yml [CONFIG.yml ...] [key=value ...]")
+    return load_config(files, overrides)
+
+
+def user_errors():
+    from neox_l2e.config import ConfigError
+    from neox_l2e.training import CheckpointError, TrainingError
+    errors = [ConfigError, CheckpointError, TrainingError]
+    try:
+        from neox_l2e.data import DataError
+        errors.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from neox_l2e.interop.hf import InteropError
+        errors.append(InteropError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    errors = user_errors()
+    try:
+        cfg = load(args)
+        from neox_l2e.training.loop import train
+        result = train(cfg)
+    except errors as e:
+        if rank == 0 or not _is_config_error(e):
+            prefix = "" if rank == 0 else f"[rank {rank}] "
+            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        _shutdown()
+    if result.interrupted:
+        return 130
+    return 0
+
+
+def _is_config_error(e) -> bool:
+    from neox_l2e.config import ConfigError
+    return isinstance(e, ConfigError)
+
+
+def _shutdown():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
