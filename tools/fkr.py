@@ -3,8 +3,8 @@
 
 A kill is a (token, neuron) with phi >= tau_k; a false kill hits a token whose label is not the neuron's
 relatively monosemantic feature l* (the label with the highest mean phi). tau_k readings:
-    per-token   (the default reading) the k-th largest phi among the token's neurons; k = % of the layer's neurons
-    global      the k-th largest phi over all (token, neuron) pairs of the layer; k = % of the pairs
+    per-token   (the default reading) the K-th largest phi among the token's neurons, K = round(k% x neurons)
+    global      the K-th largest phi over all (token, neuron) pairs of the layer, K = round(k% x neurons x tokens)
 Same streaming activation code as tools/ms_scan.py (neox_l2e.analysis.scan).
 
     python tools/fkr.py path/to/checkpoint --data data/labelled/code_en.jsonl --k 0.5,1,2,3,5 --out runs/fkr
@@ -34,7 +34,7 @@ def main(argv):
     (r,) = scan_checkpoints(args, opts)
     os.makedirs(args.out, exist_ok=True)
     report = {"model": r.name, "path": r.path, "num_parameters": r.num_parameters, "data": args.data,
-              "labels": r.label_names, "tokens_per_label": r.tokens_per_label, "k": [float(k) for k in opts.fkr_ks],
+              "labels": r.label_names, "tokens_per_label": r.tokens_per_label, "k_percent": [float(k) for k in opts.fkr_ks],
               "default_mode": "per-token",
               "layers": [{"layer": l.layer, "num_neurons": l.num_neurons,
                           "fkr": {m: {str(k): v for k, v in d.items()} for m, d in l.fkr.items()},

@@ -52,7 +52,7 @@ def main(argv):
         for l in r.layers:
             s = l.summary(r.label_names)
             ks = s.get("mean_ks_stat_sample")
-            f2 = l.fkr.get("per-token", {}).get(0.02)
+            f2 = l.fkr.get("per-token", {}).get(2.0)
             print(f"| {r.name} | {l.layer} | {s['mean_phi_lstar_sample']:.3f} | {s['mean_phi_not_lstar_sample']:.3f} | "
                   f"{'-' if ks is None else f'{ks:.3f}'} | {'-' if f2 is None else f'{100 * f2:.1f}%'} |")
     print(f"wrote {', '.join(files.values())}")

@@ -101,7 +101,7 @@ def parse_floats(text: str, what: str) -> List[float]:
 
 
 def parse_percent_list(text: str, what: str) -> List[float]:
-    """'0.5,1,2' or '0.5%,1%' (percents) -> fractions [0.005, 0.01, 0.02]."""
+    """'0.5,1,2' or '0.5%,1%,2%' -> percents [0.5, 1.0, 2.0]."""
     out = []
     for x in text.replace(" ", "").split(","):
         if not x:
@@ -112,7 +112,7 @@ def parse_percent_list(text: str, what: str) -> List[float]:
             raise AnalysisError(f"{what}: {x!r} is not a number") from None
         if not 0 < v <= 100:
             raise AnalysisError(f"{what}: {x!r} must be a percent in (0, 100]")
-        out.append(v / 100.0)
+        out.append(v)
     if not out:
         raise AnalysisError(f"{what}: no values")
     return out

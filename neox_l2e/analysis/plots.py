@@ -127,10 +127,10 @@ def plot_fkr(results, path, modes: Sequence[str] = ("per-token", "global")) -> P
                 if not d:
                     continue
                 ks = sorted(d)
-                ax.plot([100 * k for k in ks], [100 * d[k] for k in ks], "o-", ms=3,
+                ax.plot(list(ks), [100 * d[k] for k in ks], "o-", ms=3,
                         color=cmap(0.85 * _depth(r, l)), label=f"layer {l.layer}")
             ax.set_xscale("log")
-            ax.set_xlabel("k (% of neurons)" if m == "per-token" else "k (% of token-neuron pairs)")
+            ax.set_xlabel("k (% of neurons)" if m == "per-token" else "k (% of neurons x tokens)")
             ax.set_ylabel("FKR (%)")
             ax.set_title(f"{_label(r)}: FKR, {m} tau_k", fontsize=9)
             ax.grid(alpha=0.3)

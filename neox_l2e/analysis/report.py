@@ -73,7 +73,7 @@ def fkr_table(results: Sequence[ScanResult], mode: str) -> List[str]:
     """Markdown lines: one row per (model, layer), one column per k (percent)."""
     ks = sorted({k for r in results for l in r.layers for k in l.fkr.get(mode, {})})
     lines = [f"FKR ({mode} tau_k), percent of kills that hit a token outside the neuron's l*", "",
-             "| model | layer | " + " | ".join(f"k={100 * k:g}%" for k in ks) + " |",
+             "| model | layer | " + " | ".join(f"k={k:g}%" for k in ks) + " |",
              "|---|---|" + "---|" * len(ks)]
     for r in results:
         for l in r.layers:

@@ -2,22 +2,24 @@
 
 For each layer and neuron j (z = the post-GELU MLP hidden unit, one sample per token position):
 
-    pass 1   count, mean_j, var_j over the whole dataset (Chan merge of per-batch (count, mean, M2), fp32)
-    pass 2   phi_ij = (z_ij - mean_j)^2 / var_j  (neox_l2e.l2e.functional.phi), and, streamed per batch:
+    pass 1   count, mean_j, var_j over the whole dataset (Chan merge of per-batch (count, mean, M2), float64)
+    pass 2   phi_ij = (z_ij - mean_j)^2 / var_j, and, streamed per batch:
                - per-label sums of phi  -> phi_l(j) = mean phi over tokens labelled l
                                            phi_-l(j) = mean phi over the other tokens
                - the phi of a bounded, seeded token subsample for a seeded neuron sample (K-S test)
-               - per-token kills: the top ceil(k N) neurons of each token, counted per (label, neuron)
-               - global kills: a running top ceil(k T N) buffer of (phi, label, neuron) over all pairs
-No activation tensor outlives its batch, so memory does not grow with the dataset (except the global FKR
-buffer: 12 bytes x max(k) x tokens x neurons per layer; leave "global" out of the FKR modes to drop it).
+               - a running top-K of all phi of the layer (the exact global tau_k; "global" FKR only)
+    pass 3   (FKR only) kills and false kills per k and tau_k reading, now that l* is known
+No activation tensor outlives its batch, so memory does not grow with the dataset (except the global tau_k
+buffer: 4 bytes x max(k) x tokens x neurons per layer; leave "global" out of the FKR modes to drop it).
 
 From the sums: l*_j = argmax_l phi_l(j) (the neuron's relatively monosemantic feature); the K-S statistic of
 neuron j compares its phi on tokens of l*_j with its phi on all tokens (scipy.stats.ks_2samp); the FKR at k is
 false kills / kills, a false kill being a kill of neuron j on a token whose label is not l*_j. Two readings of
 tau_k: "per-token" (default: tau_k is the k-th largest phi among the token's neurons, k a fraction of the
 layer's neurons) and "global" (the k-th largest over all (token, neuron) pairs of the layer).
-The final formulas are those of neox_l2e.l2e.fkr when that module provides them.
+k is a percentage of the layer's neurons in both readings (K = round(k/100 N), or round(k/100 N T) pairs).
+Every formula (phi, the per-label sums and means, l*, tau_k, kill counts, the neuron sample) is
+neox_l2e.l2e.fkr's; this module only streams them over batches and layers.
 """
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..l2e import fkr as fkrlib
 from ..l2e import functional as F
 from .common import AnalysisError
 from .labelled import LabelledTokens
 
 FKR_MODES = ("per-token", "global")
-DEFAULT_KS = (0.005, 0.01, 0.02, 0.03, 0.05)
+DEFAULT_KS = (0.5, 1.0, 2.0, 3.0, 5.0)          # percents
 
 
 @dataclass
@@ -42,7 +45,7 @@ class ScanOptions:
     layers: Optional[Sequence[int]] = None    # default: all layers
     neuron_sample: int = 1000                 # neurons per layer for the mean phi_l* and the K-S test (paper: 1,000)
     ks_tokens: int = 4000                     # token subsample kept for the K-S test
-    fkr_ks: Sequence[float] = DEFAULT_KS      # k as a fraction (of the layer's neurons / of all pairs)
+    fkr_ks: Sequence[float] = DEFAULT_KS      # k in percent (of the layer's neurons; of N x T pairs for global)
     fkr_modes: Sequence[str] = FKR_MODES
     compute_ks: bool = True
     seed: int = 0
@@ -54,8 +57,8 @@ class ScanOptions:
         if bad or not layers:
             raise AnalysisError(f"layers {bad or '[]'} out of range for a model with {num_layers} layers")
         for k in self.fkr_ks:
-            if not 0.0 < float(k) <= 1.0:
-                raise AnalysisError(f"FKR k={k}: must be a fraction in (0, 1]")
+            if not 0.0 < float(k) <= 100.0:
+                raise AnalysisError(f"FKR k={k}: must be a percent in (0, 100]")
         for m in self.fkr_modes:
             if m not in FKR_MODES:
                 raise AnalysisError(f"FKR mode {m!r}: use one of {', '.join(FKR_MODES)}")
@@ -183,123 +186,91 @@ def forward_mlp_activations(model, data: LabelledTokens, layers: Sequence[int], 
 
 
 # ------------------------------------------------------------------------------------------------
-# the passes
-
-
-def _counts_for(ks: Sequence[float], n: int) -> List[int]:
-    return [max(1, min(n, int(math.ceil(float(k) * n)))) for k in ks]
+# the passes (the formulas are neox_l2e.l2e.fkr's; this class only streams them over batches)
 
 
 class _LayerAccumulator:
-    def __init__(self, n: int, num_labels: int, total_tokens: int, opts: ScanOptions, device, gen: torch.Generator,
+    def __init__(self, n: int, num_labels: int, total_tokens: int, opts: ScanOptions, device, layer: int,
                  ks_token_mask: Optional[torch.Tensor]):
         self.n, self.C, self.T = n, num_labels, total_tokens
-        self.opts = opts
         self.moments = None
-        self.sample = torch.randperm(n, generator=gen)[:min(opts.neuron_sample, n)].sort().values
+        self.sample = fkrlib.sample_neurons(n, opts.neuron_sample, seed=opts.seed * 1009 + layer)
         self.sample_dev = self.sample.to(device)
         self.ks_token_mask = ks_token_mask
-        self.phi_sum = torch.zeros(num_labels, n, dtype=torch.float64, device=device)
-        self.label_count = torch.zeros(num_labels, dtype=torch.float64, device=device)
+        self.sums = None
         self.ks_phi: List[torch.Tensor] = []
         self.ks_lab: List[torch.Tensor] = []
-        ks = [float(k) for k in opts.fkr_ks]
-        self.ks = ks
-        self.k_tok = _counts_for(ks, n)
-        self.per_token = "per-token" in opts.fkr_modes
-        self.glob = "global" in opts.fkr_modes
-        self.kills_tok = torch.zeros(len(ks), num_labels * n, dtype=torch.float64, device=device) if self.per_token else None
-        self.k_glob = _counts_for(ks, total_tokens * n)
-        self.gmax = max(self.k_glob) if self.glob else 0
+        self.ks = [float(k) for k in opts.fkr_ks]
+        self.modes = [m for m in FKR_MODES if m in opts.fkr_modes]
+        # global reading: a running top-K of all phi values of the layer gives the exact K-th largest
+        self.k_glob = [fkrlib._num(k, total_tokens * n) for k in self.ks] if "global" in self.modes else []
+        self.gmax = max(self.k_glob, default=0)
         self.g_val = torch.empty(0, dtype=torch.float32, device=device)
-        self.g_code = torch.empty(0, dtype=torch.int64, device=device)
+        self.counts = {m: {k: [0, 0] for k in self.ks} for m in self.modes}
 
-    # pass 1
+    # pass 1: mean and variance per neuron (Chan merge of per-batch moments, float64)
     def add_moments(self, z):
-        b = F.batch_moments(z)
+        b = tuple(t.double() for t in F.batch_moments(z))
         self.moments = b if self.moments is None else F.merge_moments(self.moments, b)
 
     def finish_moments(self):
         count, mean, m2 = self.moments
         self.mean = mean
         self.var = m2 / (count - 1.0).clamp_min(1.0)
-        inv_var = F.inv_var_from_stats(count.expand_as(m2), m2, 2)
-        self.inv_var = torch.where(self.var > F.VAR_FLOOR, inv_var, torch.zeros_like(inv_var))   # dead neurons: phi 0
 
-    # pass 2
+    # pass 2: per-label sums of phi, K-S subsample, global top-K
     def add_phi(self, z, labels, index):
-        phi = F.phi(z, self.mean, self.inv_var)                                    # [T, N] fp32
-        onehot = torch.nn.functional.one_hot(labels, self.C).to(phi.dtype)          # [T, C]
-        self.phi_sum += (onehot.t() @ phi).double()
-        self.label_count += onehot.sum(0).double()
+        phi = fkrlib.dataset_phi(z, self.mean, self.var)                           # [T, N] fp32
+        s, c = fkrlib.label_phi_sums(phi, labels, self.C)
+        self.sums = (s, c) if self.sums is None else (self.sums[0] + s, self.sums[1] + c)
         if self.ks_token_mask is not None:
             keep = self.ks_token_mask[index]
             if keep.any():
                 self.ks_phi.append(phi[keep][:, self.sample_dev].cpu())
                 self.ks_lab.append(labels[keep].cpu())
-        if self.per_token:
-            top = phi.topk(max(self.k_tok), dim=1, sorted=True).indices            # [T, kmax]
-            codes = labels[:, None] * self.n + top
-            for ki, kn in enumerate(self.k_tok):
-                self.kills_tok[ki] += torch.bincount(codes[:, :kn].reshape(-1), minlength=self.C * self.n).double()
-        if self.glob:
+        if self.gmax:
             vals = phi.reshape(-1)
-            codes = (labels[:, None] * self.n + torch.arange(self.n, device=phi.device)[None]).reshape(-1)
             if self.g_val.numel() >= self.gmax:
-                floor = self.g_val[-1]
-                keep = vals > floor
-                vals, codes = vals[keep], codes[keep]
+                vals = vals[vals > self.g_val[-1]]
             allv = torch.cat([self.g_val, vals])
-            allc = torch.cat([self.g_code, codes])
-            k = min(self.gmax, allv.numel())
-            top = allv.topk(k, sorted=True)
-            self.g_val, self.g_code = top.values, allc[top.indices]
+            self.g_val = allv.topk(min(self.gmax, allv.numel()), sorted=True).values
+
+    def finish_phi(self):
+        cnt = self.sums[1]
+        if (cnt == 0).any():
+            raise AnalysisError("every label needs tokens")
+        self.phi_l, self.phi_not_l = fkrlib.label_phi_means(None, None, self.C, sums=self.sums)
+        self.lstar = fkrlib.preferred_labels(self.phi_l)
+        self.tau = {k: self.g_val[kn - 1] for k, kn in zip(self.ks, self.k_glob)}
+
+    # pass 3: kills and false kills for every k and reading (additive over batches)
+    def add_kills(self, z, labels, index):
+        phi = fkrlib.dataset_phi(z, self.mean, self.var)
+        for m in self.modes:
+            for k in self.ks:
+                tau = fkrlib.kill_threshold(phi, k, m) if m == "per-token" else self.tau[k]
+                kills, false = fkrlib.kill_counts(phi, labels, self.lstar, tau)
+                acc = self.counts[m][k]
+                acc[0] += kills
+                acc[1] += false
 
     def result(self, layer: int) -> LayerResult:
-        cnt = self.label_count
-        if (cnt == 0).any() or (cnt == self.T).any():
-            raise AnalysisError("every label needs tokens, and at least one other label must have tokens")
-        phi_l = self.phi_sum / cnt[:, None]
-        phi_not_l = (self.phi_sum.sum(0, keepdim=True) - self.phi_sum) / (self.T - cnt)[:, None]
-        l_star = lstar_from_phi_l(phi_l)
-        res = LayerResult(layer=layer, num_neurons=self.n, phi_l=phi_l.float().cpu(), phi_not_l=phi_not_l.float().cpu(),
-                          l_star=l_star.cpu(), sample=self.sample, ks_stat=None, ks_pvalue=None,
-                          mean=self.mean.float().cpu(), var=self.var.float().cpu())
+        res = LayerResult(layer=layer, num_neurons=self.n, phi_l=self.phi_l.float().cpu(),
+                          phi_not_l=self.phi_not_l.float().cpu(), l_star=self.lstar.cpu(), sample=self.sample,
+                          ks_stat=None, ks_pvalue=None, mean=self.mean.float().cpu(), var=self.var.float().cpu())
         if self.ks_phi:
             res.ks_stat, res.ks_pvalue = ks_statistics(torch.cat(self.ks_phi), torch.cat(self.ks_lab),
                                                        res.l_star[self.sample])
-        if self.per_token:
-            res.fkr["per-token"], res.kills["per-token"] = {}, {}
-            for ki, k in enumerate(self.ks):
-                kills = self.kills_tok[ki].view(self.C, self.n)
-                fkr, total = fkr_from_kill_counts(kills, l_star)
-                res.fkr["per-token"][k], res.kills["per-token"][k] = fkr, total
-        if self.glob:
-            res.fkr["global"], res.kills["global"] = {}, {}
-            for k, kn in zip(self.ks, self.k_glob):
-                codes = self.g_code[:kn]
-                lab, neuron = codes // self.n, codes % self.n
-                false = (lab != l_star.to(codes.device)[neuron]).sum().item()
-                res.fkr["global"][k] = false / max(1, kn)
-                res.kills["global"][k] = int(kn)
-                res.tau[k] = float(self.g_val[kn - 1])
+        for m in self.modes:
+            res.fkr[m] = {k: fkrlib.FKRResult(k, m, *self.counts[m][k]).fkr for k in self.ks}
+            res.kills[m] = {k: self.counts[m][k][0] for k in self.ks}
+        res.tau = {k: float(t) for k, t in self.tau.items()}
         return res
 
 
-def lstar_from_phi_l(phi_l: torch.Tensor) -> torch.Tensor:
-    """l*_j = the label with the highest mean phi (ties: the lowest label index)."""
-    return phi_l.argmax(0)
-
-
-def fkr_from_kill_counts(kills: torch.Tensor, l_star: torch.Tensor) -> tuple:
-    """(FKR, number of kills) from kill counts [C, N] per (label, neuron) and l* [N]."""
-    total = kills.sum().item()
-    right = kills.gather(0, l_star.to(kills.device)[None]).sum().item()
-    return ((total - right) / total if total > 0 else float("nan")), int(round(total))
-
-
 def ks_statistics(phi: torch.Tensor, labels: torch.Tensor, l_star: torch.Tensor) -> tuple:
-    """K-S statistic and p-value per column: phi[:, m] on tokens of label l_star[m] vs phi[:, m] on all tokens."""
+    """K-S statistic and p-value per column (scipy.stats.ks_2samp): phi[:, m] on tokens of label l_star[m]
+    vs phi[:, m] on all tokens."""
     from scipy.stats import ks_2samp
     phi_np, lab_np = phi.double().numpy(), labels.numpy()
     stats, pvals = np.full(phi.shape[1], np.nan), np.full(phi.shape[1], np.nan)
@@ -307,7 +278,7 @@ def ks_statistics(phi: torch.Tensor, labels: torch.Tensor, l_star: torch.Tensor)
         own = phi_np[lab_np == int(l_star[m]), m]
         if own.size == 0:
             continue
-        r = ks_2samp(own, phi_np[:, m])
+        r = ks_2samp(own, phi_np[:, m], method="asymp")   # the exact p-value is slow for thousands of samples
         stats[m], pvals[m] = r.statistic, r.pvalue
     return torch.from_numpy(stats).float(), torch.from_numpy(pvals).float()
 
@@ -328,19 +299,25 @@ def scan_model(model, data: LabelledTokens, opts: Optional[ScanOptions] = None, 
         ks_mask = torch.zeros(T, dtype=torch.bool)
         ks_mask[pick] = True
         ks_mask = ks_mask.to(device)
-    acc = {i: _LayerAccumulator(n, C, T, opts, device, torch.Generator().manual_seed(opts.seed * 1009 + i), ks_mask)
-           for i in layers}
+    acc = {i: _LayerAccumulator(n, C, T, opts, device, i, ks_mask) for i in layers}
+    passes = 3 if opts.fkr_modes else 2
     forward_mlp_activations(model, data, layers, opts.batch_size, lambda i, z, lab, idx: acc[i].add_moments(z),
-                            desc=f"{name} pass 1/2 (mean, var)", progress=opts.progress)
+                            desc=f"{name} pass 1/{passes} (mean, var)", progress=opts.progress)
     for a in acc.values():
         a.finish_moments()
     forward_mlp_activations(model, data, layers, opts.batch_size, lambda i, z, lab, idx: acc[i].add_phi(z, lab, idx),
-                            desc=f"{name} pass 2/2 (phi)", progress=opts.progress)
+                            desc=f"{name} pass 2/{passes} (phi per label)", progress=opts.progress)
+    for a in acc.values():
+        a.finish_phi()
+    if opts.fkr_modes:
+        forward_mlp_activations(model, data, layers, opts.batch_size,
+                                lambda i, z, lab, idx: acc[i].add_kills(z, lab, idx),
+                                desc=f"{name} pass 3/3 (FKR)", progress=opts.progress)
     results = [acc[i].result(i) for i in layers]
     num_params = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
     return ScanResult(name=name, num_parameters=int(num_params), num_layers=len(blocks), label_names=data.label_names,
                       tokens_per_label=data.tokens_per_label(), layers=results, path=path,
                       options={"batch_size": opts.batch_size, "neuron_sample": opts.neuron_sample,
                                "ks_tokens": opts.ks_tokens if opts.compute_ks else 0,
-                               "fkr_ks": [float(k) for k in opts.fkr_ks], "fkr_modes": list(opts.fkr_modes),
+                               "fkr_k_percent": [float(k) for k in opts.fkr_ks], "fkr_modes": list(opts.fkr_modes),
                                "seed": opts.seed, "num_tokens": T, "stats": "dataset mean and unbiased variance per neuron"})
