@@ -142,6 +142,17 @@ def kill_counts(phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor, ta
     return int(kill.sum()), int(false.sum())
 
 
+def neuron_kill_counts(phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor,
+                       tau: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per neuron: (kills [N], false kills [N]) (int64) of phi >= tau among labelled tokens. A neuron's own
+    FKR is false / kills. Additive over chunks."""
+    _check(phi, labels)
+    labels = labels.to(phi.device).long()
+    kill = (phi >= tau) & (labels >= 0).unsqueeze(1)
+    false = kill & (labels.unsqueeze(1) != lstar.to(phi.device).unsqueeze(0))
+    return kill.sum(dim=0), false.sum(dim=0)
+
+
 def fkr(phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor, k_percents: Iterable[float],
         mode: str = "per-token") -> Dict[float, FKRResult]:
     """FKR for each k (percent of neurons). Unlabelled tokens (label < 0) are dropped first."""
