@@ -265,9 +265,12 @@ class Trainer:
             bad = bad or micro_bad
             stop = stop or flags[3] > 0
             self.engine.backward(loss)
+            for inh in self.inhibitors:
+                if not micro_bad:
+                    inh.commit()                 # merges statistics over DP, moves the threshold
+                else:
+                    _discard_pending(inh)        # statistics of a NaN/inf forward are dropped (all ranks)
             if not micro_bad:
-                for inh in self.inhibitors:
-                    inh.commit()
                 lm_sum += flags[0] / self.ps.world_size
                 if out.l2e_loss is not None:
                     l2e_sum += flags[1] / self.ps.world_size
@@ -414,6 +417,13 @@ class Trainer:
         ppl = math.exp(loss) if loss < 50 else float("inf")
         self.monitor.log("valid", self.iteration, {"lm_loss": loss, "ppl": ppl})
         self.monitor.print(f"step {self.iteration}: valid loss {loss:.4f} (ppl {ppl:.2f})")
+
+
+def _discard_pending(inh) -> None:
+    if hasattr(inh, "discard"):
+        inh.discard()
+    elif hasattr(inh, "_pending"):
+        inh._pending = None
 
 
 def train(cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None,

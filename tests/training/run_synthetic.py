@@ -1,0 +1,48 @@
+"""Train the tiny config on the synthetic dataset in this process (for subprocess tests).
+
+    python tests/training/run_synthetic.py key=value ...      (also under torchrun / with RANK, WORLD_SIZE set)
+
+Prints ``RESULT <json>`` on rank 0 at the end. DIE_AT=<iteration>@<rank> makes that rank exit abruptly
+inside that step (a crashed rank). Errors are reported like train.py: one line, exit 2.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]
+
+from train_common import datasets, tiny_cfg  # noqa: E402
+
+
+def main():
+    from neox_l2e.config import ConfigError, parse_override
+    from neox_l2e.training import CheckpointError, TrainingError
+    from neox_l2e.training.loop import train
+
+    die = os.environ.get("DIE_AT")
+    rank = int(os.environ.get("RANK", "0"))
+
+    def hook(it, loss):
+        if die:
+            at, who = (int(x) for x in die.split("@"))
+            if it == at and who == rank:
+                os._exit(17)
+        return loss
+
+    try:
+        cfg = tiny_cfg(**dict(parse_override(a) for a in sys.argv[1:]))
+        r = train(cfg, datasets=datasets(), loss_hook=hook)
+    except (ConfigError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print("RESULT " + json.dumps({"iteration": r.iteration, "start": r.start_iteration,
+                                      "losses": [l for _, l in r.train_losses], "checkpoints": r.checkpoints,
+                                      "interrupted": r.interrupted, "skipped": r.skipped_steps}), flush=True)
+    return 130 if r.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
