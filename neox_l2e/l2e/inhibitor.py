@@ -40,6 +40,7 @@ from . import stats as S
 TAU_MIN, TAU_MAX = 1e-30, 1e30  # tau stays finite and positive once initialised
 
 _warned_triton = False
+_kernel_fn = None  # the fused op once imported; False when it cannot be
 
 
 def _warn_triton_once(err: BaseException) -> None:
@@ -67,7 +68,8 @@ class NeuronInhibitor(nn.Module):
         loss: 0-dim fp32 (with grad in training) = L_MS of this layer, reduced over the TP group; 0 when
               active but nothing was selected; None when inactive (not eligible yet, warm-up, tau being
               initialised) and for MEmeL. ``total_loss`` averages only layers that selected something.
-        n_selected: 0-dim fp32, selected activations of this forward summed over the TP group (or None).
+        n_selected: 0-dim fp64, selected activations of this forward summed over the TP group (MEmeL: this
+              rank's k), or None.
     """
 
     #: rows of z scored for the phi-based metrics on the Triton path (the kernel does not return phi)
@@ -174,85 +176,94 @@ class NeuronInhibitor(nn.Module):
         return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 
     def _kernel(self):
-        try:
-            from neox_l2e.kernels.l2e_mlp import fused_up_gelu_l2e
-            return fused_up_gelu_l2e
-        except Exception as err:  # noqa: BLE001 - any import failure falls back
-            _warn_triton_once(err)
-            return None
+        """The fused Triton op, or None (import failed once: warn, and use torch from then on)."""
+        global _kernel_fn
+        if _kernel_fn is None:
+            try:
+                from neox_l2e.kernels.l2e_mlp import fused_up_gelu_l2e
+                _kernel_fn = fused_up_gelu_l2e
+            except Exception as err:  # noqa: BLE001 - any import failure falls back
+                _warn_triton_once(err)
+                _kernel_fn = False
+        return _kernel_fn or None
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 approximate: str = "none") -> torch.Tensor:
+        """z = GELU(x W^T + b) [..., N] (MEmeL: with the top-k reflected); sets self.loss / self.n_selected;
+        in training mode stashes this micro-batch's moments for commit() (once: a second forward before
+        commit is taken for the activation-checkpointing recompute and has no side effects)."""
+        global _kernel_fn
         self._sync()
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
         T = x2d.shape[0]
         training = self.training
-        # a second forward before commit is the activation-checkpointing recompute: same z, no side effects
         first = training and self._pending is None and T > 0
+        if training and not first and self._pending is not None and self._pending["rows"] != T:
+            warnings.warn(f"L2E layer {self.layer_index}: a forward of {T} rows while a micro-batch of "
+                          f"{self._pending['rows']} rows is pending; was commit() called after the last backward?")
         if self.method == "none":
             self.loss, self.n_selected = None, None
             return TF.gelu(TF.linear(x, weight, bias), approximate=approximate)
 
         active = self.active
-        init_tau = active and math.isinf(self._tau_host) and self.method == "l2e"
-        # L2E selects only with an initialised tau; MEmeL needs no tau
-        selecting = active and not init_tau
-        tau = self._tau_host if (selecting and self.method == "l2e") else math.inf
+        l2e = self.method == "l2e"
+        init_tau = l2e and active and math.isinf(self._tau_host)   # this batch initialises tau: no selection
+        selecting = active and not init_tau and (l2e or training)  # MEmeL inhibits in training only
+        tau = self._tau_host if (selecting and l2e) else math.inf
         mean, inv_var = self.mean, self.inv_var
 
+        phi = mask = loss_sum = n_sel = None
+        out = None
         kernel = self._kernel() if (self._use_triton(x) and not init_tau and T > 0) else None
-        phi = None
         if kernel is not None:
-            z2d, loss_sum, n_sel, (bcount, bmean, bm2) = kernel(x2d, weight, bias, mean, inv_var, tau, self.eps,
-                                                                 approximate)
-            n_sel = n_sel.to(torch.float32)
-            z32 = None
-        else:
+            try:
+                z2d, loss_sum, n_sel_k, (bcount, bmean, bm2) = kernel(x2d, weight, bias, mean, inv_var, tau,
+                                                                       self.eps, approximate)
+                out = z2d
+                n_sel = n_sel_k.to(torch.float64) if (selecting and l2e) else None
+            except ImportError as err:   # triton itself missing: the op imports it lazily
+                _warn_triton_once(err)
+                _kernel_fn = False
+        if out is None:
             u = TF.linear(x2d, weight, bias)
             z32 = TF.gelu(u.float(), approximate=approximate)   # fp32 value; z is it rounded to x.dtype
-            z2d = z32.to(x.dtype)
+            out = z32.to(x.dtype)
             bcount, bmean, bm2 = F.batch_moments(z32) if first else (None, None, None)
-            phi = F.phi(z32.detach(), mean, inv_var) if active else None
-            if self.method == "l2e" and selecting:
+            if active:
+                phi = F.phi(z32.detach(), mean, inv_var)
+            if selecting and l2e:
                 mask = phi >= tau
                 loss_sum = F.inhibition_loss_sum(z32, mean, mask, self.eps)
-                n_sel = mask.sum(dtype=torch.float32)
-            else:
-                loss_sum, n_sel = None, None
+                n_sel = mask.sum(dtype=torch.float64)
 
-        mask = None
-        if self.method == "memel":
+        if not l2e:                                   # MEmeL: per-batch top-k, reverse deactivation
             self.loss, self.n_selected = None, None
-            if selecting and training:
+            if selecting:
                 if phi is None:
-                    phi = F.phi(z2d.detach(), mean, inv_var)
+                    phi = F.phi(out.detach(), mean, inv_var)
                 mask = self._topk_mask(phi)
-                z2d = F.reverse_deactivate(z2d, mean, mask)
-                n_sel = mask.sum(dtype=torch.float32)
+                out = F.reverse_deactivate(out, mean, mask)
+                n_sel = mask.sum(dtype=torch.float64)
                 self.n_selected = n_sel
         elif selecting:
             n_tp = self.ps.all_reduce_tp(n_sel.detach().clone())
-            self.n_selected = n_tp
-            loss = self._reduce_from_tp(loss_sum) / n_tp.clamp_min(1.0)
-            if training and not first:
-                pass  # recompute: keep the loss of the first forward (the one in the graph)
-            else:
-                self.loss = loss
-        else:
-            if first or not training:
-                self.loss, self.n_selected = None, None
+            loss = self._reduce_from_tp(loss_sum) / n_tp.clamp_min(1.0).to(torch.float32)
+            if first or not training:   # a recompute keeps the loss of the first forward (the one in the graph)
+                self.loss, self.n_selected = loss, n_tp
+        elif first or not training:
+            self.loss, self.n_selected = None, None
 
         if first:
-            pend = {"count": bcount, "mean": bmean, "m2": bm2, "active": active,
-                    "n_sel": n_sel.detach() if (selecting and n_sel is not None) else None,
+            pend = {"rows": T, "count": bcount, "mean": bmean, "m2": bm2, "active": active,
+                    "n_sel": n_sel.detach() if selecting else None,
                     "n_elig": float(T * self.num_neurons) if active else 0.0}
             if init_tau and self.tau_init == "quantile":
                 pend["init_phi"] = phi
             self._pending = pend
             if selecting:
-                self._accumulate_metrics(z2d, phi, mask, n_sel, tau)
-        return z2d.reshape(*lead, z2d.shape[-1])
+                self._accumulate_metrics(out, phi, mask, n_sel, tau)
+        return out.reshape(*lead, out.shape[-1])
 
     def _reduce_from_tp(self, t: torch.Tensor) -> torch.Tensor:
         from ..parallel import reduce_from_tp
