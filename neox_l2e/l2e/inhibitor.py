@@ -284,7 +284,7 @@ class NeuronInhibitor(nn.Module):
         dev = self.mean.device
         if self._acc is None:
             L = len(self.levels)
-            self._acc = {"sums": torch.zeros(6 + L, dtype=torch.float64, device=dev),
+            self._acc = {"batches": 0, "sums": torch.zeros(6 + L, dtype=torch.float64, device=dev),
                          "hit": torch.zeros(self.num_neurons, dtype=torch.bool, device=dev),
                          "loss": torch.zeros(2, dtype=torch.float64, device=dev)}
         acc = self._acc
@@ -306,6 +306,7 @@ class NeuronInhibitor(nn.Module):
             torch.where(mask, phi, torch.zeros_like(phi)).sum(dtype=torch.float64),  # sum phi over selected (scored)
             mask.sum(dtype=torch.float64),                                # selected among scored
         ] + [(phi > lv).sum(dtype=torch.float64) for lv in self.levels]
+        acc["batches"] += 1
         acc["sums"] += torch.stack([p.reshape(()) for p in parts])
         acc["hit"] |= mask.any(dim=0)
         if self.method == "l2e" and self.loss is not None:
@@ -317,7 +318,8 @@ class NeuronInhibitor(nn.Module):
 
         frac_selected: selected / eligible activations; tau; loss_ms: mean L_MS over forwards that had a loss;
         phi_mean_selected, phi_mean_all (over eligible activations); frac_phi_gt_<level>; neurons_hit: neurons
-        of the whole layer (all TP ranks) selected at least once on any DP rank. On the Triton path the
+        of the whole layer (all TP ranks) selected at least once on any DP rank; batches: selecting micro-batches
+        of this rank (the same on every rank). On the Triton path the
         phi-based values (and neurons_hit) come from a strided sample of ``metrics_rows`` rows per forward.
         """
         self._sync()
@@ -346,6 +348,7 @@ class NeuronInhibitor(nn.Module):
             "phi_mean_selected": phi_sel_sum / sel_scored if sel_scored > 0 else nan,
             "phi_mean_all": phi_sum / scored if scored > 0 else nan,
             "neurons_hit": n_hit,
+            "batches": float(acc["batches"] if acc else 0),
         }
         for level, c in zip(self.levels, lv):
             out[f"frac_phi_gt_{level:g}"] = c / scored if scored > 0 else nan

@@ -89,6 +89,8 @@ def test_activation_checkpoint_recompute_does_not_double_count():
     torch.manual_seed(0)
     plain, ck = _Block(), _Block()
     ck.load_state_dict(plain.state_dict())
+    calls = []
+    ck.inhibitor.register_forward_hook(lambda *a: calls.append(1))
     T = 2 * 24
     for step in range(6):
         x = batch(T, seed=step).reshape(2, 24, 12)
@@ -96,13 +98,15 @@ def test_activation_checkpoint_recompute_does_not_double_count():
         g_ck = _train_step(ck, x, ckpt=True)
         assert ck.inhibitor.count[0].item() == (step + 1) * T     # T per micro-batch, not 2T
         assert int(ck.inhibitor.commits) == step + 1
+        assert len(calls) == 2 * (step + 1)                        # the recompute did run the inhibitor
         for gp, gc in zip(g_plain, g_ck):                        # the L2E gradient flows through the recompute
             torch.testing.assert_close(gc, gp, rtol=1e-6, atol=1e-7)
     assert ck.inhibitor.loss is not None
     for k, v in plain.inhibitor.state_dict().items():
         assert torch.equal(v, ck.inhibitor.state_dict()[k]), k
     mp, mc = plain.inhibitor.metrics(), ck.inhibitor.metrics()
-    assert mp == mc                                                # metrics not double-counted either
+    # metrics not double-counted either: micro-batch 0 only gathered statistics, 1 initialised tau, 2..5 selected
+    assert mp == mc and mc["batches"] == 4
 
 
 def test_deepcopy_keeps_host_state():

@@ -109,3 +109,27 @@ def test_global_kth_largest_is_exact(k):
     got = S.global_kth_largest(v, k)
     assert got.dtype == torch.float32 and got.item() == ref.item()
     assert F.quantile_tau(v, k / 1000) == ref.item()
+
+
+class _FakeDP:
+    """all_gather_dp of a DP group of len(parts) ranks, seen from rank ``dp_rank`` (no process group)."""
+
+    def __init__(self, parts, dp_rank):
+        self.parts, self.dp_rank, self.dp = parts, dp_rank, len(parts)
+
+    def all_gather_dp(self, t):
+        n = (t.numel() - 1) // 2
+        out = [torch.cat([c.reshape(1), m, m2]).to(torch.float64) for c, m, m2 in self.parts]
+        assert all(o.numel() == 2 * n + 1 for o in out)
+        return out
+
+
+def test_dp_merge_is_in_rank_order_whatever_the_rank():
+    """Every DP rank must fold the gathered parts in the same (rank) order: bit-identical float64 results."""
+    g = torch.Generator().manual_seed(5)
+    parts = [F.batch_moments(torch.randn(n, 64, generator=g) * 3 + 1e3) for n in (17, 40, 5, 33)]
+    res = [S.gather_merge_dp(_FakeDP(parts, r), *parts[r]) for r in range(len(parts))]
+    for r in res[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(res[0], r))
+    ref = F.merge_ordered([tuple(t.double() for t in p) for p in parts])
+    assert all(torch.equal(a, b) for a, b in zip(res[0], ref))
