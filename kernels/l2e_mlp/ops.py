@@ -27,14 +27,16 @@ def triton_usable(device: torch.device) -> bool:
 @dataclass(frozen=True)
 class KernelConfig:
     """Fixed launch configurations (no autotuning: it needs a driver, and the partials buffers' shape
-    depends on BLOCK_M). GPU values are reasoned, not measured (no GPU in the session that wrote them)."""
+    depends on BLOCK_M). GPU values are not timed (no GPU in the session that wrote them); they are the
+    largest tiles that compile for sm_90 without register spills and with a pipelined GEMM main loop
+    (checked ahead of time, without a GPU, by ``python -m neox_l2e.kernels.l2e_mlp.aot_check``)."""
     # "split" epilogue pass and the backward elementwise pass: [BLOCK_M, BLOCK_N] tiles
-    ew_block_m: int = 256
+    ew_block_m: int = 128
     ew_block_n: int = 64
     ew_warps: int = 8
-    # "fused-gemm" forward
+    # "fused-gemm" forward (128 x 128 spills registers in the erf epilogue)
     mm_block_m: int = 128
-    mm_block_n: int = 128
+    mm_block_n: int = 64
     mm_block_k: int = 64
     mm_group_m: int = 8
     mm_warps: int = 8
