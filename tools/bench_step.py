@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Time one training step (forward, backward, AdamW step) of our model and, side by side in the same
+process, with the same threads, dtype and batch, of transformers' GPTNeoXForCausalLM built from the same
+config and holding the same weights.
+
+    python tools/bench_step.py configs/pythia/pythia-70m.yml --seq 512 --micro-batch 4 --dtype fp32
+
+The two models are measured alternately (--rounds rounds of --steps steps each, after warm-up), and the
+median over rounds of the per-round ratio HF time / our time is reported (> 1: ours is faster).
+
+Reusable pieces (e.g. for an L2E-overhead comparison in the same process):
+    stats = time_steps(model, batch, n)            # -> StepStats (median_s, tokens_per_s, peak_mem_mb, ...)
+    ours = build_ours(cfg, vocab, dtype, device)   # our GPTNeoX, L2E as configured
+    hf = build_hf_like(cfg, vocab, ours, dtype, device)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+@dataclass
+class StepStats:
+    times_s: list = field(default_factory=list)
+    tokens_per_step: int = 0
+    peak_mem_mb: float = 0.0          # GPU: peak allocated; CPU: peak RSS growth above the start of the steps
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def mean_s(self) -> float:
+        return statistics.fmean(self.times_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.median_s
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(median_s=self.median_s, mean_s=self.mean_s, tokens_per_s=self.tokens_per_s)
+        return d
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Samples the resident set size in a thread (CPU has no allocator peak statistic)."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval, self.base, self.peak = interval_s, 0, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.base = self.peak = _rss_bytes()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_bytes())
+        return False
+
+
+def default_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 l2e_lambda: float = 0.1) -> torch.Tensor:
+    """One training step: next-token loss (+ L2E loss and commits for our model), backward, AdamW step."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    if hasattr(model, "lm_loss"):                               # our GPTNeoX
+        out = model(x)
+        loss = model.lm_loss(out.logits, y)
+        if out.l2e_loss is not None:
+            loss = loss + l2e_lambda * out.l2e_loss
+        loss.backward()
+        for inh in model.inhibitors():
+            inh.commit()
+    else:                                                       # transformers GPTNeoXForCausalLM
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_steps(model: torch.nn.Module, batch: torch.Tensor, n: int, optimizer: Optional[torch.optim.Optimizer] = None,
+               step_fn: Optional[Callable] = None, warmup: int = 0) -> StepStats:
+    """Run `warmup` untimed then `n` timed training steps of `model` on `batch` [b, s+1]; per-step wall times.
+
+    `optimizer` defaults to a fresh torch AdamW on model.parameters() (pass one to keep its state across
+    calls); `step_fn(model, batch, optimizer)` defaults to ``default_step``.
+    """
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_fn = step_fn or default_step
+    cuda = batch.is_cuda
+    model.train()
+    for _ in range(warmup):
+        step_fn(model, batch, optimizer)
+    stats = StepStats(tokens_per_step=batch.shape[0] * (batch.shape[1] - 1))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with _PeakRSS() if not cuda else _Null() as rss:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step_fn(model, batch, optimizer)
+            if cuda:
+                torch.cuda.synchronize()
+            stats.times_s.append(time.perf_counter() - t0)
+    if cuda:
+        stats.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        stats.peak_mem_mb = (rss.peak - rss.base) / 2 ** 20
+    return stats
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# the two models
+
+
+def build_ours(cfg, vocab: int, dtype: torch.dtype, device: torch.device):
+    from neox_l2e.model import GPTNeoX
+    from neox_l2e.parallel import ParallelState
+    model = GPTNeoX(cfg, ParallelState.single(device), vocab_size=vocab)
+    return model.to(dtype=dtype)
+
+
+def build_hf_like(cfg, vocab: int, ours: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+    """transformers' GPTNeoXForCausalLM on the same config (sdpa attention) with our weights copied in."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from neox_l2e.interop.hf import hf_config_from_neox, our_state_to_hf
+    d = hf_config_from_neox(cfg, ours.vocab_size)
+    d.pop("architectures", None)
+    d.pop("torch_dtype", None)
+    hf_cfg = GPTNeoXConfig(**d)
+    hf_cfg._attn_implementation = "sdpa"
+    hf = GPTNeoXForCausalLM(hf_cfg).to(device=device, dtype=dtype)
+    state = our_state_to_hf(ours.state_dict())
+    params = dict(hf.named_parameters())
+    if "embed_out.weight" in state and "embed_out.weight" not in params and "lm_head.weight" in params:
+        state["lm_head.weight"] = state.pop("embed_out.weight")        # transformers 5 calls it lm_head
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k in params]              # buffers (rotary tables) are rebuilt by HF
+    if unexpected or missing:
+        raise RuntimeError(f"weight copy into the HF model failed: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return hf
+
+
+@torch.no_grad()
+def max_logit_diff(ours, hf, batch) -> float:
+    ours.eval()
+    hf.eval()
+    a = ours.full_logits(ours(batch[:, :-1]).logits).float()
+    b = hf(input_ids=batch[:, :-1]).logits.float()
+    v = min(a.shape[-1], b.shape[-1])
+    return float((a[..., :v] - b[..., :v]).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="+", help="yml files (and key=value overrides)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the config's)")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round and model")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (ours, HF, ours, HF, ...)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--vocab", type=int, default=None, help="vocab size when the config has none")
+    p.add_argument("--no-hf", action="store_true", help="time only our model")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from neox_l2e.config import ConfigError, load_config, parse_override
+    try:
+        files = [c for c in args.configs if "=" not in c]
+        over = dict(parse_override(c) for c in args.configs if "=" in c)
+        if args.seq:
+            over.update(seq_length=args.seq, max_position_embeddings=args.seq)
+        over.setdefault("train_micro_batch_size_per_gpu", args.micro_batch)
+        cfg = load_config(files, over)
+        vocab = args.vocab or cfg.model.vocab_size
+        if vocab is None:
+            raise ConfigError("the config has no vocab-size; pass --vocab")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
+    seq = cfg.model.seq_length
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, vocab, (args.micro_batch, seq + 1), generator=g).to(device)
+
+    ours = build_ours(cfg, vocab, dtype, device)
+    variants = {"ours": ours}
+    if not args.no_hf:
+        hf = build_hf_like(cfg, vocab, ours, dtype, device)
+        diff = max_logit_diff(ours, hf, batch)
+        variants["hf"] = hf
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in variants.items()}
+    print(f"config {' '.join(args.configs)} | {fmt_params(ours)} params | seq {seq} x micro-batch {args.micro_batch} | "
+          f"{args.dtype} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"{platform.machine()} {os.cpu_count()} cpus")
+    if not args.no_hf:
+        print(f"max |logit difference| ours vs HF before timing: {diff:.2e}")
+    for k, m in variants.items():                            # warm-up, not timed
+        time_steps(m, batch, 0, opts[k], warmup=args.warmup)
+    per_round = {k: [] for k in variants}
+    peaks = {k: 0.0 for k in variants}
+    for r in range(args.rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))    # alternate who goes first
+        for k in order:
+            s = time_steps(variants[k], batch, args.steps, opts[k])
+            per_round[k].append(s.median_s)
+            peaks[k] = max(peaks[k], s.peak_mem_mb)
+    tokens = batch.shape[0] * seq
+    for k in variants:
+        med = statistics.median(per_round[k])
+        print(f"{k:>5}: median step {med * 1000:.1f} ms | {tokens / med:,.0f} tokens/s | rounds "
+              + " ".join(f"{t * 1000:.0f}" for t in per_round[k]) + f" ms | peak mem +{peaks[k]:.0f} MiB")
+    if not args.no_hf:
+        ratios = [h / o for o, h in zip(per_round["ours"], per_round["hf"])]
+        print(f"ratio HF / ours (median of {len(ratios)} rounds): {statistics.median(ratios):.3f} "
+              f"(per round: {' '.join(f'{x:.3f}' for x in ratios)}; > 1 means ours is faster)")
+    return 0
+
+
+def fmt_params(model) -> str:
+    n = model.num_parameters()
+    return f"{n / 1e6:.1f}M"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

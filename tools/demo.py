@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""`make demo`: prepare the default corpus, train a small Pythia-style model with L2E, summarise.
+
+    python tools/demo.py                 # fresh run into runs/demo (the prepared data is reused)
+    python tools/demo.py --resume        # continue runs/demo from its latest checkpoint
+    python tools/demo.py train-iters=100 # any config key can be overridden
+
+Writes runs/demo/: metrics.jsonl, tensorboard/, checkpoints/ (DeepSpeed checkpoint), loss.png,
+summary.json; prints a short summary (first/last training loss, validation loss, tokens/s, time, L2E
+metrics of each inhibited layer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the demo model (see docs/training.md).")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--config", default=str(ROOT / "configs/local/demo.yml"))
+    p.add_argument("--out", default=str(ROOT / "runs/demo"))
+    p.add_argument("--data-root", default=str(ROOT / "data/shakespeare"))
+    p.add_argument("--resume", action="store_true", help="continue from runs/demo's latest checkpoint")
+    return p.parse_intermixed_args(argv)
+
+
+def l2e_available() -> bool:
+    try:
+        from neox_l2e.l2e import NeuronInhibitor  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def read_metrics(path: Path) -> list:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(records: list, out: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["iteration"], r["lm_loss"]) for r in records if r["kind"] == "train" and "lm_loss" in r
+             and r["lm_loss"] is not None and math.isfinite(r["lm_loss"])]
+    valid = [(r["iteration"], r["lm_loss"]) for r in records if r["kind"] == "valid"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train (log-interval mean)")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="valid")
+    ax.set_xlabel("step")
+    ax.set_ylabel("LM loss (nats/token)")
+    ax.set_title("neox-l2e demo")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from neox_l2e.config import ConfigError, load_config, parse_override
+    from neox_l2e.training import CheckpointError, TrainingError
+    errors = [ConfigError, CheckpointError, TrainingError]
+    try:
+        from neox_l2e.data import DataError
+        errors.append(DataError)
+    except ImportError:
+        pass
+    out = Path(args.out)
+    t0 = time.time()
+    try:
+        from neox_l2e.data import prepare_default_corpus
+        corpus = prepare_default_corpus(root=args.data_root)
+        print(f"corpus: train {corpus['train_prefix']} | valid {corpus['valid_prefix']} | "
+              f"tokenizer {corpus['tokenizer']} ({time.time() - t0:.1f} s)")
+        tok = str(corpus["tokenizer"])
+        overrides = {
+            "train_data_paths": [str(corpus["train_prefix"])],
+            "valid_data_paths": [str(corpus["valid_prefix"])],
+            "vocab_file": tok,
+            "tokenizer_type": "HFTokenizer" if tok.endswith(".json") else "SPMTokenizer",
+            "save": str(out / "checkpoints"),
+            "log_dir": str(out),
+        }
+        if args.resume:
+            overrides["load"] = str(out / "checkpoints")
+        note = None
+        if not l2e_available():
+            overrides["l2e_enabled"] = False
+            note = "the L2E package (neox_l2e.l2e) is not installed yet: training without inhibition"
+        overrides.update(dict(parse_override(o) for o in args.overrides))
+        cfg = load_config([args.config], overrides)
+        if not args.resume and out.exists():
+            for name in ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png", "summary.json"):
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        if note:
+            print(f"note: {note}")
+        from neox_l2e.training.loop import train
+        result = train(cfg)
+    except tuple(errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    elapsed = time.time() - t0
+
+    records = read_metrics(out / "metrics.jsonl")
+    plotted = plot(records, out / "loss.png")
+    losses = [l for _, l in result.train_losses if math.isfinite(l)]
+    summary = {
+        "steps": result.iteration, "start_step": result.start_iteration,
+        "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
+        "last10_train_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "valid_loss": result.valid_losses[-1][1] if result.valid_losses else None,
+        "tokens_per_s": result.tokens_per_s, "time_s": elapsed, "train_time_s": result.elapsed_s,
+        "parameters": result.num_parameters, "skipped_steps": result.skipped_steps,
+        "checkpoint": str(out / "checkpoints"), "l2e": {str(k): v for k, v in result.l2e_metrics.items()},
+        "l2e_enabled": cfg.l2e_active,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print()
+    print("== demo summary ==")
+    if summary["first_train_loss"] is not None:
+        print(f"train loss      first step {summary['first_train_loss']:.3f} -> last step {summary['last_train_loss']:.3f} "
+              f"(mean of last 10: {summary['last10_train_loss']:.3f})")
+    if summary["valid_loss"] is not None:
+        print(f"valid loss      {summary['valid_loss']:.3f} (ppl {math.exp(summary['valid_loss']):.1f}) at step "
+              f"{result.valid_losses[-1][0]}")
+    print(f"throughput      {result.tokens_per_s:,.0f} tokens/s | {result.iteration - result.start_iteration} steps in "
+          f"{result.elapsed_s:.0f} s (total with data preparation {elapsed:.0f} s)")
+    if result.l2e_metrics:
+        for layer, m in sorted(result.l2e_metrics.items()):
+            keys = ("frac_selected", "tau", "loss_ms", "neurons_hit")
+            print(f"L2E layer {layer}     " + " | ".join(f"{k} {m[k]:.4g}" for k in keys if k in m))
+    elif not cfg.l2e_active:
+        print("L2E            off")
+    print(f"outputs         {out}/ (metrics.jsonl, tensorboard/, checkpoints/, "
+          f"{'loss.png, ' if plotted else ''}summary.json)")
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
