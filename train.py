@@ -76,11 +76,27 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
+    except RuntimeError as e:
+        if not _is_collective_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"error: [rank {rank}] a collective failed, another rank probably died or hung "
+              f"(dist-timeout-s bounds the wait); see the other ranks' logs: {first}", file=sys.stderr, flush=True)
+        return 1
     finally:
         _shutdown()
     if result.interrupted:
         return 130
     return 0
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out",
+                                   "NCCL", "gloo"))
 
 
 def _is_config_error(e) -> bool:

@@ -232,6 +232,8 @@ def save_checkpoint(engine, save_dir, iteration: int, client_state: dict, ps, ke
         write_latest(d, tag)
         if keep_last_n:
             prune_checkpoints(d, keep_last_n)
+        else:
+            remove_stale_tmp(d)
     ps.barrier()
     return tag
 
@@ -247,10 +249,15 @@ def prune_checkpoints(save_dir, keep_last_n: int) -> list:
         if t not in keep:
             shutil.rmtree(d / t, ignore_errors=True)
             removed.append(t)
-    for p in d.iterdir():
+    remove_stale_tmp(d)
+    return removed
+
+
+def remove_stale_tmp(save_dir) -> None:
+    """Remove the temp folders of saves that never completed (killed runs)."""
+    for p in Path(save_dir).iterdir():
         if p.is_dir() and p.name.startswith(TMP_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
-    return removed
 
 
 def _zero3(engine) -> bool:
