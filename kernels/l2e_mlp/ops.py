@@ -1,6 +1,7 @@
 """Host side of the fused MLP up-projection + GELU + L2E: launch configs, wrappers, the autograd.Function."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -179,14 +180,20 @@ def _backward_du(u_lin, bias, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: 
     return du, db
 
 
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class FusedUpGeluL2E(torch.autograd.Function):
     """z = GELU(x W^T + b) with the L2E loss, selection count and batch moments; gradients for x, W, b."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, inv_var, tau, eps, approximate, mode, cfg):
         approx_tanh = approximate == "tanh"
-        z, loss_sum, n_sel, count, bmean, bm2, u_lin = _forward(
-            x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg)
+        with _device_guard(x):
+            z, loss_sum, n_sel, count, bmean, bm2, u_lin = _forward(
+                x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg)
         ctx.save_for_backward(x, weight, bias, mean, inv_var, u_lin)
         ctx.tau, ctx.eps, ctx.approx_tanh, ctx.mode, ctx.cfg = tau, eps, approx_tanh, mode, cfg
         ctx.mark_non_differentiable(n_sel, count, bmean, bm2)
@@ -199,17 +206,19 @@ class FusedUpGeluL2E(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if (dz is None and dloss is None) or not (need_x or need_w or need_b):
             return (None,) * 10
-        if u_lin is None:
-            u_lin = _recompute_preact(x, weight, ctx.mode, ctx.cfg)
         g = dloss.detach().to(torch.float32).reshape(()) if dloss is not None else None
-        du, db = _backward_du(u_lin, bias if need_b else None, dz, g, mean, inv_var, ctx.tau, ctx.eps,
-                              ctx.approx_tanh, ctx.cfg)
+        with _device_guard(x):
+            if u_lin is None:
+                u_lin = _recompute_preact(x, weight, ctx.mode, ctx.cfg)
+            du, db = _backward_du(u_lin, bias if need_b else None, dz, g, mean, inv_var, ctx.tau, ctx.eps,
+                                  ctx.approx_tanh, ctx.cfg)
         dx = du @ weight if need_x else None        # cuBLAS through torch
         dw = du.t() @ x if need_w else None
         db = db.to(bias.dtype) if need_b else None
         return dx, dw, db, None, None, None, None, None, None, None
 
 
+@torch.compiler.disable  # runs eagerly inside a compiled model (a graph break), never traced by dynamo
 def fused_up_gelu_l2e(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       mean: torch.Tensor, inv_var: torch.Tensor, tau: float, eps: float,
                       approximate: str = "none", mode: str = "split", *,
@@ -219,6 +228,7 @@ def fused_up_gelu_l2e(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     Returns ``z, loss_sum, n_sel, (count, bmean, bm2)``; see the package docstring. ``config`` overrides
     the launch configuration (tests use small tiles); ``save_preact`` overrides ``config.save_preact``
     (True: keep the pre-activation x W^T for backward; False: recompute it there with the forward's GEMM).
+    Inside ``torch.compile`` the call is a graph break (the kernels run eagerly; dynamo does not trace them).
     Tensors the kernels cannot run on (CPU without TRITON_INTERPRET=1) go through the torch
     implementation of the same contract (``l2e_mlp_reference(..., round_preact=True)``).
     """

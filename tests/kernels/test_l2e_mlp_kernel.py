@@ -314,3 +314,26 @@ def test_gpu_realistic_shape_default_config(mode, dtype):
     assert abs(int(got["n_sel"]) - ref["n_sel"]) <= max(2, ref["n_sel"] // 200000)
     _close(got["bmean"], ref["bmean"], RED_TOL[dtype], "bmean")
     _close(got["dw"], ref["dw"], RED_TOL[dtype], "dw")
+
+
+def test_inside_torch_compile_is_a_graph_break():
+    """A compiled caller (dynamo) runs the kernel eagerly and gets the same values and gradients."""
+    x, w, b, mean, inv_var, dz = _inputs("cpu", torch.float32, seed=11)
+
+    def step(x, w, b):
+        z, loss, n_sel, (count, bmean, bm2) = fused_up_gelu_l2e(x, w, b, mean, inv_var, 0.5, 1e-6, "none",
+                                                                "split", config=SMALL)
+        return (z * dz).sum() + 0.5 * loss, n_sel, bm2
+
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    eager = step(*leaves)
+    eager[0].backward()
+    ref_grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    compiled = torch.compile(step, backend="eager")(*leaves)
+    compiled[0].backward()
+    assert torch.equal(compiled[0].detach(), eager[0].detach()) and torch.equal(compiled[1], eager[1])
+    assert torch.equal(compiled[2], eager[2])
+    for t, g in zip(leaves, ref_grads):
+        assert torch.equal(t.grad, g)
