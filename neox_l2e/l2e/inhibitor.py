@@ -104,16 +104,17 @@ class NeuronInhibitor(nn.Module):
         self.levels = [float(v) for v in (cfg.l2e_reference_levels or [])]
 
         n = self.num_neurons
-        self.register_buffer("count", torch.zeros(n, dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(n, dtype=torch.float32))
-        self.register_buffer("m2", torch.zeros(n, dtype=torch.float32))
-        self.register_buffer("tau", torch.tensor(math.inf, dtype=torch.float32))
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("commits", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("total_selected", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("total_eligible", torch.zeros((), dtype=torch.float64))
+        dev = getattr(ps, "device", None)   # where the model builds its layers (moved later with the module)
+        self.register_buffer("count", torch.zeros(n, dtype=torch.float64, device=dev))
+        self.register_buffer("mean", torch.zeros(n, dtype=torch.float32, device=dev))
+        self.register_buffer("m2", torch.zeros(n, dtype=torch.float32, device=dev))
+        self.register_buffer("tau", torch.full((), math.inf, dtype=torch.float32, device=dev))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=dev))
+        self.register_buffer("commits", torch.zeros((), dtype=torch.int64, device=dev))
+        self.register_buffer("total_selected", torch.zeros((), dtype=torch.float64, device=dev))
+        self.register_buffer("total_eligible", torch.zeros((), dtype=torch.float64, device=dev))
         # derived from (count, m2); recomputed after every change, not saved
-        self.register_buffer("inv_var", torch.zeros(n, dtype=torch.float32), persistent=False)
+        self.register_buffer("inv_var", torch.zeros(n, dtype=torch.float32, device=dev), persistent=False)
 
         # host mirrors of buffers (identical on all ranks), refreshed by commit and load_state_dict
         self._count_host = 0.0
@@ -125,6 +126,19 @@ class NeuronInhibitor(nn.Module):
         self.n_selected: Optional[torch.Tensor] = None
         self._pending: Optional[dict] = None
         self._acc: Optional[dict] = None  # metrics accumulators (device tensors)
+
+    # ------------------------------------------------------------------ dtype / device moves
+    def _apply(self, fn, recurse=True):
+        """Buffers follow the module's device moves but keep their dtypes: ``model.half()``, ``.bfloat16()``
+        or an engine's low-precision cast must not round the statistics (an fp16 count saturates at 65504).
+        A cast buffer is replaced by the original, uncast tensor moved to the new device (lossless)."""
+        before = {k: v for k, v in self._buffers.items() if v is not None}
+        super()._apply(fn, recurse)
+        for k, old in before.items():
+            new = self._buffers[k]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(device=new.device)
+        return self
 
     # ------------------------------------------------------------------ host state
     def _load_from_state_dict(self, *args, **kwargs):

@@ -115,3 +115,21 @@ def test_deepcopy_keeps_host_state():
     run_stream(a, w, b, steps=4)
     c = copy.deepcopy(a)
     assert c.tau_value == a.tau_value and c.eligible
+
+
+def test_low_precision_casts_do_not_touch_the_statistics():
+    """model.half() / .bfloat16() / .to(dtype) (e.g. an engine's bf16 cast) leave the buffers' dtypes and values."""
+    w, b = layer_inputs()
+    a = make_inhibitor()
+    run_stream(a, w, b, steps=4)
+    a.count.add_(1e6 + 0.5)                    # a value fp16 / bf16 / fp32 cannot hold
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    block = torch.nn.Sequential(torch.nn.Linear(2, 2), a)
+    block.half()
+    block.bfloat16()
+    block.to(torch.float16)
+    block.float()
+    assert block[0].weight.dtype == torch.float32
+    for k, v in a.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert a.inv_var.dtype == torch.float32
