@@ -21,8 +21,8 @@ Buffers (in state_dict; identical on all data-parallel replicas):
     tau   ()  fp32   moving threshold; +inf until initialised
     step  ()  int64  optimizer step last given to set_step (warm-up survives a reload)
     commits ()          int64  micro-batches committed
-    total_selected ()   fp64   selected activations, summed over TP and DP and all commits
-    total_eligible ()   fp64   eligible activations, likewise
+    total_selected ()   fp64   selected activations, summed over TP and DP and all selecting micro-batches
+    total_eligible ()   fp64   eligible activations of those micro-batches, likewise
 """
 from __future__ import annotations
 
@@ -418,8 +418,9 @@ class NeuronInhibitor(nn.Module):
         self._count_host = new_count
         self._update_inv_var()
         self.commits += 1
-        self.total_selected += counts[0]
-        self.total_eligible += counts[1]
+        if pend["n_sel"] is not None:          # a selecting micro-batch (not warm-up or tau initialisation)
+            self.total_selected += counts[0]
+            self.total_eligible += counts[1]
 
         if self.method != "l2e" or not pend["active"]:
             return

@@ -148,3 +148,19 @@ def test_total_loss_averages_layers_that_selected():
     c.loss = torch.zeros(())
     torch.testing.assert_close(total_loss([a, c]), a.loss)
     assert total_loss([make_inhibitor()]) is None
+
+
+def test_bf16_inputs_give_the_plain_mlp_output_and_fp32_loss():
+    w, b = layer_inputs()
+    inh = make_inhibitor()
+    wb, bb = w.bfloat16().requires_grad_(), b.bfloat16()
+    for s in range(4):
+        x = batch(64, seed=s).bfloat16()
+        z = inh(x, wb, bb, "tanh")
+        assert z.dtype == torch.bfloat16
+        assert torch.equal(z, TF.gelu(TF.linear(x, wb, bb), approximate="tanh"))
+        if inh.loss is not None:
+            assert inh.loss.dtype == torch.float32 and torch.isfinite(inh.loss)
+            inh.loss.backward()
+        inh.commit()
+    assert inh.mean.dtype == torch.float32 and inh.loss is not None and wb.grad.dtype == torch.bfloat16
