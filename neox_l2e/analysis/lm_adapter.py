@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+import lm_eval.models  # noqa: F401  (the built-in models first: the registry imports them only while it is empty)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 

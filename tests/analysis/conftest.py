@@ -55,7 +55,7 @@ def tiny_hf_dir(tmp_path_factory, labelled_jsonl):
     tok = train_tokenizer(texts, root / "tokenizer.json", vocab=256)
     from tokenizers import Tokenizer
     vocab = Tokenizer.from_file(str(tok)).get_vocab_size()
-    cfg = tiny_cfg(vocab=vocab)
+    cfg = tiny_cfg(vocab=vocab, seq=256)
     torch.manual_seed(0)
     model = GPTNeoX(cfg).eval()
     return write_hf_dir(root / "hf", cfg, model.state_dict(), model.vocab_size, tokenizer_files=[tok])
@@ -66,3 +66,29 @@ def run_tool(name, *args, timeout=300):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run([sys.executable, str(TOOLS / name), *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_hf_dir):
+    return Path(tiny_hf_dir) / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_ckpt(tmp_path_factory, tiny_tokenizer):
+    """A neox-l2e checkpoint folder (latest + global_step3/) of a slightly bigger tiny model, written at TP=2
+    (two shards the loader must merge), naming the tokenizer in its config. Returns (folder, TP=1 model)."""
+    from tokenizers import Tokenizer
+
+    from neox_l2e.model import GPTNeoX
+    from neox_l2e.parallel.reshard import split_tp_state
+    from neox_l2e.training.checkpoint import write_weights_checkpoint
+    vocab = Tokenizer.from_file(str(tiny_tokenizer)).get_vocab_size()
+    cfg = tiny_cfg(num_layers=4, hidden=64, vocab=vocab, seq=128, tokenizer_type="HFTokenizer",
+                   vocab_file=str(tiny_tokenizer), make_vocab_size_divisible_by=8)
+    torch.manual_seed(1)
+    model = GPTNeoX(cfg).eval()
+    cfg2 = cfg.replace(model_parallel_size=2)
+    shards = split_tp_state(model.state_dict(), cfg2, 2)
+    root = tmp_path_factory.mktemp("neoxckpt") / "checkpoints"
+    write_weights_checkpoint(root, cfg2, shards, tag="global_step3")
+    return root, model
