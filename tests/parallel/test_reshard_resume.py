@@ -1,0 +1,76 @@
+"""Layout-changing resume through the Trainer (2 gloo ranks per run, same global batch of 4):
+
+    ZeRO-1: TP=2 x DP=1 (micro-batch 4) --save step 3--> reshard --tp 1 --dp 2 --> TP=1 x DP=2 (micro-batch 2) resumes
+    ZeRO-2: TP=1 x DP=2 --save step 3--> reshard --tp 2 --dp 1 --> TP=2 x DP=1 resumes
+
+The resumed steps 4-6 must equal the uninterrupted run of the source layout: the weights, L2E-free model state,
+schedule and AdamW state are carried, so even the steps after the next one agree. Both layouts compute the
+same function, so the two uninterrupted runs agree too (TP=2 trains like TP=1).
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distributed import run_ranks
+from tp_common import run_trainer, train_cfg
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _layout(tp, stage):
+    return dict(model_parallel_size=tp, zero_optimization={"stage": stage},
+                train_micro_batch_size_per_gpu=4 // (2 // tp))
+
+
+def _worker(rank, world, tp, save, load, load_stage, save_stage):
+    from neox_l2e.parallel import ParallelState
+    ps = ParallelState.from_distributed(tp=tp)
+    out = {}
+    if load:
+        out["resumed"], _ = run_trainer(train_cfg(load=load, **_layout(tp, load_stage)), ps)
+    if save:
+        out["ref"], _ = run_trainer(train_cfg(**_layout(tp, save_stage)), ps)
+        run_trainer(train_cfg(train_iters=3, save=save, **_layout(tp, save_stage)), ps)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reshard")
+    a, a1, b, b2 = (str(tmp / n) for n in ("a-tp2", "a-tp1", "b-tp1", "b-tp2"))
+    tp2 = run_ranks(_worker, world=2, args=(2, a, None, None, 1))[0]
+    cli = subprocess.run([sys.executable, str(REPO / "tools" / "reshard_checkpoint.py"), a, a1, "--tp", "1", "--dp", "2"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert cli.returncode == 0, cli.stderr
+    assert "AdamW state" in cli.stdout
+    tp1 = run_ranks(_worker, world=2, args=(1, b, a1, 1, 2))[0]
+    from neox_l2e.parallel.reshard_checkpoint import reshard_checkpoint
+    rep = reshard_checkpoint(b, b2, tp=2, dp=1)
+    assert rep["optimizer"] == "carried"
+    tp2b = run_ranks(_worker, world=2, args=(2, None, b2, 2, None))[0]
+    return dict(tp2=tp2, tp1=tp1, tp2b=tp2b)
+
+
+def test_tp2_and_tp1_runs_agree(runs):        # ZeRO-1 TP=2 x DP=1 against ZeRO-2 TP=1 x DP=2
+    ref2, ref1 = dict(runs["tp2"]["ref"]), dict(runs["tp1"]["ref"])
+    assert ref2[6] < ref2[1] - 0.3
+    for it in range(1, 7):
+        assert abs(ref2[it] - ref1[it]) <= 1e-4, (it, ref2, ref1)
+
+
+def test_resume_tp2_to_tp1(runs):
+    ref, resumed = dict(runs["tp2"]["ref"]), dict(runs["tp1"]["resumed"])
+    assert sorted(resumed) == [4, 5, 6]
+    assert abs(resumed[4] - ref[4]) <= 1e-5, (resumed, ref)       # the next step: same weights, same batch
+    for it in (5, 6):                                              # later steps: optimizer state carried
+        assert abs(resumed[it] - ref[it]) <= 1e-4, (it, resumed, ref)
+
+
+def test_resume_tp1_to_tp2(runs):
+    ref, resumed = dict(runs["tp1"]["ref"]), dict(runs["tp2b"]["resumed"])
+    assert sorted(resumed) == [4, 5, 6]
+    assert abs(resumed[4] - ref[4]) <= 1e-5, (resumed, ref)
+    for it in (5, 6):
+        assert abs(resumed[it] - ref[it]) <= 1e-4, (it, resumed, ref)
