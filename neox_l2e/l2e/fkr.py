@@ -115,8 +115,12 @@ def preferred_labels(phi_l: torch.Tensor) -> torch.Tensor:
     return scores.argmax(dim=0)
 
 
-def _num(k_percent: float, n: int) -> int:
+def kills_for(k_percent: float, n: int) -> int:
+    """K = max(1, round(k% * n)): the rank of tau_k among n values (n = N per token, or N * T globally)."""
     return max(1, int(round(float(k_percent) / 100.0 * n)))
+
+
+_num = kills_for  # older private name, kept for callers
 
 
 def kill_threshold(phi: torch.Tensor, k_percent: float, mode: str = "per-token") -> torch.Tensor:
