@@ -1,6 +1,7 @@
 """Train the tiny config on the synthetic dataset in this process (for subprocess tests).
 
     python tests/training/run_synthetic.py key=value ...      (also under torchrun / with RANK, WORLD_SIZE set)
+    python deepy.py --num_gpus 2 tests/training/run_synthetic.py configs/local/tiny.yml key=value ...
 
 Prints ``RESULT <json>`` on rank 0 at the end. DIE_AT=<iteration>@<rank> makes that rank exit abruptly
 inside that step (a crashed rank). Errors are reported like train.py: one line, exit 2.
@@ -31,8 +32,14 @@ def main():
                 os._exit(17)
         return loss
 
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     try:
-        cfg = tiny_cfg(**dict(parse_override(a) for a in sys.argv[1:]))
+        if argv and argv[0] == "--config-b64":          # started by deepy.py: the resolved config
+            import base64
+            from neox_l2e.config import build_config
+            cfg = build_config(json.loads(base64.b64decode(argv[1])), {})
+        else:
+            cfg = tiny_cfg(**dict(parse_override(a) for a in argv if "=" in a and not a.endswith(".yml")))
         r = train(cfg, datasets=datasets(), loss_hook=hook)
     except (ConfigError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -143,3 +143,15 @@ def test_deepy_dry_run_command():
     import base64
     resolved = json.loads(base64.b64decode(cmd[cmd.index("--config-b64") + 1]))
     assert resolved["train_iters"] == 3 and resolved["hidden_size"] == 32
+
+
+def test_deepy_launches_two_cpu_ranks(tmp_path):
+    """deepy.py -> DeepSpeed launcher -> 2 ranks, each with the resolved config (train-iters from the command line)."""
+    tiny = str(REPO / "configs/local/tiny.yml")
+    p = subprocess.run([PY, str(REPO / "deepy.py"), "--num_gpus", "2", "--master_port", str(free_port()), RUN, tiny,
+                        "train-iters=3", f"save={tmp_path / 'ck'}"], env=_env(), capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    r = _result(p.stdout)
+    assert r["iteration"] == 3 and r["checkpoints"] == ["global_step3"]
+    assert "world size 2 | layout TP 1 x DP 2" in p.stdout
