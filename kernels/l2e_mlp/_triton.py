@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -34,17 +35,32 @@ def _gelu(u, APPROX_TANH: tl.constexpr):
 
 
 @triton.jit
-def _gelu_grad(u, APPROX_TANH: tl.constexpr):
-    """dGELU/du of fp32 ``u``."""
+def _gelu_and_grad(u, APPROX_TANH: tl.constexpr):
+    """(GELU(u), dGELU/du) of fp32 ``u``, sharing the erf / sigmoid; GELU(u) is bitwise ``_gelu(u)``."""
     if APPROX_TANH:
         a = 0.7978845608028654 * (u + 0.044715 * u * u * u)
-        s = 1.0 / (1.0 + tl.exp(-2.0 * a))  # = 0.5 (1 + tanh a);  1 - tanh^2 a = 4 s (1 - s)
+        e = 1.0 + tl.exp(-2.0 * a)
+        z = u / e
+        s = 1.0 / e  # = 0.5 (1 + tanh a);  1 - tanh^2 a = 4 s (1 - s)
         g = s + u * (2.0 * s * (1.0 - s)) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * u * u))
     else:
-        cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+        cdf1 = 1.0 + tl.math.erf(u * 0.7071067811865476)  # 2 * Phi(u)
+        z = 0.5 * u * cdf1
         pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
-        g = cdf + u * pdf
-    return g
+        g = 0.5 * cdf1 + u * pdf
+    return z, g
+
+
+@triton.jit
+def _log(x, FAST_LOG: tl.constexpr):
+    """Natural log. FAST_LOG (compiled CUDA only): lg2.approx * ln 2 (libdevice's fast_logf; max error a few
+    fp32 ulps on the normal range, inputs here are >= eps or selected squared deviations) instead of the
+    ~20-instruction accurate logf, which is a large share of the epilogue's issue slots."""
+    if FAST_LOG:
+        y = libdevice.fast_logf(x)
+    else:
+        y = tl.log(x)
+    return y
 
 
 @triton.jit
@@ -60,10 +76,22 @@ def _round_bf16(x, BF16_RNE: tl.constexpr):
 
 
 @triton.jit
+def _bounds_mask(idx, bound, SIZE: tl.constexpr, EVEN: tl.constexpr):
+    """idx < bound, or a constant all-true mask when the launch guarantees it (the compiler then drops
+    the predicates and the selects that use it)."""
+    if EVEN:
+        m = tl.full((SIZE,), 1, tl.int1)
+    else:
+        m = idx < bound
+    return m
+
+
+@triton.jit
 def _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
                   z_ptr, mean_ptr, inv_var_ptr, tau, eps,
                   pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
-                  APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, BLOCK_M: tl.constexpr):
+                  APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, FAST_LOG: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
     """From the fp32 pre-activation tile ``u`` (bias included): store z, then the tile's L2E partials."""
     mask2 = row_mask[:, None] & col_mask[None, :]
     z = _gelu(u, APPROX_TANH)
@@ -77,7 +105,7 @@ def _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid
     phi = d2 * iv[None, :]
     sel = (phi >= tau) & mask2
     n_sel = tl.sum(tl.sum(sel.to(tl.int32), axis=1), axis=0)
-    terms = tl.where(sel, tl.log(d2 + eps), 0.0)
+    terms = tl.where(sel, _log(d2 + eps, FAST_LOG), 0.0)
     loss = tl.sum(tl.sum(terms, axis=1), axis=0)
     tl.store(psel_ptr + pid_m * num_pid_n + pid_n, n_sel)
     tl.store(ploss_ptr + pid_m * num_pid_n + pid_n, loss)
@@ -97,6 +125,7 @@ def _split_fwd_kernel(u_ptr, bias_ptr, z_ptr, mean_ptr, inv_var_ptr,
                       pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
                       M, N, tau, eps,
                       HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr,
+                      FAST_LOG: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """"split" mode: u_lin = x W^T (cuBLAS, [M, N] contiguous, x.dtype) is read once; bias, GELU, z and
     the L2E partials in one pass."""
@@ -105,8 +134,8 @@ def _split_fwd_kernel(u_ptr, bias_ptr, z_ptr, mean_ptr, inv_var_ptr,
     num_pid_n = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    row_mask = _bounds_mask(rows, M, BLOCK_M, EVEN_M)
+    col_mask = _bounds_mask(cols, N, BLOCK_N, EVEN_N)
     mask2 = row_mask[:, None] & col_mask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     u = tl.load(u_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
@@ -115,7 +144,7 @@ def _split_fwd_kernel(u_ptr, bias_ptr, z_ptr, mean_ptr, inv_var_ptr,
         u = u + b[None, :]
     _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
                   z_ptr, mean_ptr, inv_var_ptr, tau, eps, pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
-                  APPROX_TANH, BF16_RNE, BLOCK_M)
+                  APPROX_TANH, BF16_RNE, FAST_LOG, BLOCK_M)
 
 
 @triton.jit
@@ -124,6 +153,7 @@ def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr
                      M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, tau, eps,
                      HAS_BIAS: tl.constexpr, SAVE_U: tl.constexpr, EPILOGUE: tl.constexpr,
                      APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     FAST_LOG: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                      GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """"fused-gemm" mode: u = x W^T with fp32 accumulation, rounded to x.dtype (the same pre-activation
@@ -141,16 +171,16 @@ def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    row_mask = _bounds_mask(rows, M, BLOCK_M, EVEN_M)
+    col_mask = _bounds_mask(cols, N, BLOCK_N, EVEN_N)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
     w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kb * BLOCK_K
-        a = tl.load(x_ptrs, mask=row_mask[:, None] & (ks[None, :] < k_left), other=0.0)
-        b = tl.load(w_ptrs, mask=(ks[:, None] < k_left) & col_mask[None, :], other=0.0)
+        k_mask = _bounds_mask(ks, K - kb * BLOCK_K, BLOCK_K, EVEN_K)
+        a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         if DOT_FP32:  # the interpreter's bf16 dot is wrong: do it in fp32 there (products are exact)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -169,7 +199,7 @@ def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr
             u = u + bv[None, :]
         _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
                       z_ptr, mean_ptr, inv_var_ptr, tau, eps, pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
-                      APPROX_TANH, BF16_RNE, BLOCK_M)
+                      APPROX_TANH, BF16_RNE, FAST_LOG, BLOCK_M)
 
 
 @triton.jit
@@ -211,8 +241,8 @@ def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, M, N, P,
 def _bwd_kernel(u_ptr, bias_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, pdb_ptr,
                 M, N, stride_dzm, stride_dzn, tau, eps,
                 HAS_BIAS: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr,
-                APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dL/du = (dL/dz + g * selected * 2 (z - mean) / ((z - mean)^2 + eps)) * GELU'(u), with z and the
     selection recomputed from the saved pre-activation (bitwise the forward's), plus per-row-block
     column sums of dL/du (fp32) for the bias gradient."""
@@ -220,8 +250,8 @@ def _bwd_kernel(u_ptr, bias_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, p
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    row_mask = _bounds_mask(rows, M, BLOCK_M, EVEN_M)
+    col_mask = _bounds_mask(cols, N, BLOCK_N, EVEN_N)
     mask2 = row_mask[:, None] & col_mask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     u = tl.load(u_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
@@ -232,16 +262,16 @@ def _bwd_kernel(u_ptr, bias_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, p
     if HAS_DZ:
         dz_offs = rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :] * stride_dzn
         grad += tl.load(dz_ptr + dz_offs, mask=mask2, other=0.0).to(tl.float32)
+    z, gelu_grad = _gelu_and_grad(u, APPROX_TANH)
     if HAS_G:
         g = tl.load(g_ptr).to(tl.float32)
-        z = _gelu(u, APPROX_TANH)
         mu = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
         iv = tl.load(inv_var_ptr + cols, mask=col_mask, other=0.0)
         d = z - mu[None, :]
         d2 = d * d
         sel = ((d2 * iv[None, :]) >= tau) & mask2
         grad += tl.where(sel, g * (2.0 * d / (d2 + eps)), 0.0)
-    du = tl.where(mask2, grad * _gelu_grad(u, APPROX_TANH), 0.0)
+    du = tl.where(mask2, grad * gelu_grad, 0.0)
     tl.store(du_ptr + offs, _round_bf16(du, BF16_RNE).to(du_ptr.dtype.element_ty), mask=mask2)
     if HAS_BIAS:
         tl.store(pdb_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(du, axis=0), mask=col_mask)

@@ -4,18 +4,21 @@
 
 For every kernel of the default GPU launch configuration (``GPU_CONFIG``), both GELU variants and each
 dtype, it runs Triton's full compiler (TTIR -> TTGIR -> LLVM -> PTX -> cubin through the ptxas that
-ships with Triton) and reads the cubin's resource usage (cuobjdump). It fails (exit 1) when a kernel
+ships with Triton) and reads the cubin's resource usage and static SASS instruction count (cuobjdump;
+for the loop-free element-wise kernels also per element, a proxy for their issue cost). It fails (exit 1) when a kernel
 spills registers (a stack frame above MAX_STACK_BYTES) or when the fused-gemm main loop is not software-pipelined (no
 multi-buffered shared-memory operands). It says nothing about speed.
 
 Arguments are specialised the way the JIT specialises a launch at the Pythia shapes: pointers 16-byte
-aligned; N, K and the row strides divisible by 16; unit strides constant. Must run with
+aligned; N, K and the row strides divisible by 16; unit strides constant; and both with shapes that are
+multiples of the tiles (EVEN_*: no bounds masks, the Pythia case) and with ragged edges. Must run with
 TRITON_INTERPRET unset (the kernels are then compiled, not interpreted); the script clears it itself
 when run as a module, before triton is imported.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -29,7 +32,7 @@ MAX_STACK_BYTES = 16
 _TY = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
-def _signatures(dtype: str, cfg, approx_tanh: bool):
+def _signatures(dtype: str, cfg, approx_tanh: bool, even: bool):
     """(name, kernel attribute, {arg: type}, constexprs, options) for each kernel as ops.py launches it."""
     p = _TY[dtype]
     f32, i32 = "*fp32", "*i32"
@@ -37,8 +40,9 @@ def _signatures(dtype: str, cfg, approx_tanh: bool):
     sig = dict(u_ptr=p, bias_ptr=p, z_ptr=p, mean_ptr=f32, inv_var_ptr=f32, pmean_ptr=f32, pm2_ptr=f32,
                psel_ptr=i32, ploss_ptr=f32, M="i32", N="i32", tau="fp32", eps="fp32")
     out.append(("split_fwd", "_split_fwd_kernel", sig,
-                dict(HAS_BIAS=True, APPROX_TANH=approx_tanh, BF16_RNE=False, BLOCK_M=cfg.ew_block_m,
-                     BLOCK_N=cfg.ew_block_n), dict(num_warps=cfg.ew_warps)))
+                dict(HAS_BIAS=True, APPROX_TANH=approx_tanh, BF16_RNE=False, FAST_LOG=cfg.fast_log,
+                     EVEN_M=even, EVEN_N=even,
+                     BLOCK_M=cfg.ew_block_m, BLOCK_N=cfg.ew_block_n), dict(num_warps=cfg.ew_warps)))
     bk = min(cfg.mm_block_k, 32) if dtype == "fp32" else cfg.mm_block_k
     sig = dict(x_ptr=p, w_ptr=p, bias_ptr=p, u_ptr=p, z_ptr=p, mean_ptr=f32, inv_var_ptr=f32, pmean_ptr=f32,
                pm2_ptr=f32, psel_ptr=i32, ploss_ptr=f32, M="i32", N="i32", K="i32", stride_xm="i32",
@@ -48,6 +52,7 @@ def _signatures(dtype: str, cfg, approx_tanh: bool):
                     dict(stride_xk=1, stride_wk=1, HAS_BIAS=True, SAVE_U=save, EPILOGUE=epi,
                          APPROX_TANH=approx_tanh, BF16_RNE=False, DOT_FP32=False,
                          INPUT_PRECISION="ieee" if dtype == "fp32" else None, GROUP_M=cfg.mm_group_m,
+                         FAST_LOG=cfg.fast_log, EVEN_M=even, EVEN_N=even, EVEN_K=even,
                          BLOCK_M=cfg.mm_block_m, BLOCK_N=cfg.mm_block_n, BLOCK_K=bk),
                     dict(num_warps=cfg.mm_warps, num_stages=cfg.mm_stages)))
     sig = dict(pmean_ptr=f32, pm2_ptr=f32, mean_out_ptr=f32, m2_out_ptr=f32, M="i32", N="i32", P="i32")
@@ -57,7 +62,8 @@ def _signatures(dtype: str, cfg, approx_tanh: bool):
                M="i32", N="i32", stride_dzm="i32", stride_dzn="constexpr", tau="fp32", eps="fp32")
     out.append(("bwd", "_bwd_kernel", sig,
                 dict(stride_dzn=1, HAS_BIAS=True, HAS_DZ=True, HAS_G=True, APPROX_TANH=approx_tanh, BF16_RNE=False,
-                     BLOCK_M=cfg.ew_block_m, BLOCK_N=cfg.ew_block_n), dict(num_warps=cfg.ew_warps)))
+                     EVEN_M=even, EVEN_N=even, BLOCK_M=cfg.ew_block_m, BLOCK_N=cfg.ew_block_n),
+                dict(num_warps=cfg.ew_warps)))
     return out
 
 
@@ -77,8 +83,10 @@ def check(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), verbose: bool = True)
     problems = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
-            for approx_tanh in (False, True):
-                for name, attr, types, consts, opts in _signatures(dtype, GPU_CONFIG, approx_tanh):
+            for approx_tanh, even in itertools.product((False, True), (True, False)):
+                for name, attr, types, consts, opts in _signatures(dtype, GPU_CONFIG, approx_tanh, even):
+                    if attr == "_merge_moments_kernel" and not even:
+                        continue
                     fn = getattr(K, attr)
                     sig = {}
                     for a in fn.arg_names:
@@ -94,11 +102,18 @@ def check(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), verbose: bool = True)
                     res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
                     m = re.search(r"REG:(\d+) STACK:(\d+)", res)
                     regs, stack = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+                    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+                    n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, flags=re.M))
+                    per_elem = ""
+                    if attr in ("_split_fwd_kernel", "_bwd_kernel"):  # loop-free: static count = executed
+                        elems = GPU_CONFIG.ew_block_m * GPU_CONFIG.ew_block_n / (32 * opts["num_warps"])
+                        per_elem = f" ({n_sass / elems:.1f} per element)"
                     ttgir = kern.asm["ttgir"]
                     multibuf = bool(re.search(r"memdesc<[2-9]x\d+x\d+x", ttgir))
-                    label = f"{dtype} {'tanh' if approx_tanh else 'erf '} {name}"
+                    label = f"{dtype} {'tanh' if approx_tanh else 'erf '} {'even ' if even else 'edges'} {name}"
                     if verbose:
-                        print(f"{label:<46} regs {regs:>3}  stack {stack:>4} B  shared {kern.metadata.shared:>6} B"
+                        print(f"{label:<52} regs {regs:>3}  stack {stack:>4} B  shared {kern.metadata.shared:>6} B"
+                              + f"  SASS {n_sass:>5}{per_elem}"
                               + (f"  pipelined {multibuf}" if attr == "_gemm_fwd_kernel" else ""))
                     if stack > MAX_STACK_BYTES:
                         problems.append(f"{label}: {stack} B stack frame (register spills)")

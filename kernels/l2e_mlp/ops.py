@@ -47,6 +47,8 @@ class KernelConfig:
     merge_block_n: int = 128
     # keep the pre-activation for backward (True) or recompute it there with the forward's GEMM (False)
     save_preact: bool = True
+    # compiled CUDA only: the loss's log through lg2.approx (fast_logf) rather than the accurate logf
+    fast_log: bool = True
 
 
 GPU_CONFIG = KernelConfig()
@@ -104,7 +106,9 @@ def _gemm_launch(x, weight, bias, u_lin, z, mean, inv_var, parts, tau, eps, appr
         HAS_BIAS=bias is not None, SAVE_U=save_u, EPILOGUE=epilogue, APPROX_TANH=approx_tanh,
         BF16_RNE=_bf16_rne(x.dtype),
         DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
-        INPUT_PRECISION=_input_precision(x.dtype), GROUP_M=cfg.mm_group_m,
+        INPUT_PRECISION=_input_precision(x.dtype), FAST_LOG=cfg.fast_log and not interpreter_enabled(),
+        EVEN_M=T % cfg.mm_block_m == 0,
+        EVEN_N=N % cfg.mm_block_n == 0, EVEN_K=h % cfg.mm_block_k == 0, GROUP_M=cfg.mm_group_m,
         BLOCK_M=cfg.mm_block_m, BLOCK_N=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k,
         num_warps=cfg.mm_warps, num_stages=cfg.mm_stages)
 
@@ -130,7 +134,8 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
         K._split_fwd_kernel[(P, Q)](
             u_lin, bias if bias is not None else mean, z, mean, inv_var, pmean, pm2, psel, ploss,
             T, N, float(tau), float(eps), HAS_BIAS=bias is not None, APPROX_TANH=approx_tanh,
-            BF16_RNE=_bf16_rne(x.dtype),
+            BF16_RNE=_bf16_rne(x.dtype), FAST_LOG=cfg.fast_log and not interpreter_enabled(),
+            EVEN_M=T % bm == 0, EVEN_N=N % bn == 0,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.ew_warps)
         if not cfg.save_preact:
             u_lin = None
@@ -174,7 +179,7 @@ def _backward_du(u_lin, bias, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: 
         g if g is not None else mean, mean, inv_var, du, pdb, T, N,
         dz.stride(0) if dz is not None else 0, dz.stride(1) if dz is not None else 0, float(tau), float(eps),
         HAS_BIAS=bias is not None, HAS_DZ=dz is not None, HAS_G=g is not None, APPROX_TANH=approx_tanh,
-        BF16_RNE=_bf16_rne(u_lin.dtype),
+        BF16_RNE=_bf16_rne(u_lin.dtype), EVEN_M=T % bm == 0, EVEN_N=N % bn == 0,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.ew_warps)
     db = pdb.sum(dim=0) if bias is not None else None
     return du, db
