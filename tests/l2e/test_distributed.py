@@ -10,6 +10,28 @@ from l2e_common import batch, layer_inputs, make_inhibitor
 H, N, T = 12, 32, 48
 
 
+def _np(t):
+    """Results cross the process boundary as numpy arrays (pickled by value): torch tensors would travel through
+    torch's shared-memory file-descriptor passing, which depends on sockets in a temp folder."""
+    return t.detach().cpu().numpy().copy()
+
+
+def _sd(inh):
+    return {k: _np(v) for k, v in inh.state_dict().items()}
+
+
+def _t(results):
+    """numpy arrays back to tensors, recursively."""
+    import numpy as np
+    if isinstance(results, np.ndarray):
+        return torch.from_numpy(results)
+    if isinstance(results, dict):
+        return {k: _t(v) for k, v in results.items()}
+    if isinstance(results, (list, tuple)):
+        return type(results)(_t(v) for v in results)
+    return results
+
+
 def _dp_data(rank, step):
     # every rank its own data, with a different distribution per rank
     return batch(T, H, seed=1000 * rank + step, shift=0.3 * rank)
@@ -26,7 +48,7 @@ def _dp_worker(rank, world, steps):
     taus = []
     for step in range(steps):
         if step == 1:
-            before_init = (inh.mean.clone(), inh.inv_var.clone())
+            before_init = (_np(inh.mean), _np(inh.inv_var))
         x = _dp_data(rank, step)
         inh(x, w, b, "none")
         if inh.loss is not None:
@@ -34,12 +56,12 @@ def _dp_worker(rank, world, steps):
         inh.commit()
         taus.append(inh.tau_value)
     m = inh.metrics()
-    return {k: v.clone() for k, v in inh.state_dict().items()}, taus, before_init, m, w.grad.clone()
+    return _sd(inh), taus, before_init, m, _np(w.grad)
 
 
 def test_two_dp_ranks_keep_bit_identical_statistics_and_tau():
     steps = 12
-    (s0, t0, init0, m0, g0), (s1, t1, init1, m1, g1) = run_ranks(_dp_worker, world=2, args=(steps,))
+    (s0, t0, init0, m0, g0), (s1, t1, init1, m1, g1) = _t(run_ranks(_dp_worker, world=2, args=(steps,)))
     assert not torch.equal(g0, g1)                                   # the ranks really saw different data
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
@@ -77,12 +99,12 @@ def _tp_worker(rank, world, steps):
             inh.loss.backward()
             losses.append(inh.loss.item())
         inh.commit()
-    return {k: v.clone() for k, v in inh.state_dict().items()}, losses, wp.grad.clone(), inh.metrics()
+    return _sd(inh), losses, _np(wp.grad), inh.metrics()
 
 
 def test_two_tp_ranks_equal_one_rank_with_all_neurons():
     steps = 10
-    (s0, l0, g0, m0), (s1, l1, g1, m1) = run_ranks(_tp_worker, world=2, args=(steps,))
+    (s0, l0, g0, m0), (s1, l1, g1, m1) = _t(run_ranks(_tp_worker, world=2, args=(steps,)))
     w, b = layer_inputs(H, N)
     wp, bp = w.clone().requires_grad_(), b.clone().requires_grad_()
     ref = make_inhibitor(n=N)
