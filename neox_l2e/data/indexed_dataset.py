@@ -1,0 +1,259 @@
+"""The Megatron / GPT-NeoX mmap indexed dataset (NAME.bin + NAME.idx), read and written.
+
+On-disk format (little-endian), identical to what GPT-NeoX's ``MMapIndexedDataset`` reads and writes:
+
+    NAME.bin   token ids of every sequence back to back, in the dtype given by the .idx
+    NAME.idx   magic   b"MMIDIDX\\x00\\x00"               9 bytes
+               version uint64 (= 1)
+               dtype   uint8 code (DTYPE_CODES below)
+               n       uint64 number of sequences
+               m       uint64 length of the document index (number of documents + 1)
+               sizes   int32[n]   tokens per sequence
+               pointer int64[n]   byte offset of each sequence in .bin
+               doc_idx int64[m]   first sequence of each document, then n
+
+We write one sequence per document (as NeoX's preprocess_data.py does), so sequences and documents
+coincide and ``doc_idx`` is ``0..n``. Like NeoX's GPT dataset, the readers here treat each sequence as a
+document.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, doc_idx length
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64,
+               8: np.uint16}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+_CHUNK = 1 << 24  # elements per chunk for whole-file passes (bounded memory on Pile-sized files)
+
+
+def token_dtype(vocab_size: Optional[int]) -> type:
+    """uint16 when the vocabulary fits (below 65500, as NeoX chooses), else int32."""
+    if vocab_size is not None and vocab_size < 65500:
+        return np.uint16
+    return np.int32
+
+
+def data_file_paths(prefix) -> tuple[str, str]:
+    prefix = str(prefix)
+    return prefix + ".bin", prefix + ".idx"
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}"
+
+
+class MMapIndexedDataset:
+    """Read-only view of NAME.bin / NAME.idx (memory-mapped); the files are validated on open.
+
+    ``len(ds)`` sequences (= documents), ``ds[i]`` the token ids of sequence i (a numpy view),
+    ``ds.sizes`` (int32), ``ds.pointers`` (int64), ``ds.doc_idx`` (int64), ``ds.dtype``.
+    Any inconsistency raises ``DataError`` with the file name and the problem.
+    """
+
+    def __init__(self, prefix, allow_empty: bool = False):
+        self.prefix = str(prefix)
+        self.bin_path, self.idx_path = data_file_paths(prefix)
+        for p, what in ((self.idx_path, "index"), (self.bin_path, "token")):
+            if not os.path.isfile(p):
+                raise DataError(f"{p}: {what} file not found (dataset prefix {self.prefix!r} needs both .bin and .idx)")
+        self._read_index()
+        self._check_bin()
+        if len(self) == 0 and not allow_empty:
+            raise DataError(f"{self.idx_path}: empty dataset (no documents)")
+
+    # -- opening ---------------------------------------------------------------------------------
+    def _read_index(self) -> None:
+        path = self.idx_path
+        file_size = os.path.getsize(path)
+        if file_size < HEADER.size:
+            raise DataError(f"{path}: truncated index file ({file_size} bytes, the header alone is {HEADER.size})")
+        with open(path, "rb") as f:
+            magic, version, code, n, m = HEADER.unpack(f.read(HEADER.size))
+        if magic != MAGIC:
+            raise DataError(f"{path}: wrong magic {magic!r} (expected {MAGIC!r}); not a Megatron/NeoX mmap index")
+        if version != VERSION:
+            raise DataError(f"{path}: unsupported index version {version} (expected {VERSION})")
+        if code not in DTYPE_CODES:
+            raise DataError(f"{path}: unknown dtype code {code} (expected one of {sorted(DTYPE_CODES)})")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        expected = HEADER.size + n * 4 + n * 8 + m * 8
+        if file_size != expected:
+            raise DataError(f"{path}: index is {file_size} bytes but its header ({n} sequences, {m} document "
+                            f"entries) needs {expected}: truncated or corrupt")
+        if m < 1:
+            raise DataError(f"{path}: document index is empty (needs at least the final count)")
+        self._idx_mmap = np.memmap(path, mode="r", dtype=np.uint8)
+        off = HEADER.size
+        self.sizes = np.frombuffer(self._idx_mmap, dtype=np.int32, count=n, offset=off)
+        off += n * 4
+        self.pointers = np.frombuffer(self._idx_mmap, dtype=np.int64, count=n, offset=off)
+        off += n * 8
+        self.doc_idx = np.frombuffer(self._idx_mmap, dtype=np.int64, count=m, offset=off)
+        self._check_index_arrays()
+
+    def _check_index_arrays(self) -> None:
+        path, n = self.idx_path, len(self.sizes)
+        item = self.dtype.itemsize
+        if self.doc_idx[0] != 0 or self.doc_idx[-1] != n or (len(self.doc_idx) > 1 and np.any(np.diff(self.doc_idx) < 0)):
+            raise DataError(f"{path}: document index is not an increasing list from 0 to {n} sequences")
+        offset = 0  # expected byte offset of the next sequence; checked chunk by chunk
+        for start in range(0, n, _CHUNK):
+            sizes = self.sizes[start:start + _CHUNK].astype(np.int64)
+            if np.any(sizes < 0):
+                raise DataError(f"{path}: negative sequence size")
+            expect = offset + np.concatenate(([0], np.cumsum(sizes[:-1]))) * item
+            if not np.array_equal(expect, self.pointers[start:start + _CHUNK]):
+                bad = start + int(np.flatnonzero(expect != self.pointers[start:start + _CHUNK])[0])
+                raise DataError(f"{path}: sizes and pointers disagree at sequence {bad}")
+            offset = int(expect[-1] + sizes[-1] * item)
+        self._total_bytes = offset
+
+    def _check_bin(self) -> None:
+        size = os.path.getsize(self.bin_path)
+        if size != self._total_bytes:
+            raise DataError(f"{self.bin_path}: {size} bytes but the index ({self.idx_path}) describes "
+                            f"{self._total_bytes} ({self._total_bytes // self.dtype.itemsize} tokens of "
+                            f"{self.dtype.name}): truncated or mismatched pair")
+        # np.memmap refuses empty files; an all-empty dataset gets an empty array instead
+        self.tokens = (np.memmap(self.bin_path, mode="r", dtype=self.dtype) if size
+                       else np.zeros(0, dtype=self.dtype))
+
+    # -- access ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sequence {i} out of range for {len(self)} sequences")
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self.tokens[start:start + int(self.sizes[i])]
+
+    def get(self, i: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
+        """Part of sequence i: ``length`` tokens from ``offset`` (to its end when None)."""
+        seq = self[i]
+        return seq[offset:] if length is None else seq[offset:offset + length]
+
+    @property
+    def num_tokens(self) -> int:
+        return self._total_bytes // self.dtype.itemsize
+
+    def max_token(self) -> int:
+        """Largest token id in .bin (a chunked pass over the file); -1 when empty."""
+        best = -1
+        for start in range(0, len(self.tokens), _CHUNK):
+            best = max(best, int(self.tokens[start:start + _CHUNK].max()))
+        return best
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """DataError if a token id is >= vocab_size or negative (a full chunked pass over .bin)."""
+        for start in range(0, len(self.tokens), _CHUNK):
+            chunk = self.tokens[start:start + _CHUNK]
+            hi, lo = int(chunk.max()), int(chunk.min())
+            if hi >= vocab_size or lo < 0:
+                bad = hi if hi >= vocab_size else lo
+                pos = start + int(np.flatnonzero(chunk == bad)[0])
+                raise DataError(f"{self.bin_path}: token id {bad} at token {pos} is outside the model's vocabulary "
+                                f"(size {vocab_size}); wrong tokenizer or vocab size?")
+
+
+class IndexedDatasetWriter:
+    """Streams documents into NAME.bin / NAME.idx under temporary names; ``finish()`` renames both.
+
+    Use as a context manager: on an exception the temporary files are removed and nothing is left
+    half-written. Refuses to replace existing output unless ``overwrite``.
+    """
+
+    def __init__(self, prefix, dtype=np.uint16, overwrite: bool = False):
+        self.prefix = str(prefix)
+        self.bin_path, self.idx_path = data_file_paths(prefix)
+        if not overwrite:
+            for p in (self.bin_path, self.idx_path):
+                if os.path.exists(p):
+                    raise DataError(f"{p}: output exists; pass overwrite (--overwrite) to replace it")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise DataError(f"{self.bin_path}: dtype {self.dtype} has no Megatron dtype code")
+        Path(self.bin_path).parent.mkdir(parents=True, exist_ok=True)
+        self._bin_tmp, self._idx_tmp = _tmp_name(self.bin_path), _tmp_name(self.idx_path)
+        self._bin = open(self._bin_tmp, "wb")
+        self._sizes: list[int] = []
+        self.num_tokens = 0
+        self._done = False
+
+    def add_document(self, tokens: Sequence[int]) -> None:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise DataError(f"{self.bin_path}: a document must be a 1-D sequence of token ids")
+        if arr.size:
+            info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
+            if info is not None and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+                raise DataError(f"{self.bin_path}: token ids {int(arr.min())}..{int(arr.max())} do not fit {self.dtype.name}")
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._sizes.append(int(arr.size))
+        self.num_tokens += int(arr.size)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._sizes)
+
+    def finish(self) -> str:
+        self._bin.close()
+        sizes = np.asarray(self._sizes, dtype=np.int64)
+        if np.any(sizes > np.iinfo(np.int32).max):
+            raise DataError(f"{self.idx_path}: a document has more than 2^31-1 tokens")
+        n = len(sizes)
+        pointers = np.zeros(n, dtype=np.int64)
+        if n > 1:
+            pointers[1:] = np.cumsum(sizes[:-1]) * self.dtype.itemsize
+        with open(self._idx_tmp, "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], n, n + 1))
+            f.write(sizes.astype("<i4").tobytes())
+            f.write(pointers.astype("<i8").tobytes())
+            f.write(np.arange(n + 1, dtype="<i8").tobytes())
+        # .bin first: a reader that sees the new .idx also sees its .bin
+        os.replace(self._bin_tmp, self.bin_path)
+        os.replace(self._idx_tmp, self.idx_path)
+        self._done = True
+        return self.prefix
+
+    def abort(self) -> None:
+        if not self._bin.closed:
+            self._bin.close()
+        for p in (self._bin_tmp, self._idx_tmp):
+            if os.path.exists(p):
+                os.remove(p)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None or not self._done:
+            if exc_type is None:
+                self.finish()
+            else:
+                self.abort()
+        return False
+
+
+def write_indexed_dataset(prefix, documents: Iterable[Sequence[int]], vocab_size: Optional[int] = None,
+                          dtype=None, overwrite: bool = False) -> str:
+    """Write ``documents`` (each a sequence of token ids, written as given: append EOD yourself) to
+    PREFIX.bin / PREFIX.idx; dtype from ``vocab_size`` (uint16 below 65500, else int32) unless given.
+    Returns the prefix."""
+    dtype = dtype if dtype is not None else token_dtype(vocab_size)
+    with IndexedDatasetWriter(prefix, dtype=dtype, overwrite=overwrite) as w:
+        for doc in documents:
+            w.add_document(doc)
+        return w.finish()

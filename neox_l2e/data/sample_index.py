@@ -1,0 +1,101 @@
+"""Epoch order of a GPT dataset: document index, sample index, shuffle index (and blending indices).
+
+    doc_idx     the documents of every epoch, each epoch shuffled (np.random.RandomState(seed))
+    sample_idx  int64 [num_samples + 1, 2]: sample i starts at (position in doc_idx, token offset)
+    shuffle_idx a permutation of the samples (the same RandomState, after doc_idx)
+
+Samples are windows of seq_length + 1 tokens packed across documents (documents end with EOD; no
+attention reset): sample i is global tokens i*seq_length ... i*seq_length + seq_length of the
+documents concatenated in doc_idx order, so consecutive samples share one token (Megatron/NeoX).
+
+build_sample_idx runs in C++ (kernels/csrc/sample_index.cpp, built by setup.py) when available, else
+the numpy version below; both give identical arrays (tests/data/test_sample_index.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from neox_l2e.kernels import _sample_index as _cpp
+except ImportError:  # the C++ helper was not built: numpy fallback
+    _cpp = None
+
+HAVE_CPP = _cpp is not None
+
+
+def build_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
+    """Row i = (k, p - start[k]) for p = i*seq_length, k the largest index with start[k] <= p, where
+    start[k] is the number of tokens in documents doc_idx[:k]. Same definition as the C++ version."""
+    if seq_length <= 0 or num_samples < 0:
+        raise ValueError("seq_length must be positive and num_samples >= 0")
+    lengths = np.asarray(sizes, dtype=np.int64)[np.asarray(doc_idx, dtype=np.int64)]
+    starts = np.concatenate(([0], np.cumsum(lengths)))  # starts[k] = tokens before doc_idx[k]; starts[-1] = total
+    positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    if num_samples >= 0 and positions[-1] >= starts[-1]:
+        raise ValueError("not enough tokens in doc_idx for num_samples")
+    k = np.searchsorted(starts, positions, side="right") - 1  # skips empty documents like the C++ loop
+    out = np.empty((num_samples + 1, 2), dtype=np.int64)
+    out[:, 0] = k
+    out[:, 1] = positions - starts[k]
+    return out
+
+
+def build_sample_idx(sizes, doc_idx, seq_length: int, num_samples: int, use_cpp: bool | None = None) -> np.ndarray:
+    """The sample index, by the C++ helper when built (``use_cpp=None``), else by numpy."""
+    if use_cpp is None:
+        use_cpp = HAVE_CPP
+    if use_cpp:
+        if _cpp is None:
+            raise RuntimeError("the C++ sample-index helper (neox_l2e.kernels._sample_index) is not built")
+        try:
+            return _cpp.build_sample_idx(np.ascontiguousarray(sizes, dtype=np.int32),
+                                         np.ascontiguousarray(doc_idx, dtype=np.int64), int(seq_length), int(num_samples))
+        except IndexError as e:  # std::out_of_range arrives as IndexError
+            raise ValueError(str(e)) from None
+    return build_sample_idx_numpy(sizes, doc_idx, seq_length, num_samples)
+
+
+def build_blending_indices_numpy(weights, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample i goes to the dataset furthest behind its share: argmax_d weights[d]*(i+1) - taken[d]
+    (first on ties). A plain loop: the C++ version is the fast one."""
+    w = np.asarray(weights, dtype=np.float64)
+    taken = np.zeros(len(w), dtype=np.int64)
+    dataset_index = np.empty(num_samples, dtype=np.int16)
+    dataset_sample_index = np.empty(num_samples, dtype=np.int64)
+    for i in range(num_samples):
+        d = int(np.argmax(w * (i + 1) - taken))
+        dataset_index[i] = d
+        dataset_sample_index[i] = taken[d]
+        taken[d] += 1
+    return dataset_index, dataset_sample_index
+
+
+def build_blending_indices(weights, num_samples: int, use_cpp: bool | None = None):
+    if use_cpp is None:
+        use_cpp = HAVE_CPP
+    if use_cpp:
+        return _cpp.build_blending_indices(np.ascontiguousarray(weights, dtype=np.float64), int(num_samples))
+    return build_blending_indices_numpy(weights, num_samples)
+
+
+def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
+    """Fewest epochs whose tokens give num_samples windows ((epochs*tokens - 1) // seq_length)."""
+    if tokens_per_epoch <= 0:
+        raise ValueError("no tokens")
+    need = num_samples * seq_length + 1
+    return max(1, -(-need // tokens_per_epoch))
+
+
+def build_epoch_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int, seed: int, num_samples: int,
+                      use_cpp: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(doc_idx, sample_idx, shuffle_idx) for at least ``num_samples`` samples of ``documents``
+    (indices into ``sizes``); everything from np.random.RandomState(seed), in that order."""
+    documents = np.asarray(documents, dtype=np.int64)
+    tokens_per_epoch = int(np.asarray(sizes, dtype=np.int64)[documents].sum())
+    epochs = num_epochs_needed(tokens_per_epoch, seq_length, max(1, num_samples))
+    rng = np.random.RandomState(seed)
+    doc_idx = np.concatenate([documents[rng.permutation(len(documents))] for _ in range(epochs)])
+    total = (epochs * tokens_per_epoch - 1) // seq_length  # every full window of those epochs
+    sample_idx = build_sample_idx(sizes, doc_idx, seq_length, total, use_cpp=use_cpp)
+    shuffle_idx = rng.permutation(total).astype(np.int64)
+    return doc_idx, sample_idx, shuffle_idx
