@@ -67,7 +67,7 @@ def _signatures(dtype: str, cfg, approx_tanh: bool, even: bool):
     return out
 
 
-def check(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), verbose: bool = True) -> list:
+def check(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), approx=("erf", "tanh"), verbose: bool = True) -> list:
     """Compile everything; return a list of problems (empty when all is well)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -83,7 +83,8 @@ def check(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), verbose: bool = True)
     problems = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
-            for approx_tanh, even in itertools.product((False, True), (True, False)):
+            tanh_flags = [a == "tanh" for a in approx]
+            for approx_tanh, even in itertools.product(tanh_flags, (True, False)):
                 for name, attr, types, consts, opts in _signatures(dtype, GPU_CONFIG, approx_tanh, even):
                     if attr == "_merge_moments_kernel" and not even:
                         continue
@@ -126,8 +127,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
+    ap.add_argument("--approx", default="erf,tanh", help="GELU variants: erf, tanh")
     args = ap.parse_args(argv)
-    problems = check(args.arch, tuple(d for d in args.dtypes.split(",") if d))
+    problems = check(args.arch, tuple(d for d in args.dtypes.split(",") if d),
+                     tuple(a for a in args.approx.split(",") if a))
     for p in problems:
         print("PROBLEM:", p)
     print("ok" if not problems else f"{len(problems)} problem(s)")

@@ -154,6 +154,20 @@ def test_matches_fp64_oracle(device, dtype, mode, approximate):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("mode", MODES)
+def test_shapes_that_divide_the_tiles(device, mode, approximate):
+    """T, N and h multiples of the tiles: the kernels' unmasked (EVEN_*) specialisation, the Pythia case."""
+    dtype = torch.bfloat16
+    x, w, b, mean, inv_var, dz = _inputs(device, dtype, t=32, h=64, n=64, seed=12)
+    pre = oracle(x, w, b, mean, inv_var, math.inf, 1e-6, approximate)
+    tau, _ = pick_tau(pre["phi"].cpu(), inv_var)
+    ref = oracle(x, w, b, mean, inv_var, tau, 1e-6, approximate, dz=dz, lam=0.4)
+    got = _run(x, w, b, mean, inv_var, tau, 1e-6, approximate, mode, dz, lam=0.4)
+    _check_against_oracle(got, ref, dtype, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 def test_tau_inf_selects_nothing(device, mode):
     dtype = torch.float32
