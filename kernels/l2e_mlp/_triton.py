@@ -16,10 +16,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_TANH_K = 0.7978845608028654  # sqrt(2 / pi)
-_TANH_C = 0.044715
+# constants written inline below: 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2 pi),
+# 0.7978845608028654 = sqrt(2/pi), 0.044715 (the tanh GELU's cubic coefficient)
 
 
 @triton.jit
