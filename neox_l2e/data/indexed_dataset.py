@@ -196,13 +196,20 @@ class IndexedDatasetWriter:
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             raise DataError(f"{self.bin_path}: a document must be a 1-D sequence of token ids")
-        if arr.size:
-            info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
-            if info is not None and (int(arr.min()) < info.min or int(arr.max()) > info.max):
-                raise DataError(f"{self.bin_path}: token ids {int(arr.min())}..{int(arr.max())} do not fit {self.dtype.name}")
-        self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
-        self._sizes.append(int(arr.size))
-        self.num_tokens += int(arr.size)
+        self.add_documents(arr, [arr.size])
+
+    def add_documents(self, tokens: np.ndarray, lengths) -> None:
+        """Several documents at once: ``tokens`` back to back, ``lengths`` tokens each."""
+        tokens, lengths = np.asarray(tokens), [int(n) for n in lengths]
+        if sum(lengths) != len(tokens):
+            raise ValueError("lengths do not add up to the number of tokens")
+        if tokens.size and self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            if int(tokens.min()) < info.min or int(tokens.max()) > info.max:
+                raise DataError(f"{self.bin_path}: token ids {int(tokens.min())}..{int(tokens.max())} do not fit {self.dtype.name}")
+        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._sizes.extend(lengths)
+        self.num_tokens += int(tokens.size)
 
     @property
     def num_documents(self) -> int:

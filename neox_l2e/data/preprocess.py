@@ -59,10 +59,29 @@ def _init_worker(tokenizer_type: str, vocab_file: str) -> None:
     _worker_tok = build_tokenizer(tokenizer_type, vocab_file)
 
 
-def _encode(text: str) -> np.ndarray:
-    ids = _worker_tok.encode(text)
-    ids.append(_worker_tok.eod)
-    return np.asarray(ids, dtype=np.int64)
+def _encode_batch(texts: list) -> tuple[np.ndarray, list]:
+    """Token ids of several documents back to back (each followed by EOD) and their lengths."""
+    ids: list[int] = []
+    lengths = []
+    for text in texts:
+        before = len(ids)
+        ids.extend(_worker_tok.encode(text))
+        ids.append(_worker_tok.eod)
+        lengths.append(len(ids) - before)
+    return np.asarray(ids, dtype=np.int32), lengths
+
+
+def _batches(docs, max_docs: int = 256, max_chars: int = 1 << 20):
+    """Groups of documents (fewer inter-process messages than one document at a time)."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def preprocess(inputs, output_prefix: str, tokenizer_type: str, vocab_file: str, json_key: str = "text",
@@ -82,7 +101,7 @@ def preprocess(inputs, output_prefix: str, tokenizer_type: str, vocab_file: str,
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(unit="docs", desc=os.path.basename(prefix), dynamic_ncols=True)
+        bar = tqdm(unit=" docs", desc=os.path.basename(prefix), dynamic_ncols=True, mininterval=0.5)
     t0 = time.perf_counter()
     pool = None
     try:
@@ -90,16 +109,16 @@ def preprocess(inputs, output_prefix: str, tokenizer_type: str, vocab_file: str,
             if workers > 1:
                 ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
                 pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_type, str(vocab_file)))
-                encoded = pool.imap(_encode, docs, chunksize=4)
+                encoded = pool.imap(_encode_batch, _batches(docs))
             else:
                 _init_worker(tokenizer_type, str(vocab_file))
-                encoded = map(_encode, docs)
-            for ids in encoded:
-                writer.add_document(ids)
+                encoded = map(_encode_batch, _batches(docs))
+            for ids, lengths in encoded:
+                writer.add_documents(ids, lengths)
                 if bar is not None:
-                    bar.update(1)
-                    if bar.n % 16 == 1:
-                        bar.set_postfix(tokens_per_s=f"{writer.num_tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
+                    rate = writer.num_tokens / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+                    bar.update(len(lengths))
             documents, tokens = writer.num_documents, writer.num_tokens
             if documents == 0:
                 raise DataError(f"{prefix}.bin: the inputs hold no documents ({', '.join(map(str, inputs))})")

@@ -1,0 +1,79 @@
+"""Sample index: the C++ helper and the numpy fallback give identical arrays, and both match the
+definition (sample i = global tokens i*seq .. i*seq + seq of the documents in doc_idx order)."""
+import numpy as np
+import pytest
+
+from neox_l2e.data import sample_index as si
+
+needs_cpp = pytest.mark.skipif(not si.HAVE_CPP, reason="C++ helper neox_l2e.kernels._sample_index not built")
+
+
+def random_case(rng):
+    n = int(rng.integers(1, 40))
+    sizes = rng.integers(0, 25, n).astype(np.int32)
+    sizes[int(rng.integers(0, n))] += 1  # at least one token
+    epochs = int(rng.integers(1, 3))
+    doc_idx = np.concatenate([rng.permutation(n) for _ in range(epochs)]).astype(np.int64)
+    seq = int(rng.integers(1, 17))
+    total = int(sizes[doc_idx].astype(np.int64).sum())
+    return sizes, doc_idx, seq, (total - 1) // seq
+
+
+@needs_cpp
+def test_cpp_equals_numpy_random():
+    rng = np.random.default_rng(1234)
+    for _ in range(300):
+        sizes, doc_idx, seq, ns = random_case(rng)
+        a = si.build_sample_idx(sizes, doc_idx, seq, ns, use_cpp=True)
+        b = si.build_sample_idx(sizes, doc_idx, seq, ns, use_cpp=False)
+        assert a.dtype == b.dtype == np.int64
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_cpp
+def test_cpp_equals_numpy_large_and_both_refuse_too_many_samples():
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(1, 3000, 50_000).astype(np.int32)
+    doc_idx = rng.permutation(len(sizes)).astype(np.int64)
+    ns = (int(sizes.sum()) - 1) // 2048
+    np.testing.assert_array_equal(si.build_sample_idx(sizes, doc_idx, 2048, ns, use_cpp=True),
+                                  si.build_sample_idx(sizes, doc_idx, 2048, ns, use_cpp=False))
+    for use_cpp in (True, False):
+        with pytest.raises(ValueError, match="not enough tokens"):
+            si.build_sample_idx(sizes, doc_idx, 2048, ns + 1, use_cpp=use_cpp)
+
+
+@needs_cpp
+def test_blending_cpp_equals_numpy():
+    for w in ([0.5, 0.3, 0.2], [1.0], [0.1, 0.0, 0.9], [1 / 3, 1 / 3, 1 / 3]):
+        a = si.build_blending_indices(w, 2000, use_cpp=True)
+        b = si.build_blending_indices(w, 2000, use_cpp=False)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        counts = np.bincount(a[0], minlength=len(w))
+        assert np.all(np.abs(counts - np.asarray(w) * 2000) <= 1)
+
+
+@pytest.mark.parametrize("use_cpp", [False, pytest.param(True, marks=needs_cpp)])
+def test_sample_index_matches_definition(use_cpp):
+    rng = np.random.default_rng(99)
+    for _ in range(100):
+        sizes, doc_idx, seq, ns = random_case(rng)
+        # documents with distinct token values so a window identifies its source positions
+        docs = []
+        start = 0
+        for s in sizes:
+            docs.append(np.arange(start, start + s))
+            start += s
+        stream = np.concatenate([docs[d] for d in doc_idx])
+        idx = si.build_sample_idx(sizes, doc_idx, seq, ns, use_cpp=use_cpp)
+        assert idx.shape == (ns + 1, 2)
+        for i in range(ns):
+            (k0, o0), (k1, o1) = idx[i], idx[i + 1]
+            pieces = [docs[doc_idx[k0]][o0:]] + [docs[doc_idx[k]] for k in range(k0 + 1, k1)]
+            if k1 > k0:
+                pieces.append(docs[doc_idx[k1]][:o1 + 1])
+            else:
+                pieces = [docs[doc_idx[k0]][o0:o1 + 1]]
+            window = np.concatenate(pieces)
+            np.testing.assert_array_equal(window, stream[i * seq:i * seq + seq + 1])
