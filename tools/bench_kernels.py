@@ -140,7 +140,7 @@ def bench_shape(name, h, T, dtype, rows):
     variants.append(("floor", lambda: (floor_path(x, w, b, ARGS.approximate),), False))
     variants.append(("torch-l2e", lambda: torch_l2e(x, w, b, mean, inv_var, tau, eps, ARGS.approximate), True))
     if not ARGS.no_compile:
-        compiled = torch.compile(torch_l2e)
+        compiled = torch.compile(torch_l2e, dynamic=False)  # specialised per shape, like the kernels
         variants.append(("compiled-l2e", lambda: compiled(x, w, b, mean, inv_var, tau, eps, ARGS.approximate),
                          True))
 
