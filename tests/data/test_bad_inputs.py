@@ -1,0 +1,116 @@
+"""Bad inputs give one clear DataError line naming the file and the problem, before training starts."""
+import os
+import struct
+
+import pytest
+
+from neox_l2e.data import DataError, MMapIndexedDataset, build_datasets, build_tokenizer, write_indexed_dataset
+
+
+@pytest.fixture
+def good(tmp_path):
+    return write_indexed_dataset(str(tmp_path / "good"), [[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 0]] * 10,
+                                 vocab_size=100)
+
+
+def patch(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def truncate(path, drop):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - drop)
+
+
+def raises_one_line(prefix_or_cfg, pattern, data_config=None):
+    """The error from opening the dataset directly and through build_datasets (the training path)."""
+    with pytest.raises(DataError, match=pattern) as e:
+        MMapIndexedDataset(prefix_or_cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and isinstance(e.value, ValueError)
+    if data_config is not None:
+        with pytest.raises(DataError, match=pattern):
+            build_datasets(data_config(train_data_paths=[prefix_or_cfg]), 4, 1, {"train": 4})
+    return msg
+
+
+def test_missing_files(good, data_config):
+    os.remove(good + ".bin")
+    msg = raises_one_line(good, r"good\.bin: token file not found", data_config)
+    assert msg.startswith(good + ".bin")
+    raises_one_line(good + "_nope", r"good_nope\.idx: index file not found", data_config)
+
+
+def test_wrong_magic(good, data_config):
+    patch(good + ".idx", 0, b"NOTMMIDX\x00")
+    raises_one_line(good, r"good\.idx: wrong magic b'NOTMMIDX\\x00' \(expected", data_config)
+
+
+def test_wrong_version(good, data_config):
+    patch(good + ".idx", 9, struct.pack("<Q", 2))
+    raises_one_line(good, r"good\.idx: unsupported index version 2 \(expected 1\)", data_config)
+
+
+def test_unknown_dtype(good, data_config):
+    patch(good + ".idx", 17, struct.pack("<B", 9))
+    raises_one_line(good, r"good\.idx: unknown dtype code 9", data_config)
+
+
+def test_truncated_index(good, data_config):
+    truncate(good + ".idx", 8)
+    raises_one_line(good, r"good\.idx: index is \d+ bytes but its header \(30 sequences, 31 document entries\) "
+                          r"needs \d+: truncated or corrupt", data_config)
+    truncate(good + ".idx", os.path.getsize(good + ".idx") - 20)
+    raises_one_line(good, r"good\.idx: truncated index file \(20 bytes", data_config)
+
+
+def test_truncated_bin(good, data_config):
+    truncate(good + ".bin", 2)
+    raises_one_line(good, r"good\.bin: 238 bytes but the index \(.*good\.idx\) describes 240 \(120 tokens of uint16\): "
+                          r"truncated or mismatched pair", data_config)
+
+
+def test_bin_longer_than_sizes_say(good, data_config):
+    with open(good + ".bin", "ab") as f:
+        f.write(b"\x00\x00")
+    raises_one_line(good, r"good\.bin: 242 bytes but the index .* describes 240", data_config)
+
+
+def test_sizes_disagree_with_pointers(good, data_config):
+    patch(good + ".idx", 34 + 4, struct.pack("<i", 5))  # second size 3 -> 5
+    raises_one_line(good, r"good\.idx: sizes and pointers disagree at sequence 2", data_config)
+
+
+def test_token_ids_at_or_above_vocab(good, data_config):
+    cfg = data_config(train_data_paths=[good])
+    build_datasets(cfg, 4, 1, {"train": 4}, vocab_size=10)
+    with pytest.raises(DataError, match=r"good\.bin: token id 9 at token 10 is outside the model's vocabulary \(size 9\)"):
+        build_datasets(cfg, 4, 1, {"train": 4}, vocab_size=9)
+
+
+def test_empty_dataset(tmp_path, data_config):
+    empty = write_indexed_dataset(str(tmp_path / "empty"), [], vocab_size=100)
+    raises_one_line(empty, r"empty\.idx: empty dataset \(no documents\)", data_config)
+    tiny = write_indexed_dataset(str(tmp_path / "tiny"), [[1, 0]], vocab_size=100)
+    with pytest.raises(DataError, match=r"tiny\.idx: the train split has fewer than seq_length \+ 1 = 5 tokens"):
+        build_datasets(data_config(train_data_paths=[tiny]), 4, 1, {"train": 4})
+
+
+def test_missing_splits_and_config(good, data_config):
+    with pytest.raises(DataError, match="no training data configured"):
+        build_datasets(data_config(), 4, 1, {"train": 4})
+    with pytest.raises(DataError, match=r"good\.idx: the valid split \(300,1,0\) gets no documents of 30"):
+        build_datasets(data_config(data_path=good, split="300,1,0"), 4, 1, {"train": 4, "valid": 4})
+    with pytest.raises(DataError, match=r"valid_nope\.idx: index file not found"):
+        build_datasets(data_config(train_data_paths=[good], valid_data_paths=[good + "valid_nope"]), 4, 1,
+                       {"train": 4, "valid": 4})
+    with pytest.raises(DataError, match="data-impl 'cached'"):
+        build_datasets(data_config(data_path=good, data_impl="cached"), 4, 1, {"train": 4})
+
+
+def test_tokenizer_file_missing(tmp_path):
+    with pytest.raises(DataError, match=r"spm\.model: tokenizer file not found"):
+        build_tokenizer("SPMTokenizer", str(tmp_path / "spm.model"))
