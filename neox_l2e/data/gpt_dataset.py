@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .indexed_dataset import MMapIndexedDataset
+from .indexed_dataset import MMapIndexedDataset, _tmp_name
 from .sample_index import build_blending_indices, build_epoch_order
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,12 @@ class GPTDataset(torch.utils.data.Dataset):
             os.makedirs(self.cache_dir, exist_ok=True)
             arrays = {"doc_idx": self.doc_idx, "sample_idx": self.sample_idx, "shuffle_idx": self.shuffle_idx}
             for k, p in self._paths().items():
-                tmp = f"{p}.tmp-{os.getpid()}"
+                tmp = _tmp_name(p)
                 with open(tmp, "wb") as f:
                     np.save(f, arrays[k], allow_pickle=False)
                 os.replace(tmp, p)
             meta = f"{self.cache_stem}_meta.json"
-            tmp = f"{meta}.tmp-{os.getpid()}"
+            tmp = _tmp_name(meta)
             with open(tmp, "w") as f:
                 json.dump({"key": key, "samples": int(len(self.shuffle_idx))}, f, indent=1)
             os.replace(tmp, meta)
@@ -233,16 +233,18 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
         raise DataError(f"seq-length {seq_length}: must be positive")
     cache_dir = getattr(data_cfg, "data_cache_dir", None)
     opened: dict[str, MMapIndexedDataset] = {}
+    lazy_vocab: dict[str, Optional[int]] = {}  # prefix -> vocab size still to check per sample (big files)
 
     def open_indexed(prefix) -> MMapIndexedDataset:
         prefix = str(prefix)
         if prefix not in opened:
             ds = MMapIndexedDataset(prefix)
-            if vocab_size is not None and os.path.getsize(ds.bin_path) <= VOCAB_CHECK_MAX_BYTES:
-                ds.check_vocab(vocab_size)
-                ds.lazy_vocab = None
-            else:
-                ds.lazy_vocab = vocab_size
+            lazy_vocab[prefix] = None
+            if vocab_size is not None:
+                if os.path.getsize(ds.bin_path) <= VOCAB_CHECK_MAX_BYTES:
+                    ds.check_vocab(vocab_size)
+                else:
+                    lazy_vocab[prefix] = vocab_size
             opened[prefix] = ds
         return opened[prefix]
 
@@ -298,12 +300,12 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
             weights = sizes  # proportional to tokens
         if len(members) == 1:
             ds, rng = members[0]
-            out[split] = GPTDataset(ds, split, rng, n, seq_length, seed, cache_dir, ds.lazy_vocab)
+            out[split] = GPTDataset(ds, split, rng, n, seq_length, seed, cache_dir, lazy_vocab[ds.prefix])
             continue
         total = float(sum(weights))
         subsets = []
         for (ds, rng), w in zip(members, weights):
             need = int(math.ceil(w / total * n * 1.005)) + 1 if w > 0 else 1
-            subsets.append(GPTDataset(ds, split, rng, need, seq_length, seed, cache_dir, ds.lazy_vocab))
+            subsets.append(GPTDataset(ds, split, rng, need, seq_length, seed, cache_dir, lazy_vocab[ds.prefix]))
         out[split] = BlendedDataset(subsets, weights, n)
     return out

