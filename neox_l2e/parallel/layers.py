@@ -41,7 +41,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.contiguous()
+        x = x.clone(memory_format=torch.contiguous_format)    # never reduce the caller's tensor in place
         dist.all_reduce(x, group=group)
         return x
 

@@ -58,18 +58,12 @@ class RNGTracker:
         return self.seed_value is not None
 
     def add(self, name: str, seed: int) -> None:
-        """Create stream ``name`` seeded with ``seed`` (the default generator is left as it was)."""
+        """Create stream ``name`` seeded with ``seed`` (the default generator is not touched)."""
         if name in self._states:
             raise ValueError(f"RNG stream {name!r} already exists")
-        saved = self._get_default()
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.manual_seed(seed)
-            else:
-                torch.manual_seed(seed)
-            self._states[name] = self._get_default()
-        finally:
-            self._set_default(saved)
+        gen = torch.Generator(device=self.device)     # same state format as the device's default generator
+        gen.manual_seed(seed)
+        self._states[name] = gen.get_state()
 
     def seed(self, seed: int, tp_rank: int = 0) -> None:
         """Seed the shared stream (torch's default generators, same on every TP rank) with ``seed`` and

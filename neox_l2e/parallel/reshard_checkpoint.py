@@ -52,8 +52,13 @@ def _model_states_name(tp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_model_states.pt"
 
 
-def _zero_name(dp_rank: int, tp_rank: int) -> str:
-    return f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+def _zero_name(dp_rank: int, tp_rank: int, prefix: str = "") -> str:
+    """DeepSpeed's ZeRO shard name; prefix "bf16_" for bf16 runs."""
+    return f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+
+
+def _zero_prefix(folder: Path) -> str:
+    return "bf16_" if (folder / _zero_name(0, 0, "bf16_")).is_file() else ""
 
 
 def _latest(d: Path) -> Optional[str]:
@@ -68,8 +73,9 @@ def _latest(d: Path) -> Optional[str]:
 def _zero_per_param(folder: Path, tp_rank: int, dp: int) -> tuple:
     """({name: {"fp32", "exp_avg", "exp_avg_sq"}}, template) of one TP rank from its DP shards (ZeRO 1/2)."""
     shards = []
+    prefix = _zero_prefix(folder)
     for d in range(dp):
-        p = folder / _zero_name(d, tp_rank)
+        p = folder / _zero_name(d, tp_rank, prefix)
         if not p.is_file():
             raise ReshardError(f"{p}: missing ZeRO shard (the checkpoint says DP={dp})")
         shards.append(_load(p)["optimizer_state_dict"])
@@ -291,6 +297,7 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
                 new_opt_stage0[r] = opt
 
     # ---- write ----
+    zero_prefix = _zero_prefix(folder)
     tmp = dst / f".tmp-{tag}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -325,7 +332,7 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
         if new_zero is not None:
             for d, shard in enumerate(new_zero[r]):
                 torch.save({"optimizer_state_dict": shard, "ds_config": first.get("ds_config"),
-                            "ds_version": first.get("ds_version")}, tmp / _zero_name(d, r))
+                            "ds_version": first.get("ds_version")}, tmp / _zero_name(d, r, zero_prefix))
     final = dst / tag
     if final.exists():
         shutil.rmtree(final)

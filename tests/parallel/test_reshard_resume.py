@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
     rep = reshard_checkpoint(b, b2, tp=2, dp=1)
     assert rep["optimizer"] == "carried"
     tp2b = run_ranks(_worker, world=2, args=(2, None, b2, 2, None))[0]
-    return dict(tp2=tp2, tp1=tp1, tp2b=tp2b)
+    return dict(tp2=tp2, tp1=tp1, tp2b=tp2b, a=a, a1=a1, tmp=str(tmp))
 
 
 def test_tp2_and_tp1_runs_agree(runs):        # ZeRO-1 TP=2 x DP=1 against ZeRO-2 TP=1 x DP=2
@@ -74,3 +74,28 @@ def test_resume_tp1_to_tp2(runs):
     assert abs(resumed[4] - ref[4]) <= 1e-5, (resumed, ref)
     for it in (5, 6):
         assert abs(resumed[it] - ref[it]) <= 1e-4, (it, resumed, ref)
+
+
+def test_round_trip_of_zero_shards_is_exact(runs):
+    """TP2xDP1 -> TP1xDP2 -> TP2xDP1 gives back the source ZeRO shards and model states bit for bit."""
+    import torch
+
+    from neox_l2e.parallel.reshard_checkpoint import reshard_checkpoint
+    back = runs["tmp"] + "/a-back"
+    reshard_checkpoint(runs["a1"], back, tp=2, dp=1)
+    src, out = Path(runs["a"]) / "global_step3", Path(back) / "global_step3"
+    for r in range(2):
+        m0 = torch.load(src / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)
+        m1 = torch.load(out / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)
+        assert m0["module"].keys() == m1["module"].keys()
+        assert all(torch.equal(m0["module"][k], m1["module"][k]) for k in m0["module"])
+        assert (m1["iteration"], m1["consumed_train_samples"]) == (m0["iteration"], m0["consumed_train_samples"])
+        z0 = torch.load(src / f"zero_pp_rank_0_mp_rank_{r:02d}_optim_states.pt", weights_only=False)
+        z1 = torch.load(out / f"zero_pp_rank_0_mp_rank_{r:02d}_optim_states.pt", weights_only=False)
+        o0, o1 = z0["optimizer_state_dict"], z1["optimizer_state_dict"]
+        for g in range(len(o0["single_partition_of_fp32_groups"])):
+            assert torch.equal(o0["single_partition_of_fp32_groups"][g], o1["single_partition_of_fp32_groups"][g])
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(o0["base_optimizer_state"]["state"][g][k], o1["base_optimizer_state"]["state"][g][k])
+        assert o0["group_paddings"] == o1["group_paddings"]
+        assert [dict(m) for m in o0["param_slice_mappings"]] == [dict(m) for m in o1["param_slice_mappings"]]
