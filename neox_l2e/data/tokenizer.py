@@ -37,8 +37,11 @@ class SPMTokenizer:
         self.eod = eod
 
     def encode(self, text: str) -> list[int]:
+        lines = text.splitlines(keepends=True)
+        # one batched call has a fixed cost that only pays off for long documents
+        pieces = self.sp.encode(lines, num_threads=1) if len(lines) >= 256 else [self.sp.encode(l) for l in lines]
         ids: list[int] = []
-        for line_ids in self.sp.encode(text.splitlines(keepends=True), num_threads=1):
+        for line_ids in pieces:
             ids.extend(line_ids)
         return ids
 
