@@ -1,4 +1,5 @@
 """The model-parallel RNG tracker: separate streams, save/restore, replay under activation checkpointing."""
+import pytest
 import torch
 
 from distributed import run_ranks
@@ -74,3 +75,22 @@ def test_tp_ranks_share_the_default_stream_and_differ_in_the_model_parallel_one(
     (m0, s0), (m1, s1) = run_ranks(_worker, world=2)
     assert s0 == s1
     assert m0 != m1
+
+
+@pytest.mark.gpu
+def test_tracker_on_cuda_forks_the_device_generator():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    t = RNGTracker(dev)
+    t.seed(5, tp_rank=1)
+    a = torch.rand(4, device=dev)
+    t.seed(5, tp_rank=1)
+    with t.fork():
+        f = torch.rand(4, device=dev)
+    assert torch.equal(torch.rand(4, device=dev), a)
+    saved = t.get_states()
+    with t.fork():
+        want = torch.rand(4, device=dev)
+    t.set_states(saved)
+    with t.fork():
+        assert torch.equal(torch.rand(4, device=dev), want)
+    assert not torch.equal(f, a)

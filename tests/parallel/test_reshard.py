@@ -87,3 +87,14 @@ def test_tp_model_from_same_seed_is_the_same_model():
     merged = merge_tp_states(parts, cfg)
     for k in ref:
         assert torch.equal(merged[k], ref[k]), k
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[2] / "tools" / "reshard_checkpoint.py"
+    r = subprocess.run([sys.executable, str(tool), str(tmp_path / "nothing"), str(tmp_path / "out"), "--tp", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and "no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
