@@ -97,7 +97,7 @@ class GPTDataset(torch.utils.data.Dataset):
         start, end = self.doc_range
         if end <= start:
             raise DataError(f"{indexed.idx_path}: the {name} split has no documents")
-        if int(indexed.sizes[start:end].astype(np.int64).sum()) <= seq_length:
+        if int(indexed.sizes[start:end].sum(dtype=np.int64)) <= seq_length:
             raise DataError(f"{indexed.idx_path}: the {name} split has fewer than seq_length + 1 = "
                             f"{seq_length + 1} tokens")
         self.cache_dir = str(cache_dir) if cache_dir else os.path.dirname(os.path.abspath(indexed.prefix))
@@ -295,7 +295,7 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
                 raise DataError(f"{ds.idx_path}: the {split} split ({data_cfg.split}) gets no documents of {len(ds)}; "
                                 f"use more data or change split")
             members.append((ds, rng))
-            sizes.append(int(ds.sizes[rng[0]:rng[1]].astype(np.int64).sum()))
+            sizes.append(int(ds.sizes[rng[0]:rng[1]].sum(dtype=np.int64)))
         if weights is None:
             weights = sizes  # proportional to tokens
         if len(members) == 1:

@@ -106,7 +106,12 @@ class MMapIndexedDataset:
     def _check_index_arrays(self) -> None:
         path, n = self.idx_path, len(self.sizes)
         item = self.dtype.itemsize
-        if self.doc_idx[0] != 0 or self.doc_idx[-1] != n or (len(self.doc_idx) > 1 and np.any(np.diff(self.doc_idx) < 0)):
+        bad_doc_idx = self.doc_idx[0] != 0 or self.doc_idx[-1] != n
+        for start in range(0, len(self.doc_idx) - 1, _CHUNK):
+            if bad_doc_idx:
+                break
+            bad_doc_idx = bool(np.any(np.diff(self.doc_idx[start:start + _CHUNK + 1]) < 0))
+        if bad_doc_idx:
             raise DataError(f"{path}: document index is not an increasing list from 0 to {n} sequences")
         offset = 0  # expected byte offset of the next sequence; checked chunk by chunk
         for start in range(0, n, _CHUNK):

@@ -28,7 +28,7 @@ def build_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: i
     start[k] is the number of tokens in documents doc_idx[:k]. Same definition as the C++ version."""
     if seq_length <= 0 or num_samples < 0:
         raise ValueError("seq_length must be positive and num_samples >= 0")
-    lengths = np.asarray(sizes, dtype=np.int64)[np.asarray(doc_idx, dtype=np.int64)]
+    lengths = np.asarray(sizes)[np.asarray(doc_idx, dtype=np.int64)].astype(np.int64)
     starts = np.concatenate(([0], np.cumsum(lengths)))  # starts[k] = tokens before doc_idx[k]; starts[-1] = total
     positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
     if num_samples >= 0 and positions[-1] >= starts[-1]:
@@ -91,7 +91,7 @@ def build_epoch_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int,
     """(doc_idx, sample_idx, shuffle_idx) for at least ``num_samples`` samples of ``documents``
     (indices into ``sizes``); everything from np.random.RandomState(seed), in that order."""
     documents = np.asarray(documents, dtype=np.int64)
-    tokens_per_epoch = int(np.asarray(sizes, dtype=np.int64)[documents].sum())
+    tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
     epochs = num_epochs_needed(tokens_per_epoch, seq_length, max(1, num_samples))
     rng = np.random.RandomState(seed)
     doc_idx = np.concatenate([documents[rng.permutation(len(documents))] for _ in range(epochs)])

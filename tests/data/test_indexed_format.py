@@ -120,3 +120,22 @@ def test_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path):
         with IndexedDatasetWriter(str(tmp_path / "f"), dtype=np.uint16) as w:
             w.add_document([70000])
     assert sorted(os.listdir(tmp_path)) == ["d.bin", "d.idx"]
+
+
+def test_chunked_checks_match_whole_file_checks(tmp_path, monkeypatch):
+    """Pile-sized files are validated chunk by chunk; tiny chunks must find the same problems."""
+    from neox_l2e.data import indexed_dataset
+    monkeypatch.setattr(indexed_dataset, "_CHUNK", 3)
+    docs = [[i, i + 1, 0] for i in range(1, 20)]
+    prefix = write_indexed_dataset(str(tmp_path / "c"), docs, vocab_size=100)
+    ds = MMapIndexedDataset(prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == docs
+    assert ds.max_token() == 20
+    ds.check_vocab(21)
+    with pytest.raises(DataError, match=r"token id 20 at token 56 is outside"):
+        ds.check_vocab(20)
+    with open(prefix + ".idx", "r+b") as f:  # pointer of sequence 7 (in the third chunk) off by one token
+        f.seek(34 + 19 * 4 + 7 * 8)
+        f.write(struct.pack("<q", 7 * 3 * 2 + 2))
+    with pytest.raises(DataError, match="sizes and pointers disagree at sequence 7"):
+        MMapIndexedDataset(prefix)
