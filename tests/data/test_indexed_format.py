@@ -132,7 +132,7 @@ def test_chunked_checks_match_whole_file_checks(tmp_path, monkeypatch):
     assert [ds[i].tolist() for i in range(len(ds))] == docs
     assert ds.max_token() == 20
     ds.check_vocab(21)
-    with pytest.raises(DataError, match=r"token id 20 at token 56 is outside"):
+    with pytest.raises(DataError, match=r"token id 20 at token 55 is outside"):
         ds.check_vocab(20)
     with open(prefix + ".idx", "r+b") as f:  # pointer of sequence 7 (in the third chunk) off by one token
         f.seek(34 + 19 * 4 + 7 * 8)
