@@ -183,6 +183,8 @@ def build_hf_like(cfg, vocab: int, ours: torch.nn.Module, dtype: torch.dtype, de
     missing = [k for k in missing if k in params]              # buffers (rotary tables) are rebuilt by HF
     if unexpected or missing:
         raise RuntimeError(f"weight copy into the HF model failed: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if cfg.training.checkpoint_activations:      # same work as ours: recompute each layer in backward
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return hf
 
 
@@ -249,7 +251,8 @@ def main(argv=None) -> int:
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in variants.items()}
     print(f"config {' '.join(args.configs)} | {fmt_params(ours)} params | seq {seq} x micro-batch {args.micro_batch} | "
           f"{args.dtype} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"{platform.machine()} {os.cpu_count()} cpus")
+          f"{platform.machine()} {os.cpu_count()} cpus | activation checkpointing "
+          f"{'on (both models)' if cfg.training.checkpoint_activations else 'off'}")
     if not args.no_hf:
         print(f"max |logit difference| ours vs HF before timing: {diff:.2e}")
     for k, m in variants.items():                            # warm-up, not timed

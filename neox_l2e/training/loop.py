@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import NeoXConfig
+from ..config import ConfigError, NeoXConfig
 from . import checkpoint as ckpt
 from .engine import build_engine, setup_distributed
 from .faults import InterruptFlag, TrainingError, nan_steps_from_env, skipped_update
@@ -54,30 +54,8 @@ class TrainResult:
 # data
 
 
-class _SimpleSampleIterator:
-    """Megatron order without shuffling: global sample i of the run is dataset[i % len]; each DP rank takes
-    its contiguous slice of every global micro-batch. Used only when neox_l2e.data has no SampleIterator."""
-
-    def __init__(self, dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=0):
-        self.dataset, self.mb, self.dp_rank, self.dp = dataset, micro_batch_size, dp_rank, dp_size
-        self.consumed_samples = consumed_samples
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        start = self.consumed_samples + self.dp_rank * self.mb
-        rows = [np.asarray(self.dataset[(start + i) % len(self.dataset)]["text"], dtype=np.int64)
-                for i in range(self.mb)]
-        self.consumed_samples += self.mb * self.dp
-        return torch.from_numpy(np.stack(rows))
-
-
 def sample_iterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=0):
-    try:
-        from ..data import SampleIterator
-    except ImportError:
-        SampleIterator = _SimpleSampleIterator
+    from ..data import SampleIterator
     return SampleIterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=consumed_samples)
 
 
@@ -94,6 +72,8 @@ def build_data(cfg: NeoXConfig, dp: int):
     eval_samples = t.eval_iters * t.train_micro_batch_size_per_gpu * dp
     num_samples = {"train": t.train_iters * global_batch, "valid": eval_samples, "test": eval_samples}
     datasets = build_datasets(d, cfg.model.seq_length, t.seed, num_samples=num_samples, vocab_size=vocab)
+    if not datasets.get("train"):
+        raise ConfigError("no training data: set train-data-paths (and valid-data-paths) or data-path")
     return datasets, vocab, tokenizer
 
 

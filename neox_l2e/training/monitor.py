@@ -83,17 +83,19 @@ class Monitor:
         if not self.enabled or not self.cfg.logging.progress_bar:
             return
         from tqdm import tqdm
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # on a terminal the bar redraws twice a second; in a log file a line every 30 s is enough
         self._bar = tqdm(total=self.total, initial=self.start, unit="step", file=self.stream, dynamic_ncols=True,
-                         mininterval=0.5, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+                         mininterval=0.5 if tty else 30.0,
+                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
 
     def update_bar(self, iteration: int, loss: float, lr: float, tokens_per_s: float, step_time: float,
                    eta_s: float) -> None:
         if self._bar is None:
             return
-        self._bar.n = iteration
         self._bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {fmt_count(tokens_per_s)} tok/s "
                                   f"{step_time * 1000:.0f} ms/step ETA {fmt_time(eta_s)}", refresh=False)
-        self._bar.refresh()
+        self._bar.update(iteration - self._bar.n)          # redraws at most every mininterval
 
     # ---------------------------------------------------------------- metrics
     def log(self, kind: str, iteration: int, metrics: dict) -> None:
