@@ -106,13 +106,15 @@ class MMapIndexedDataset:
     def _check_index_arrays(self) -> None:
         path, n = self.idx_path, len(self.sizes)
         item = self.dtype.itemsize
-        bad_doc_idx = self.doc_idx[0] != 0 or self.doc_idx[-1] != n
+        # Megatron's builder starts the document index at 0 and appends the sequence count after each
+        # document, so it ends at n; only ordering and bounds are required (readers here never use it).
+        bad_doc_idx = self.doc_idx[0] != 0 or self.doc_idx[-1] > n
         for start in range(0, len(self.doc_idx) - 1, _CHUNK):
             if bad_doc_idx:
                 break
             bad_doc_idx = bool(np.any(np.diff(self.doc_idx[start:start + _CHUNK + 1]) < 0))
         if bad_doc_idx:
-            raise DataError(f"{path}: document index is not an increasing list from 0 to {n} sequences")
+            raise DataError(f"{path}: document index is not an increasing list from 0 to at most {n} sequences")
         offset = 0  # expected byte offset of the next sequence; checked chunk by chunk
         for start in range(0, n, _CHUNK):
             sizes = self.sizes[start:start + _CHUNK].astype(np.int64)

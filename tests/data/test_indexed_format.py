@@ -139,3 +139,18 @@ def test_chunked_checks_match_whole_file_checks(tmp_path, monkeypatch):
         f.write(struct.pack("<q", 7 * 3 * 2 + 2))
     with pytest.raises(DataError, match="sizes and pointers disagree at sequence 7"):
         MMapIndexedDataset(prefix)
+
+
+def test_multi_sequence_documents_read(tmp_path):
+    """Megatron files made with sentence splitting have several sequences per document: doc_idx [0, 2, 4]."""
+    prefix = str(tmp_path / "sent")
+    handmade_pair(prefix, [[1, 2], [3, 0], [4], [5, 6, 0]], 8, np.uint16)
+    with open(prefix + ".idx", "r+b") as f:
+        f.seek(18 + 8)
+        f.write(struct.pack("<Q", 3))  # 3 document-index entries
+        f.seek(34 + 4 * 4 + 4 * 8)
+        f.write(struct.pack("<3q", 0, 2, 4))
+        f.truncate(34 + 4 * 4 + 4 * 8 + 3 * 8)
+    ds = MMapIndexedDataset(prefix)
+    assert len(ds) == 4 and ds.doc_idx.tolist() == [0, 2, 4]
+    assert [ds[i].tolist() for i in range(4)] == [[1, 2], [3, 0], [4], [5, 6, 0]]
