@@ -189,3 +189,24 @@ def test_vocab_check_on_open_and_lazy(tmp_path, data_config, monkeypatch):
     with pytest.raises(DataError, match=f"token id {top} is outside the model's vocabulary"):
         for i in range(len(ds)):
             ds[i]
+
+
+def test_from_a_neox_yml(tmp_path, corpus):
+    """NeoX config keys (data-path, split, tokenizer-type, vocab-file, data-cache-dir) drive the pipeline."""
+    from neox_l2e.config import load_config
+    from neox_l2e.data import MMapIndexedDataset, build_tokenizer
+    cache = tmp_path / "cache"
+    yml = tmp_path / "data.yml"
+    yml.write_text(json.dumps({"data-path": corpus["train_prefix"], "split": "60,9,0",
+                               "tokenizer-type": "SPMTokenizer", "vocab-file": corpus["tokenizer"],
+                               "data-cache-dir": str(cache), "seq-length": 64, "max-position-embeddings": 64,
+                               "num-layers": 2, "hidden-size": 64, "num-attention-heads": 2}))
+    cfg = load_config([yml])
+    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file)
+    out = build_datasets(cfg.data, cfg.model.seq_length, 11, {"train": 64, "valid": 8, "test": 8}, tok.vocab_size)
+    assert out["test"] is None
+    n = len(MMapIndexedDataset(corpus["train_prefix"]))
+    assert out["train"].doc_range[0] == 0 and out["valid"].doc_range[1] == n
+    assert os.path.dirname(out["train"].cache_stem) == str(cache)
+    text = tok.decode(out["valid"][0]["text"].tolist())
+    assert len(text) > 64
