@@ -5,7 +5,8 @@ Two kinds of random streams exist under tensor parallelism:
 * the *shared* stream: torch's default generator (CPU, and the current CUDA device's). It must
   be identical on every rank of a TP group, because dropout on replicated activations (hidden
   dropout, embedding dropout) has to drop the same elements on every rank. ``seed`` sets it
-  to ``seed`` on all ranks.
+  to ``seed`` on all ranks (the training loop does the same); so anything that draws from torch's
+  default generator must draw identically on all ranks of a TP group.
 * the *model-parallel* stream: used where each TP rank holds different data, i.e. attention
   dropout on this rank's heads. It is seeded with ``seed + 2718 + tp_rank`` (Megatron's offset),
   so every TP rank draws an independent mask. Code enters it with ``with ps.rng.fork(): ...``;
@@ -65,16 +66,18 @@ class RNGTracker:
         gen.manual_seed(seed)
         self._states[name] = gen.get_state()
 
-    def seed(self, seed: int, tp_rank: int = 0) -> None:
-        """Seed the shared stream (torch's default generators, same on every TP rank) with ``seed`` and
-        the model-parallel stream with ``seed + 2718 + tp_rank``."""
-        if self.device.type == "meta":
-            self.seed_value = int(seed)
-            return
-        torch.manual_seed(seed)                      # CPU and every CUDA device: the shared stream
+    def seed(self, seed: int, tp_rank: int = 0, shared: bool = True) -> None:
+        """Seed the model-parallel stream with ``seed + 2718 + tp_rank`` and, with ``shared``, the shared stream
+        (torch's default generators: CPU and every CUDA device) with ``seed``, the same on every rank.
+        The model seeds only the model-parallel stream (building a model does not reset torch's generator);
+        the training loop seeds the shared one (the same seed on every rank)."""
         self._states.clear()
-        self.add(MODEL_PARALLEL, seed + MODEL_PARALLEL_SEED_OFFSET + tp_rank)
         self.seed_value = int(seed)
+        if self.device.type == "meta":
+            return
+        if shared:
+            torch.manual_seed(seed)
+        self.add(MODEL_PARALLEL, seed + MODEL_PARALLEL_SEED_OFFSET + tp_rank)
 
     @contextlib.contextmanager
     def fork(self, name: str = MODEL_PARALLEL):
