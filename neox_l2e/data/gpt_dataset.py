@@ -13,8 +13,8 @@ rounds to zero documents (e.g. weight 1 of 1000 on a small corpus) gives None wi
 does: the training loop never reads it.
 
 The epoch order (doc_idx, sample_idx, shuffle_idx) is cached as .npy files in ``data-cache-dir`` (default:
-next to the data) under a name holding a hash of everything it depends on: the .bin/.idx sizes and
-modification times, the document range, seq_length, seed and num_samples. A change of any of these
+next to the data) under a name holding a hash of everything it depends on: the dataset's path, the
+.bin/.idx sizes and modification times, the document range, seq_length, seed and num_samples. A change of any of these
 gives a different name, so a stale order is never reused; a ``_meta.json`` written last marks a
 complete entry. Every rank may build the same entry concurrently: files are written under temporary
 names and renamed, and all ranks write identical bytes.
@@ -101,7 +101,8 @@ class GPTDataset(torch.utils.data.Dataset):
             raise DataError(f"{indexed.idx_path}: the {name} split has fewer than seq_length + 1 = "
                             f"{seq_length + 1} tokens")
         self.cache_dir = str(cache_dir) if cache_dir else os.path.dirname(os.path.abspath(indexed.prefix))
-        key = {"format": CACHE_FORMAT, "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)],
+        key = {"format": CACHE_FORMAT, "prefix": os.path.realpath(indexed.prefix),
+               "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)],
                "doc_range": list(self.doc_range), "seq_length": int(seq_length), "seed": int(seed),
                "num_samples": int(num_samples)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
