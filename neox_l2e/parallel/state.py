@@ -8,6 +8,7 @@ A single process (no torch.distributed) is ParallelState.single(): every collect
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -157,6 +158,21 @@ class ParallelState:
 
     def get_data_parallel_group(self):
         return self.dp_group
+
+    def check_shared_rng(self) -> None:
+        """Raise if torch's default generator (the shared dropout stream) differs between the ranks of this
+        TP group: hidden dropout would then drop different elements of replicated activations."""
+        if self.tp == 1:
+            return
+        state = self.rng._get_default() if self.device.type != "meta" else torch.zeros(1, dtype=torch.uint8)
+        digest = torch.tensor([int.from_bytes(hashlib.sha1(state.cpu().numpy().tobytes()).digest()[:7],
+                                              "little")], dtype=torch.int64, device=self.device)
+        lo, hi = digest.clone(), digest.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.tp_group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.tp_group)
+        if lo.item() != hi.item():
+            raise RuntimeError(f"rank {self.rank}: torch's default RNG differs across the tensor-parallel group "
+                               f"{list(self.tp_ranks)}; seed it with the same value on every rank before training")
 
     def barrier(self):
         if self.world_size > 1:

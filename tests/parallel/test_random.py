@@ -68,13 +68,22 @@ def _worker(rank, world):
     with ps.rng.fork():
         mine = torch.rand(4)
     shared = torch.rand(4)
-    return mine.tolist(), shared.tolist()         # plain lists: no tensor storage shared with the parent
+    ps.check_shared_rng()                          # consistent: passes
+    if rank == 1:
+        torch.rand(1)                              # one rank draws once more
+    try:
+        ps.check_shared_rng()
+        caught = False
+    except RuntimeError:
+        caught = True
+    return mine.tolist(), shared.tolist(), caught  # plain lists: no tensor storage shared with the parent
 
 
 def test_tp_ranks_share_the_default_stream_and_differ_in_the_model_parallel_one():
-    (m0, s0), (m1, s1) = run_ranks(_worker, world=2)
+    (m0, s0, c0), (m1, s1, c1) = run_ranks(_worker, world=2)
     assert s0 == s1
     assert m0 != m1
+    assert c0 and c1                               # both ranks detect the diverged shared stream
 
 
 @pytest.mark.gpu
