@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from tp_common import VOCAB, gather_states, grads_of, random_full_state, tiny_cfg, tokens, tp_model
+from tp_common import gather_states, grads_of, random_full_state, tiny_cfg, tokens, tp_model
 
 VARIANTS = {
     "pythia": dict(),                                                   # parallel residual, untied, biases
