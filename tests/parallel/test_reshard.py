@@ -98,3 +98,48 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _adam_after_one_step(cfg, full, grads, ps):
+    from neox_l2e.training.engine import param_groups
+    model = GPTNeoX(cfg, ps, init=False)
+    model.load_state_dict(split_tp_state(full, cfg, ps.tp)[ps.tp_rank])
+    g = split_tp_state(grads, cfg, ps.tp)[ps.tp_rank]
+    opt = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=0.01)
+    for n, p in model.named_parameters():
+        p.grad = g[n].clone()
+    opt.step()
+    return model.state_dict(), opt.state_dict()
+
+
+def test_zero0_optimizer_state_is_resharded(tmp_path):
+    """ZeRO 0 (fp32): the torch AdamW state inside the model states follows the parameters to the new TP degree."""
+    from neox_l2e.parallel.reshard_checkpoint import reshard_checkpoint
+    cfg = tiny_cfg(model_parallel_size=2)
+    full = random_full_state(cfg)
+    gen = torch.Generator().manual_seed(3)
+    grads = {k: torch.randn(v.shape, generator=gen) for k, v in full.items() if ".inhibitor." not in k}
+    grads["embed_out.weight"][100:] = 0                 # rows past the vocabulary get no gradient
+    grads["gpt_neox.embed_in.weight"][100:] = 0
+    src = tmp_path / "src" / "global_step1"
+    src.mkdir(parents=True)
+    for r in range(2):
+        module, opt = _adam_after_one_step(cfg, full, grads, ParallelState.layout(2, r, device="cpu"))
+        torch.save({"module": module, "optimizer": opt, "neox_config": cfg.to_dict(), "dp_world_size": 1,
+                    "mp_world_size": 2, "iteration": 1, "global_steps": 1, "skipped_steps": 0,
+                    "param_shapes": None}, src / f"mp_rank_{r:02d}_model_states.pt")
+    (tmp_path / "src" / "latest").write_text("global_step1")
+    rep = reshard_checkpoint(tmp_path / "src", tmp_path / "dst", tp=1)
+    assert rep["optimizer"] == "carried" and rep["to"] == (1, 1)
+    out = torch.load(tmp_path / "dst" / "global_step1" / "mp_rank_00_model_states.pt", weights_only=False)
+    ref_module, ref_opt = _adam_after_one_step(cfg.replace(model_parallel_size=1), full, grads,
+                                               ParallelState.single())
+    assert out["module"].keys() == ref_module.keys()
+    for k in ref_module:
+        assert torch.equal(out["module"][k], ref_module[k]), k
+    assert out["optimizer"]["param_groups"] == ref_opt["param_groups"]
+    assert out["optimizer"]["state"].keys() == ref_opt["state"].keys()
+    for i, st in ref_opt["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(out["optimizer"]["state"][i][key], st[key]), (i, key)
+    assert out["mp_world_size"] == 1 and out["neox_config"]["model_parallel_size"] == 1
