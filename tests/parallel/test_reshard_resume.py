@@ -3,9 +3,11 @@
     ZeRO-1: TP=2 x DP=1 (micro-batch 4) --save step 3--> reshard --tp 1 --dp 2 --> TP=1 x DP=2 (micro-batch 2) resumes
     ZeRO-2: TP=1 x DP=2 --save step 3--> reshard --tp 2 --dp 1 --> TP=2 x DP=1 resumes
 
-The resumed steps 4-6 must equal the uninterrupted run of the source layout: the weights, L2E-free model state,
-schedule and AdamW state are carried, so even the steps after the next one agree. Both layouts compute the
-same function, so the two uninterrupted runs agree too (TP=2 trains like TP=1).
+L2E is on (two layers; lambda small, see test_tp_dp.py on threshold flips). The resumed steps 4-6 must equal
+the uninterrupted run of the source layout: the weights, the L2E state (statistics split by neuron, tau), the
+schedule and the AdamW state are carried, so even the steps after the next one agree, and the final L2E
+state equals the uninterrupted run's. Both layouts compute the same function, so the two uninterrupted runs
+agree too (TP=2 trains like TP=1).
 """
 import subprocess
 import sys
@@ -14,14 +16,23 @@ from pathlib import Path
 import pytest
 
 from distributed import run_ranks
-from tp_common import run_trainer, train_cfg
+from tp_common import gather_states, run_trainer, train_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+L2E = dict(l2e_enabled=True, l2e_layers=[0, 1], l2e_ratio=0.05, l2e_min_samples=16, l2e_backend="torch",
+           l2e_lambda=1e-4)
+
+
 def _layout(tp, stage):
     return dict(model_parallel_size=tp, zero_optimization={"stage": stage},
-                train_micro_batch_size_per_gpu=4 // (2 // tp))
+                train_micro_batch_size_per_gpu=4 // (2 // tp), **L2E)
+
+
+def _l2e_state(trainer, ps):
+    local = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items() if ".inhibitor." in k}
+    return {k: v.numpy() for k, v in gather_states(local, ps, trainer.cfg).items()}
 
 
 def _worker(rank, world, tp, save, load, load_stage, save_stage):
@@ -29,9 +40,11 @@ def _worker(rank, world, tp, save, load, load_stage, save_stage):
     ps = ParallelState.from_distributed(tp=tp)
     out = {}
     if load:
-        out["resumed"], _ = run_trainer(train_cfg(load=load, **_layout(tp, load_stage)), ps)
+        out["resumed"], tr = run_trainer(train_cfg(load=load, **_layout(tp, load_stage)), ps)
+        out["resumed_l2e"] = _l2e_state(tr, ps)
     if save:
-        out["ref"], _ = run_trainer(train_cfg(**_layout(tp, save_stage)), ps)
+        out["ref"], tr = run_trainer(train_cfg(**_layout(tp, save_stage)), ps)
+        out["ref_l2e"] = _l2e_state(tr, ps)
         run_trainer(train_cfg(train_iters=3, save=save, **_layout(tp, save_stage)), ps)
     return out
 
@@ -60,7 +73,22 @@ def test_tp2_and_tp1_runs_agree(runs):        # ZeRO-1 TP=2 x DP=1 against ZeRO-
         assert abs(ref2[it] - ref1[it]) <= 1e-4, (it, ref2, ref1)
 
 
+def _same_l2e_state(ref, got):
+    import numpy as np
+    assert sorted(ref) == sorted(got) and any(k.endswith(".tau") for k in ref)
+    for k in ref:
+        a, b = np.asarray(ref[k], dtype=np.float64), np.asarray(got[k], dtype=np.float64)
+        assert a.shape == b.shape, k
+        if k.endswith((".count", ".step", ".commits")):
+            assert np.array_equal(a, b), k
+        elif k.endswith((".mean", ".m2", ".tau")):
+            assert np.isfinite(a).all(), k                              # tau initialised, statistics populated
+            tol = 1e-4 if k.endswith(".tau") else 1e-5                  # tau: one order-statistic gap
+            assert np.abs(a - b).max() <= tol * max(1.0, np.abs(a).max()), (k, a, b)
+
+
 def test_resume_tp2_to_tp1(runs):
+    _same_l2e_state(runs["tp2"]["ref_l2e"], runs["tp1"]["resumed_l2e"])
     ref, resumed = dict(runs["tp2"]["ref"]), dict(runs["tp1"]["resumed"])
     assert sorted(resumed) == [4, 5, 6]
     assert abs(resumed[4] - ref[4]) <= 1e-5, (resumed, ref)       # the next step: same weights, same batch
@@ -69,6 +97,7 @@ def test_resume_tp2_to_tp1(runs):
 
 
 def test_resume_tp1_to_tp2(runs):
+    _same_l2e_state(runs["tp1"]["ref_l2e"], runs["tp2b"]["resumed_l2e"])
     ref, resumed = dict(runs["tp1"]["ref"]), dict(runs["tp2b"]["resumed"])
     assert sorted(resumed) == [4, 5, 6]
     assert abs(resumed[4] - ref[4]) <= 1e-5, (resumed, ref)
