@@ -9,7 +9,7 @@ from neox_l2e.analysis.scan import ScanOptions, forward_mlp_activations, scan_mo
 from neox_l2e.l2e import fkr as fkrlib
 from neox_l2e.model import GPTNeoX
 
-from conftest import tiny_cfg
+from analysis_helpers import tiny_cfg
 
 VOCAB, SEQ, PLANT_LAYER, PLANT_NEURON = 96, 16, 0, 37
 

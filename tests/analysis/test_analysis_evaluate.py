@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import run_tool
+from analysis_helpers import run_tool
 from neox_l2e.analysis.common import load_tokenizer
 from neox_l2e.analysis.evaluation import TASKS, evaluate
 from neox_l2e.analysis.lm_adapter import NeoXL2ELM

@@ -2,22 +2,7 @@
 import json
 from collections import Counter
 
-import numpy as np
-import pytest
-import torch
-
-from conftest import run_tool
-
-
-def _png_has_content(path):
-    import matplotlib.image as mpimg
-    assert path.is_file() and path.stat().st_size > 5000, path
-    img = mpimg.imread(str(path))
-    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
-    assert float(np.std(img[..., :3])) > 0.02          # not a blank canvas
-    # something drawn beyond white background and axes: several distinct colours
-    colours = {tuple(np.round(px, 1)) for px in img[::7, ::7, :3].reshape(-1, 3)}
-    assert len(colours) > 5
+from analysis_helpers import png_has_content, run_tool
 
 
 def test_labelled_dataset_builder(labelled_jsonl):
@@ -41,8 +26,8 @@ def test_ms_scan_two_models(tmp_path, labelled_jsonl, tiny_hf_dir, tiny_neox_ckp
     ckpt, _ = tiny_neox_ckpt
     out = tmp_path / "scan"
     r = run_tool("ms_scan.py", f"small={tiny_hf_dir}", f"bigger={ckpt}", "--data", labelled_jsonl, "--out", out,
-                 "--seq-len", 64, "--max-tokens-per-label", 800, "--neuron-sample", 50, "--ks-tokens", 500,
-                 "--fkr-k", "1,2,5", "--no-progress")
+                 "--seq-len", 48, "--max-tokens-per-label", 400, "--neuron-sample", 40, "--ks-tokens", 300,
+                 "--fkr-k", "1,5", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     models = {m["name"]: m for m in rep["models"]}
@@ -56,12 +41,12 @@ def test_ms_scan_two_models(tmp_path, labelled_jsonl, tiny_hf_dir, tiny_neox_ckp
             assert layer["mean_phi_lstar_sample"] > layer["mean_phi_not_lstar_sample"] > 0
             assert 0 <= layer["mean_ks_stat_sample"] <= 1
             for mode in ("per-token", "global"):
-                assert set(layer["fkr"][mode]) == {"1.0", "2.0", "5.0"}
+                assert set(layer["fkr"][mode]) == {"1.0", "5.0"}
                 assert all(0 <= v <= 1 for v in layer["fkr"][mode].values())
     neurons = (out / "neurons.csv").read_text().splitlines()
     assert len(neurons) == 1 + 2 * 128 + 4 * 256
     for name in ("layerwise_phi", "ks", "histograms", "fkr"):
-        _png_has_content(out / f"{name}.png")
+        png_has_content(out / f"{name}.png")
     assert "| small | 0 |" in r.stdout and "| bigger | 3 |" in r.stdout
 
 
@@ -69,7 +54,7 @@ def test_fkr_tool(tmp_path, labelled_jsonl, tiny_neox_ckpt):
     ckpt, _ = tiny_neox_ckpt
     out = tmp_path / "fkr"
     r = run_tool("fkr.py", ckpt, "--data", labelled_jsonl, "--out", out, "--seq-len", 64,
-                 "--max-tokens-per-label", 600, "--k", "1,2,3", "--layers", "1,2", "--no-progress")
+                 "--max-tokens-per-label", 300, "--k", "1,2,3", "--layers", "1,2", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "fkr.json").read_text())
     assert [l["layer"] for l in rep["layers"]] == [1, 2]
@@ -77,13 +62,16 @@ def test_fkr_tool(tmp_path, labelled_jsonl, tiny_neox_ckpt):
     for layer in rep["layers"]:
         n = layer["num_neurons"]
         for k in ("1.0", "2.0", "3.0"):
-            # per-token: round(k% of N) kills per token (phi ties aside, which random weights do not make)
-            assert layer["kills"]["per-token"][k] == n_tokens * max(1, round(float(k) / 100 * n))
-            assert layer["kills"]["global"][k] == max(1, round(float(k) / 100 * n * n_tokens))
+            # per-token: round(k% of N) kills per token; global: round(k% of N x T); a tie at tau_k adds a kill
+            # (phi >= tau_k), and ties are rare with random weights
+            want_tok = n_tokens * max(1, round(float(k) / 100 * n))
+            want_glob = max(1, round(float(k) / 100 * n * n_tokens))
+            assert want_tok <= layer["kills"]["per-token"][k] <= want_tok * 1.01
+            assert want_glob <= layer["kills"]["global"][k] <= want_glob * 1.01
             for mode in ("per-token", "global"):
                 assert 0.0 <= layer["fkr"][mode][k] <= 1.0
     assert "FKR (per-token tau_k)" in r.stdout and "FKR (global tau_k)" in r.stdout
-    _png_has_content(out / "fkr.png")
+    png_has_content(out / "fkr.png")
 
 
 def test_cli_errors_are_one_line(tmp_path, labelled_jsonl, tiny_hf_dir):

@@ -1,0 +1,66 @@
+"""tools/compare_runs.py on synthetic runs in both metrics.jsonl styles."""
+import json
+import math
+
+import pytest
+
+from analysis_helpers import png_has_content, run_tool
+from neox_l2e.analysis.common import AnalysisError
+from neox_l2e.analysis.runs import layer_mean, read_run, summary_table
+
+
+def _write_runs(root):
+    base, l2e = root / "baseline", root / "l2e"
+    base.mkdir()
+    (l2e / "logs").mkdir(parents=True)
+    with open(base / "metrics.jsonl", "w") as f:          # the brief's style: step / loss / lr / valid/loss
+        for s in range(1, 101):
+            rec = {"step": s, "loss": 6 * math.exp(-s / 40) + 2.0, "lr": 1e-3}
+            if s % 25 == 0:
+                rec["valid/loss"] = 6 * math.exp(-s / 40) + 2.3
+            f.write(json.dumps(rec) + "\n")
+    with open(l2e / "logs" / "metrics.jsonl", "w") as f:  # the trainer's style: kind / iteration / lm_loss
+        f.write(json.dumps({"kind": "run", "iteration": 0, "parameters": 123}) + "\n")
+        for s in range(1, 101):
+            rec = {"kind": "train", "iteration": s, "lm_loss": 6 * math.exp(-s / 40) + 1.9, "lr": 1e-3,
+                   "l2e/layer1/frac_selected": 0.02, "l2e/layer2/frac_selected": 0.04,
+                   "l2e/layer1/frac_phi_gt_5": 0.05, "l2e/layer2/frac_phi_gt_5": float("nan")}
+            f.write(json.dumps(rec) + "\n")
+            if s % 50 == 0:
+                f.write(json.dumps({"kind": "valid", "iteration": s, "lm_loss": 2.5 - s / 1000}) + "\n")
+        f.write('{"kind": "train", "iterat')              # a line being written while we read
+    (root / "eval_l2e.json").write_text(json.dumps({"runs": [
+        {"model": "l2e", "num_fewshot": 0, "results": {"arc_easy": {"acc": 0.41, "acc_norm": 0.39}}}]}))
+    (base / "eval.json").write_text(json.dumps({"runs": [
+        {"model": "baseline", "num_fewshot": 0, "results": {"arc_easy": {"acc": 0.40, "acc_norm": 0.37}}}]}))
+    return base, l2e
+
+
+def test_read_both_styles(tmp_path):
+    base, l2e = _write_runs(tmp_path)
+    a, b = read_run(base), read_run(l2e)
+    assert len(a.train_loss[0]) == 100 and len(a.valid_loss[0]) == 4 and a.evals
+    assert len(b.train_loss[0]) == 100 and b.valid_loss[1] == [2.45, 2.4] and b.skipped_lines == 1
+    steps, vals = layer_mean(b, "frac_selected")
+    assert len(steps) == 100 and vals[0] == pytest.approx(0.03)
+    assert layer_mean(b, "frac_phi_gt_5")[1][0] == pytest.approx(0.05)      # NaN values are dropped
+    table = summary_table([a, b])
+    assert table[2].startswith("| baseline | 100 |") and "0.0300" in table[3]
+
+
+def test_compare_tool(tmp_path):
+    base, l2e = _write_runs(tmp_path)
+    out = tmp_path / "cmp"
+    r = run_tool("compare_runs.py", f"base={base}", f"l2e={l2e}", "--eval", f"l2e={tmp_path / 'eval_l2e.json'}",
+                 "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = out.with_suffix(".md").read_text()
+    assert "arc_easy acc_norm (0-shot)" in md and "| base |" in md and "| l2e |" in md
+    assert "0.3900" in md and "0.3700" in md
+    png_has_content(out.with_suffix(".png"))
+
+
+def test_no_loss_records_is_an_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lr": 0.1}\n')
+    with pytest.raises(AnalysisError, match="no loss records"):
+        read_run(tmp_path)
