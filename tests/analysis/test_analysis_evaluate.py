@@ -161,3 +161,27 @@ def test_tokenizer_loading_errors(tmp_path):
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(AnalysisError, match="cannot load"):
         load_tokenizer(tmp_path / "junk.json")
+
+
+def test_sentencepiece_checkpoint(tmp_path, labelled_jsonl):
+    """Our checkpoint naming a SentencePiece model (the default corpus's tokenizer type): the adapter loads it
+    through the checkpoint's config and scores with it."""
+    import sentencepiece as spm
+
+    from analysis_helpers import tiny_cfg
+    from neox_l2e.model import GPTNeoX
+    from neox_l2e.training.checkpoint import write_weights_checkpoint
+    texts = [json.loads(l)["text"] for l in open(labelled_jsonl)]
+    (tmp_path / "corpus.txt").write_text("\n".join(texts))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, eos_id=1, unk_id=0,
+                                   bos_id=-1, pad_id=-1, minloglevel=2)
+    cfg = tiny_cfg(vocab=400, seq=128, tokenizer_type="SPMTokenizer", vocab_file=str(tmp_path / "spm.model"))
+    torch.manual_seed(2)
+    model = GPTNeoX(cfg).eval()
+    write_weights_checkpoint(tmp_path / "ckpt", cfg, [model.state_dict()], tag="global_step1")
+    lm = NeoXL2ELM.from_checkpoint(tmp_path / "ckpt", device="cpu")
+    assert lm.tok.eod == 1 and lm.tok.vocab_size == 400
+    ((ll, _),) = lm.loglikelihood([_req("Shall I compare thee", " to a summer's day?")])
+    c, k = lm._encode_pair("Shall I compare thee", " to a summer's day?")
+    assert ll == pytest.approx(_direct_logprob(model, c + k, len(c), 400), abs=1e-4)
