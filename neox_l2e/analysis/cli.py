@@ -161,6 +161,7 @@ def scan_checkpoints(args, opts):
     specs = getattr(args, "checkpoints", None) or [args.checkpoint]
     for spec in specs:
         loaded = load_for_analysis(spec, args, device, dtype)
+        opts.validate(loaded.num_layers)                    # bad --layers / k fail before any work
         data = tokenize_for(loaded, records, args)
         if not args.no_progress:
             print(f"[scan] {loaded.name}: {loaded.num_parameters:,} parameters, {loaded.num_layers} layers x "

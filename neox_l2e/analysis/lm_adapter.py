@@ -158,8 +158,8 @@ class NeoXL2ELM(LM):
             if isinstance(until, str):
                 until = [until]
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            toks = (self.tok.encode(context) or [self.tok.eod])[-(self.max_length - max_new):] if max_new < self.max_length \
-                else (self.tok.encode(context) or [self.tok.eod])[-1:]
+            keep = max(1, self.max_length - max_new)              # room for the answer in the window
+            toks = (self.tok.encode(context) or [self.tok.eod])[-keep:]
             gen: List[int] = []
             text = ""
             for _ in range(max_new):
