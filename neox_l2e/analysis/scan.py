@@ -23,7 +23,6 @@ neox_l2e.l2e.fkr's; this module only streams them over batches and layers.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -146,7 +145,6 @@ def forward_mlp_activations(model, data: LabelledTokens, layers: Sequence[int], 
     blocks = model.gpt_neox.layers
     last = max(layers)
     device = next(model.parameters()).device
-    flat_valid = data.valid.reshape(-1)
     first_index = torch.cumsum(data.valid.sum(1), 0) - data.valid.sum(1)      # index of each window's first token
     state = {}
 
@@ -182,7 +180,6 @@ def forward_mlp_activations(model, data: LabelledTokens, layers: Sequence[int], 
     finally:
         for i in want:
             blocks[i].mlp.capture = None
-    del flat_valid
 
 
 # ------------------------------------------------------------------------------------------------
