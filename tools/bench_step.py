@@ -184,7 +184,11 @@ def build_hf_like(cfg, vocab: int, ours: torch.nn.Module, dtype: torch.dtype, de
     if unexpected or missing:
         raise RuntimeError(f"weight copy into the HF model failed: missing {missing[:4]}, unexpected {unexpected[:4]}")
     if cfg.training.checkpoint_activations:      # same work as ours: recompute each layer in backward
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf, "activation_checkpointing_enable"):                 # transformers >= 5
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.config.use_cache = False
     return hf
 
 

@@ -223,6 +223,7 @@ class Trainer:
         bad = False
         stop = False
         lm_sum, l2e_sum, l2e_n = 0.0, 0.0, 0
+        own_norm = None
         for micro in range(gas):
             x, y = self._batch(self.train_iter)
             out = self.engine(x)
@@ -257,6 +258,8 @@ class Trainer:
                     l2e_n += 1
             # engine.step() after every micro-batch (DeepSpeed counts micro-steps); the last one is the
             # accumulation boundary that runs the optimizer, made a no-op when any micro-batch was bad
+            if micro == gas - 1 and not bad and self._own_grad_norm:
+                own_norm = self._grad_norm()
             with skipped_update(self.optimizer, bad and micro == gas - 1):
                 self.engine.step()
         applied = (not bad) and self.engine.was_step_applied()
@@ -265,13 +268,35 @@ class Trainer:
                  "l2e_loss": (l2e_sum / l2e_n) if l2e_n else None}
         if applied:
             self.scheduler.step()
-        gn = self.engine.get_global_grad_norm() if applied else None
+        gn = (own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()) if applied else None
         if gn is not None:
             gn = float(gn)
             stats["grad_norm"] = gn if math.isfinite(gn) else None
         self.iteration += 1
         self.consumed += self.global_batch
         return stats
+
+    @property
+    def _own_grad_norm(self) -> bool:
+        """DeepSpeed records the global gradient norm except without ZeRO in fp32: then we compute it."""
+        return self.cfg.zero_stage == 0 and self.cfg.precision_name == "fp32" and self.cfg.logging.log_grad_norm
+
+    @torch.no_grad()
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the (DP-averaged, unclipped) gradients; TP-split parameters summed over the TP group."""
+        dev = self.ps.device
+        split = torch.zeros((), dtype=torch.float64, device=dev)
+        replicated = torch.zeros((), dtype=torch.float64, device=dev)
+        for p in self.module.parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().double().pow(2).sum()
+            if getattr(p, "tp_partition_dim", None) is not None:
+                split += sq
+            else:
+                replicated += sq
+        self.ps.all_reduce_tp(split)
+        return float((split + replicated).sqrt())
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> TrainResult:

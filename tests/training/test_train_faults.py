@@ -155,3 +155,34 @@ def test_deepy_launches_two_cpu_ranks(tmp_path):
     r = _result(p.stdout)
     assert r["iteration"] == 3 and r["checkpoints"] == ["global_step3"]
     assert "world size 2 | layout TP 1 x DP 2" in p.stdout
+
+
+def test_train_py_end_to_end_on_indexed_data(tmp_path):
+    """train.py on NeoX .bin/.idx data: trains, evaluates, saves, logs metrics.jsonl; then resumes."""
+    import numpy as np
+
+    from neox_l2e.data import write_indexed_dataset
+    from neox_l2e.training.checkpoint import latest_tag
+    g = np.random.default_rng(0)
+    docs = [((g.integers(0, 63) + g.integers(1, 4) * np.arange(40)) % 63).tolist() + [63] for _ in range(60)]
+    train = write_indexed_dataset(tmp_path / "train", docs[:50], vocab_size=64)
+    valid = write_indexed_dataset(tmp_path / "valid", docs[50:], vocab_size=64)
+    data = tmp_path / "data.yml"
+    data.write_text(f"train-data-paths: ['{train}']\nvalid-data-paths: ['{valid}']\n")
+    save = tmp_path / "run"
+    args = [PY, str(REPO / "train.py"), str(REPO / "configs/local/tiny.yml"), str(data), f"save={save}",
+            "train-iters=8", "lr-decay-iters=12", "eval-interval=4"]
+    p = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "world size 1 | layout TP 1 x DP 1 | ZeRO stage 0 | precision fp32" in p.stdout
+    recs = [json.loads(l) for l in (save / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    valid_recs = [r for r in recs if r["kind"] == "valid"]
+    assert [r["iteration"] for r in valid_recs] == [4, 8]
+    assert train_recs[-1]["lm_loss"] < train_recs[0]["lm_loss"]
+    assert {"lr", "tokens_per_s", "step_time_s", "grad_norm"} <= train_recs[-1].keys()
+    assert latest_tag(save) == "global_step8" and (save / "tensorboard").is_dir()
+    p = subprocess.run(args[:-3] + ["train-iters=12", "lr-decay-iters=12", "eval-interval=4", f"load={save}"],
+                       env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and latest_tag(save) == "global_step12"
