@@ -1,0 +1,104 @@
+"""tools/convert_hf.py against transformers' GPTNeoXForCausalLM (the reference) both ways."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from neox_l2e.config import build_config
+from neox_l2e.model import GPTNeoX
+from neox_l2e.parallel.reshard import split_tp_state
+from neox_l2e.training.checkpoint import load_weights_into, read_model_states, write_weights_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+import convert_hf  # noqa: E402
+
+VOCAB = 96
+
+
+def hf_model(tmp_path, tanh=False, parallel_residual=True):
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=64, rotary_pct=0.25,
+                        hidden_act="gelu_pytorch_tanh" if tanh else "gelu",
+                        use_parallel_residual=parallel_residual, tie_word_embeddings=False)
+    model = GPTNeoXForCausalLM(cfg).eval()
+    with torch.no_grad():  # biases and norms away from 0/1 so a dropped or swapped tensor shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def our_cfg(tp=1, tanh=False, parallel_residual=True):
+    return build_config(dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=VOCAB,
+                             intermediate_size=256, max_position_embeddings=64, rotary_pct=0.25,
+                             make_vocab_size_divisible_by=8, bias_gelu_fusion=tanh, gpt_j_residual=parallel_residual,
+                             no_weight_tying=True, model_parallel_size=tp))
+
+
+@pytest.mark.parametrize("tanh,parallel_residual", [(False, True), (True, False)])
+def test_import_gives_the_hf_logits(tmp_path, tanh, parallel_residual):
+    hf, hf_dir = hf_model(tmp_path, tanh, parallel_residual)
+    out = convert_hf.import_hf(hf_dir, tmp_path / "ckpt")
+    cfg_dict, states, client = read_model_states(out)
+    assert client["weights_only"] and len(states) == 1
+    # what train.py does with `load: OUT` and `finetune: true`: a fresh model, then load_weights_into
+    cfg = our_cfg(tanh=tanh, parallel_residual=parallel_residual)
+    model = GPTNeoX(cfg).eval()
+    load_weights_into(model, out)
+    tokens = torch.randint(0, VOCAB, (2, 32))
+    with torch.no_grad():
+        diff = (model(tokens).logits - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert "bias-gelu-fusion: " + ("true" if tanh else "false") in (out / "model.yml").read_text()
+
+
+def test_export_merges_tp_shards(tmp_path):
+    cfg1 = our_cfg()
+    torch.manual_seed(3)
+    model = GPTNeoX(cfg1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cfg2 = our_cfg(tp=2)
+    shards = split_tp_state(model.state_dict(), cfg2, 2)
+    write_weights_checkpoint(tmp_path / "run", cfg2, shards, tag="global_step7")
+    out = convert_hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = GPTNeoXForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, VOCAB, (2, 32))
+    with torch.no_grad():
+        diff = (model(tokens).logits - hf(tokens).logits[..., :model.vocab_size]).abs().max().item()
+    assert diff <= 1e-4
+    assert hf.config.num_hidden_layers == 2 and hf.config.hidden_act == "gelu"
+
+
+def test_round_trip_hf_to_ours_to_hf(tmp_path):
+    hf, hf_dir = hf_model(tmp_path)
+    convert_hf.import_hf(hf_dir, tmp_path / "ckpt")
+    out = convert_hf.export_hf(tmp_path / "ckpt", tmp_path / "hf2", dtype=torch.bfloat16)
+    back = GPTNeoXForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for (k, a), (k2, b) in zip(sorted(hf.state_dict().items()), sorted(back.state_dict().items())):
+        assert k == k2 and torch.equal(a.to(torch.bfloat16).float(), b), k
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf.py"), *map(str, args)],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    r = run("import", tmp_path / "nowhere", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not a directory" in r.stderr
+    r = run("export", tmp_path, tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no checkpoint" in r.stderr
+    _, hf_dir = hf_model(tmp_path)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep me")
+    r = run("import", hf_dir, tmp_path / "busy")
+    assert r.returncode == 2 and "--overwrite" in r.stderr and (tmp_path / "busy" / "x").read_text() == "keep me"
+    r = run("import", hf_dir, tmp_path / "ok")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ok" / "latest").read_text().strip() == "global_step0"
