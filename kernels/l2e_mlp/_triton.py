@@ -238,12 +238,12 @@ def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, M, N, P,
 @triton.jit
 def _bwd_kernel(u_ptr, bias_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, pdb_ptr,
                 M, N, stride_dzm, stride_dzn, tau, eps,
-                HAS_BIAS: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr,
+                HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr,
                 APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dL/du = (dL/dz + g * selected * 2 (z - mean) / ((z - mean)^2 + eps)) * GELU'(u), with z and the
     selection recomputed from the saved pre-activation (bitwise the forward's), plus per-row-block
-    column sums of dL/du (fp32) for the bias gradient."""
+    column sums of dL/du (fp32) for the bias gradient when NEED_DB (a frozen bias still shifts u)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -271,5 +271,5 @@ def _bwd_kernel(u_ptr, bias_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, p
         grad += tl.where(sel, g * (2.0 * d / (d2 + eps)), 0.0)
     du = tl.where(mask2, grad * gelu_grad, 0.0)
     tl.store(du_ptr + offs, _round_bf16(du, BF16_RNE).to(du_ptr.dtype.element_ty), mask=mask2)
-    if HAS_BIAS:
+    if NEED_DB:
         tl.store(pdb_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(du, axis=0), mask=col_mask)

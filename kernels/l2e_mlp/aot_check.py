@@ -61,7 +61,8 @@ def _signatures(dtype: str, cfg, approx_tanh: bool, even: bool):
     sig = dict(u_ptr=p, bias_ptr=p, dz_ptr=p, g_ptr=f32, mean_ptr=f32, inv_var_ptr=f32, du_ptr=p, pdb_ptr=f32,
                M="i32", N="i32", stride_dzm="i32", stride_dzn="constexpr", tau="fp32", eps="fp32")
     out.append(("bwd", "_bwd_kernel", sig,
-                dict(stride_dzn=1, HAS_BIAS=True, HAS_DZ=True, HAS_G=True, APPROX_TANH=approx_tanh, BF16_RNE=False,
+                dict(stride_dzn=1, HAS_BIAS=True, NEED_DB=True, HAS_DZ=True, HAS_G=True, APPROX_TANH=approx_tanh,
+                     BF16_RNE=False,
                      EVEN_M=even, EVEN_N=even, BLOCK_M=cfg.ew_block_m, BLOCK_N=cfg.ew_block_n),
                 dict(num_warps=cfg.ew_warps)))
     return out

@@ -166,22 +166,25 @@ def _recompute_preact(x, weight, mode, cfg: KernelConfig):
     return u_lin
 
 
-def _backward_du(u_lin, bias, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: KernelConfig):
-    """dL/du [T, N] in u_lin.dtype and, when bias is given, db (fp32 [N])."""
+def _backward_du(u_lin, bias, need_db, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: KernelConfig):
+    """dL/du [T, N] in u_lin.dtype and, when need_db, db (fp32 [N]). A bias is added to u whether or not
+    it needs a gradient."""
     K = _kernels()
     T, N = u_lin.shape
     bm, bn = cfg.ew_block_m, cfg.ew_block_n
     P, Q = _cdiv(T, bm), _cdiv(N, bn)
     du = torch.empty_like(u_lin)
-    pdb = torch.empty((P, N), dtype=torch.float32, device=u_lin.device) if bias is not None else mean
+    need_db = need_db and bias is not None
+    pdb = torch.empty((P, N), dtype=torch.float32, device=u_lin.device) if need_db else mean
     K._bwd_kernel[(P, Q)](
         u_lin, bias if bias is not None else mean, dz if dz is not None else u_lin,
         g if g is not None else mean, mean, inv_var, du, pdb, T, N,
         dz.stride(0) if dz is not None else 0, dz.stride(1) if dz is not None else 0, float(tau), float(eps),
-        HAS_BIAS=bias is not None, HAS_DZ=dz is not None, HAS_G=g is not None, APPROX_TANH=approx_tanh,
+        HAS_BIAS=bias is not None, NEED_DB=need_db, HAS_DZ=dz is not None, HAS_G=g is not None,
+        APPROX_TANH=approx_tanh,
         BF16_RNE=_bf16_rne(u_lin.dtype), EVEN_M=T % bm == 0, EVEN_N=N % bn == 0,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.ew_warps)
-    db = pdb.sum(dim=0) if bias is not None else None
+    db = pdb.sum(dim=0) if need_db else None
     return du, db
 
 
@@ -215,7 +218,7 @@ class FusedUpGeluL2E(torch.autograd.Function):
         with _device_guard(x):
             if u_lin is None:
                 u_lin = _recompute_preact(x, weight, ctx.mode, ctx.cfg)
-            du, db = _backward_du(u_lin, bias if need_b else None, dz, g, mean, inv_var, ctx.tau, ctx.eps,
+            du, db = _backward_du(u_lin, bias, need_b, dz, g, mean, inv_var, ctx.tau, ctx.eps,
                                   ctx.approx_tanh, ctx.cfg)
         dx = du @ weight if need_x else None        # cuBLAS through torch
         dw = du.t() @ x if need_w else None

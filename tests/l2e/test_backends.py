@@ -56,8 +56,6 @@ def test_triton_backend_matches_torch_backend(device, method):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.xfail(reason="kernel backward drops a bias that does not require grad from u (reported to the "
-                          "kernel engineer); the model's biases require grad", strict=False)
 def test_triton_backend_with_frozen_bias(device):
     out = _run(device, bias_grad=False)
     for a, b in zip(out["torch"][2], out["triton"][2]):
