@@ -274,9 +274,9 @@ class NeuronInhibitor(nn.Module):
                     "n_elig": float(T * self.num_neurons) if active else 0.0}
             if init_tau and self.tau_init == "quantile":
                 pend["init_phi"] = phi
-            self._pending = pend
             if selecting:
-                self._accumulate_metrics(out, phi, mask, n_sel, tau)
+                pend["metrics"] = self._batch_metrics(out, phi, mask, n_sel, tau)
+            self._pending = pend
         return out.reshape(*lead, out.shape[-1])
 
     def _reduce_from_tp(self, t: torch.Tensor) -> torch.Tensor:
@@ -293,15 +293,10 @@ class NeuronInhibitor(nn.Module):
         return mask.reshape(phi.shape)
 
     # ------------------------------------------------------------------ metrics
-    def _accumulate_metrics(self, z2d, phi, mask, n_sel, tau) -> None:
-        """Device-side running sums since the last metrics() call (no host synchronisation)."""
+    def _batch_metrics(self, z2d, phi, mask, n_sel, tau) -> dict:
+        """This micro-batch's device-side metric sums (no host synchronisation); commit() adds them to the
+        running sums since the last metrics() call, discard() drops them."""
         dev = self.mean.device
-        if self._acc is None:
-            L = len(self.levels)
-            self._acc = {"batches": 0, "sums": torch.zeros(6 + L, dtype=torch.float64, device=dev),
-                         "hit": torch.zeros(self.num_neurons, dtype=torch.bool, device=dev),
-                         "loss": torch.zeros(2, dtype=torch.float64, device=dev)}
-        acc = self._acc
         if phi is None:  # Triton path: score a strided row sample of z (documented estimate)
             T = z2d.shape[0]
             stride = max(1, -(-T // self.metrics_rows))
@@ -320,12 +315,24 @@ class NeuronInhibitor(nn.Module):
             torch.where(mask, phi, torch.zeros_like(phi)).sum(dtype=torch.float64),  # sum phi over selected (scored)
             mask.sum(dtype=torch.float64),                                # selected among scored
         ] + [(phi > lv).sum(dtype=torch.float64) for lv in self.levels]
-        acc["batches"] += 1
-        acc["sums"] += torch.stack([p.reshape(()) for p in parts])
-        acc["hit"] |= mask.any(dim=0)
+        out = {"sums": torch.stack([p.reshape(()) for p in parts]), "hit": mask.any(dim=0)}
         if self.method == "l2e" and self.loss is not None:
-            acc["loss"] += torch.stack([self.loss.detach().to(torch.float64).reshape(()),
-                                        torch.ones((), dtype=torch.float64, device=dev)])
+            out["loss"] = torch.stack([self.loss.detach().to(torch.float64).reshape(()),
+                                       torch.ones((), dtype=torch.float64, device=dev)])
+        return out
+
+    def _add_metrics(self, batch: dict) -> None:
+        if self._acc is None:
+            dev = self.mean.device
+            self._acc = {"batches": 0, "sums": torch.zeros_like(batch["sums"]),
+                         "hit": torch.zeros(self.num_neurons, dtype=torch.bool, device=dev),
+                         "loss": torch.zeros(2, dtype=torch.float64, device=dev)}
+        acc = self._acc
+        acc["batches"] += 1
+        acc["sums"] += batch["sums"]
+        acc["hit"] |= batch["hit"]
+        if "loss" in batch:
+            acc["loss"] += batch["loss"]
 
     def metrics(self) -> dict:
         """Global metrics since the last call (then reset). A collective over TP and DP: call on every rank.
@@ -369,7 +376,13 @@ class NeuronInhibitor(nn.Module):
         self._acc = None
         return out
 
-    # ------------------------------------------------------------------ commit
+    # ------------------------------------------------------------------ commit / discard
+    def discard(self) -> None:
+        """Drop the pending micro-batch (statistics, selection counts, metrics) without a commit, as the
+        training loop does for a forward whose loss was NaN or inf. Local: call it on every rank alike."""
+        self._pending = None
+        self.loss, self.n_selected = None, None
+
     @torch.no_grad()
     def commit(self) -> None:
         """Fold the pending micro-batch into the statistics and move tau. Collective (TP and DP groups):
@@ -378,6 +391,8 @@ class NeuronInhibitor(nn.Module):
         pend, self._pending = self._pending, None
         if pend is None:
             return
+        if "metrics" in pend:
+            self._add_metrics(pend["metrics"])
         ps = self.ps
         dev = self.mean.device
         # 1. statistics: DP merge in rank order, decay, Chan fold (fp64 arithmetic, stored fp32)

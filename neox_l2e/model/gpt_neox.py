@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import NeoXConfig
 from ..parallel import (ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding, copy_to_tp,
                         gather_from_tp, init_sharded_, vocab_parallel_cross_entropy)
+from ..l2e import total_loss as l2e_total_loss
 from .mlp import MLP
 from .rotary import RotaryEmbedding, apply_rotary
 
@@ -82,7 +83,7 @@ class Layer(nn.Module):
 @dataclass
 class ModelOutput:
     logits: torch.Tensor                  # [b, s, V/tp] (this rank's vocab slice)
-    l2e_loss: Optional[torch.Tensor]      # mean L_MS over inhibited layers (None when nothing is inhibited)
+    l2e_loss: Optional[torch.Tensor]      # mean L_MS over the layers that selected (None when none is active)
 
 
 class GPTNeoX(nn.Module):
@@ -165,9 +166,7 @@ class GPTNeoX(nn.Module):
             logits = F.linear(copy_to_tp(x, self.ps), self.gpt_neox.embed_in.weight)
         else:
             logits = self.embed_out(x)                                    # [b, s, V/tp]
-        losses = [inh.loss for inh in self.inhibitors() if inh.loss is not None]
-        l2e_loss = torch.stack(losses).mean() if losses else None
-        return ModelOutput(logits, l2e_loss)
+        return ModelOutput(logits, l2e_total_loss(self.inhibitors()))
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32); logits may be vocab-parallel."""

@@ -250,7 +250,7 @@ class Trainer:
                 if not micro_bad:
                     inh.commit()                 # merges statistics over DP, moves the threshold
                 else:
-                    _discard_pending(inh)        # statistics of a NaN/inf forward are dropped (all ranks)
+                    inh.discard()                # statistics of a NaN/inf forward are dropped (all ranks)
             if not micro_bad:
                 lm_sum += flags[0] / self.ps.world_size
                 if out.l2e_loss is not None:
@@ -422,13 +422,6 @@ class Trainer:
         ppl = math.exp(loss) if loss < 50 else float("inf")
         self.monitor.log("valid", self.iteration, {"lm_loss": loss, "ppl": ppl})
         self.monitor.print(f"step {self.iteration}: valid loss {loss:.4f} (ppl {ppl:.2f})")
-
-
-def _discard_pending(inh) -> None:
-    if hasattr(inh, "discard"):
-        inh.discard()
-    elif hasattr(inh, "_pending"):
-        inh._pending = None
 
 
 def train(cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None,

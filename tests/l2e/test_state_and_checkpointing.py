@@ -133,3 +133,28 @@ def test_low_precision_casts_do_not_touch_the_statistics():
     for k, v in a.state_dict().items():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
     assert a.inv_var.dtype == torch.float32
+
+
+def test_discard_drops_the_pending_micro_batch():
+    """A discarded forward (the loop's NaN/inf skip) leaves statistics, tau, counters and metrics as if it
+    never ran: the run equals one that skipped that micro-batch."""
+    w, b = layer_inputs()
+    kept, skipped = make_inhibitor(), make_inhibitor()
+    run_stream(kept, w, b, steps=20)
+    run_stream(skipped, w, b, steps=20)
+    for inh in (kept, skipped):
+        inh.metrics()                                   # start a fresh metrics window
+    poisoned = batch(64, seed=500)
+    poisoned[3] = float("nan")
+    skipped(poisoned, w, b, "none")
+    assert skipped.loss is not None
+    skipped.discard()
+    assert skipped.loss is None and skipped.n_selected is None
+    skipped.commit()                                    # nothing pending: a no-op
+    for inh in (kept, skipped):
+        run_stream(inh, w, b, steps=5, seed0=600)
+    sk, tk = _snapshot(kept)
+    ss, ts = _snapshot(skipped)
+    assert tk == ts and all(torch.equal(sk[k], ss[k]) for k in sk)
+    mk, ms = kept.metrics(), skipped.metrics()
+    assert mk == ms and mk["batches"] == 5.0
