@@ -8,6 +8,15 @@ config and holding the same weights.
 The two models are measured alternately (--rounds rounds of --steps steps each, after warm-up), and the
 median over rounds of the per-round ratio HF time / our time is reported (> 1: ours is faster).
 
+L2E overhead (the paper's efficiency table): --l2e and/or --memel time our model without inhibition and
+with it (same weights, same batch, inhibitors warmed up until they select), alternately in one process,
+and report the median per-round overhead over no inhibition. --mlp-layer times one MLP layer of the
+config's shape instead of the whole model (e.g. the Pythia-2.8B MLP, which does not fit a small machine
+as a whole model):
+
+    python tools/bench_step.py configs/pythia/pythia-70m.yml --seq 512 --l2e --memel
+    python tools/bench_step.py configs/pythia/pythia-2.8b.yml --seq 512 --micro-batch 1 --l2e --memel --mlp-layer
+
 Reusable pieces (e.g. for an L2E-overhead comparison in the same process):
     stats = time_steps(model, batch, n)            # -> StepStats (median_s, tokens_per_s, peak_mem_mb, ...)
     ours = build_ours(cfg, vocab, dtype, device)   # our GPTNeoX, L2E as configured
@@ -16,6 +25,7 @@ Reusable pieces (e.g. for an L2E-overhead comparison in the same process):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -93,7 +103,7 @@ class _PeakRSS:
 
 
 def default_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 l2e_lambda: float = 0.1) -> torch.Tensor:
+                 l2e_lambda: float = 0.01) -> torch.Tensor:
     """One training step: next-token loss (+ L2E loss and commits for our model), backward, AdamW step."""
     x, y = batch[:, :-1], batch[:, 1:]
     if hasattr(model, "lm_loss"):                               # our GPTNeoX
@@ -219,7 +229,111 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=None, help="vocab size when the config has none")
     p.add_argument("--no-hf", action="store_true", help="time only our model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--l2e", action="store_true", help="time L2E (the config's layers and ratio) against no inhibition")
+    p.add_argument("--memel", action="store_true", help="time MEmeL against no inhibition")
+    p.add_argument("--mlp-layer", action="store_true", help="with --l2e/--memel: one MLP layer, not the model")
     return p.parse_intermixed_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# L2E / MEmeL overhead
+
+
+class MLPLayer(torch.nn.Module):
+    """One MLP layer of the config's shape, inhibited or not, as a stand-alone model for timing."""
+
+    def __init__(self, cfg, device, dtype, method: Optional[str]):
+        super().__init__()
+        from neox_l2e.l2e import NeuronInhibitor
+        from neox_l2e.model.mlp import MLP
+        from neox_l2e.parallel import ParallelState
+        ps = ParallelState.single(device)
+        self.mlp = MLP(cfg.model.hidden_size, cfg.ffn_size, ps, approximate=cfg.gelu_approximate)
+        if method:
+            l2e = dataclasses.replace(cfg.l2e, l2e_enabled=True, l2e_method=method)
+            self.mlp.inhibitor = NeuronInhibitor(cfg.ffn_size, l2e, ps, layer_index=0)
+        self.to(device=device, dtype=dtype)
+
+    def inhibitors(self):
+        return [self.mlp.inhibitor] if self.mlp.inhibitor is not None else []
+
+
+def mlp_step(model, x, optimizer, l2e_lambda: float = 0.01):
+    """Forward, a scalar loss on the layer output (+ lambda x L_MS), backward, commits, AdamW step."""
+    out = model.mlp(x)
+    loss = out.float().pow(2).mean()
+    inh = model.mlp.inhibitor
+    if inh is not None and inh.loss is not None:
+        loss = loss + l2e_lambda * inh.loss
+    loss.backward()
+    for i in model.inhibitors():
+        i.commit()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def overhead_variants(cfg, args, vocab, dtype, device, batch):
+    """{name: (model, batch, step_fn)}: 'none' plus 'l2e' / 'memel', all with the same weights."""
+    methods = [None] + (["l2e"] if args.l2e else []) + (["memel"] if args.memel else [])
+    out = {}
+    if args.mlp_layer:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch.shape[0] * (batch.shape[1] - 1), cfg.model.hidden_size, generator=g).to(device, dtype)
+        first = None
+        for m in methods:
+            torch.manual_seed(0)
+            layer = MLPLayer(cfg, device, dtype, m)
+            if first is None:
+                first = layer
+            else:
+                layer.mlp.load_state_dict(first.mlp.state_dict(), strict=False)
+            out[m or "none"] = (layer, x, lambda mod, b, opt: mlp_step(mod, b, opt, cfg.l2e.l2e_lambda))
+        return out
+    first = None
+    for m in methods:
+        c = cfg.replace(l2e_enabled=m is not None, l2e_method=m or "l2e")
+        model = build_ours(c, vocab, dtype, device)
+        if first is None:
+            first = model
+        else:
+            model.load_state_dict(first.state_dict(), strict=False)
+        out[m or "none"] = (model, batch, lambda mod, b, opt: default_step(mod, b, opt, cfg.l2e.l2e_lambda))
+    return out
+
+
+def run_overhead(cfg, args, vocab, dtype, device, batch) -> int:
+    variants = overhead_variants(cfg, args, vocab, dtype, device, batch)
+    model0 = variants["none"][0]
+    what = (f"one MLP layer {cfg.model.hidden_size} -> {cfg.ffn_size}" if args.mlp_layer
+            else f"{fmt_params(model0)} params, L2E layers {cfg.inhibited_layers()}")
+    print(f"config {' '.join(args.configs)} | {what} | tokens {batch.shape[0]} x {batch.shape[1] - 1} | "
+          f"{args.dtype} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"{platform.machine()} {os.cpu_count()} cpus | p = {cfg.l2e.l2e_ratio:g}")
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _, _) in variants.items()}
+    for k, (m, b, fn) in variants.items():   # warm-up until the inhibitors select (stats, then tau, then selection)
+        time_steps(m, b, 0, opts[k], step_fn=fn, warmup=max(args.warmup, 3))
+        if k != "none":
+            states = [("active" if i.active else "inactive") for i in m.inhibitors()]
+            print(f"{k:>6}: inhibitors after warm-up: {', '.join(states)}")
+    names = list(variants)
+    per_round = {k: [] for k in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]     # rotate who goes first
+        for k in order:
+            m, b, fn = variants[k]
+            per_round[k].append(time_steps(m, b, args.steps, opts[k], step_fn=fn).median_s)
+    tokens = batch.shape[0] * (batch.shape[1] - 1)
+    for k in names:
+        med = statistics.median(per_round[k])
+        line = (f"{k:>6}: median step {med * 1000:.1f} ms | {tokens / med:,.0f} tokens/s | rounds "
+                + " ".join(f"{t * 1000:.0f}" for t in per_round[k]) + " ms")
+        if k != "none":
+            over = [100.0 * (t / t0 - 1.0) for t, t0 in zip(per_round[k], per_round["none"])]
+            line += f" | overhead vs none {statistics.median(over):+.1f} % (per round: " \
+                    + " ".join(f"{o:+.1f}" for o in over) + ")"
+        print(line)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -246,6 +360,11 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, vocab, (args.micro_batch, seq + 1), generator=g).to(device)
 
+    if args.l2e or args.memel:
+        return run_overhead(cfg, args, vocab, dtype, device, batch)
+    if args.mlp_layer:
+        print("error: --mlp-layer goes with --l2e and/or --memel", file=sys.stderr)
+        return 2
     ours = build_ours(cfg, vocab, dtype, device)
     variants = {"ours": ours}
     if not args.no_hf:

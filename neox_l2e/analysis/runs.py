@@ -128,7 +128,7 @@ def eval_scores(run: Run, metric_order=("acc_norm", "acc")) -> Dict[str, float]:
     return out
 
 
-def _tail_mean(series: Series, frac: float = 0.1) -> Optional[float]:
+def tail_mean(series: Series, frac: float = 0.1) -> Optional[float]:
     ys = series[1]
     if not ys:
         return None
@@ -156,9 +156,9 @@ def summary_table(runs: Sequence[Run], l2e_metrics=("frac_selected", "frac_phi_g
         return "-" if v is None else f"{v:.{d}f}"
     for r in runs:
         scores = eval_scores(r)
-        cells = [r.name, str(int(max(r.train_loss[0] or r.valid_loss[0] or [0]))), f(_tail_mean(r.train_loss)),
+        cells = [r.name, str(int(max(r.train_loss[0] or r.valid_loss[0] or [0]))), f(tail_mean(r.train_loss)),
                  f(r.valid_loss[1][-1] if r.valid_loss[1] else None), f(min(r.valid_loss[1]) if r.valid_loss[1] else None)]
-        cells += [f(_tail_mean(layer_mean(r, m))) for m in l2e_metrics]
+        cells += [f(tail_mean(layer_mean(r, m))) for m in l2e_metrics]
         cells += [f(scores.get(t)) for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -173,7 +173,7 @@ class L2EConfig:
     l2e_method: str = F("l2e", "l2e (moving threshold + regularisation loss), memel (per-batch top-k + reverse deactivation baseline) or none.")
     l2e_layers: Any = F("mid2", "Inhibited layers: mid2, mid-third, top-bot, or an explicit list of 0-based layer indices.")
     l2e_ratio: float = F(0.02, "Target fraction p of (token, neuron) activations selected (paper: 1% 70M, 2% 410M, 3% 2.8B).")
-    l2e_lambda: float = F(0.1, "Weight of the inhibition loss added to the LM loss (our choice, measured: docs/l2e.md).")
+    l2e_lambda: float = F(0.01, "Weight of the inhibition loss added to the LM loss (our choice, from a measured sweep: docs/l2e.md).")
     l2e_eta: float = F(0.05, "Step size of the log-space threshold update log tau += eta (frac - p) / p (our choice).")
     l2e_tau_init: Any = F("quantile", "'quantile' = exact (1-p) quantile of phi on the first eligible batch, or a number.")
     l2e_decay: Optional[float] = F(None, "None = cumulative statistics (the paper); a value in (0, 1) decays old counts by it per micro-batch.")

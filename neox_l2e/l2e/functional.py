@@ -34,9 +34,9 @@ def inv_var_from_stats(count: torch.Tensor, m2: torch.Tensor, min_samples: int) 
 
 
 def phi(z: torch.Tensor, mean: torch.Tensor, inv_var: torch.Tensor) -> torch.Tensor:
-    """Monosemanticity score per (token, neuron), fp32: (z - mean)^2 * inv_var."""
-    d = z.float() - mean
-    return d * d * inv_var
+    """Monosemanticity score per (token, neuron), fp32: (z - mean)^2 * inv_var (not differentiable)."""
+    d = z.detach().float() - mean
+    return d.mul_(d).mul_(inv_var)          # in place: one [T, N] buffer, the same bits as d * d * inv_var
 
 
 def select(z: torch.Tensor, mean: torch.Tensor, inv_var: torch.Tensor, tau) -> torch.Tensor:
@@ -45,12 +45,26 @@ def select(z: torch.Tensor, mean: torch.Tensor, inv_var: torch.Tensor, tau) -> t
 
 
 def inhibition_loss_sum(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
-    """Sum over selected entries of log((z - mean)^2 + eps) (fp32 scalar, differentiable in z only)."""
+    """Sum over selected entries of log((z - mean)^2 + eps) (fp32 scalar, differentiable in z only).
+
+    On CPU the selected entries (about p of them) are gathered and only they are computed, forward and
+    backward; elsewhere the masked full-size form is used, because gathering needs the number of selected
+    entries on the host (a device synchronisation per layer and forward). Same value up to summation order.
+    """
+    if z.device.type == "cpu":
+        rows, cols = mask.reshape(-1, mask.shape[-1]).nonzero(as_tuple=True)
+        d = z.reshape(-1, z.shape[-1])[rows, cols].float() - mean.detach()[cols]
+        return torch.log(d * d + eps).sum()
     d = z.float() - mean.detach()
     # log of 1 (= 0) on unselected entries, so their gradient is exactly 0 even where z == mean and
     # eps == 0 (masking log(d^2 + eps) after the fact would give 0 * inf = NaN there)
-    arg = torch.where(mask, d * d + eps, torch.ones_like(d))
+    arg = torch.where(mask, d * d + eps, 1.0)
     return torch.log(arg).sum()
+
+
+def count(mask: torch.Tensor) -> torch.Tensor:
+    """Number of True entries as a float64 scalar tensor (exact; no host synchronisation)."""
+    return torch.count_nonzero(mask).to(torch.float64)
 
 
 def inhibition_grad(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:

@@ -249,7 +249,7 @@ class NeuronInhibitor(nn.Module):
             if selecting and l2e:
                 mask = phi >= tau
                 loss_sum = F.inhibition_loss_sum(z32, mean, mask, self.eps)
-                n_sel = mask.sum(dtype=torch.float64)
+                n_sel = F.count(mask)
 
         if not l2e:                                   # MEmeL: per-batch top-k, reverse deactivation
             self.loss, self.n_selected = None, None
@@ -258,7 +258,7 @@ class NeuronInhibitor(nn.Module):
                     phi = F.phi(out.detach(), mean, inv_var)
                 mask = self._topk_mask(phi)
                 out = F.reverse_deactivate(out, mean, mask)
-                n_sel = mask.sum(dtype=torch.float64)
+                n_sel = F.count(mask)
                 self.n_selected = n_sel
         elif selecting:
             n_tp = self.ps.all_reduce_tp(n_sel.detach().clone())
@@ -311,10 +311,10 @@ class NeuronInhibitor(nn.Module):
             torch.as_tensor(numel, dtype=torch.float64, device=dev),     # eligible activations
             n_sel.detach().to(torch.float64).reshape(()),                 # selected (exact)
             torch.as_tensor(sample, dtype=torch.float64, device=dev),    # scored activations
-            phi.sum(dtype=torch.float64),                                 # sum phi over scored
-            torch.where(mask, phi, torch.zeros_like(phi)).sum(dtype=torch.float64),  # sum phi over selected (scored)
-            mask.sum(dtype=torch.float64),                                # selected among scored
-        ] + [(phi > lv).sum(dtype=torch.float64) for lv in self.levels]
+            phi.sum().to(torch.float64),                                  # sum phi over scored
+            torch.where(mask, phi, 0.0).sum().to(torch.float64),          # sum phi over selected (scored)
+            F.count(mask),                                                # selected among scored
+        ] + [F.count(phi > lv) for lv in self.levels]
         out = {"sums": torch.stack([p.reshape(()) for p in parts]), "hit": mask.any(dim=0)}
         if self.method == "l2e" and self.loss is not None:
             out["loss"] = torch.stack([self.loss.detach().to(torch.float64).reshape(()),

@@ -72,3 +72,25 @@ def test_prune_and_latest(tmp_path):
     assert not (tmp_path / ".tmp-global_step5").exists()
     assert read_model_states(tmp_path)[1][0]["w"].item() == 2.0
     assert read_model_states(tmp_path, "global_step4")[1][0]["w"].item() == 4.0
+
+
+def _lambda_worker(rank, world, l2e):
+    from neox_l2e.training.loop import Trainer
+    from train_common import datasets, tiny_cfg
+    tr = Trainer(tiny_cfg(train_iters=8, **l2e), datasets=datasets(), quiet=True)
+    res = tr.train()
+    return {"losses": [l for _, l in res.train_losses], "l2e": res.l2e_metrics,
+            "state": {k: v.detach().numpy().copy() for k, v in tr.module.state_dict().items()
+                      if ".inhibitor." not in k}}
+
+
+def test_lambda_zero_trains_exactly_like_l2e_off():
+    """The baseline of tools/l2e_sweep.py: at lambda = 0 the inhibitors select and log but the model's
+    losses and weights are bit-identical to a run without L2E; a positive lambda changes them."""
+    off, zero, on = (run_ranks(_lambda_worker, world=1, args=(kw,))[0] for kw in (
+        {}, dict(l2e_enabled=True, l2e_lambda=0.0, l2e_min_samples=8),
+        dict(l2e_enabled=True, l2e_lambda=1.0, l2e_min_samples=8)))
+    assert off["losses"] == zero["losses"] and not off["l2e"]
+    assert all((off["state"][k] == zero["state"][k]).all() for k in off["state"])
+    assert zero["l2e"] and all(m["frac_selected"] > 0 for m in zero["l2e"].values())
+    assert on["losses"] != zero["losses"]
