@@ -35,14 +35,6 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)
 
 
-def l2e_available() -> bool:
-    try:
-        from neox_l2e.l2e import NeuronInhibitor  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def read_metrics(path: Path) -> list:
     if not path.is_file():
         return []
@@ -103,10 +95,6 @@ def main(argv=None) -> int:
         }
         if args.resume:
             overrides["load"] = str(out / "checkpoints")
-        note = None
-        if not l2e_available():
-            overrides["l2e_enabled"] = False
-            note = "the L2E package (neox_l2e.l2e) is not installed yet: training without inhibition"
         overrides.update(dict(parse_override(o) for o in args.overrides))
         cfg = load_config([args.config], overrides)
         if not args.resume and out.exists():
@@ -116,8 +104,6 @@ def main(argv=None) -> int:
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
-        if note:
-            print(f"note: {note}")
         from neox_l2e.training.loop import train
         result = train(cfg)
     except tuple(errors) as e:
@@ -154,9 +140,13 @@ def main(argv=None) -> int:
     print(f"throughput      {result.tokens_per_s:,.0f} tokens/s | {result.iteration - result.start_iteration} steps in "
           f"{result.elapsed_s:.0f} s (total with data preparation {elapsed:.0f} s)")
     if result.l2e_metrics:
+        print(f"L2E ({cfg.l2e.l2e_method}, p = {cfg.l2e.l2e_ratio:g}, lambda = {cfg.l2e.l2e_lambda:g}), "
+              "last log window:")
         for layer, m in sorted(result.l2e_metrics.items()):
-            keys = ("frac_selected", "tau", "loss_ms", "neurons_hit")
-            print(f"L2E layer {layer}     " + " | ".join(f"{k} {m[k]:.4g}" for k in keys if k in m))
+            first = ("frac_selected", "tau", "loss_ms", "neurons_hit")
+            rest = ("phi_mean_selected", "phi_mean_all") + tuple(k for k in m if k.startswith("frac_phi_gt_"))
+            print(f"  layer {layer:<8}" + " | ".join(f"{k} {m[k]:.4g}" for k in first if k in m))
+            print(" " * 16 + " | ".join(f"{k} {m[k]:.4g}" for k in rest if k in m))
     elif not cfg.l2e_active:
         print("L2E            off")
     print(f"outputs         {out}/ (metrics.jsonl, tensorboard/, checkpoints/, "
