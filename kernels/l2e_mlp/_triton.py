@@ -119,14 +119,14 @@ def _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid
 
 
 @triton.jit
-def _split_fwd_kernel(u_ptr, bias_ptr, z_ptr, mean_ptr, inv_var_ptr,
+def _split_fwd_kernel(u_ptr, z_ptr, mean_ptr, inv_var_ptr,
                       pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
                       M, N, tau, eps,
-                      HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr,
+                      APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr,
                       FAST_LOG: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """"split" mode: u_lin = x W^T (cuBLAS, [M, N] contiguous, x.dtype) is read once; bias, GELU, z and
-    the L2E partials in one pass."""
+    """"split" mode: u = x W^T + b (cuBLAS addmm, [M, N] contiguous, x.dtype: F.linear's bits) is read
+    once; GELU, z and the L2E partials in one pass."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     num_pid_n = tl.num_programs(1)
@@ -137,9 +137,6 @@ def _split_fwd_kernel(u_ptr, bias_ptr, z_ptr, mean_ptr, inv_var_ptr,
     mask2 = row_mask[:, None] & col_mask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     u = tl.load(u_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        u = u + b[None, :]
     _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
                   z_ptr, mean_ptr, inv_var_ptr, tau, eps, pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
                   APPROX_TANH, BF16_RNE, FAST_LOG, BLOCK_M)
@@ -154,8 +151,9 @@ def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr
                      FAST_LOG: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                      GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
-    """"fused-gemm" mode: u = x W^T with fp32 accumulation, rounded to x.dtype (the same pre-activation
-    as "split"), optionally stored (SAVE_U), then the L2E epilogue (EPILOGUE=False only recomputes u)."""
+    """"fused-gemm" mode: u = x W^T + b with fp32 accumulation, the bias added to the accumulator and
+    the sum rounded once to x.dtype (the pre-activation of "split" and of F.linear), optionally stored
+    (SAVE_U), then the L2E epilogue (EPILOGUE=False only recomputes u)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -186,15 +184,15 @@ def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    u_lin = _round_bf16(acc, BF16_RNE).to(x_ptr.dtype.element_ty)  # the stored/saved pre-activation (no bias), as cuBLAS gives it
+    if HAS_BIAS:
+        bv = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = acc + bv[None, :]
+    u_lin = _round_bf16(acc, BF16_RNE).to(x_ptr.dtype.element_ty)  # the stored/saved pre-activation, as addmm gives it
     if SAVE_U:
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(u_ptr + offs, u_lin, mask=row_mask[:, None] & col_mask[None, :])
     if EPILOGUE:
         u = u_lin.to(tl.float32)
-        if HAS_BIAS:
-            bv = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            u = u + bv[None, :]
         _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
                       z_ptr, mean_ptr, inv_var_ptr, tau, eps, pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
                       APPROX_TANH, BF16_RNE, FAST_LOG, BLOCK_M)
@@ -236,14 +234,15 @@ def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, M, N, P,
 
 
 @triton.jit
-def _bwd_kernel(u_ptr, bias_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, pdb_ptr,
+def _bwd_kernel(u_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, pdb_ptr,
                 M, N, stride_dzm, stride_dzn, tau, eps,
-                HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr,
+                NEED_DB: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr,
                 APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dL/du = (dL/dz + g * selected * 2 (z - mean) / ((z - mean)^2 + eps)) * GELU'(u), with z and the
     selection recomputed from the saved pre-activation (bitwise the forward's), plus per-row-block
-    column sums of dL/du (fp32) for the bias gradient when NEED_DB (a frozen bias still shifts u)."""
+    column sums of dL/du (fp32) for the bias gradient when NEED_DB. u is the saved pre-activation, bias
+    included."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -253,9 +252,6 @@ def _bwd_kernel(u_ptr, bias_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, p
     mask2 = row_mask[:, None] & col_mask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     u = tl.load(u_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        u = u + b[None, :]
     grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_DZ:
         dz_offs = rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :] * stride_dzn

@@ -37,10 +37,10 @@ def _signatures(dtype: str, cfg, approx_tanh: bool, even: bool):
     p = _TY[dtype]
     f32, i32 = "*fp32", "*i32"
     out = []
-    sig = dict(u_ptr=p, bias_ptr=p, z_ptr=p, mean_ptr=f32, inv_var_ptr=f32, pmean_ptr=f32, pm2_ptr=f32,
+    sig = dict(u_ptr=p, z_ptr=p, mean_ptr=f32, inv_var_ptr=f32, pmean_ptr=f32, pm2_ptr=f32,
                psel_ptr=i32, ploss_ptr=f32, M="i32", N="i32", tau="fp32", eps="fp32")
     out.append(("split_fwd", "_split_fwd_kernel", sig,
-                dict(HAS_BIAS=True, APPROX_TANH=approx_tanh, BF16_RNE=False, FAST_LOG=cfg.fast_log,
+                dict(APPROX_TANH=approx_tanh, BF16_RNE=False, FAST_LOG=cfg.fast_log,
                      EVEN_M=even, EVEN_N=even,
                      BLOCK_M=cfg.ew_block_m, BLOCK_N=cfg.ew_block_n), dict(num_warps=cfg.ew_warps)))
     bk = min(cfg.mm_block_k, 32) if dtype == "fp32" else cfg.mm_block_k
@@ -58,10 +58,10 @@ def _signatures(dtype: str, cfg, approx_tanh: bool, even: bool):
     sig = dict(pmean_ptr=f32, pm2_ptr=f32, mean_out_ptr=f32, m2_out_ptr=f32, M="i32", N="i32", P="i32")
     out.append(("merge_moments", "_merge_moments_kernel", sig,
                 dict(BLOCK_M=cfg.ew_block_m, BLOCK_P=cfg.merge_block_p, BLOCK_N=cfg.merge_block_n), dict(num_warps=4)))
-    sig = dict(u_ptr=p, bias_ptr=p, dz_ptr=p, g_ptr=f32, mean_ptr=f32, inv_var_ptr=f32, du_ptr=p, pdb_ptr=f32,
+    sig = dict(u_ptr=p, dz_ptr=p, g_ptr=f32, mean_ptr=f32, inv_var_ptr=f32, du_ptr=p, pdb_ptr=f32,
                M="i32", N="i32", stride_dzm="i32", stride_dzn="constexpr", tau="fp32", eps="fp32")
     out.append(("bwd", "_bwd_kernel", sig,
-                dict(stride_dzn=1, HAS_BIAS=True, NEED_DB=True, HAS_DZ=True, HAS_G=True, APPROX_TANH=approx_tanh,
+                dict(stride_dzn=1, NEED_DB=True, HAS_DZ=True, HAS_G=True, APPROX_TANH=approx_tanh,
                      BF16_RNE=False,
                      EVEN_M=even, EVEN_N=even, BLOCK_M=cfg.ew_block_m, BLOCK_N=cfg.ew_block_n),
                 dict(num_warps=cfg.ew_warps)))

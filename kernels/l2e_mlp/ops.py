@@ -130,10 +130,10 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
     psel = torch.empty((P, Q), dtype=torch.int32, device=dev)
     ploss = torch.empty((P, Q), dtype=torch.float32, device=dev)
     if mode == "split":
-        u_lin = torch.mm(x, weight.t())  # cuBLAS, fp32 accumulation, x.dtype out: read once below
+        u_lin = _linear(x, weight, bias)  # cuBLAS, fp32 accumulation, x.dtype out: read once below
         K._split_fwd_kernel[(P, Q)](
-            u_lin, bias if bias is not None else mean, z, mean, inv_var, pmean, pm2, psel, ploss,
-            T, N, float(tau), float(eps), HAS_BIAS=bias is not None, APPROX_TANH=approx_tanh,
+            u_lin, z, mean, inv_var, pmean, pm2, psel, ploss,
+            T, N, float(tau), float(eps), APPROX_TANH=approx_tanh,
             BF16_RNE=_bf16_rne(x.dtype), FAST_LOG=cfg.fast_log and not interpreter_enabled(),
             EVEN_M=T % bm == 0, EVEN_N=N % bn == 0,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.ew_warps)
@@ -154,33 +154,37 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
     return z, loss_sum, n_sel, count, bmean, bm2, u_lin
 
 
-def _recompute_preact(x, weight, mode, cfg: KernelConfig):
-    """The forward's x W^T (no bias) in x.dtype, by the same routine the forward used (same bits)."""
+def _linear(x, weight, bias):
+    """x W^T + b in x.dtype with one rounding: the call F.linear makes (same bits as the plain MLP)."""
+    return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+
+
+def _recompute_preact(x, weight, bias, mode, cfg: KernelConfig):
+    """The forward's x W^T + b in x.dtype, by the same routine the forward used (same bits)."""
     if mode == "split":
-        return torch.mm(x, weight.t())
+        return _linear(x, weight, bias)
     T, N = x.shape[0], weight.shape[0]
     u_lin = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    _gemm_launch(x, weight, None, u_lin, None, torch.empty(1, dtype=torch.float32, device=x.device),
+    _gemm_launch(x, weight, bias, u_lin, None, torch.empty(1, dtype=torch.float32, device=x.device),
                  torch.empty(1, dtype=torch.float32, device=x.device), None, 1.0, 0.0, False,
                  save_u=True, epilogue=False, cfg=cfg)
     return u_lin
 
 
-def _backward_du(u_lin, bias, need_db, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: KernelConfig):
-    """dL/du [T, N] in u_lin.dtype and, when need_db, db (fp32 [N]). A bias is added to u whether or not
-    it needs a gradient."""
+def _backward_du(u_lin, need_db, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: KernelConfig):
+    """dL/du [T, N] in u_lin.dtype (u_lin: the pre-activation, bias included) and, when need_db, db
+    (fp32 [N])."""
     K = _kernels()
     T, N = u_lin.shape
     bm, bn = cfg.ew_block_m, cfg.ew_block_n
     P, Q = _cdiv(T, bm), _cdiv(N, bn)
     du = torch.empty_like(u_lin)
-    need_db = need_db and bias is not None
     pdb = torch.empty((P, N), dtype=torch.float32, device=u_lin.device) if need_db else mean
     K._bwd_kernel[(P, Q)](
-        u_lin, bias if bias is not None else mean, dz if dz is not None else u_lin,
+        u_lin, dz if dz is not None else u_lin,
         g if g is not None else mean, mean, inv_var, du, pdb, T, N,
         dz.stride(0) if dz is not None else 0, dz.stride(1) if dz is not None else 0, float(tau), float(eps),
-        HAS_BIAS=bias is not None, NEED_DB=need_db, HAS_DZ=dz is not None, HAS_G=g is not None,
+        NEED_DB=need_db, HAS_DZ=dz is not None, HAS_G=g is not None,
         APPROX_TANH=approx_tanh,
         BF16_RNE=_bf16_rne(u_lin.dtype), EVEN_M=T % bm == 0, EVEN_N=N % bn == 0,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.ew_warps)
@@ -217,8 +221,8 @@ class FusedUpGeluL2E(torch.autograd.Function):
         g = dloss.detach().to(torch.float32).reshape(()) if dloss is not None else None
         with _device_guard(x):
             if u_lin is None:
-                u_lin = _recompute_preact(x, weight, ctx.mode, ctx.cfg)
-            du, db = _backward_du(u_lin, bias, need_b, dz, g, mean, inv_var, ctx.tau, ctx.eps,
+                u_lin = _recompute_preact(x, weight, bias, ctx.mode, ctx.cfg)
+            du, db = _backward_du(u_lin, need_b and bias is not None, dz, g, mean, inv_var, ctx.tau, ctx.eps,
                                   ctx.approx_tanh, ctx.cfg)
         dx = du @ weight if need_x else None        # cuBLAS through torch
         dw = du.t() @ x if need_w else None

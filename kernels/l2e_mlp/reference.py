@@ -46,15 +46,17 @@ def l2e_mlp_reference(x, weight, bias, mean, inv_var, tau: float, eps: float,
                       approximate: str = "none", mode: str = "split", *, round_preact: bool = False):
     """Same signature and returns as ``fused_up_gelu_l2e``; ``mode`` is accepted and ignored.
 
-    round_preact=False (default): u = x W^T in fp32 from the upcast operands (the issue's reference).
-    round_preact=True: x W^T (fp32 accumulation) is rounded to x.dtype before the fp32 bias add, which is
-    exactly the pre-activation both Triton modes use (see docs/kernels.md); identical for fp32 inputs.
+    round_preact=False (default): u = x W^T + b in fp32 from the upcast operands (the issue's reference).
+    round_preact=True: x W^T + b (fp32 accumulation, bias added in fp32) is rounded once to x.dtype, as
+    F.linear / addmm return it: the pre-activation both Triton modes use (see docs/kernels.md);
+    identical for fp32 inputs.
     """
     _check_args(x, weight, bias, mean, inv_var, tau, eps, approximate, mode)
-    lin = x.float() @ weight.float().t()
+    u = x.float() @ weight.float().t()
+    if bias is not None:
+        u = u + bias.float()
     if round_preact:
-        lin = lin.to(x.dtype).float()
-    u = lin + bias.float() if bias is not None else lin
+        u = u.to(x.dtype).float()
     z32 = F.gelu(u, approximate=approximate)
     mask = L.select(z32, mean, inv_var, float(tau))
     loss_sum = L.inhibition_loss_sum(z32, mean, mask, float(eps))
