@@ -4,8 +4,10 @@
     datasets["train"][i] -> {"text": np.int64 array of seq_length + 1 tokens}
 
 Sources (as GPT-NeoX): ``train-data-paths`` / ``valid-data-paths`` / ``test-data-paths`` with optional
-``*-data-weights`` (default: proportional to each dataset's tokens), or one ``data-path`` whose
-documents are split by ``split`` ("969,30,1": contiguous document ranges, as NeoX does).
+``*-data-weights`` (default: proportional to each dataset's tokens), or ``data-path`` whose
+documents are split by ``split`` ("969,30,1": contiguous document ranges, as NeoX does). A yml config
+gives one data-path prefix; build_datasets also takes a list of them: each is split the same way and the
+parts of a split are blended in proportion to their tokens.
 
 Which splits must exist: train always; valid and test whenever paths are given for them, and valid also
 when it comes from ``split`` with a positive weight and num_samples["valid"] > 0. A test range that
@@ -19,8 +21,12 @@ gives a different name, so a stale order is never reused; a ``_meta.json`` writt
 complete entry. Every rank may build the same entry concurrently: files are written under temporary
 names and renamed, and all ranks write identical bytes.
 
-Token ids are checked against vocab_size when a dataset is opened (one chunked pass over .bin) for
-files up to VOCAB_CHECK_MAX_BYTES; larger files are checked lazily, sample by sample, on read.
+Token ids are checked against vocab_size when a dataset is opened, before any sample is read: one
+chunked, memory-bounded pass over each .bin finds its smallest and largest id. For a .bin of at least
+``vocab_stamp_min_bytes`` (default VOCAB_STAMP_MIN_BYTES, 1 GiB) that result is cached in a small
+``NAME_tokens_HASH.json`` stamp (NAME: the prefix's file name) in the folder of the epoch order, keyed like
+it (path, .bin/.idx sizes and modification times), so later runs on unchanged data skip the pass;
+smaller files are simply read again.
 """
 from __future__ import annotations
 
@@ -42,8 +48,9 @@ from .sample_index import build_blending_indices, build_epoch_order
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-VOCAB_CHECK_MAX_BYTES = 1 << 30
+VOCAB_STAMP_MIN_BYTES = 1 << 30  # .bin files at least this big get their token range cached in a stamp
 CACHE_FORMAT = "neox-l2e-epoch-order-v1"
+TOKEN_STAMP_FORMAT = "neox-l2e-token-range-v1"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,22 +92,74 @@ def _file_stamp(path: str) -> list:
     return [os.path.basename(path), st.st_size, st.st_mtime_ns]
 
 
+def _default_cache_dir(indexed: MMapIndexedDataset, cache_dir) -> str:
+    return str(cache_dir) if cache_dir else os.path.dirname(os.path.abspath(indexed.prefix))
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def token_range_stamp_path(indexed: MMapIndexedDataset, cache_dir: Optional[str] = None) -> tuple[str, dict]:
+    """(stamp path, key) of the cached token range of ``indexed``: the key holds the dataset's real path
+    and the .bin/.idx sizes and modification times, so any change of the data gives a new name."""
+    key = {"format": TOKEN_STAMP_FORMAT, "prefix": os.path.realpath(indexed.prefix),
+           "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"{os.path.basename(indexed.prefix)}_tokens_{digest}.json"
+    return os.path.join(_default_cache_dir(indexed, cache_dir), name), key
+
+
+def cached_token_range(indexed: MMapIndexedDataset, cache_dir: Optional[str] = None,
+                       stamp_min_bytes: Optional[int] = None) -> tuple[Optional[dict], bool]:
+    """(token range, reused) of ``indexed`` (see MMapIndexedDataset.token_range). A .bin of at least
+    ``stamp_min_bytes`` (default VOCAB_STAMP_MIN_BYTES) has the result read from / written to its stamp
+    (see token_range_stamp_path); ``reused`` says whether the stamp spared the pass over .bin."""
+    limit = VOCAB_STAMP_MIN_BYTES if stamp_min_bytes is None else int(stamp_min_bytes)
+    if os.path.getsize(indexed.bin_path) < limit:
+        return indexed.token_range(), False
+    path, key = token_range_stamp_path(indexed, cache_dir)
+    try:
+        with open(path) as f:
+            stamp = json.load(f)
+        if stamp.get("key") == key:
+            r = stamp["range"]
+            if r is None or (isinstance(r.get("max"), int) and isinstance(r.get("max_pos"), int)):
+                return r, True
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass  # no stamp or a damaged one: recompute
+    r = indexed.token_range()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_json_atomic(path, {"key": key, "range": r})
+    except OSError as e:  # a read-only data folder: check again next time
+        log.warning("could not cache the token range of %s in %s (%s); set data-cache-dir", indexed.bin_path,
+                    os.path.dirname(path), e)
+    return r, False
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """Samples of seq_length + 1 tokens from documents [start, end) of one indexed dataset, in the
     cached epoch order. ``len()`` is every sample of the epochs needed for ``num_samples``."""
 
     def __init__(self, indexed: MMapIndexedDataset, name: str, doc_range: tuple[int, int], num_samples: int,
-                 seq_length: int, seed: int, cache_dir: Optional[str] = None, lazy_vocab_size: Optional[int] = None):
+                 seq_length: int, seed: int, cache_dir: Optional[str] = None):
         self.indexed, self.name, self.seq_length = indexed, name, seq_length
         self.doc_range = (int(doc_range[0]), int(doc_range[1]))
-        self.lazy_vocab_size = lazy_vocab_size
         start, end = self.doc_range
         if end <= start:
             raise DataError(f"{indexed.idx_path}: the {name} split has no documents")
         if int(indexed.sizes[start:end].sum(dtype=np.int64)) <= seq_length:
             raise DataError(f"{indexed.idx_path}: the {name} split has fewer than seq_length + 1 = "
                             f"{seq_length + 1} tokens")
-        self.cache_dir = str(cache_dir) if cache_dir else os.path.dirname(os.path.abspath(indexed.prefix))
+        self.cache_dir = _default_cache_dir(indexed, cache_dir)
         key = {"format": CACHE_FORMAT, "prefix": os.path.realpath(indexed.prefix),
                "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)],
                "doc_range": list(self.doc_range), "seq_length": int(seq_length), "seed": int(seed),
@@ -146,11 +205,7 @@ class GPTDataset(torch.utils.data.Dataset):
                 with open(tmp, "wb") as f:
                     np.save(f, arrays[k], allow_pickle=False)
                 os.replace(tmp, p)
-            meta = f"{self.cache_stem}_meta.json"
-            tmp = _tmp_name(meta)
-            with open(tmp, "w") as f:
-                json.dump({"key": key, "samples": int(len(self.shuffle_idx))}, f, indent=1)
-            os.replace(tmp, meta)
+            _write_json_atomic(f"{self.cache_stem}_meta.json", {"key": key, "samples": int(len(self.shuffle_idx))})
         except OSError as e:  # a read-only data folder: work from memory
             log.warning("could not cache the epoch order in %s (%s); set data-cache-dir", self.cache_dir, e)
 
@@ -170,10 +225,6 @@ class GPTDataset(torch.utils.data.Dataset):
             parts += [self.indexed[int(self.doc_idx[k])] for k in range(k0 + 1, k1)]
             parts.append(self.indexed.get(int(self.doc_idx[k1]), 0, o1 + 1))
             out = np.concatenate(parts).astype(np.int64)
-        if self.lazy_vocab_size is not None and len(out) and (out.max() >= self.lazy_vocab_size or out.min() < 0):
-            bad = int(out.max()) if out.max() >= self.lazy_vocab_size else int(out.min())
-            raise DataError(f"{self.indexed.bin_path}: token id {bad} is outside the model's vocabulary "
-                            f"(size {self.lazy_vocab_size})")
         return out
 
     def __getitem__(self, i: int) -> dict:
@@ -225,27 +276,28 @@ def _weights(weights, paths: list, what: str) -> Optional[list]:
     return w
 
 
-def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, vocab_size: Optional[int] = None) -> dict:
+def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, vocab_size: Optional[int] = None,
+                   vocab_stamp_min_bytes: Optional[int] = None) -> dict:
     """{"train": ds | None, "valid": ..., "test": ...} from a DataConfig (see the module docstring);
-    every item is {"text": np.int64 array of seq_length + 1}. Raises DataError on any data problem."""
+    every item is {"text": np.int64 array of seq_length + 1}. Raises DataError on any data problem.
+    With ``vocab_size`` every token file is checked for ids outside [0, vocab_size) before anything is
+    built; ``vocab_stamp_min_bytes`` overrides VOCAB_STAMP_MIN_BYTES (which files get a cached stamp)."""
     if getattr(data_cfg, "data_impl", "mmap") != "mmap":
         raise DataError(f"data-impl {data_cfg.data_impl!r}: only 'mmap' (Megatron/NeoX .bin/.idx) is supported")
     if seq_length <= 0:
         raise DataError(f"seq-length {seq_length}: must be positive")
     cache_dir = getattr(data_cfg, "data_cache_dir", None)
     opened: dict[str, MMapIndexedDataset] = {}
-    lazy_vocab: dict[str, Optional[int]] = {}  # prefix -> vocab size still to check per sample (big files)
 
     def open_indexed(prefix) -> MMapIndexedDataset:
         prefix = str(prefix)
         if prefix not in opened:
             ds = MMapIndexedDataset(prefix)
-            lazy_vocab[prefix] = None
             if vocab_size is not None:
-                if os.path.getsize(ds.bin_path) <= VOCAB_CHECK_MAX_BYTES:
-                    ds.check_vocab(vocab_size)
-                else:
-                    lazy_vocab[prefix] = vocab_size
+                rng, reused = cached_token_range(ds, cache_dir, vocab_stamp_min_bytes)
+                if reused:
+                    log.info("token range of %s from its stamp", ds.bin_path)
+                ds.check_vocab(vocab_size, rng)
             opened[prefix] = ds
         return opened[prefix]
 
@@ -301,12 +353,12 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
             weights = sizes  # proportional to tokens
         if len(members) == 1:
             ds, rng = members[0]
-            out[split] = GPTDataset(ds, split, rng, n, seq_length, seed, cache_dir, lazy_vocab[ds.prefix])
+            out[split] = GPTDataset(ds, split, rng, n, seq_length, seed, cache_dir)
             continue
         total = float(sum(weights))
         subsets = []
         for (ds, rng), w in zip(members, weights):
             need = int(math.ceil(w / total * n * 1.005)) + 1 if w > 0 else 1
-            subsets.append(GPTDataset(ds, split, rng, need, seq_length, seed, cache_dir, lazy_vocab[ds.prefix]))
+            subsets.append(GPTDataset(ds, split, rng, need, seq_length, seed, cache_dir))
         out[split] = BlendedDataset(subsets, weights, n)
     return out

@@ -158,23 +158,63 @@ class MMapIndexedDataset:
     def num_tokens(self) -> int:
         return self._total_bytes // self.dtype.itemsize
 
+    def token_range(self, chunk: Optional[int] = None) -> Optional[dict]:
+        """Smallest and largest token id in .bin and where each first occurs:
+        {"min", "min_pos", "max", "max_pos"} (token positions in .bin); None when .bin is empty.
+
+        One pass over the memmap in chunks of ``chunk`` tokens (default 2^24: bounded memory on
+        Pile-sized files), each reduced by numpy; the position needs one more look at a single chunk.
+        For unsigned dtypes (ids cannot be negative) "min" and "min_pos" are None (not computed).
+        """
+        chunk = int(chunk or _CHUNK)
+        toks, n = self.tokens, len(self.tokens)
+        if n == 0:
+            return None
+        signed = self.dtype.kind != "u"
+        hi = lo = None
+        hi_start = lo_start = 0
+        for start in range(0, n, chunk):
+            part = toks[start:start + chunk]
+            m = part.max()
+            if hi is None or m > hi:  # strictly greater: the first chunk holding the maximum
+                hi, hi_start = m, start
+            if signed:
+                m = part.min()
+                if lo is None or m < lo:
+                    lo, lo_start = m, start
+        out = {"min": None, "min_pos": None, "max": int(hi),
+               "max_pos": hi_start + int(np.argmax(toks[hi_start:hi_start + chunk]))}
+        if signed:
+            out["min"], out["min_pos"] = int(lo), lo_start + int(np.argmin(toks[lo_start:lo_start + chunk]))
+        return out
+
     def max_token(self) -> int:
         """Largest token id in .bin (a chunked pass over the file); -1 when empty."""
-        best = -1
-        for start in range(0, len(self.tokens), _CHUNK):
-            best = max(best, int(self.tokens[start:start + _CHUNK].max()))
-        return best
+        r = self.token_range()
+        return -1 if r is None else r["max"]
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """DataError if a token id is >= vocab_size or negative (a full chunked pass over .bin)."""
-        for start in range(0, len(self.tokens), _CHUNK):
-            chunk = self.tokens[start:start + _CHUNK]
-            hi, lo = int(chunk.max()), int(chunk.min())
-            if hi >= vocab_size or lo < 0:
-                bad = hi if hi >= vocab_size else lo
-                pos = start + int(np.flatnonzero(chunk == bad)[0])
-                raise DataError(f"{self.bin_path}: token id {bad} at token {pos} is outside the model's vocabulary "
-                                f"(size {vocab_size}); wrong tokenizer or vocab size?")
+    def check_vocab(self, vocab_size: int, token_range: Optional[dict] = None) -> None:
+        """DataError if a token id is >= vocab_size or negative. ``token_range`` is the result of
+        :meth:`token_range` when already known (e.g. cached), else a full chunked pass over .bin is made."""
+        r = self.token_range() if token_range is None else token_range
+        msg = vocab_problem(self.bin_path, r, vocab_size)
+        if msg:
+            raise DataError(msg)
+
+
+def vocab_problem(bin_path: str, token_range: Optional[dict], vocab_size: int) -> Optional[str]:
+    """The one-line error for a .bin whose ``token_range`` (see MMapIndexedDataset.token_range) does not
+    fit ``vocab_size`` (the largest offending id and its first position), else None."""
+    if not token_range:
+        return None
+    if token_range["max"] >= vocab_size:
+        bad, pos = token_range["max"], token_range["max_pos"]
+    elif token_range.get("min") is not None and token_range["min"] < 0:
+        bad, pos = token_range["min"], token_range["min_pos"]
+    else:
+        return None
+    return (f"{bin_path}: token id {bad} at token {pos} is outside the model's vocabulary "
+            f"(size {vocab_size}); wrong tokenizer or vocab size?")
 
 
 class IndexedDatasetWriter:

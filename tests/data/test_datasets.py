@@ -174,21 +174,69 @@ def test_sample_iterator_dp_shares_and_resume(tmp_path, data_config):
         SampleIterator(ds, mb, 2, dp)
 
 
-def test_vocab_check_on_open_and_lazy(tmp_path, data_config, monkeypatch):
+def test_vocab_check_on_open(tmp_path, data_config):
     prefix, docs = write(tmp_path)
     top = max(max(d) for d in docs)
     cfg = data_config(train_data_paths=[prefix])
     build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1)  # fine
     with pytest.raises(DataError) as e:
         build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top)
-    assert str(e.value).startswith(f"{prefix}.bin: token id {top} at token ")
-    assert "outside the model's vocabulary (size " + str(top) in str(e.value)
-    # big files are checked sample by sample on read instead
-    monkeypatch.setattr(gpt_dataset, "VOCAB_CHECK_MAX_BYTES", 0)
-    ds = build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top)["train"]
-    with pytest.raises(DataError, match=f"token id {top} is outside the model's vocabulary"):
-        for i in range(len(ds)):
-            ds[i]
+    stream = [t for d in docs for t in d]
+    assert str(e.value) == (f"{prefix}.bin: token id {top} at token {stream.index(top)} is outside the model's "
+                            f"vocabulary (size {top}); wrong tokenizer or vocab size?")
+    assert not [f for f in os.listdir(tmp_path) if "_tokens_" in f]  # small files: no stamp
+
+
+def test_vocab_check_of_big_files_before_training_and_stamped(tmp_path, data_config, monkeypatch):
+    """Files at or above the stamp threshold (forced to 0 bytes here) are checked in full when the datasets
+    are built, never lazily per sample; the token range is cached in a stamp keyed by path, size, mtime."""
+    from neox_l2e.data import MMapIndexedDataset, indexed_dataset
+    monkeypatch.setattr(indexed_dataset, "_CHUNK", 7)  # many chunks: positions found across chunk borders
+    docs = make_docs(40)
+    stream = [t for d in docs for t in d]
+    top = max(stream)
+    bad_docs = [list(d) for d in docs]
+    bad_docs[25][2] = top + 50  # one bad id in the middle of the file
+    prefix, _ = write(tmp_path, docs=bad_docs)
+    bad_pos = sum(map(len, bad_docs[:25])) + 2
+    cache = tmp_path / "cache"
+    cfg = data_config(train_data_paths=[prefix], data_cache_dir=str(cache))
+    with pytest.raises(DataError) as e:  # raised by build_datasets itself, before any sample is read
+        build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=0)
+    assert str(e.value) == (f"{prefix}.bin: token id {top + 50} at token {bad_pos} is outside the model's "
+                            f"vocabulary (size {top + 1}); wrong tokenizer or vocab size?")
+    stamps = [f for f in os.listdir(cache) if "_tokens_" in f]
+    assert len(stamps) == 1 and stamps[0].startswith("d_tokens_")
+    assert json.load(open(cache / stamps[0]))["range"] == {"min": None, "min_pos": None, "max": top + 50,
+                                                           "max_pos": bad_pos}
+    # a rerun reads the stamp: no pass over .bin (which would fail here), same message
+    calls = []
+    real = MMapIndexedDataset.token_range
+    monkeypatch.setattr(MMapIndexedDataset, "token_range", lambda self, chunk=None: calls.append(1) or real(self, chunk))
+    with pytest.raises(DataError) as again:
+        build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=0)
+    assert str(again.value) == str(e.value) and calls == []
+    # fixed data under the same name: a new stamp key, a new pass, no error
+    write_indexed_dataset(prefix, docs, vocab_size=60000, overwrite=True)
+    os.utime(prefix + ".bin", ns=(1, 1))  # same size, other mtime
+    ds = build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=0)["train"]
+    assert calls == [1] and len(ds) >= 10
+    assert len([f for f in os.listdir(cache) if "_tokens_" in f]) == 2
+    build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=0)
+    assert calls == [1]  # reused
+    # below the threshold: checked again every time, no stamp read
+    build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=10 ** 9)
+    assert calls == [1, 1]
+
+
+def test_vocab_check_negative_ids_and_read_only_stamp_folder(tmp_path, data_config, monkeypatch, caplog):
+    docs = [[5, 6, 0], [7, -3, 8, 0], [9, 0]] * 4
+    prefix = write_indexed_dataset(str(tmp_path / "neg"), docs, vocab_size=70000)  # int32 tokens
+    cfg = data_config(train_data_paths=[prefix], data_cache_dir=str(tmp_path / "ro" / "cache"))
+    (tmp_path / "ro").write_text("a file, so the cache folder cannot be made")
+    with pytest.raises(DataError, match=r"neg\.bin: token id -3 at token 4 is outside the model's vocabulary \(size 100\)"):
+        build_datasets(cfg, 4, 1, {"train": 4}, vocab_size=100, vocab_stamp_min_bytes=0)
+    assert "could not cache the token range" in caplog.text
 
 
 def test_from_a_neox_yml(tmp_path, corpus):
