@@ -82,6 +82,13 @@ def neox_keys_from_hf(hf: dict, source: str = "config.json") -> dict:
         tanh = True
     else:
         raise InteropError(f"{source}: hidden_act {act!r} is not a GELU this project implements")
+    try:
+        return _model_keys(hf, need, rotary_pct, base, tanh)
+    except (TypeError, ValueError) as e:
+        raise InteropError(f"{source}: a value has the wrong type ({e}); is this a GPTNeoX config.json?") from None
+
+
+def _model_keys(hf: dict, need, rotary_pct, base, tanh: bool) -> dict:
     vocab = int(need("vocab_size"))
     hidden = int(need("hidden_size"))
     return {
@@ -121,6 +128,8 @@ def read_hf_dir(path) -> tuple:
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise InteropError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(hf, dict):
+        raise InteropError(f"{cfg_file}: expected a JSON object of config keys, got {type(hf).__name__}")
     return hf, _read_weights(path)
 
 
@@ -206,7 +215,7 @@ def write_hf_dir(out_dir, cfg: NeoXConfig, full_state: dict, vocab_size: int,
         for f in tokenizer_files:
             f = Path(f)
             if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+                _write_tokenizer(f, tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +224,23 @@ def write_hf_dir(out_dir, cfg: NeoXConfig, full_state: dict, vocab_size: int,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _write_tokenizer(src: Path, out_dir: Path) -> None:
+    """Copy the run's tokenizer file. A tokenizers JSON (Pythia's kind) is also written as tokenizer.json +
+    tokenizer_config.json (PreTrainedTokenizerFast, end-of-document token as eos and bos, as Pythia's),
+    which AutoTokenizer and lm-eval's hf model load. A SentencePiece .model is copied as it is: transformers
+    has no lossless equivalent of our SentencePiece settings (evaluate those runs with tools/evaluate.py)."""
+    shutil.copy2(src, out_dir / src.name)
+    if src.suffix != ".json":
+        return
+    from transformers import PreTrainedTokenizerFast
+
+    from ..data.tokenizer import HFTokenizer
+    tok = HFTokenizer(src)
+    eod = tok.tok.id_to_token(tok.eod)
+    PreTrainedTokenizerFast(tokenizer_file=str(src), eos_token=eod, bos_token=eod,
+                            unk_token=eod).save_pretrained(str(out_dir))
 
 
 def load_hf_into_model(hf_dir, cfg_overrides: Optional[dict] = None, ps=None):

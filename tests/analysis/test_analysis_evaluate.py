@@ -1,5 +1,6 @@
 """lm-eval offline: the adapter's numbers, the task yamls, the tool end to end."""
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -66,13 +67,10 @@ def test_rolling_and_generation(adapter):
 
 
 def test_hf_backend_agrees_with_adapter(tmp_path, tiny_hf_dir):
-    """The same HF folder through lm-eval's own hf model and through our adapter: same scores."""
-    import shutil
-
-    from transformers import PreTrainedTokenizerFast
-    hf = tmp_path / "hf"
-    shutil.copytree(tiny_hf_dir, hf)
-    PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"), eos_token="<|endoftext|>").save_pretrained(hf)
+    """The same HF folder (as our exporter writes it: tokenizer.json + tokenizer_config.json, nothing added
+    by hand) through lm-eval's own hf model and through our adapter: same scores."""
+    hf = Path(tiny_hf_dir)
+    assert (hf / "tokenizer_config.json").is_file()
     data = tmp_path / "data"
     from neox_l2e.analysis.evaluation import build_tiny_shakespeare
     build_tiny_shakespeare(data / "tiny_shakespeare.jsonl", n=12, seed=3)

@@ -40,7 +40,10 @@ def our_cfg(tp=1, tanh=False, parallel_residual=True):
                              no_weight_tying=True, model_parallel_size=tp))
 
 
-@pytest.mark.parametrize("tanh,parallel_residual", [(False, True), (True, False)])
+COMBOS = [(False, True), (False, False), (True, True), (True, False)]   # GELU erf/tanh x parallel/sequential
+
+
+@pytest.mark.parametrize("tanh,parallel_residual", COMBOS)
 def test_import_gives_the_hf_logits(tmp_path, tanh, parallel_residual):
     hf, hf_dir = hf_model(tmp_path, tanh, parallel_residual)
     out = convert_hf.import_hf(hf_dir, tmp_path / "ckpt")
@@ -57,14 +60,15 @@ def test_import_gives_the_hf_logits(tmp_path, tanh, parallel_residual):
     assert "bias-gelu-fusion: " + ("true" if tanh else "false") in (out / "model.yml").read_text()
 
 
-def test_export_merges_tp_shards(tmp_path):
-    cfg1 = our_cfg()
+@pytest.mark.parametrize("tanh,parallel_residual", COMBOS)
+def test_export_merges_tp_shards(tmp_path, tanh, parallel_residual):
+    cfg1 = our_cfg(tanh=tanh, parallel_residual=parallel_residual)
     torch.manual_seed(3)
     model = GPTNeoX(cfg1).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    cfg2 = our_cfg(tp=2)
+    cfg2 = our_cfg(tp=2, tanh=tanh, parallel_residual=parallel_residual)
     shards = split_tp_state(model.state_dict(), cfg2, 2)
     write_weights_checkpoint(tmp_path / "run", cfg2, shards, tag="global_step7")
     out = convert_hf.export_hf(tmp_path / "run", tmp_path / "hf")
@@ -73,7 +77,8 @@ def test_export_merges_tp_shards(tmp_path):
     with torch.no_grad():
         diff = (model(tokens).logits - hf(tokens).logits[..., :model.vocab_size]).abs().max().item()
     assert diff <= 1e-4
-    assert hf.config.num_hidden_layers == 2 and hf.config.hidden_act == "gelu"
+    assert hf.config.num_hidden_layers == 2 and hf.config.use_parallel_residual == parallel_residual
+    assert hf.config.hidden_act == ("gelu_pytorch_tanh" if tanh else "gelu")
 
 
 def test_round_trip_hf_to_ours_to_hf(tmp_path):
@@ -102,3 +107,18 @@ def test_cli_errors_are_one_line(tmp_path):
     r = run("import", hf_dir, tmp_path / "ok")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ok" / "latest").read_text().strip() == "global_step0"
+
+
+@pytest.mark.parametrize("config_json,message", [
+    ('[1, 2]', "expected a JSON object"),
+    ('{"model_type": "gpt_neox", "vocab_size": "abc", "hidden_size": 64, "num_hidden_layers": 2, '
+     '"num_attention_heads": 4}', "wrong type"),
+    ('{"model_type": "llama"}', "expected 'gpt_neox'"),
+])
+def test_bad_config_json_is_one_line(tmp_path, config_json, message):
+    _, hf_dir = hf_model(tmp_path)
+    (hf_dir / "config.json").write_text(config_json)
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf.py"), "import", str(hf_dir),
+                        str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "out").exists()
