@@ -239,7 +239,7 @@ class IndexedDatasetWriter:
         self._bin = open(self._bin_tmp, "wb")
         self._sizes: list[int] = []
         self.num_tokens = 0
-        self._done = False
+        self._done = self._prepared = False
 
     def add_document(self, tokens: Sequence[int]) -> None:
         arr = np.asarray(tokens)
@@ -265,6 +265,14 @@ class IndexedDatasetWriter:
         return len(self._sizes)
 
     def finish(self) -> str:
+        """Write the index and rename both files into place; returns the prefix."""
+        self.prepare()
+        return self.commit()
+
+    def prepare(self) -> None:
+        """Close .bin and write the index, both still under temporary names (see commit)."""
+        if self._prepared:
+            return
         self._bin.close()
         sizes = np.asarray(self._sizes, dtype=np.int64)
         if np.any(sizes > np.iinfo(np.int32).max):
@@ -278,6 +286,11 @@ class IndexedDatasetWriter:
             f.write(sizes.astype("<i4").tobytes())
             f.write(pointers.astype("<i8").tobytes())
             f.write(np.arange(n + 1, dtype="<i8").tobytes())
+        self._prepared = True
+
+    def commit(self) -> str:
+        """Rename the prepared files into place (several writers: prepare all, then commit all)."""
+        self.prepare()
         # .bin first: a reader that sees the new .idx also sees its .bin
         os.replace(self._bin_tmp, self.bin_path)
         os.replace(self._idx_tmp, self.idx_path)

@@ -131,3 +131,53 @@ def test_train_tokenizer_cli(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", str(tmp_path / "none.txt"),
                           "--model-prefix", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'none.txt'}: input file not found"
+
+
+def _preprocess_main():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("preprocess_data_tool", ROOT / "tools/preprocess_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_preprocess_several_jsonl_keys(tmp_path, corpus, capsys):
+    """--jsonl-keys text title: one dataset per key (PREFIX_<key>_document), same refusal and atomicity."""
+    tok = build_tokenizer("SPMTokenizer", corpus["tokenizer"])
+    rows = [{"text": f"Body {i}: {t}", "title": f"Title {i}"} for i, t in enumerate(TRICKY * 2)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    main = _preprocess_main()
+    args = ["--input", str(src), "--output-prefix", str(out), "--vocab-file", corpus["tokenizer"],
+            "--jsonl-keys", "text", "title", "--workers", "2", "--no-progress"]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    for key in ("text", "title"):
+        prefix = f"{out}_{key}_document"
+        assert f"wrote {prefix}.bin/.idx: {len(rows)} documents" in stdout
+        ds = MMapIndexedDataset(prefix)
+        assert [tok.decode(ds[i].tolist()[:-1]) for i in range(len(ds))] == [r[key] for r in rows]
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    # one existing output (title) is enough to refuse, before anything is written
+    (tmp_path / "out_text_document.bin").unlink()
+    (tmp_path / "out_text_document.idx").unlink()
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {out}_title_document.bin: output exists; "
+                                               "pass --overwrite to replace it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out_title_document.bin", "out_title_document.idx"]
+    # an error half-way (a line without a title) leaves the old outputs as they were and no new ones
+    src.write_text(src.read_text() + json.dumps({"text": "no title"}) + "\n", encoding="utf-8")
+    assert main(args + ["--overwrite"]) == 2
+    assert f"in.jsonl:{len(rows) + 1}: no 'title' field" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out_title_document.bin", "out_title_document.idx"]
+    assert all((tmp_path / n).read_bytes() == before[tmp_path / n] for n in ("out_title_document.bin", "out_title_document.idx"))
+    # plain text inputs have no fields: refused with several keys
+    txt = tmp_path / "plain.txt"
+    txt.write_text("one document")
+    with pytest.raises(DataError, match=r"plain\.txt: a plain text file is one document without fields"):
+        preprocess([str(txt)], str(tmp_path / "p"), "SPMTokenizer", corpus["tokenizer"], json_keys=["text", "title"],
+                   progress=False)
+    with pytest.raises(DataError, match="a key is given twice"):
+        preprocess([str(src)], str(tmp_path / "p"), "SPMTokenizer", corpus["tokenizer"], json_keys=["text", "text"],
+                   progress=False)
