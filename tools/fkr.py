@@ -35,7 +35,7 @@ def main(argv):
     os.makedirs(args.out, exist_ok=True)
     report = {"model": r.name, "path": r.path, "num_parameters": r.num_parameters, "data": args.data,
               "labels": r.label_names, "tokens_per_label": r.tokens_per_label, "k_percent": [float(k) for k in opts.fkr_ks],
-              "default_mode": "per-token",
+              "default_mode": opts.fkr_modes[0],
               "layers": [{"layer": l.layer, "num_neurons": l.num_neurons,
                           "fkr": {m: {str(k): v for k, v in d.items()} for m, d in l.fkr.items()},
                           "kills": {m: {str(k): v for k, v in d.items()} for m, d in l.kills.items()},

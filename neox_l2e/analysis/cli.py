@@ -127,11 +127,17 @@ def print_table(lines: Sequence[str]) -> None:
 
 def add_scan_args(p):
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
-    p.add_argument("--fkr-k", "--k", dest="fkr_k", default="0.5,1,2,3,5",
-                   help="FKR k values in percent (default 0.5,1,2,3,5)")
-    p.add_argument("--fkr-modes", "--modes", dest="fkr_modes", default="per-token,global",
-                   help="tau_k readings: per-token (k-th largest phi of the token's neurons; the default reading) "
-                        "and/or global (k-th largest over all token-neuron pairs of the layer)")
+    from ..config.schema import L2EConfig
+    from .scan import DEFAULT_KS
+    default_k = ",".join(f"{k:g}" for k in DEFAULT_KS)
+    first = L2EConfig().l2e_fkr_tau_mode                     # the config's default reading, listed first
+    modes = ",".join([first] + [m for m in ("per-token", "global") if m != first])
+    p.add_argument("--fkr-k", "--k", dest="fkr_k", default=default_k,
+                   help=f"FKR k values in percent (default {default_k}: l2e-fkr-k)")
+    p.add_argument("--fkr-modes", "--modes", dest="fkr_modes", default=modes,
+                   help=f"tau_k readings (default {modes}; the first is l2e-fkr-tau-mode's default): per-token "
+                        "(k-th largest phi of the token's neurons) and/or global (k-th largest over all "
+                        "token-neuron pairs of the layer)")
 
 
 def scan_options(args, neuron_sample, ks_tokens, compute_ks):

@@ -29,13 +29,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..config.schema import L2EConfig
 from ..l2e import fkr as fkrlib
 from ..l2e import functional as F
 from .common import AnalysisError
 from .labelled import LabelledTokens
 
 FKR_MODES = ("per-token", "global")
-DEFAULT_KS = (0.5, 1.0, 2.0, 3.0, 5.0)          # percents
+DEFAULT_KS = tuple(L2EConfig().l2e_fkr_k)       # percents: the l2e-fkr-k default (one source of truth)
 
 
 @dataclass
