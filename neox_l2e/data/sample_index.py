@@ -10,8 +10,17 @@ documents concatenated in doc_idx order, so consecutive samples share one token 
 
 build_sample_idx runs in C++ (kernels/csrc/sample_index.cpp, built by setup.py) when available, else
 the numpy version below; both give identical arrays (tests/data/test_sample_index.py).
+
+build_blending_indices likewise; its fallback is a plain Python loop, not vectorised: each sample's
+dataset is the one furthest behind its share *given every earlier choice*, and for three or more
+datasets that sequence has no closed form a vectorised version could reproduce bit for bit (orderings by
+a fixed per-dataset key disagree with it on many samples). The loop runs at roughly half a microsecond a
+sample, so when the C++ helper is missing and a blend needs BLEND_FALLBACK_WARN_SAMPLES samples or more,
+a RuntimeWarning (once per process) says so and how to build the helper.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -21,6 +30,9 @@ except ImportError:  # the C++ helper was not built: numpy fallback
     _cpp = None
 
 HAVE_CPP = _cpp is not None
+BLEND_FALLBACK_WARN_SAMPLES = 10_000_000
+REBUILD_HINT = "pip install --no-build-isolation -e . (needs pybind11 and a C++ compiler)"
+_warned_blend_fallback = False
 
 
 def build_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
@@ -57,23 +69,43 @@ def build_sample_idx(sizes, doc_idx, seq_length: int, num_samples: int, use_cpp:
 
 def build_blending_indices_numpy(weights, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """Sample i goes to the dataset furthest behind its share: argmax_d weights[d]*(i+1) - taken[d]
-    (first on ties). A plain loop: the C++ version is the fast one."""
-    w = np.asarray(weights, dtype=np.float64)
-    taken = np.zeros(len(w), dtype=np.int64)
-    dataset_index = np.empty(num_samples, dtype=np.int16)
-    dataset_sample_index = np.empty(num_samples, dtype=np.int64)
+    (first on ties). A plain loop over Python floats (IEEE doubles, the same operations as the C++
+    version, so identical results); the C++ version is the fast one."""
+    w = [float(x) for x in np.asarray(weights, dtype=np.float64).reshape(-1)]
+    if not w:
+        raise ValueError("need at least one weight")
+    num_samples = int(num_samples)
+    taken = [0] * len(w)
+    dataset_index = [0] * num_samples
+    dataset_sample_index = [0] * num_samples
+    w0, others = w[0], range(1, len(w))
     for i in range(num_samples):
-        d = int(np.argmax(w * (i + 1) - taken))
-        dataset_index[i] = d
-        dataset_sample_index[i] = taken[d]
-        taken[d] += 1
-    return dataset_index, dataset_sample_index
+        n = float(i + 1)
+        best, best_err = 0, w0 * n - taken[0]
+        for j in others:
+            err = w[j] * n - taken[j]
+            if err > best_err:
+                best, best_err = j, err
+        dataset_index[i] = best
+        dataset_sample_index[i] = taken[best]
+        taken[best] += 1
+    return np.asarray(dataset_index, dtype=np.int16), np.asarray(dataset_sample_index, dtype=np.int64)
 
 
 def build_blending_indices(weights, num_samples: int, use_cpp: bool | None = None):
+    """(int16 dataset index, int64 sample index within that dataset) of each blended sample, by the C++
+    helper when built (``use_cpp=None``), else by the Python loop (warning once at large sizes)."""
+    global _warned_blend_fallback
     if use_cpp is None:
         use_cpp = HAVE_CPP
+        if not use_cpp and num_samples >= BLEND_FALLBACK_WARN_SAMPLES and not _warned_blend_fallback:
+            _warned_blend_fallback = True
+            warnings.warn(f"blending {num_samples:,} samples without the C++ helper (neox_l2e.kernels._sample_index "
+                          f"is not built): the Python fallback takes about 0.5 us a sample; build the helper with "
+                          f"{REBUILD_HINT}", RuntimeWarning, stacklevel=2)
     if use_cpp:
+        if _cpp is None:
+            raise RuntimeError("the C++ blending helper (neox_l2e.kernels._sample_index) is not built")
         return _cpp.build_blending_indices(np.ascontiguousarray(weights, dtype=np.float64), int(num_samples))
     return build_blending_indices_numpy(weights, num_samples)
 

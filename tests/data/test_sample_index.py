@@ -78,6 +78,35 @@ def test_blending_cpp_equals_numpy():
         np.testing.assert_array_equal(a[1], b[1])
         counts = np.bincount(a[0], minlength=len(w))
         assert np.all(np.abs(counts - np.asarray(w) * 2000) <= 1)
+    rng = np.random.default_rng(5)
+    for d in (2, 3, 7, 20):  # random and tie-prone (small integer) weights, normalised or not, longer runs
+        for w in (rng.random(d), rng.integers(1, 4, d).astype(float), np.full(d, 1 / d)):
+            a = si.build_blending_indices(w, 50_000, use_cpp=True)
+            b = si.build_blending_indices(w, 50_000, use_cpp=False)
+            assert a[0].dtype == b[0].dtype == np.int16 and a[1].dtype == b[1].dtype == np.int64
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_blending_fallback_warns_once_at_large_sizes(monkeypatch):
+    import warnings
+    w = [0.6, 0.4]
+    expected = si.build_blending_indices_numpy(w, 50)
+    monkeypatch.setattr(si, "HAVE_CPP", False)
+    monkeypatch.setattr(si, "_cpp", None)
+    monkeypatch.setattr(si, "_warned_blend_fallback", False)
+    monkeypatch.setattr(si, "BLEND_FALLBACK_WARN_SAMPLES", 50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = si.build_blending_indices(w, 49)
+        assert caught == []
+        first = si.build_blending_indices(w, 50)
+        si.build_blending_indices(w, 60)
+    assert len(caught) == 1 and caught[0].category is RuntimeWarning
+    assert "blending 50 samples without the C++ helper" in str(caught[0].message)
+    assert "pip install --no-build-isolation -e ." in str(caught[0].message)
+    np.testing.assert_array_equal(first[0], expected[0])
+    np.testing.assert_array_equal(small[1], expected[1][:49])
 
 
 @pytest.mark.parametrize("use_cpp", [False, True])
