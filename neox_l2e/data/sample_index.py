@@ -13,8 +13,8 @@ the numpy version below; both give identical arrays (tests/data/test_sample_inde
 
 build_blending_indices likewise; its fallback is a plain Python loop, not vectorised: each sample's
 dataset is the one furthest behind its share *given every earlier choice*, and for three or more
-datasets that sequence has no closed form a vectorised version could reproduce bit for bit (orderings by
-a fixed per-dataset key disagree with it on many samples). The loop runs at roughly half a microsecond a
+datasets we know no closed form that a vectorised version could reproduce bit for bit (orderings by a
+fixed per-dataset key disagree with it on many samples). The loop runs at roughly half a microsecond a
 sample, so when the C++ helper is missing and a blend needs BLEND_FALLBACK_WARN_SAMPLES samples or more,
 a RuntimeWarning (once per process) says so and how to build the helper.
 """
