@@ -61,8 +61,11 @@ def read_yml(path: Union[str, Path]) -> dict:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e}"
-                          + (" (a missing comma after the previous entry?)" if "expected ','" in str(e.problem) else "")) from None
+        hint = ""
+        if "expected ','" in str(e.problem) and mark:
+            prev = _previous_entry_line(path, mark.line)
+            hint = f" (a missing comma after line {prev}?)" if prev else " (a missing comma after the previous entry?)"
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e}{hint}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: YAML error: {e}") from None
     if data is None:
@@ -70,6 +73,16 @@ def read_yml(path: Union[str, Path]) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def _previous_entry_line(path: Path, line0: int) -> Optional[int]:
+    """1-based number of the last non-blank, non-comment line before 0-based line0 (where a comma is missing)."""
+    lines = path.read_text().splitlines()
+    for i in range(min(line0, len(lines)) - 1, -1, -1):
+        text = lines[i].strip()
+        if text and not text.startswith("#"):
+            return i + 1
+    return None
 
 
 def merge_files(paths: Iterable[Union[str, Path]]) -> tuple[dict, dict]:
