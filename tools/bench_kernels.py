@@ -5,7 +5,7 @@ For each Pythia MLP shape (x [T, h] times W [4h, h]^T) and each pass (forward, b
     fused:<mode>   neox_l2e.kernels.l2e_mlp.fused_up_gelu_l2e (modes "split" and "fused-gemm"); with
                    ":recompute" the pre-activation is recomputed in backward instead of saved
     floor          cuBLAS GEMM + bias + GELU, no L2E statistics (F.gelu(F.linear(x, W, b)))
-    torch-l2e      the unfused torch L2E path (neox_l2e.l2e.functional ops on z)
+    torch-l2e      the unfused torch L2E path as the inhibitor's torch backend runs it (fp32 z, functional ops)
     compiled-l2e   torch.compile of the torch-l2e path
 and, forward only, the bare GEMMs: gemm:torch (torch.mm: cuBLAS on CUDA) and gemm:triton (the fused-gemm kernel's GEMM,
 no epilogue), so the table says where the Triton GEMM is slower than cuBLAS.
@@ -93,12 +93,15 @@ def timer(fn, grad_to_none=None):
 
 
 def torch_l2e(x, w, b, mean, inv_var, tau, eps, approximate):
-    """The unfused torch path: cuBLAS linear, GELU, then neox_l2e.l2e.functional on z."""
-    z = F.gelu(F.linear(x, w, b), approximate=approximate)
-    mask = L.select(z, mean, inv_var, tau)
-    loss = L.inhibition_loss_sum(z, mean, mask, eps)
-    stats = L.batch_moments(z)
-    return z, loss, mask.sum(), stats
+    """The unfused torch path, as NeuronInhibitor's torch backend runs it (its per-batch metrics aside):
+    cuBLAS linear, GELU in fp32 on the upcast pre-activation, z cast back, then neox_l2e.l2e.functional
+    (phi, selection, loss, count, batch moments) on the fp32 value."""
+    z32 = F.gelu(F.linear(x, w, b).float(), approximate=approximate)
+    z = z32.to(x.dtype)
+    mask = L.phi(z32, mean, inv_var) >= tau
+    loss = L.inhibition_loss_sum(z32, mean, mask, eps)
+    stats = L.batch_moments(z32)
+    return z, loss, L.count(mask), stats
 
 
 def floor_path(x, w, b, approximate):
