@@ -8,7 +8,8 @@ Uses the default Shakespeare corpus, prepared in a temporary folder (tokenizer t
      the same text as a jsonl of paragraphs (many small documents), for each worker count;
   2. sample reads: build_datasets + SampleIterator (micro-batch 8) over the train split, timing the
      iteration only (the epoch order is built first, its build time is reported separately);
-  3. the sample index on a synthetic Pile-like document list (C++ helper vs numpy fallback).
+  3. the sample index on a synthetic Pile-like document list (C++ helper vs numpy fallback);
+  4. the blending indices of 3 datasets (C++ helper vs the Python-loop fallback).
 Each measurement runs --repeats times (worker counts alternating); the best run is reported (and the
 median for preprocessing), since shared machines are noisy.
 Prints one markdown table per part (figures for docs/benchmarks.md).
@@ -92,6 +93,20 @@ def bench_sample_index(num_docs: int, repeats: int) -> list:
     return rows
 
 
+def bench_blending(num_samples: int, repeats: int) -> list:
+    from neox_l2e.data import sample_index as si
+    weights = [0.5, 0.3, 0.2]
+    rows = []
+    for use_cpp in ([True, False] if si.HAVE_CPP else [False]):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            si.build_blending_indices(weights, num_samples, use_cpp=use_cpp)
+            best = min(best, time.perf_counter() - t0)
+        rows.append(("C++ (pybind11)" if use_cpp else "Python fallback", len(weights), num_samples, best))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -99,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--reads", type=int, default=4000, help="samples read per sequence length")
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement (best reported)")
     p.add_argument("--index-docs", type=int, default=5_000_000, help="documents in the synthetic sample-index test")
+    p.add_argument("--blend-samples", type=int, default=1_000_000, help="samples in the blending-index test")
     args = p.parse_args(argv)
     from neox_l2e.data import prepare_default_corpus
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}")
@@ -120,6 +136,11 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|")
     for name, d, t, ns, s in bench_sample_index(args.index_docs, args.repeats):
         print(f"| {name} | {d:,} | {t:,} | {ns:,} | {s:.3f} |")
+    print("\n### Blending indices (weights 0.5, 0.3, 0.2)\n")
+    print("| implementation | datasets | samples | seconds | us per sample |")
+    print("|---|---:|---:|---:|---:|")
+    for name, d, n, s in bench_blending(args.blend_samples, args.repeats):
+        print(f"| {name} | {d} | {n:,} | {s:.3f} | {s / max(n, 1) * 1e6:.3f} |")
     return 0
 
 

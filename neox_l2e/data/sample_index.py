@@ -14,9 +14,10 @@ the numpy version below; both give identical arrays (tests/data/test_sample_inde
 build_blending_indices likewise; its fallback is a plain Python loop, not vectorised: each sample's
 dataset is the one furthest behind its share *given every earlier choice*, and for three or more
 datasets we know no closed form that a vectorised version could reproduce bit for bit (orderings by a
-fixed per-dataset key disagree with it on many samples). The loop runs at roughly half a microsecond a
-sample, so when the C++ helper is missing and a blend needs BLEND_FALLBACK_WARN_SAMPLES samples or more,
-a RuntimeWarning (once per process) says so and how to build the helper.
+fixed per-dataset key disagree with it on many samples). The loop takes a few tenths of a microsecond
+a sample (0.3 us with three datasets in tools/bench_data.py), so when the C++ helper is missing and a
+blend needs BLEND_FALLBACK_WARN_SAMPLES samples or more, a RuntimeWarning (once per process) says so
+and how to build the helper.
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def build_blending_indices(weights, num_samples: int, use_cpp: bool | None = Non
         if not use_cpp and num_samples >= BLEND_FALLBACK_WARN_SAMPLES and not _warned_blend_fallback:
             _warned_blend_fallback = True
             warnings.warn(f"blending {num_samples:,} samples without the C++ helper (neox_l2e.kernels._sample_index "
-                          f"is not built): the Python fallback takes about 0.5 us a sample; build the helper with "
+                          f"is not built): the Python fallback takes a few tenths of a microsecond a sample; build the helper with "
                           f"{REBUILD_HINT}", RuntimeWarning, stacklevel=2)
     if use_cpp:
         if _cpp is None:
