@@ -122,3 +122,31 @@ def test_bad_config_json_is_one_line(tmp_path, config_json, message):
                         str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _tp2_train_worker(rank, world, save):
+    sys.path.insert(0, str(ROOT / "tests" / "training"))
+    from train_common import datasets, tiny_cfg
+
+    from neox_l2e.training.loop import Trainer
+    tr = Trainer(tiny_cfg(model_parallel_size=2, zero_optimization={"stage": 1}, train_iters=2, save=save,
+                          l2e_enabled=True, l2e_min_samples=8), datasets=datasets(), quiet=True)
+    tr.train()
+    model = tr.module.eval()
+    tokens = torch.arange(32).reshape(2, 16) % 64
+    with torch.no_grad():
+        logits = model.full_logits(model(tokens).logits)
+    return logits.numpy()
+
+
+def test_export_of_a_deepspeed_tp2_checkpoint(tmp_path):
+    """A TP=2 run saved by DeepSpeed (ZeRO-1, L2E on) -> export -> transformers' logits equal the run's own."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from distributed import run_ranks
+    logits = run_ranks(_tp2_train_worker, world=2, args=(str(tmp_path / "run"),))[0]
+    out = convert_hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = GPTNeoXForCausalLM.from_pretrained(out).eval()
+    tokens = torch.arange(32).reshape(2, 16) % 64
+    with torch.no_grad():
+        theirs = hf(tokens).logits[..., :logits.shape[-1]]
+    assert (theirs - torch.from_numpy(logits)).abs().max().item() <= 1e-4
