@@ -383,6 +383,10 @@ def validate(cfg: NeoXConfig) -> None:
             raise ValueError
     except ValueError:
         raise ConfigError(f"{s('split')}: split must be up to three non-negative weights like '969,30,1', got {d.split!r}") from None
+    for kind in ("valid", "test"):
+        if getattr(d, f"{kind}_data_paths") and not d.train_data_paths:
+            raise ConfigError(f"{s(kind + '_data_paths')}: {kind}-data-paths is used only together with "
+                              f"train-data-paths (with data-path, {kind} comes from split); set train-data-paths too")
     for kind in ("train", "valid", "test"):
         paths, weights = getattr(d, f"{kind}_data_paths"), getattr(d, f"{kind}_data_weights")
         if weights is not None and (paths is None or len(weights) != len(paths)):

@@ -135,6 +135,8 @@ BASE_KEYS = {"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "voca
     ({"l2e-ratio": 2}, r"l2e-ratio is a fraction"),
     ({"l2e-layers": [7]}, r"layer 7 is out of range for num-layers 2"),
     ({"attention-config": [[["sparse"], 2]]}, r"type 'sparse' is not supported"),
+    ({"data-path": "d/x_text_document", "valid-data-paths": ["d/v"]},
+     r"valid-data-paths is used only together with train-data-paths"),
 ])
 def test_impossible_combinations(tmp_path, extra, message):
     a = tmp_path / "a.yml"
