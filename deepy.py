@@ -9,7 +9,9 @@ Launcher settings come from the config (hostfile, num-gpus, num-nodes, include, 
 master-addr, launcher) and may be overridden by the flags below. The hostfile is DeepSpeed's: one
 line ``hostname slots=N`` per node. Every rank receives the merged, resolved config. A launch the
 config cannot run on (world size not divisible by model-parallel-size, batch mismatch) fails here
-with one line. See docs/training.md.
+with one line. The slurm, openmpi and mvapich launchers (srun / mpirun) give the ranks no MASTER_ADDR:
+the resolved config then carries master-addr (default: the hostfile's first host) and master-port,
+which the ranks use unless MASTER_ADDR / MASTER_PORT are exported. See docs/training.md.
 """
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ import sys
 from pathlib import Path
 
 
+# DeepSpeed runners that start the ranks with srun / mpirun and export no MASTER_ADDR / MASTER_PORT to them; the
+# ranks map SLURM_* / OMPI_COMM_WORLD_* / MV2_COMM_WORLD_* themselves (neox_l2e.parallel.launch_info)
+NO_RENDEZVOUS_EXPORT = ("slurm", "openmpi", "mvapich")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Launch train.py on one or many nodes with the DeepSpeed launcher.")
     p.add_argument("--hostfile", help="DeepSpeed hostfile (lines 'host slots=N')")
@@ -33,7 +40,7 @@ def parse_args(argv):
     p.add_argument("--exclude", help="DeepSpeed --exclude filter")
     p.add_argument("--master_port", "--master-port", type=int)
     p.add_argument("--master_addr", "--master-addr")
-    p.add_argument("--launcher", help="multi-node launcher: pdsh, openmpi, mvapich, slurm")
+    p.add_argument("--launcher", help="multi-node launcher (with a hostfile): pdsh, openmpi, mvapich, mpich, impi, slurm")
     p.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     p.add_argument("args", nargs=argparse.REMAINDER, help="[train.py] CONFIG.yml ... [key=value ...]")
     return p.parse_args(argv)
@@ -101,9 +108,19 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    launcher = (args.launcher or p.launcher or "pdsh").lower()
+    master_addr = args.master_addr or p.master_addr
+    master_port = args.master_port or p.master_port
+    if hostfile and launcher in NO_RENDEZVOUS_EXPORT and not master_addr:
+        # srun / mpirun give the ranks no MASTER_ADDR: rank 0 runs on the first host (mpirun fills the hostfile's
+        # hosts in order; for srun, list the nodes as `scontrol show hostnames` does). An exported MASTER_ADDR wins.
+        master_addr = next(iter(hosts))
+    # the ranks read master-addr / master-port from the resolved config when their environment has no MASTER_*
+    cfg.parallel.master_addr, cfg.parallel.master_port = master_addr, master_port
+
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if hostfile:
-        cmd += ["--hostfile", hostfile, "--launcher", args.launcher or p.launcher]
+        cmd += ["--hostfile", hostfile, "--launcher", launcher]
         if num_nodes and num_nodes > 0:
             cmd += ["--num_nodes", str(num_nodes)]
     else:
@@ -112,10 +129,10 @@ def main(argv=None) -> int:
     if num_gpus and hostfile:
         cmd += ["--num_gpus", str(num_gpus)]
     for flag, value in (("--include", args.include or p.include), ("--exclude", args.exclude or p.exclude),
-                        ("--master_addr", args.master_addr or p.master_addr)):
+                        ("--master_addr", master_addr)):
         if value:
             cmd += [flag, str(value)]
-    cmd += ["--master_port", str(args.master_port or p.master_port)]
+    cmd += ["--master_port", str(master_port)]
     resolved = base64.b64encode(json.dumps(cfg.to_dict(), default=str).encode()).decode()
     cmd += [script, "--config-b64", resolved]
     if args.dry_run:

@@ -62,7 +62,7 @@ def user_errors():
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = _rank()
     errors = user_errors()
     try:
         cfg = load(args)
@@ -90,6 +90,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def _rank() -> int:
+    """This process's global rank, from whichever launcher started it (torchrun / DeepSpeed's RANK, srun's
+    SLURM_PROCID, mpirun's OMPI_/MV2_COMM_WORLD_RANK): only rank 0 prints config errors."""
+    try:
+        from neox_l2e.parallel import launch_info
+        return launch_info().rank
+    except Exception:  # noqa: BLE001 - a malformed launch is reported by train() itself
+        return 0
+
+
 def _is_collective_failure(e: BaseException) -> bool:
     import torch.distributed as dist
     if isinstance(e, getattr(dist, "DistError", ())):
@@ -100,8 +110,11 @@ def _is_collective_failure(e: BaseException) -> bool:
 
 
 def _is_config_error(e) -> bool:
+    """Config errors are the same on every rank: rank 0 prints them. A launch error (e.g. no MASTER_ADDR on the
+    ranks of a remote node) may hit some ranks only: every rank prints its own."""
     from neox_l2e.config import ConfigError
-    return isinstance(e, ConfigError)
+    from neox_l2e.parallel import LaunchError
+    return isinstance(e, ConfigError) and not isinstance(e, LaunchError)
 
 
 def _shutdown():

@@ -126,16 +126,16 @@ class ParallelConfig:
     pipe_parallel_size: int = F(0, "Pipeline parallelism is not implemented: 0 or 1 (as in the Pythia configs) both mean none.")
     zero_optimization: dict = F(None, "DeepSpeed ZeRO block; stage 0-3 (stage 3 is refused with TP > 1); other entries go to DeepSpeed as given.", factory=lambda: {"stage": 0})
     distributed_backend: str = F("nccl", "NeoX backend name; here the backend is chosen by device: NCCL on GPU, gloo on CPU.")
-    launcher: str = F("pdsh", "deepy.py multi-node launcher: pdsh, openmpi, mvapich, slurm (passed to the DeepSpeed launcher).")
-    deepspeed_slurm: bool = F(False, "Launched by srun: read rank and world size from SLURM variables.")
-    deepspeed_mpi: bool = F(False, "Launched by mpirun: discover ranks through MPI.")
+    launcher: str = F("pdsh", "The DeepSpeed runner deepy.py uses with a hostfile (without one the ranks start on this node): pdsh (ssh), openmpi, mvapich, mpich, impi or slurm (srun). Ranks started by srun / mpirun carry only SLURM_* / OMPI_COMM_WORLD_* / MV2_COMM_WORLD_* variables, which train.py maps to rank and world size; their rendezvous is MASTER_ADDR / MASTER_PORT if exported, else master-addr / master-port.")
+    deepspeed_slurm: bool = F(False, "NeoX: read rank and world size from SLURM_* variables. No effect here: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are read whenever a rank has no RANK / WORLD_SIZE, whatever this says (see launcher).", effect=IGN)
+    deepspeed_mpi: bool = F(False, "NeoX: discover ranks through MPI (mpi4py). No effect here: OpenMPI's OMPI_COMM_WORLD_* and MVAPICH's MV2_COMM_WORLD_* variables are read whenever a rank has no RANK / WORLD_SIZE, without mpi4py (see launcher).", effect=IGN)
     hostfile: Optional[str] = F(None, "DeepSpeed hostfile (lines 'host slots=N') for multi-node launches.")
     include: Optional[str] = F(None, "DeepSpeed --include host/GPU filter.")
     exclude: Optional[str] = F(None, "DeepSpeed --exclude host/GPU filter.")
     num_nodes: int = F(-1, "Number of nodes to use (-1: all in the hostfile).")
     num_gpus: Optional[int] = F(None, "GPUs (or CPU ranks) per node to launch.")
-    master_port: int = F(29500, "Rendezvous port.")
-    master_addr: Optional[str] = F(None, "Rendezvous address (default: first host).")
+    master_port: int = F(29500, "Rendezvous port: passed to the DeepSpeed launcher; ranks whose environment has no MASTER_PORT (srun / mpirun launches) use it.")
+    master_addr: Optional[str] = F(None, "Rendezvous address (the host of rank 0): passed to the DeepSpeed launcher (default: it picks the first host); ranks whose environment has no MASTER_ADDR (srun / mpirun launches) use it, and deepy.py then defaults it to the hostfile's first host.")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
 from .random import RNGTracker
 
 
@@ -191,11 +192,107 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(timeout_s: int = 300) -> None:
-    """Initialise torch.distributed from the launcher's environment (RANK, WORLD_SIZE, MASTER_*)."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
+# Launchers that start the ranks without torchrun's variables: DeepSpeed's openmpi / mvapich runners
+# (mpirun) and its slurm runner (srun) pass only their own rank variables, and none of them exports
+# MASTER_ADDR / MASTER_PORT (the pdsh, mpich and impi runners and torchrun set RANK / WORLD_SIZE /
+# LOCAL_RANK / MASTER_* themselves). MPI first: mpirun inside a Slurm job also inherits SLURM_PROCID=0.
+LAUNCHER_VARIABLES = (
+    # name, rank, world size, local rank
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("mvapich", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+DEFAULT_MASTER_PORT = 29500      # torch's and DeepSpeed's default rendezvous port
+
+
+class LaunchError(ConfigError):
+    """The launcher's environment cannot start this rank (one line; may concern some ranks only)."""
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """This process's place in the launch, read from the environment (see launch_info)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    source: str = "single"       # "env" (RANK / WORLD_SIZE), "openmpi", "mvapich", "slurm" or "single"
+
+
+def _source_vars(source: str) -> str:
+    for name, rank_var, size_var, _ in LAUNCHER_VARIABLES:
+        if name == source:
+            return f"{rank_var} / {size_var}"
+    return "RANK / WORLD_SIZE"
+
+
+def _int_var(environ, name: str, source: str) -> int:
+    value = environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"launch ({source}): {name}={value!r} is not an integer") from None
+
+
+def launch_info(environ=None) -> LaunchInfo:
+    """Rank, world size and local rank of this process, from whichever launcher started it (no side effects).
+
+    RANK / WORLD_SIZE (torchrun, DeepSpeed's local / pdsh / mpich / impi launches) win; else OpenMPI's
+    OMPI_COMM_WORLD_*, MVAPICH's MV2_COMM_WORLD_*, Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
+    Nothing set (or WORLD_SIZE=1): one process. A process started without srun inside a multi-task Slurm job
+    also sees SLURM_NTASKS > 1: start it with srun, or set WORLD_SIZE=1."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env or "RANK" in env:
+        world = _int_var(env, "WORLD_SIZE", "env") if "WORLD_SIZE" in env else None
+        if world == 1:
+            return LaunchInfo(source="env")
+        if world is None or "RANK" not in env:
+            missing = "RANK" if "RANK" not in env else "WORLD_SIZE"
+            raise LaunchError(f"launch: {missing} is not set but {'WORLD_SIZE' if missing == 'RANK' else 'RANK'} is; "
+                              "the launcher must set both (torchrun and deepy.py do)")
+        local = _int_var(env, "LOCAL_RANK", "env") if "LOCAL_RANK" in env else 0
+        return LaunchInfo(_int_var(env, "RANK", "env"), world, local, "env")
+    for name, rank_var, size_var, local_var in LAUNCHER_VARIABLES:
+        if rank_var in env and size_var in env:
+            local = _int_var(env, local_var, name) if local_var in env else 0
+            return LaunchInfo(_int_var(env, rank_var, name), _int_var(env, size_var, name), local, name)
+    return LaunchInfo()
+
+
+def apply_launch_env(master_addr: Optional[str] = None, master_port: Optional[int] = None,
+                     environ=None) -> LaunchInfo:
+    """Resolve launch_info() and export it as RANK / WORLD_SIZE / LOCAL_RANK (what torch's env:// rendezvous,
+    DeepSpeed and default_device() read). For a multi-process launch, MASTER_ADDR / MASTER_PORT come from the
+    environment, else from ``master_addr`` / ``master_port`` (the config's master-addr / master-port);
+    without an address it raises a one-line LaunchError. The one place that maps launcher variables: used by
+    init_distributed() and by the training engine's setup_distributed()."""
+    env = os.environ if environ is None else environ
+    info = launch_info(env)
+    if info.world_size <= 1:
+        return info
+    if not 0 <= info.rank < info.world_size:
+        raise LaunchError(f"launch ({info.source}): rank {info.rank} is outside the world size {info.world_size}")
+    if not env.get("MASTER_ADDR"):
+        if not master_addr:
+            raise LaunchError(f"launch: rank {info.rank} of {info.world_size} (from {_source_vars(info.source)}) but "
+                              "MASTER_ADDR is not set (DeepSpeed's slurm, openmpi and mvapich runners do not export "
+                              "it); export MASTER_ADDR (the host of rank 0) and MASTER_PORT, or set master-addr in "
+                              "the config")
+        env["MASTER_ADDR"] = str(master_addr)
+    if not env.get("MASTER_PORT"):
+        env["MASTER_PORT"] = str(master_port or DEFAULT_MASTER_PORT)
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(info.rank), str(info.world_size), str(info.local_rank)
+    return info
+
+
+def init_distributed(timeout_s: int = 300, master_addr: Optional[str] = None,
+                     master_port: Optional[int] = None) -> LaunchInfo:
+    """Initialise torch.distributed from the launcher's environment (apply_launch_env: torchrun's or DeepSpeed's
+    RANK / WORLD_SIZE / MASTER_*, or srun's / mpirun's own variables). One process: nothing to do."""
+    info = apply_launch_env(master_addr, master_port)
+    if dist.is_initialized() or info.world_size <= 1:
+        return info
     backend = default_backend()
     if backend == "nccl":
         torch.cuda.set_device(default_device())
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return info

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, NeoXConfig
-from ..parallel import ParallelState, default_backend, default_device, init_distributed
+from ..parallel import ParallelState, default_backend, default_device, init_distributed, launch_info
 
 # DeepSpeed's shared-memory all-reduce op for CPU ranks must be JIT-compiled (about a minute the first
 # time). It only speeds up large CPU all-reduces; gloo works without it. Off unless this is "1".
@@ -35,20 +35,25 @@ def _free_port() -> int:
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The world size the launcher set up (torchrun / DeepSpeed's RANK and WORLD_SIZE, or srun's / mpirun's own
+    variables: neox_l2e.parallel.launch_info)."""
+    return launch_info().world_size
 
 
 def setup_distributed(cfg: NeoXConfig) -> ParallelState:
     """Initialise the default process group (also for one process: DeepSpeed needs one) and the TP/DP groups.
 
     The world size is checked against the config first, so a bad launch fails with one ConfigError line.
+    Ranks started by srun / mpirun (DeepSpeed's slurm, openmpi, mvapich runners) are mapped by
+    init_distributed; their rendezvous address is MASTER_ADDR / MASTER_PORT, else the config's master-addr /
+    master-port.
     """
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     cfg.check_world_size(world)
     timeout = cfg.training.dist_timeout_s
     if not dist.is_initialized():
         if world > 1:
-            init_distributed(timeout)
+            init_distributed(timeout, master_addr=cfg.parallel.master_addr, master_port=cfg.parallel.master_port)
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if "MASTER_PORT" not in os.environ:

@@ -145,6 +145,24 @@ def test_deepy_dry_run_command():
     assert resolved["train_iters"] == 3 and resolved["hidden_size"] == 32
 
 
+def test_deepy_slurm_launch_hands_the_ranks_a_rendezvous(tmp_path):
+    """srun / mpirun export no MASTER_ADDR to the ranks: deepy.py puts master-addr (default: the hostfile's first
+    host) and master-port into the resolved config, which the ranks fall back on."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    tiny = str(REPO / "configs/local/tiny.yml")
+    for extra, addr in (([], "node-a"), (["--master_addr", "10.1.2.3"], "10.1.2.3")):
+        p = subprocess.run([PY, str(REPO / "deepy.py"), "--dry-run", "--hostfile", str(hostfile), "--launcher", "slurm",
+                            "--master_port", "29612"] + extra + ["train.py", tiny], env=_env(), capture_output=True,
+                           text=True, timeout=120, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        cmd = p.stdout.strip().split()
+        assert cmd[cmd.index("--launcher") + 1] == "slurm" and cmd[cmd.index("--master_addr") + 1] == addr
+        import base64
+        resolved = json.loads(base64.b64decode(cmd[cmd.index("--config-b64") + 1]))
+        assert resolved["master_addr"] == addr and resolved["master_port"] == 29612
+
+
 def test_deepy_launches_two_cpu_ranks(tmp_path):
     """deepy.py -> DeepSpeed launcher -> 2 ranks, each with the resolved config (train-iters from the command line)."""
     tiny = str(REPO / "configs/local/tiny.yml")

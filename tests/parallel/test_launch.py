@@ -1,0 +1,118 @@
+"""Ranks started by srun / mpirun (DeepSpeed's slurm, openmpi and mvapich runners) carry only their launcher's
+variables (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, OMPI_COMM_WORLD_*, MV2_COMM_WORLD_*) and, from the user,
+MASTER_ADDR / MASTER_PORT. neox_l2e.parallel.launch_info maps them; both entry points (init_distributed and the
+trainer's setup_distributed) form one gloo world from them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distributed import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "MV2_", "PMI_", "PMIX_")
+
+# one rank: initialise through the given entry point, then prove the world is one (all-reduce of rank + 1)
+WORKER = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+entry = sys.argv[1]
+if entry == "setup_distributed":          # the trainer's path (config checked against the world size first)
+    from neox_l2e.config import build_config
+    from neox_l2e.training.engine import setup_distributed
+    ps = setup_distributed(build_config(dict(num_layers=1, hidden_size=8, num_attention_heads=2, dist_timeout_s=60)))
+else:                                     # the library's path
+    from neox_l2e.parallel import init_distributed
+    init_distributed(60)
+t = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(t)
+print("RESULT " + json.dumps(dict(rank=dist.get_rank(), world=dist.get_world_size(), backend=dist.get_backend(),
+                                  sum=t.item(), env={k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})),
+      flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _launcher_env(launcher: str, rank: int, world: int) -> dict:
+    return {"slurm": dict(SLURM_PROCID=rank, SLURM_NTASKS=world, SLURM_LOCALID=rank, SLURM_JOB_ID=1),
+            "openmpi": dict(OMPI_COMM_WORLD_RANK=rank, OMPI_COMM_WORLD_SIZE=world, OMPI_COMM_WORLD_LOCAL_RANK=rank),
+            "mvapich": dict(MV2_COMM_WORLD_RANK=rank, MV2_COMM_WORLD_SIZE=world, MV2_COMM_WORLD_LOCAL_RANK=rank)}[launcher]
+
+
+def test_slurm_and_openmpi_ranks_form_one_world():
+    """2 processes with only SLURM_* (through setup_distributed) and 2 with only OMPI_* (through
+    init_distributed), plus MASTER_ADDR / MASTER_PORT: each pair is one gloo world of size 2."""
+    worlds = {"slurm": ("setup_distributed", free_port()), "openmpi": ("init_distributed", free_port())}
+    procs = []
+    for launcher, (entry, port) in worlds.items():
+        for rank in range(2):
+            env = _clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **_launcher_env(launcher, rank, 2))
+            procs.append((launcher, rank, subprocess.Popen([sys.executable, "-c", WORKER, entry], env=env, cwd=REPO,
+                                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    results = {}
+    try:
+        for launcher, rank, p in procs:
+            out, err = p.communicate(timeout=120)
+            lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+            assert p.returncode == 0 and lines, (launcher, rank, err[-2000:])
+            results[launcher, rank] = json.loads(lines[-1][len("RESULT "):])
+    finally:
+        for _, _, p in procs:
+            if p.poll() is None:
+                p.kill()
+    for (launcher, rank), r in results.items():
+        assert r["world"] == 2 and r["rank"] == rank and r["backend"] == "gloo", (launcher, r)
+        assert r["sum"] == 3.0, (launcher, r)                   # 1 + 2: both ranks in the same world
+        assert r["env"] == {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}, (launcher, r)
+
+
+def test_missing_master_addr_is_one_line():
+    """A Slurm launch without MASTER_ADDR: train.py fails with one `error:` line (exit 2) naming the variable."""
+    env = _clean_env(NEOX_L2E_DS_SHM="0", **_launcher_env("slurm", 0, 2))
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "configs/local/tiny.yml")], env=env,
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = [l for l in p.stderr.splitlines() if l.strip() and "[WARNING]" not in l]
+    assert len(lines) == 1 and lines[0].startswith("error: launch: rank 0 of 2"), p.stderr
+    assert "SLURM_PROCID" in lines[0] and "MASTER_ADDR is not set" in lines[0]
+
+
+def test_launch_info_mapping_and_precedence():
+    from neox_l2e.config import ConfigError
+    from neox_l2e.parallel import LaunchInfo, apply_launch_env, launch_info
+    assert launch_info({}) == LaunchInfo(0, 1, 0, "single")
+    for launcher in ("slurm", "openmpi", "mvapich"):
+        assert launch_info({k: str(v) for k, v in _launcher_env(launcher, 3, 8).items()}) == \
+            LaunchInfo(3, 8, 3, launcher)
+    # RANK / WORLD_SIZE (torchrun, DeepSpeed's own launch) win; mpirun inside a Slurm job: MPI wins over the
+    # batch step's SLURM_PROCID=0
+    both = dict(SLURM_PROCID="0", SLURM_NTASKS="4", SLURM_LOCALID="0", OMPI_COMM_WORLD_RANK="2",
+                OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="0")
+    assert launch_info(both) == LaunchInfo(2, 4, 0, "openmpi")
+    assert launch_info(dict(both, RANK="1", WORLD_SIZE="4", LOCAL_RANK="1")) == LaunchInfo(1, 4, 1, "env")
+    assert launch_info(dict(both, WORLD_SIZE="1")).world_size == 1
+    # exported for torch / DeepSpeed; MASTER_* from the config when the environment has none
+    env = {k: str(v) for k, v in _launcher_env("mvapich", 1, 2).items()}
+    assert apply_launch_env("node0", 29600, environ=env).rank == 1
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
+        ("1", "2", "1", "node0", "29600")
+    env = dict(_launcher_env("openmpi", 0, 2), MASTER_ADDR="10.0.0.1")
+    env = {k: str(v) for k, v in env.items()}
+    apply_launch_env("node0", None, environ=env)
+    assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "29500"      # the environment wins
+    with pytest.raises(ConfigError, match="OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE.*MASTER_ADDR is not set"):
+        apply_launch_env(environ={k: str(v) for k, v in _launcher_env("openmpi", 1, 2).items()})
+    with pytest.raises(ConfigError, match="RANK is not set"):
+        launch_info({"WORLD_SIZE": "2"})
