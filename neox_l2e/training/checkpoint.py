@@ -272,14 +272,72 @@ def _load_buffers_only(src, dst):
             own[k].copy_(v)
 
 
+def saved_layout(folder) -> tuple:
+    """(tp, dp) a checkpoint folder (``save_dir/global_stepN``) was saved with: the client state's ``tp`` /
+    ``dp`` (DeepSpeed's ``mp_world_size`` / ``dp_world_size`` when absent), else the file counts. The model
+    states are memory-mapped, so the weights are not read."""
+    folder = Path(folder)
+    path = folder / model_states_name(0)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:                 # not a zip-format file: no mmap
+        sd = _torch_load(path)
+    except (OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read ({str(e).splitlines()[0][:200]})") from None
+    tp = sd.get("tp") or sd.get("mp_world_size")
+    dp = sd.get("dp") or sd.get("dp_world_size")
+    del sd
+    if tp is None:
+        tp = sum(1 for _ in folder.glob("mp_rank_*_model_states.pt"))
+    if dp is None:
+        dp = sum(1 for _ in folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")) or 1
+    return int(tp), int(dp)
+
+
+def check_resume_layout(load_dir, tag: str, tp: int, dp: int, zero_stage: int, load_optimizer: bool = True,
+                        weights_only: bool = False) -> None:
+    """Raise a one-line CheckpointError when this run (TP=tp x DP=dp, ZeRO zero_stage) cannot resume the
+    checkpoint as it was saved, naming tools/reshard_checkpoint.py as the fix.
+
+    What DeepSpeed loads across layouts (measured with 0.19): a TP change never (each TP rank reads its own
+    shard of every split tensor); a DP change with ZeRO 0 (fp32, bf16: the optimizer state is replicated in the
+    model states) and with ZeRO 1 / 2 when the optimizer state is not loaded (the fp32 master weights are rebuilt
+    from the saved weights); not with ZeRO 1 / 2 and the optimizer state (DP-partitioned shards), nor with
+    ZeRO 3 (weights and optimizer partitioned over DP; the resharding tool does not handle ZeRO 3).
+    ``weights_only`` (finetune): only the TP degree matters."""
+    folder = Path(load_dir) / tag
+    saved_tp, saved_dp = saved_layout(folder)
+    dp_ok = weights_only or saved_dp == dp or (zero_stage in (1, 2) and not load_optimizer) or zero_stage == 0
+    if saved_tp == tp and dp_ok:
+        return
+    saved = f"TP={saved_tp} x DP={saved_dp}"
+    run = f"TP={tp} x DP={dp}"
+    if weights_only:
+        raise CheckpointError(f"{folder}: saved with TP={saved_tp}, this run has TP={tp}; re-shard it first: "
+                              f"python tools/reshard_checkpoint.py {load_dir} OUT --tp {tp} --dp {dp}, then load OUT")
+    if saved_tp == tp and (zero_stage == 3 or any(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))):
+        raise CheckpointError(f"{folder}: saved as {saved}, this run is {run}; ZeRO-3 cannot change the DP size (its "
+                              "weights and optimizer state are partitioned by DP rank, and tools/reshard_checkpoint.py "
+                              f"does not handle ZeRO-3); resume with DP={saved_dp}, or take only the weights with "
+                              "finetune: true")
+    why = ("tensors are split by TP rank" if saved_tp != tp
+           else f"ZeRO-{zero_stage} partitions the optimizer state by DP rank")
+    raise CheckpointError(f"{folder}: saved as {saved}, this run is {run} ({why}); re-shard it first: "
+                          f"python tools/reshard_checkpoint.py {load_dir} OUT --tp {tp} --dp {dp}, then load OUT"
+                          + ("" if saved_tp != tp else ", or resume without the optimizer state (no-load-optim: true)"))
+
+
 def load_checkpoint(engine, load_dir, ps, load_optimizer: bool = True, tag: Optional[str] = None) -> dict:
-    """Resume engine (model, optimizer, loss scale) and this rank's RNG; returns the client state."""
+    """Resume engine (model, optimizer, loss scale) and this rank's RNG; returns the client state.
+
+    A checkpoint saved in a TP / DP layout this run cannot load raises CheckpointError (check_resume_layout)."""
     d = Path(load_dir)
     tag = tag or latest_tag(d)
     if tag is None:
         raise CheckpointError(f"{d}: no checkpoint to load (no 'latest' file)")
     if not (d / tag / model_states_name(0)).is_file():
         raise CheckpointError(f"{d / tag}: missing {model_states_name(0)}; the checkpoint is incomplete")
+    check_resume_layout(d, tag, ps.tp, ps.dp, int(engine.zero_optimization_stage()), load_optimizer)
     custom = _load_buffers_only if _zero3(engine) else None
     path, client = engine.load_checkpoint(str(d), tag=tag, load_optimizer_states=load_optimizer,
                                           load_lr_scheduler_states=False, custom_load_fn=custom)

@@ -104,6 +104,11 @@ class Trainer:
         t = cfg.training
         self.ps = ps or setup_distributed(cfg)
         ps = self.ps
+        resume_tag = ckpt.latest_tag(t.load) if t.load else None
+        if resume_tag is not None:
+            # a checkpoint saved in a layout this run cannot load fails here, before the data and model are built
+            ckpt.check_resume_layout(t.load, resume_tag, ps.tp, ps.dp, cfg.zero_stage,
+                                     load_optimizer=not t.no_load_optim, weights_only=t.finetune)
         _seed_all(t.seed)
         if datasets is None:
             datasets, vocab_size, self.tokenizer = build_data(cfg, ps.dp)
@@ -116,14 +121,19 @@ class Trainer:
         if t.load and t.finetune:
             ckpt.load_weights_into(self.model, t.load, ps.tp_rank)
             self.finetuned_from = t.load
+        elif resume_tag is not None and t.no_load_optim and cfg.zero_stage == 3:
+            # ZeRO-3 restores its weights from the optimizer shards; without them, from the consolidated weights
+            # (mp_rank_00_model_states.pt) before DeepSpeed partitions the model
+            ckpt.load_weights_into(self.model, t.load, ps.tp_rank, tag=resume_tag)
         self.engine, self.optimizer = build_engine(cfg, self.model, ps)
         self.module = self.engine.module
         self.scheduler = AnnealingLR.from_config(self.optimizer, cfg)
         self.iteration = 0
         self.consumed = 0
         self.resumed_from = None
-        if t.load and not t.finetune and ckpt.latest_tag(t.load) is not None:
-            client = ckpt.load_checkpoint(self.engine, t.load, ps, load_optimizer=not t.no_load_optim)
+        if resume_tag is not None and not t.finetune:
+            client = ckpt.load_checkpoint(self.engine, t.load, ps, load_optimizer=not t.no_load_optim,
+                                          tag=resume_tag)
             self.iteration = int(client.get("iteration", 0))
             self.consumed = int(client.get("consumed_train_samples", 0))
             if "lr_scheduler" in client:

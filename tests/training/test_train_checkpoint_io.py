@@ -1,4 +1,7 @@
-"""The checkpoint format contract: readers, the weights-only writer (finetune start), TP shards, pruning."""
+"""The checkpoint format contract: readers, the weights-only writer (finetune start), TP shards, pruning, and
+which layout changes a resume accepts."""
+import os
+
 import torch
 
 from distributed import run_ranks
@@ -57,6 +60,61 @@ def test_tp2_checkpoint_has_one_model_file_per_tp_rank(tmp_path):
     assert states[0][qkv].shape[0] * 2 == 3 * 32 and not torch.equal(states[0][qkv], states[1][qkv])
     ln = "gpt_neox.layers.0.input_layernorm.weight"
     assert torch.equal(states[0][ln], states[1][ln])
+    # train.py resuming it as TP=1 (one process) without resharding: one line, exit 2, before any model is built
+    import subprocess
+    import sys
+
+    from train_common import REPO
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "configs/local/tiny.yml"), f"load={save}"],
+                       env=dict(env, NEOX_L2E_DS_SHM="0"), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = [l for l in p.stderr.splitlines() if l.strip() and "[WARNING]" not in l]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert f"{save}/global_step3: saved as TP=2 x DP=1, this run is TP=1 x DP=1" in lines[0]
+    assert f"tools/reshard_checkpoint.py {save} OUT --tp 1 --dp 1" in lines[0]
+
+
+def _fake_checkpoint(d, tp, dp, zero_files=(), tag="global_step5"):
+    """A checkpoint folder as save_checkpoint lays it out, with tiny files (only the layout matters here)."""
+    folder = d / tag
+    folder.mkdir(parents=True)
+    for r in range(tp):
+        torch.save({"module": {}, "tp": tp, "dp": dp, "iteration": 5}, folder / f"mp_rank_{r:02d}_model_states.pt")
+    for name in zero_files:
+        torch.save({}, folder / name)
+    write_latest(d, tag)
+    return d
+
+
+def test_resume_layout_rules(tmp_path):
+    """What DeepSpeed can load across layouts: a TP change never; a DP change with ZeRO 0, and with ZeRO 1/2
+    without the optimizer state; never with ZeRO-3 (see check_resume_layout)."""
+    from neox_l2e.training.checkpoint import CheckpointError, check_resume_layout, saved_layout
+    shards = [f"zero_pp_rank_{d}_mp_rank_00_optim_states.pt" for d in range(2)]
+    z0 = _fake_checkpoint(tmp_path / "z0", tp=1, dp=2)
+    z1 = _fake_checkpoint(tmp_path / "z1", tp=1, dp=2, zero_files=shards)
+    z3 = _fake_checkpoint(tmp_path / "z3", tp=1, dp=2, zero_files=shards + [
+        f"zero_pp_rank_{d}_mp_rank_00_model_states.pt" for d in range(2)])
+    tp2 = _fake_checkpoint(tmp_path / "tp2", tp=2, dp=1)
+    assert saved_layout(z1 / "global_step5") == (1, 2) and saved_layout(tp2 / "global_step5") == (2, 1)
+    check_resume_layout(z0, "global_step5", tp=1, dp=1, zero_stage=0)                         # replicated state
+    check_resume_layout(z1, "global_step5", tp=1, dp=1, zero_stage=1, load_optimizer=False)  # master from weights
+    check_resume_layout(z1, "global_step5", tp=1, dp=2, zero_stage=1)                         # same layout
+    check_resume_layout(tp2, "global_step5", tp=2, dp=4, zero_stage=0)
+    check_resume_layout(tp2, "global_step5", tp=2, dp=1, zero_stage=0, weights_only=True)
+    refused = [(z1, dict(tp=1, dp=1, zero_stage=2), "ZeRO-2 partitions the optimizer state by DP rank"),
+               (z3, dict(tp=1, dp=1, zero_stage=3, load_optimizer=False), "ZeRO-3 cannot change the DP size"),
+               (tp2, dict(tp=1, dp=2, zero_stage=0), "saved as TP=2 x DP=1, this run is TP=1 x DP=2"),
+               (tp2, dict(tp=1, dp=1, zero_stage=0, weights_only=True), "saved with TP=2, this run has TP=1")]
+    for d, kw, text in refused:
+        try:
+            check_resume_layout(d, "global_step5", **kw)
+        except CheckpointError as e:
+            assert text in str(e) and "\n" not in str(e), (kw, str(e))
+        else:
+            raise AssertionError(f"not refused: {d.name} {kw}")
 
 
 def test_prune_and_latest(tmp_path):

@@ -39,6 +39,18 @@ def _run(cfg_kw, tmp, ds):
                              and all(torch.equal(saved[k], loaded[k]) for k in saved))
     r2 = t2.train()
     out["resumed"] = [l for _, l in r1.train_losses + r2.train_losses]
+    if cfg_kw["zero_optimization"]["stage"] == 3:
+        # no-load-optim: ZeRO-3 cannot take its weights from the optimizer shards; they come from the consolidated
+        # mp_rank_00 weights, so the run starts from the checkpoint's weights, not from a fresh init
+        final_saved = full_state(t2)
+        del t2
+        t3 = Trainer(tiny_cfg(train_iters=STEPS + 1, lr_decay_iters=STEPS, load=save, no_load_optim=True, **cfg_kw),
+                     datasets=ds, quiet=True)
+        got = full_state(t3)
+        out["no_load_optim_iteration"] = t3.iteration
+        if final_saved is not None:
+            out["no_load_optim_exact"] = got.keys() == final_saved.keys() and all(
+                torch.equal(final_saved[k], got[k]) for k in final_saved)
     return out
 
 
@@ -65,6 +77,11 @@ def _nan_run(rank, tmp, ds):
     s = tr.train_step()
     out["next_applied"] = s["applied"]
     out["changed_after"] = not all(torch.equal(after[k], v) for k, v in full_state(tr).items())
+    # through the loop: the skipped step is counted in the result (and logged as NaN)
+    res = Trainer(tiny_cfg(zero_optimization={"stage": 2}, train_iters=3), datasets=ds, quiet=True,
+                  loss_hook=hook).train()
+    out["result_skipped"] = res.skipped_steps
+    out["result_losses"] = [l for _, l in res.train_losses]
     # too many consecutive bad steps stop training on every rank
     tr2 = Trainer(tiny_cfg(train_iters=10, max_bad_steps=2), datasets=ds, quiet=True,
                   loss_hook=lambda it, loss: loss * float("inf") if it >= 2 and rank == 0 else loss)
@@ -130,7 +147,16 @@ def test_nan_on_one_rank_is_skipped_everywhere(results):
         assert n["iteration"] == 2
         assert n["lr_unchanged"] and n["adam_unchanged"]
         assert n["next_applied"] is True
+        assert n["result_skipped"] == 1                       # counted in TrainResult.skipped_steps
+        losses = n["result_losses"]
+        assert len(losses) == 3 and losses[1] != losses[1] and losses[0] == losses[0] and losses[2] == losses[2]
     assert results[0]["nan"]["unchanged"] is True and results[0]["nan"]["changed_after"] is True
+
+
+def test_zero3_resume_without_optimizer_keeps_the_weights(results):
+    r = results[0][3]
+    assert r["no_load_optim_iteration"] == STEPS
+    assert r["no_load_optim_exact"] is True
 
 
 def test_max_bad_steps_stops_all_ranks(results):
