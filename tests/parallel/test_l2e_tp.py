@@ -10,6 +10,7 @@ from tp_common import gather_states, grads_of, random_full_state, tiny_cfg, toke
 L2E = dict(l2e_enabled=True, l2e_layers=[0, 1], l2e_ratio=0.05, l2e_min_samples=16, l2e_backend="torch",
            l2e_lambda=0.5)
 STEPS = 5
+TAU_REL = 2e-5      # docs/parallelism.md, "L2E under TP and DP"
 
 
 def _run(model, ps, cfg):
@@ -69,8 +70,9 @@ def test_l2e_tp2_equals_tp1(results):
             assert (a["l2e"] is None) == (b["l2e"] is None), (a, b)
             if a["l2e"] is not None:
                 assert abs(a["l2e"] - b["l2e"]) <= 1e-5, (a, b)
-            # tau starts as an exact order statistic of phi: rounding may move it by one order-statistic gap
-            assert a["tau"] == pytest.approx(b["tau"], rel=1e-4), (a, b)
+            # tau starts as the k-th largest phi; phi differs between the layouts by fp32 rounding only, and the
+            # k-th largest moves by at most the largest input difference (measured ~2e-6 relative)
+            assert a["tau"] == pytest.approx(b["tau"], rel=TAU_REL), (a, b)
             assert a["sel"] == b["sel"], (a, b)              # the same activations are selected
         assert r["buf_keys"]
         assert r["buf"] <= 1e-5, r["buf"]

@@ -83,7 +83,7 @@ def _same_l2e_state(ref, got):
             assert np.array_equal(a, b), k
         elif k.endswith((".mean", ".m2", ".tau")):
             assert np.isfinite(a).all(), k                              # tau initialised, statistics populated
-            tol = 1e-4 if k.endswith(".tau") else 1e-5                  # tau: one order-statistic gap
+            tol = 2e-5 if k.endswith(".tau") else 1e-5                  # tau: phi's rounding (test_tp_dp.py)
             assert np.abs(a - b).max() <= tol * max(1.0, np.abs(a).max()), (k, a, b)
 
 

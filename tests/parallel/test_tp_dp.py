@@ -1,10 +1,11 @@
 """4 gloo ranks: TP=2 x DP=2 (ZeRO-1, L2E on) trains like TP=1 x DP=2 (2 ranks) on the same data: same losses,
 same final weights and L2E state (statistics merged over DP in rank order, counts all-reduced over TP and DP).
 
-Selection is a threshold (phi >= tau), and tau starts as an exact order statistic of phi, so fp32 rounding
-differences between the layouts can move tau by one order-statistic gap (~1e-5 relative) and, rarely, flip
-a borderline activation. lambda is kept small here so such a flip cannot move the weights measurably; the
-exact L2E comparison (loss, selections, tau) is tests/parallel/test_l2e_tp.py."""
+Selection is a threshold (phi >= tau), and tau starts as the k-th largest phi. phi differs between the
+layouts by fp32 rounding (other summation orders), and the k-th largest of a perturbed set moves by at most
+the largest perturbation, so tau agrees to about that (measured ~2e-7 relative here, 2e-5 allowed); an
+activation that close to tau can, rarely, flip. lambda is kept small here so such a flip cannot move the
+weights measurably; the exact L2E comparison (loss, selections, tau) is tests/parallel/test_l2e_tp.py."""
 import pytest
 import torch
 
@@ -64,5 +65,5 @@ def test_tp2_dp2_matches_tp1_dp2(runs):
         if not fin.any():
             continue
         scale = max(1.0, a[fin].abs().max().item())
-        tol = 1e-4 if k.endswith(".tau") else 1e-5       # tau: one order-statistic gap (see above)
+        tol = 2e-5 if k.endswith(".tau") else 1e-5       # tau: phi's rounding difference at the threshold (above)
         assert (a[fin] - b[fin]).abs().max().item() <= tol * scale, (k, a, b)
