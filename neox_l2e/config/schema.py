@@ -69,7 +69,7 @@ class OptimizerConfig:
     lr_decay_iters: Optional[int] = F(None, "Iterations over which lr decays; defaults to train-iters.")
     warmup: float = F(0.01, "Linear warmup as a fraction of lr-decay-iters (Pythia: 0.01).")
     gradient_clipping: float = F(1.0, "Clip the global gradient norm to this (0 = off).")
-    zero_allow_untested_optimizer: bool = F(True, "Passed to DeepSpeed so ZeRO accepts torch's AdamW.", effect=IGN)
+    zero_allow_untested_optimizer: bool = F(True, "Passed to DeepSpeed as zero_allow_untested_optimizer. The optimizer is always torch's AdamW, which DeepSpeed's ZeRO counts as tested, so either value trains the same.")
 
 
 @dataclass
@@ -112,7 +112,7 @@ class DataConfig:
     split: str = F("969,30,1", "train,valid,test weights used to split data-path.")
     data_impl: str = F("mmap", "Dataset format; only 'mmap' (the Megatron/NeoX .bin/.idx) is implemented.")
     mmap_warmup: bool = F(False, "NeoX pre-reads the mmap; no effect here.", effect=IGN)
-    num_workers: int = F(2, "DataLoader worker processes.")
+    num_workers: int = F(2, "NeoX's DataLoader worker processes. No effect here: there is no DataLoader; each rank reads its micro-batches in the training process straight from the memory-mapped dataset (an index lookup and a copy per sample), which needs no workers.", effect=IGN)
     tokenizer_type: str = F("HFTokenizer", "HFTokenizer (tokenizers JSON, e.g. Pythia's 20B) or SPMTokenizer (SentencePiece .model).")
     vocab_file: Optional[str] = F(None, "Tokenizer file for tokenizer-type.")
     merge_file: Optional[str] = F(None, "GPT-2 BPE merges file; not used by the supported tokenizers.", effect=IGN)
@@ -125,7 +125,7 @@ class ParallelConfig:
     model_parallel_size: int = F(1, "Tensor-parallel degree (must divide the world size, heads and the MLP width).")
     pipe_parallel_size: int = F(0, "Pipeline parallelism is not implemented: 0 or 1 (as in the Pythia configs) both mean none.")
     zero_optimization: dict = F(None, "DeepSpeed ZeRO block; stage 0-3 (stage 3 is refused with TP > 1); other entries go to DeepSpeed as given.", factory=lambda: {"stage": 0})
-    distributed_backend: str = F("nccl", "NeoX backend name; here the backend is chosen by device: NCCL on GPU, gloo on CPU.")
+    distributed_backend: str = F("nccl", "NeoX's torch.distributed backend. No effect here: the backend follows the device (NCCL when CUDA is available, gloo otherwise), whatever this says.", effect=IGN)
     launcher: str = F("pdsh", "The DeepSpeed runner deepy.py uses with a hostfile (without one the ranks start on this node): pdsh (ssh), openmpi, mvapich, mpich, impi or slurm (srun). Ranks started by srun / mpirun carry only SLURM_* / OMPI_COMM_WORLD_* / MV2_COMM_WORLD_* variables, which train.py maps to rank and world size; their rendezvous is MASTER_ADDR / MASTER_PORT if exported, else master-addr / master-port.")
     deepspeed_slurm: bool = F(False, "NeoX: read rank and world size from SLURM_* variables. No effect here: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are read whenever a rank has no RANK / WORLD_SIZE, whatever this says (see launcher).", effect=IGN)
     deepspeed_mpi: bool = F(False, "NeoX: discover ranks through MPI (mpi4py). No effect here: OpenMPI's OMPI_COMM_WORLD_* and MVAPICH's MV2_COMM_WORLD_* variables are read whenever a rank has no RANK / WORLD_SIZE, without mpi4py (see launcher).", effect=IGN)
@@ -160,7 +160,7 @@ class LoggingConfig:
     wandb_project: str = F("neox-l2e", "W&B project.")
     wandb_group: Optional[str] = F(None, "W&B group.")
     wandb_team: Optional[str] = F(None, "W&B entity.")
-    wandb_host: Optional[str] = F(None, "W&B host.")
+    wandb_host: Optional[str] = F(None, "W&B server URL (e.g. a self-hosted https://wandb.example.com): exported as WANDB_BASE_URL before wandb.init; unset: WANDB_BASE_URL from the environment, else wandb's default (api.wandb.ai).")
     log_grad_norm: bool = F(True, "Log the global gradient norm.")
     log_param_norm: bool = F(False, "Log the global parameter norm.")
     progress_bar: bool = F(True, "Show a tqdm progress bar on rank 0.")

@@ -110,7 +110,7 @@ def deepspeed_config(cfg: NeoXConfig, dp: int) -> dict:
         "train_batch_size": t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp,
         "gradient_clipping": cfg.optimizer.gradient_clipping,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
+        "zero_allow_untested_optimizer": bool(cfg.optimizer.zero_allow_untested_optimizer),
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": cfg.logging.steps_per_print if cfg.logging.wall_clock_breakdown else 10 ** 9,
         "wall_clock_breakdown": cfg.logging.wall_clock_breakdown,

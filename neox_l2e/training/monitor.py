@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,8 @@ class Monitor:
             except ImportError:        # tensorboard not installed: metrics.jsonl still has everything
                 self._tb = None
         if cfg.logging.use_wandb:
+            if cfg.logging.wandb_host:            # a self-hosted W&B server: wandb reads it at init
+                os.environ["WANDB_BASE_URL"] = cfg.logging.wandb_host
             try:
                 import wandb
                 self._wandb = wandb.init(project=cfg.logging.wandb_project, group=cfg.logging.wandb_group,
