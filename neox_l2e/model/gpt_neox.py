@@ -177,7 +177,10 @@ class GPTNeoX(nn.Module):
         return gather_from_tp(logits, self.ps)[..., :self.base_vocab_size]
 
     def num_parameters(self) -> int:
-        """Parameters of the whole (unsharded) model, whatever the TP degree."""
+        """Parameters of the whole (unsharded) model at this TP degree. Not TP-independent: the vocab-parallel
+        embedding matrices are counted with this degree's vocab padding (a multiple of make-vocab-size-divisible-by
+        x tp), so above TP=1 each adds (padded(tp) - padded(1)) x hidden-size inert zero rows to the count (Pythia:
+        128 rows each at TP=2); every other parameter counts the same at any degree."""
         return sum(math.prod(_full_shape(p, self.ps)) for p in self.parameters())
 
 
