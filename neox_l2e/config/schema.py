@@ -102,7 +102,7 @@ class TrainingConfig:
 @dataclass
 class DataConfig:
     """Datasets, tokenizer and loading."""
-    data_path: Optional[str] = F(None, "Single dataset prefix (PATH for PATH.bin/.idx) split by `split`.")
+    data_path: Optional[str] = F(None, "Dataset prefix (PATH for PATH.bin/.idx) whose documents are split into train/valid/test by `split`; ignored when train-data-paths is set.")
     train_data_paths: Optional[list] = F(None, "Training dataset prefixes (blended by train-data-weights).")
     valid_data_paths: Optional[list] = F(None, "Validation dataset prefixes.")
     test_data_paths: Optional[list] = F(None, "Test dataset prefixes.")
