@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from neox_l2e.config.schema import L2EConfig  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -103,7 +105,7 @@ class _PeakRSS:
 
 
 def default_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 l2e_lambda: float = 0.01) -> torch.Tensor:
+                 l2e_lambda: float = L2EConfig().l2e_lambda) -> torch.Tensor:
     """One training step: next-token loss (+ L2E loss and commits for our model), backward, AdamW step."""
     x, y = batch[:, :-1], batch[:, 1:]
     if hasattr(model, "lm_loss"):                               # our GPTNeoX
@@ -258,7 +260,7 @@ class MLPLayer(torch.nn.Module):
         return [self.mlp.inhibitor] if self.mlp.inhibitor is not None else []
 
 
-def mlp_step(model, x, optimizer, l2e_lambda: float = 0.01):
+def mlp_step(model, x, optimizer, l2e_lambda: float = L2EConfig().l2e_lambda):
     """Forward, a scalar loss on the layer output (+ lambda x L_MS), backward, commits, AdamW step."""
     out = model.mlp(x)
     loss = out.float().pow(2).mean()

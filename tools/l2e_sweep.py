@@ -72,7 +72,8 @@ def sweep(configs: Sequence[str], lambdas: Sequence[float], out, overrides: Opti
         t0 = time.time()
         train_one(configs, dict(overrides or {}, l2e_enabled=True, l2e_lambda=float(lam)), run_dir)
         rows.append(summarize(run_dir, lam, tail))
-        log(f"lambda={lam:g}: valid loss {rows[-1]['valid_loss']:.4f} ({time.time() - t0:.0f} s)")
+        vl = rows[-1]["valid_loss"]
+        log(f"lambda={lam:g}: valid loss {'-' if vl is None else format(vl, '.4f')} ({time.time() - t0:.0f} s)")
     return rows
 
 

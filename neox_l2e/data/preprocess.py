@@ -31,6 +31,15 @@ def _is_jsonl(path: str) -> bool:
     return path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
 
 
+def _check_input_kind(path, keys) -> bool:
+    """True for jsonl input; a plain text file (one document, no fields) with several keys is an error."""
+    is_jsonl = _is_jsonl(path)
+    if not is_jsonl and len(keys) > 1:
+        raise DataError(f"{path}: a plain text file is one document without fields; several jsonl keys "
+                        f"({', '.join(keys)}) need .jsonl input")
+    return is_jsonl
+
+
 def _keys(json_keys) -> tuple:
     keys = (json_keys,) if isinstance(json_keys, str) else tuple(json_keys)
     if not keys:
@@ -48,10 +57,7 @@ def iter_records(paths, json_keys=("text",)) -> Iterator[tuple]:
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"{path}: input file not found")
-        is_jsonl = _is_jsonl(path)
-        if not is_jsonl and len(keys) > 1:
-            raise DataError(f"{path}: a plain text file is one document without fields; several jsonl keys "
-                            f"({', '.join(keys)}) need .jsonl input")
+        is_jsonl = _check_input_kind(path, keys)
         try:
             with _open_text(path) as f:
                 if not is_jsonl:
@@ -142,9 +148,7 @@ def preprocess(inputs, output_prefix: str, tokenizer_type: str, vocab_file: str,
     for p in inputs:
         if not os.path.isfile(p):
             raise DataError(f"{p}: input file not found")
-        if len(keys) > 1 and not _is_jsonl(p):
-            raise DataError(f"{p}: a plain text file is one document without fields; several jsonl keys "
-                            f"({', '.join(keys)}) need .jsonl input")
+        _check_input_kind(p, keys)
     records = iter_records(inputs, keys)
     bar = None
     if progress:

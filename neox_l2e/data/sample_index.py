@@ -77,8 +77,8 @@ def build_blending_indices_numpy(weights, num_samples: int) -> tuple[np.ndarray,
         raise ValueError("need at least one weight")
     num_samples = int(num_samples)
     taken = [0] * len(w)
-    dataset_index = [0] * num_samples
-    dataset_sample_index = [0] * num_samples
+    dataset_index = np.empty(num_samples, dtype=np.int16)          # filled in place: 10 bytes a sample
+    dataset_sample_index = np.empty(num_samples, dtype=np.int64)
     w0, others = w[0], range(1, len(w))
     for i in range(num_samples):
         n = float(i + 1)
@@ -90,7 +90,7 @@ def build_blending_indices_numpy(weights, num_samples: int) -> tuple[np.ndarray,
         dataset_index[i] = best
         dataset_sample_index[i] = taken[best]
         taken[best] += 1
-    return np.asarray(dataset_index, dtype=np.int16), np.asarray(dataset_sample_index, dtype=np.int64)
+    return dataset_index, dataset_sample_index
 
 
 def build_blending_indices(weights, num_samples: int, use_cpp: bool | None = None):
