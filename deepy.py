@@ -10,7 +10,8 @@ master-addr, launcher) and may be overridden by the flags below. The hostfile is
 line ``hostname slots=N`` per node. Every rank receives the merged, resolved config. A launch the
 config cannot run on (world size not divisible by model-parallel-size, batch mismatch) fails here
 with one line. The slurm, openmpi and mvapich launchers (srun / mpirun) give the ranks no MASTER_ADDR:
-the resolved config then carries master-addr (default: the hostfile's first host) and master-port,
+the resolved config then carries master-addr (default: the hostfile's first host left after
+include / exclude) and master-port,
 which the ranks use unless MASTER_ADDR / MASTER_PORT are exported. See docs/training.md.
 """
 from __future__ import annotations
@@ -65,6 +66,21 @@ def read_hostfile(path) -> dict:
     return hosts
 
 
+def first_active_host(hosts: dict, include, exclude) -> str:
+    """The first hostfile host left after DeepSpeed's --include / --exclude filtering (where its runner puts rank 0)."""
+    if not include and not exclude:
+        return next(iter(hosts))
+    from neox_l2e.config import ConfigError
+    from deepspeed.launcher.runner import parse_inclusion_exclusion
+    try:
+        active = parse_inclusion_exclusion(hosts, include or "", exclude or "")
+    except ValueError as e:
+        raise ConfigError(f"--include / --exclude: {e}") from None
+    if not active:
+        raise ConfigError("--include / --exclude leave no host of the hostfile")
+    return next(iter(active))
+
+
 def local_devices() -> int:
     try:
         import torch
@@ -113,8 +129,13 @@ def main(argv=None) -> int:
     master_port = args.master_port or p.master_port
     if hostfile and launcher in NO_RENDEZVOUS_EXPORT and not master_addr:
         # srun / mpirun give the ranks no MASTER_ADDR: rank 0 runs on the first host (mpirun fills the hostfile's
-        # hosts in order; for srun, list the nodes as `scontrol show hostnames` does). An exported MASTER_ADDR wins.
-        master_addr = next(iter(hosts))
+        # hosts in order; for srun, list the nodes as `scontrol show hostnames` does) that --include / --exclude
+        # leave. An exported MASTER_ADDR wins.
+        try:
+            master_addr = first_active_host(hosts, args.include or p.include, args.exclude or p.exclude)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     # the ranks read master-addr / master-port from the resolved config when their environment has no MASTER_*
     cfg.parallel.master_addr, cfg.parallel.master_port = master_addr, master_port
 

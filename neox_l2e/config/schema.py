@@ -135,7 +135,7 @@ class ParallelConfig:
     num_nodes: int = F(-1, "Number of nodes to use (-1: all in the hostfile).")
     num_gpus: Optional[int] = F(None, "GPUs (or CPU ranks) per node to launch.")
     master_port: int = F(29500, "Rendezvous port: passed to the DeepSpeed launcher; ranks whose environment has no MASTER_PORT (srun / mpirun launches) use it.")
-    master_addr: Optional[str] = F(None, "Rendezvous address (the host of rank 0): passed to the DeepSpeed launcher (default: it picks the first host); ranks whose environment has no MASTER_ADDR (srun / mpirun launches) use it, and deepy.py then defaults it to the hostfile's first host.")
+    master_addr: Optional[str] = F(None, "Rendezvous address (the host of rank 0): passed to the DeepSpeed launcher (default: it picks the first host); ranks whose environment has no MASTER_ADDR (srun / mpirun launches) use it, and deepy.py then defaults it to the hostfile's first host left after include / exclude.")
 
 
 @dataclass

@@ -147,11 +147,12 @@ def test_deepy_dry_run_command():
 
 def test_deepy_slurm_launch_hands_the_ranks_a_rendezvous(tmp_path):
     """srun / mpirun export no MASTER_ADDR to the ranks: deepy.py puts master-addr (default: the hostfile's first
-    host) and master-port into the resolved config, which the ranks fall back on."""
+    host that --include / --exclude leave) and master-port into the resolved config, which the ranks fall back on."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
     tiny = str(REPO / "configs/local/tiny.yml")
-    for extra, addr in (([], "node-a"), (["--master_addr", "10.1.2.3"], "10.1.2.3")):
+    for extra, addr in (([], "node-a"), (["--master_addr", "10.1.2.3"], "10.1.2.3"), (["--exclude", "node-a"], "node-b"),
+                        (["--include", "node-b"], "node-b"), (["--exclude", "node-a:0"], "node-a")):
         p = subprocess.run([PY, str(REPO / "deepy.py"), "--dry-run", "--hostfile", str(hostfile), "--launcher", "slurm",
                             "--master_port", "29612"] + extra + ["train.py", tiny], env=_env(), capture_output=True,
                            text=True, timeout=120, cwd=REPO)
