@@ -230,7 +230,8 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
     src_tp = len(states)
     first = states[0]
     cfg = config_from_checkpoint_dict(first["neox_config"])
-    src_dp = int(first.get("dp_world_size") or first.get("dp") or 1)
+    from ..training.checkpoint import saved_layout      # the one reader of the saved TP / DP
+    src_dp = saved_layout(folder)[1]
     dp = int(dp or src_dp)
     vocab_size = cfg.model.vocab_size or None
     new_cfg = cfg.replace(model_parallel_size=tp)

@@ -272,10 +272,8 @@ def _load_buffers_only(src, dst):
             own[k].copy_(v)
 
 
-def saved_layout(folder) -> tuple:
-    """(tp, dp) a checkpoint folder (``save_dir/global_stepN``) was saved with: the client state's ``tp`` /
-    ``dp`` (DeepSpeed's ``mp_world_size`` / ``dp_world_size`` when absent), else the file counts. The model
-    states are memory-mapped, so the weights are not read."""
+def _saved_meta(folder) -> tuple:
+    """(tp, dp, zero_stage) a checkpoint folder was saved with; zero_stage None when unknown."""
     folder = Path(folder)
     path = folder / model_states_name(0)
     try:
@@ -286,28 +284,62 @@ def saved_layout(folder) -> tuple:
         raise CheckpointError(f"{path}: cannot read ({str(e).splitlines()[0][:200]})") from None
     tp = sd.get("tp") or sd.get("mp_world_size")
     dp = sd.get("dp") or sd.get("dp_world_size")
+    neox = sd.get("neox_config")
+    stage = None
+    if isinstance(neox, dict):
+        stage = int((neox.get("zero_optimization") or {}).get("stage", 0))
     del sd
     if tp is None:
         tp = sum(1 for _ in folder.glob("mp_rank_*_model_states.pt"))
     if dp is None:
         dp = sum(1 for _ in folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")) or 1
-    return int(tp), int(dp)
+    if stage is None:                    # no saved config: DeepSpeed's files tell ZeRO-3 and ZeRO 1 / 2 apart
+        if any(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+            stage = 3
+        elif any(folder.glob("zero_pp_rank_*_optim_states.pt")):
+            stage = 1                    # 1 or 2: the same optimizer files (bf16_zero_pp_rank_*: ZeRO 0 with bf16)
+    return int(tp), int(dp), stage
+
+
+def saved_layout(folder) -> tuple:
+    """(tp, dp) a checkpoint folder (``save_dir/global_stepN``) was saved with: the client state's ``tp`` /
+    ``dp`` (DeepSpeed's ``mp_world_size`` / ``dp_world_size`` when absent), else the file counts. The model
+    states are memory-mapped, so the weights are not read. The one reader of the saved layout (train.py's
+    resume check and tools/reshard_checkpoint.py)."""
+    return _saved_meta(folder)[:2]
+
+
+def _same_optimizer_format(a: int, b: int) -> bool:
+    # ZeRO 1 and 2 write and read the same optimizer shards (measured with DeepSpeed 0.19)
+    return a == b or {a, b} <= {1, 2}
 
 
 def check_resume_layout(load_dir, tag: str, tp: int, dp: int, zero_stage: int, load_optimizer: bool = True,
                         weights_only: bool = False) -> None:
     """Raise a one-line CheckpointError when this run (TP=tp x DP=dp, ZeRO zero_stage) cannot resume the
-    checkpoint as it was saved, naming tools/reshard_checkpoint.py as the fix.
+    checkpoint as it was saved, naming the fix.
 
     What DeepSpeed loads across layouts (measured with 0.19): a TP change never (each TP rank reads its own
-    shard of every split tensor); a DP change with ZeRO 0 (fp32, bf16: the optimizer state is replicated in the
-    model states) and with ZeRO 1 / 2 when the optimizer state is not loaded (the fp32 master weights are rebuilt
-    from the saved weights); not with ZeRO 1 / 2 and the optimizer state (DP-partitioned shards), nor with
-    ZeRO 3 (weights and optimizer partitioned over DP; the resharding tool does not handle ZeRO 3).
+    shard of every split tensor). A ZeRO stage change (the saved stage: the saved config's zero_optimization)
+    with the optimizer state only between ZeRO 1 and 2 (the same shards); without it any change except into
+    ZeRO-3. A DP change with ZeRO 0 saved and resumed (fp32, bf16: the optimizer state is replicated in the
+    model states), and with ZeRO 0 / 1 / 2 when the optimizer state is not loaded (the fp32 master weights are
+    rebuilt from the saved weights); not with ZeRO 1 / 2 and the optimizer state (DP-partitioned shards), nor
+    with ZeRO 3 (weights and optimizer partitioned over DP; the resharding tool does not handle ZeRO 3).
     ``weights_only`` (finetune): only the TP degree matters."""
     folder = Path(load_dir) / tag
-    saved_tp, saved_dp = saved_layout(folder)
-    dp_ok = weights_only or saved_dp == dp or (zero_stage in (1, 2) and not load_optimizer) or zero_stage == 0
+    saved_tp, saved_dp, saved_stage = _saved_meta(folder)
+    if not weights_only and saved_tp == tp and saved_stage is not None and saved_stage != zero_stage:
+        if zero_stage == 3:
+            raise CheckpointError(f"{folder}: saved with ZeRO-{saved_stage}, this run uses ZeRO-3, which cannot load "
+                                  f"it; resume with ZeRO-{saved_stage}, or take only the weights with finetune: true")
+        if load_optimizer and not _same_optimizer_format(saved_stage, zero_stage):
+            raise CheckpointError(f"{folder}: saved with ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}; DeepSpeed "
+                                  f"cannot load a ZeRO-{saved_stage} optimizer state into ZeRO-{zero_stage}: resume "
+                                  f"with ZeRO-{saved_stage}, or without the optimizer state (no-load-optim: true)")
+    stages = {zero_stage} if saved_stage is None else {zero_stage, saved_stage}
+    dp_ok = (weights_only or saved_dp == dp
+             or (3 not in stages and (not load_optimizer or stages == {0})))
     if saved_tp == tp and dp_ok:
         return
     saved = f"TP={saved_tp} x DP={saved_dp}"
@@ -315,7 +347,7 @@ def check_resume_layout(load_dir, tag: str, tp: int, dp: int, zero_stage: int, l
     if weights_only:
         raise CheckpointError(f"{folder}: saved with TP={saved_tp}, this run has TP={tp}; re-shard it first: "
                               f"python tools/reshard_checkpoint.py {load_dir} OUT --tp {tp} --dp {dp}, then load OUT")
-    if saved_tp == tp and (zero_stage == 3 or any(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))):
+    if saved_tp == tp and 3 in stages:
         raise CheckpointError(f"{folder}: saved as {saved}, this run is {run}; ZeRO-3 cannot change the DP size (its "
                               "weights and optimizer state are partitioned by DP rank, and tools/reshard_checkpoint.py "
                               f"does not handle ZeRO-3); resume with DP={saved_dp}, or take only the weights with "
@@ -327,17 +359,20 @@ def check_resume_layout(load_dir, tag: str, tp: int, dp: int, zero_stage: int, l
                           + ("" if saved_tp != tp else ", or resume without the optimizer state (no-load-optim: true)"))
 
 
-def load_checkpoint(engine, load_dir, ps, load_optimizer: bool = True, tag: Optional[str] = None) -> dict:
+def load_checkpoint(engine, load_dir, ps, load_optimizer: bool = True, tag: Optional[str] = None,
+                    layout_checked: bool = False) -> dict:
     """Resume engine (model, optimizer, loss scale) and this rank's RNG; returns the client state.
 
-    A checkpoint saved in a TP / DP layout this run cannot load raises CheckpointError (check_resume_layout)."""
+    A checkpoint saved in a TP / DP / ZeRO layout this run cannot load raises CheckpointError
+    (check_resume_layout; skipped with ``layout_checked``, when the caller has already run it)."""
     d = Path(load_dir)
     tag = tag or latest_tag(d)
     if tag is None:
         raise CheckpointError(f"{d}: no checkpoint to load (no 'latest' file)")
     if not (d / tag / model_states_name(0)).is_file():
         raise CheckpointError(f"{d / tag}: missing {model_states_name(0)}; the checkpoint is incomplete")
-    check_resume_layout(d, tag, ps.tp, ps.dp, int(engine.zero_optimization_stage()), load_optimizer)
+    if not layout_checked:
+        check_resume_layout(d, tag, ps.tp, ps.dp, int(engine.zero_optimization_stage()), load_optimizer)
     custom = _load_buffers_only if _zero3(engine) else None
     path, client = engine.load_checkpoint(str(d), tag=tag, load_optimizer_states=load_optimizer,
                                           load_lr_scheduler_states=False, custom_load_fn=custom)

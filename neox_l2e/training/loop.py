@@ -133,7 +133,7 @@ class Trainer:
         self.resumed_from = None
         if resume_tag is not None and not t.finetune:
             client = ckpt.load_checkpoint(self.engine, t.load, ps, load_optimizer=not t.no_load_optim,
-                                          tag=resume_tag)
+                                          tag=resume_tag, layout_checked=True)   # checked above, once
             self.iteration = int(client.get("iteration", 0))
             self.consumed = int(client.get("consumed_train_samples", 0))
             if "lr_scheduler" in client:

@@ -76,12 +76,16 @@ def test_tp2_checkpoint_has_one_model_file_per_tp_rank(tmp_path):
     assert f"tools/reshard_checkpoint.py {save} OUT --tp 1 --dp 1" in lines[0]
 
 
-def _fake_checkpoint(d, tp, dp, zero_files=(), tag="global_step5"):
-    """A checkpoint folder as save_checkpoint lays it out, with tiny files (only the layout matters here)."""
+def _fake_checkpoint(d, tp, dp, zero_files=(), tag="global_step5", stage=None):
+    """A checkpoint folder as save_checkpoint lays it out, with tiny files (only the layout matters here);
+    stage: the saved config's ZeRO stage (None: no saved config, the stage is read from the files)."""
     folder = d / tag
     folder.mkdir(parents=True)
     for r in range(tp):
-        torch.save({"module": {}, "tp": tp, "dp": dp, "iteration": 5}, folder / f"mp_rank_{r:02d}_model_states.pt")
+        sd = {"module": {}, "tp": tp, "dp": dp, "iteration": 5}
+        if stage is not None:
+            sd["neox_config"] = {"zero_optimization": {"stage": stage}}
+        torch.save(sd, folder / f"mp_rank_{r:02d}_model_states.pt")
     for name in zero_files:
         torch.save({}, folder / name)
     write_latest(d, tag)
@@ -90,7 +94,8 @@ def _fake_checkpoint(d, tp, dp, zero_files=(), tag="global_step5"):
 
 def test_resume_layout_rules(tmp_path):
     """What DeepSpeed can load across layouts: a TP change never; a DP change with ZeRO 0, and with ZeRO 1/2
-    without the optimizer state; never with ZeRO-3 (see check_resume_layout)."""
+    without the optimizer state; never with ZeRO-3; a ZeRO stage change with the optimizer state only between
+    1 and 2 (see check_resume_layout)."""
     from neox_l2e.training.checkpoint import CheckpointError, check_resume_layout, saved_layout
     shards = [f"zero_pp_rank_{d}_mp_rank_00_optim_states.pt" for d in range(2)]
     z0 = _fake_checkpoint(tmp_path / "z0", tp=1, dp=2)
@@ -108,6 +113,17 @@ def test_resume_layout_rules(tmp_path):
                (z3, dict(tp=1, dp=1, zero_stage=3, load_optimizer=False), "ZeRO-3 cannot change the DP size"),
                (tp2, dict(tp=1, dp=2, zero_stage=0), "saved as TP=2 x DP=1, this run is TP=1 x DP=2"),
                (tp2, dict(tp=1, dp=1, zero_stage=0, weights_only=True), "saved with TP=2, this run has TP=1")]
+    # the saved ZeRO stage (saved config): the optimizer state loads only into the same stage (or 1 <-> 2)
+    s1 = _fake_checkpoint(tmp_path / "s1", tp=1, dp=2, stage=1)
+    s0 = _fake_checkpoint(tmp_path / "s0", tp=1, dp=2, stage=0)
+    check_resume_layout(s1, "global_step5", tp=1, dp=2, zero_stage=2)
+    check_resume_layout(s1, "global_step5", tp=1, dp=2, zero_stage=0, load_optimizer=False)
+    check_resume_layout(s1, "global_step5", tp=1, dp=1, zero_stage=0, load_optimizer=False)
+    check_resume_layout(s0, "global_step5", tp=1, dp=1, zero_stage=1, load_optimizer=False)
+    refused += [(s1, dict(tp=1, dp=2, zero_stage=0), "saved with ZeRO-1, this run uses ZeRO-0"),
+                (s1, dict(tp=1, dp=1, zero_stage=0), "no-load-optim: true"),
+                (s0, dict(tp=1, dp=2, zero_stage=1), "resume with ZeRO-0"),
+                (s0, dict(tp=1, dp=2, zero_stage=3, load_optimizer=False), "this run uses ZeRO-3, which cannot")]
     for d, kw, text in refused:
         try:
             check_resume_layout(d, "global_step5", **kw)
@@ -115,6 +131,38 @@ def test_resume_layout_rules(tmp_path):
             assert text in str(e) and "\n" not in str(e), (kw, str(e))
         else:
             raise AssertionError(f"not refused: {d.name} {kw}")
+
+
+def _stage_change_worker(rank, world, save):
+    from neox_l2e.training import checkpoint as ckpt
+    from neox_l2e.training.loop import Trainer
+    from train_common import datasets, tiny_cfg
+    Trainer(tiny_cfg(zero_optimization={"stage": 1}, train_iters=2, save=save), datasets=datasets(),
+            quiet=True).train()
+    reads = []
+    meta = ckpt._saved_meta
+    ckpt._saved_meta = lambda folder: reads.append(folder) or meta(folder)
+    try:
+        tr = Trainer(tiny_cfg(zero_optimization={"stage": 2}, train_iters=3, load=save), datasets=datasets(),
+                     quiet=True)
+        out = {"iteration": tr.iteration, "reads": len(reads)}
+        try:
+            Trainer(tiny_cfg(train_iters=3, load=save), datasets=datasets(), quiet=True)      # ZeRO 0
+            out["error"] = None
+        except ckpt.CheckpointError as e:
+            out["error"] = str(e)
+    finally:
+        ckpt._saved_meta = meta
+    return out
+
+
+def test_resume_refuses_a_zero_stage_change_with_the_optimizer_state(tmp_path):
+    """A ZeRO-1 checkpoint (same DP) resumed with ZeRO 0 and the optimizer state: one CheckpointError line, not
+    DeepSpeed's AttributeError; resumed with ZeRO 2 it loads, its layout read once."""
+    out = run_ranks(_stage_change_worker, world=1, args=(str(tmp_path / "ck"),))[0]
+    assert out["iteration"] == 2 and out["reads"] == 1, out
+    assert out["error"] and "saved with ZeRO-1, this run uses ZeRO-0" in out["error"], out
+    assert "no-load-optim: true" in out["error"] and "\n" not in out["error"]
 
 
 def test_prune_and_latest(tmp_path):
