@@ -237,9 +237,10 @@ def launch_info(environ=None) -> LaunchInfo:
     """Rank, world size and local rank of this process, from whichever launcher started it (no side effects).
 
     RANK / WORLD_SIZE (torchrun, DeepSpeed's local / pdsh / mpich / impi launches) win; else OpenMPI's
-    OMPI_COMM_WORLD_*, MVAPICH's MV2_COMM_WORLD_*, Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
-    Nothing set (or WORLD_SIZE=1): one process. A process started without srun inside a multi-task Slurm job
-    also sees SLURM_NTASKS > 1: start it with srun, or set WORLD_SIZE=1."""
+    OMPI_COMM_WORLD_*, MVAPICH's MV2_COMM_WORLD_*, Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the
+    latter only in a job step started by srun (SLURM_STEP_ID set): a plain ``python train.py`` or pytest in a
+    batch script or salloc shell of a multi-task allocation also sees SLURM_NTASKS > 1, and is one process.
+    Nothing set (or WORLD_SIZE=1): one process."""
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" in env or "RANK" in env:
         world = _int_var(env, "WORLD_SIZE", "env") if "WORLD_SIZE" in env else None
@@ -252,6 +253,8 @@ def launch_info(environ=None) -> LaunchInfo:
         local = _int_var(env, "LOCAL_RANK", "env") if "LOCAL_RANK" in env else 0
         return LaunchInfo(_int_var(env, "RANK", "env"), world, local, "env")
     for name, rank_var, size_var, local_var in LAUNCHER_VARIABLES:
+        if name == "slurm" and "SLURM_STEP_ID" not in env:
+            continue                     # not under srun: the batch / salloc shell's SLURM_* describe the allocation
         if rank_var in env and size_var in env:
             local = _int_var(env, local_var, name) if local_var in env else 0
             return LaunchInfo(_int_var(env, rank_var, name), _int_var(env, size_var, name), local, name)

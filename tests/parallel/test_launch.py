@@ -46,7 +46,7 @@ def _clean_env(**extra) -> dict:
 
 
 def _launcher_env(launcher: str, rank: int, world: int) -> dict:
-    return {"slurm": dict(SLURM_PROCID=rank, SLURM_NTASKS=world, SLURM_LOCALID=rank, SLURM_JOB_ID=1),
+    return {"slurm": dict(SLURM_PROCID=rank, SLURM_NTASKS=world, SLURM_LOCALID=rank, SLURM_JOB_ID=1, SLURM_STEP_ID=0),
             "openmpi": dict(OMPI_COMM_WORLD_RANK=rank, OMPI_COMM_WORLD_SIZE=world, OMPI_COMM_WORLD_LOCAL_RANK=rank),
             "mvapich": dict(MV2_COMM_WORLD_RANK=rank, MV2_COMM_WORLD_SIZE=world, MV2_COMM_WORLD_LOCAL_RANK=rank)}[launcher]
 
@@ -103,6 +103,10 @@ def test_launch_info_mapping_and_precedence():
     assert launch_info(both) == LaunchInfo(2, 4, 0, "openmpi")
     assert launch_info(dict(both, RANK="1", WORLD_SIZE="4", LOCAL_RANK="1")) == LaunchInfo(1, 4, 1, "env")
     assert launch_info(dict(both, WORLD_SIZE="1")).world_size == 1
+    # SLURM_* count only under srun (SLURM_STEP_ID): python / pytest in a batch or salloc shell is one process
+    batch = {k: str(v) for k, v in _launcher_env("slurm", 0, 4).items() if k != "SLURM_STEP_ID"}
+    assert launch_info(batch) == LaunchInfo(0, 1, 0, "single")
+    assert launch_info(dict(batch, SLURM_STEP_ID="0")) == LaunchInfo(0, 4, 0, "slurm")
     # exported for torch / DeepSpeed; MASTER_* from the config when the environment has none
     env = {k: str(v) for k, v in _launcher_env("mvapich", 1, 2).items()}
     assert apply_launch_env("node0", 29600, environ=env).rank == 1
