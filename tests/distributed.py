@@ -5,6 +5,10 @@
         return something_picklable           # collected per rank
 
     results = run_ranks(_worker, world=2, args=(tmp_path,))
+
+clean_env(**extra): this environment without any launcher's variables (RANK / WORLD_SIZE / MASTER_*, SLURM_*,
+OMPI_*, MV2_*, PMI_*), for subprocesses that must start as one plain process, or with only the variables given,
+even when the suite itself runs inside a Slurm / MPI job.
 """
 from __future__ import annotations
 
@@ -15,6 +19,21 @@ import traceback
 import torch.multiprocessing as mp
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "MV2_", "PMI_", "PMIX_")
+
+
+def is_launch_var(name: str) -> bool:
+    return name in LAUNCH_VARS or name.startswith(LAUNCH_PREFIXES)
+
+
+def clean_env(environ=None, **extra) -> dict:
+    """A copy of ``environ`` (default: os.environ) without launcher variables, plus ``extra`` (as strings)."""
+    env = {k: v for k, v in (os.environ if environ is None else environ).items() if not is_launch_var(k)}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -22,6 +41,8 @@ def free_port() -> int:
 
 
 def _entry(rank, fn, world, port, args, queue):
+    for k in [k for k in os.environ if is_launch_var(k)]:     # inherited from a Slurm / MPI job running the suite
+        del os.environ[k]
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import datetime

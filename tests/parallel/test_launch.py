@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from distributed import free_port
+from distributed import clean_env, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "MV2_", "PMI_", "PMIX_")
 
 # one rank: initialise through the given entry point, then prove the world is one (all-reduce of rank + 1)
 WORKER = r"""
@@ -39,10 +37,7 @@ dist.destroy_process_group()
 
 
 def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return clean_env(**{"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **extra})
 
 
 def _launcher_env(launcher: str, rank: int, world: int) -> dict:
@@ -120,3 +115,16 @@ def test_launch_info_mapping_and_precedence():
         apply_launch_env(environ={k: str(v) for k, v in _launcher_env("openmpi", 1, 2).items()})
     with pytest.raises(ConfigError, match="RANK is not set"):
         launch_info({"WORLD_SIZE": "2"})
+
+
+def test_clean_env_scrubs_every_launcher():
+    """The subprocess tests' environment (tests/distributed.py clean_env): no launcher variable of a Slurm / MPI
+    job running the suite survives, so their processes start as one plain process (or with what they set)."""
+    job = dict(PATH="/bin", RANK="3", WORLD_SIZE="8", LOCAL_RANK="3", LOCAL_WORLD_SIZE="8", MASTER_ADDR="n0",
+               MASTER_PORT="1", SLURM_PROCID="3", SLURM_NTASKS="8", SLURM_STEP_ID="0", OMPI_COMM_WORLD_RANK="3",
+               OMPI_COMM_WORLD_SIZE="8", MV2_COMM_WORLD_RANK="3", PMI_RANK="3", PMIX_RANK="3")
+    from neox_l2e.parallel import LaunchInfo, launch_info
+    assert launch_info(job).world_size == 8
+    env = clean_env(job, NEOX_L2E_DS_SHM=0)
+    assert env == {"PATH": "/bin", "NEOX_L2E_DS_SHM": "0"}
+    assert launch_info(env) == LaunchInfo(0, 1, 0, "single")

@@ -1,10 +1,9 @@
 """The checkpoint format contract: readers, the weights-only writer (finetune start), TP shards, pruning, and
 which layout changes a resume accepts."""
-import os
 
 import torch
 
-from distributed import run_ranks
+from distributed import clean_env, run_ranks
 from neox_l2e.training.checkpoint import (latest_tag, list_tags, prune_checkpoints, read_model_states,
                                           write_latest, write_weights_checkpoint)
 
@@ -65,10 +64,8 @@ def test_tp2_checkpoint_has_one_model_file_per_tp_rank(tmp_path):
     import sys
 
     from train_common import REPO
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
     p = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "configs/local/tiny.yml"), f"load={save}"],
-                       env=dict(env, NEOX_L2E_DS_SHM="0"), capture_output=True, text=True, timeout=120, cwd=REPO)
+                       env=clean_env(NEOX_L2E_DS_SHM="0"), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     lines = [l for l in p.stderr.splitlines() if l.strip() and "[WARNING]" not in l]
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr

@@ -1,7 +1,6 @@
 """Faults in real processes: a save killed with SIGKILL leaves the previous checkpoint usable; a crashed
 rank makes the other exit with an error (no hang); Ctrl-C saves a checkpoint; bad launches fail in one line."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed import free_port
+from distributed import clean_env, free_port
 from train_common import REPO
 
 PY = sys.executable
@@ -18,12 +17,7 @@ RUN = str(Path(__file__).resolve().parent / "run_synthetic.py")
 
 
 def _env(**extra):
-    env = dict(os.environ)
-    env.update({"NEOX_L2E_DS_SHM": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return clean_env(**{"NEOX_L2E_DS_SHM": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra})
 
 
 def _result(stdout: str) -> dict:

@@ -1,7 +1,6 @@
 """GPU smoke tests (skipped on machines without CUDA, see tests/conftest.py): the Trainer on a tiny config on
 cuda over NCCL, one rank, and TP=2 on two GPUs. Each run is a fresh process (a process group is per process)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import free_port
+from distributed import clean_env, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -32,11 +31,7 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"NEOX_L2E_DS_SHM": "0", "PYTHONUNBUFFERED": "1"})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return clean_env(**{"NEOX_L2E_DS_SHM": "0", "PYTHONUNBUFFERED": "1", **extra})
 
 
 def _run(world: int, overrides: dict) -> list:
