@@ -1,5 +1,6 @@
 """GPU smoke tests (skipped on machines without CUDA, see tests/conftest.py): the Trainer on a tiny config on
-cuda over NCCL, one rank, and TP=2 on two GPUs. Each run is a fresh process (a process group is per process)."""
+cuda over NCCL, one rank with L2E (the Triton kernel), and TP=2 on two GPUs. Each run is a fresh process (a
+process group is per process)."""
 import json
 import subprocess
 import sys
@@ -21,11 +22,13 @@ sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import torch.distributed as dist
 from train_common import datasets, tiny_cfg
 from neox_l2e.training.loop import Trainer
+from neox_l2e.l2e import inhibitor
 tr = Trainer(tiny_cfg(**json.loads(sys.argv[3])), datasets=datasets(), quiet=True)
 res = tr.train()
 out = dict(backend=dist.get_backend(), device=str(tr.ps.device), rank=tr.ps.rank, world=tr.ps.world_size,
            tp=tr.ps.tp, param_devices=sorted({str(p.device) for p in tr.module.parameters()}),
-           losses=[l for _, l in res.train_losses], skipped=res.skipped_steps)
+           losses=[l for _, l in res.train_losses], skipped=res.skipped_steps, l2e=res.l2e_metrics,
+           triton=bool(inhibitor._kernel_fn))     # the fused Triton op was imported and used (not fallen back)
 print("RESULT " + json.dumps(out), flush=True)
 """
 
@@ -68,8 +71,11 @@ def _check(r: dict, world: int, tp: int) -> None:
 
 @pytest.mark.gpu
 def test_tiny_trains_on_one_gpu_over_nccl():
-    (r,) = _run(1, dict(train_iters=STEPS, lr_decay_iters=STEPS))
+    """With L2E on (backend auto: the Triton kernel on CUDA), inhibiting from the 8th sample on."""
+    (r,) = _run(1, dict(train_iters=STEPS, lr_decay_iters=STEPS, l2e_enabled=True, l2e_min_samples=8))
     _check(r, world=1, tp=1)
+    assert r["triton"], r
+    assert r["l2e"] and all(m["frac_selected"] > 0 for m in r["l2e"].values()), r["l2e"]
 
 
 @pytest.mark.gpu
