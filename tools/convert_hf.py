@@ -61,7 +61,13 @@ def export_hf(ckpt_dir: Path, out_dir: Path, tag=None, dtype=None, overwrite: bo
     full = merge_tp_states(states, cfg) if len(states) > 1 else states[0]
     full = {k: v for k, v in full.items() if not _is_l2e(k)}
     vocab = full["gpt_neox.embed_in.weight"].shape[0]
-    tokenizer_files = [cfg.data.vocab_file] if cfg.data.vocab_file and Path(cfg.data.vocab_file).is_file() else []
+    tokenizer_files = []
+    if cfg.data.vocab_file:
+        if Path(cfg.data.vocab_file).is_file():
+            tokenizer_files = [cfg.data.vocab_file]
+        else:
+            print(f"note: the run's tokenizer {cfg.data.vocab_file} (vocab-file) is not found from here, so the export "
+                  "has none; run from the training folder, or copy the tokenizer into the export", file=sys.stderr)
     return write_hf_dir(out_dir, cfg, full, vocab, tokenizer_files=tokenizer_files, dtype=dtype, overwrite=overwrite)
 
 

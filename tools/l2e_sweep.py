@@ -49,7 +49,8 @@ def train_one(configs: Sequence[str], overrides: Dict[str, object], out: Path) -
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if r.returncode != 0:
         tail = (out / "train.log").read_text().strip().splitlines()[-1:]
-        raise RuntimeError(f"{out}: training failed (exit {r.returncode}): {tail[0] if tail else ''}")
+        raise RuntimeError(f"{out}: training failed (exit {r.returncode}): {tail[0] if tail else ''} "
+                           f"(whole log: {out / 'train.log'})")
 
 
 def summarize(run_dir: Path, lam: float, tail: float) -> dict:
