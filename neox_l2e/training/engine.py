@@ -65,7 +65,7 @@ def setup_distributed(cfg: NeoXConfig) -> ParallelState:
                 torch.cuda.set_device(default_device())
             dist.init_process_group(backend=default_backend(), rank=0, world_size=1,
                                     timeout=datetime.timedelta(seconds=timeout))
-    return ParallelState.from_distributed(cfg.tp, default_device())
+    return ParallelState.from_distributed(cfg.tp, default_device(), timeout_s=timeout)
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
