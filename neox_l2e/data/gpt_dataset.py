@@ -45,7 +45,8 @@ import torch
 
 from .errors import DataError
 from .indexed_dataset import MMapIndexedDataset, _tmp_name
-from .sample_index import build_blending_indices, build_epoch_order, build_neox_blending_indices, build_neox_order
+from .sample_index import (build_blending_indices, build_epoch_order, build_neox_blending_indices, build_neox_order,
+                           extend_order)
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +152,18 @@ def cached_token_range(indexed: MMapIndexedDataset, cache_dir: Optional[str] = N
 
 class GPTDataset(torch.utils.data.Dataset):
     """Samples of seq_length + 1 tokens from documents [start, end) of one indexed dataset, in the
-    cached epoch order. ``len()`` is every sample of the epochs needed for ``num_samples``."""
+    cached epoch order. ``len()`` is every sample of the epochs needed for ``num_samples``. With order "neox" and
+    ``first_num_samples`` (the sample count the run's order started from, below ``num_samples``), NeoX's order
+    for ``first_num_samples`` is kept and extended epoch by epoch (sample_index.extend_order)."""
 
     def __init__(self, indexed: MMapIndexedDataset, name: str, doc_range: tuple[int, int], num_samples: int,
-                 seq_length: int, seed: int, cache_dir: Optional[str] = None, order: str = "stable"):
+                 seq_length: int, seed: int, cache_dir: Optional[str] = None, order: str = "stable",
+                 first_num_samples: Optional[int] = None):
         if order not in DATA_ORDERS:
             raise DataError(f"data-order {order!r}: expected one of {', '.join(DATA_ORDERS)}")
         self.indexed, self.name, self.seq_length, self.order = indexed, name, seq_length, order
+        if order != "neox" or first_num_samples is None or int(first_num_samples) >= int(num_samples):
+            first_num_samples = None
         self.doc_range = (int(doc_range[0]), int(doc_range[1]))
         start, end = self.doc_range
         if end <= start:
@@ -170,14 +176,21 @@ class GPTDataset(torch.utils.data.Dataset):
                "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)],
                "doc_range": list(self.doc_range), "seq_length": int(seq_length), "seed": int(seed),
                "num_samples": int(num_samples), "order": order}
+        if first_num_samples is not None:
+            key["first_num_samples"] = int(first_num_samples)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         stem = (f"{os.path.basename(indexed.prefix)}_{name}_{order}_{num_samples}ns_{seq_length}sl_{seed}s_{digest}")
         self.cache_stem = os.path.join(self.cache_dir, stem)
         self.cache_reused = self._load_cache(key)
         if not self.cache_reused:
             docs = np.arange(start, end, dtype=np.int64)
-            build = build_neox_order if order == "neox" else build_epoch_order
-            self.doc_idx, self.sample_idx, self.shuffle_idx = build(indexed.sizes, docs, seq_length, seed, num_samples)
+            if first_num_samples is not None:
+                base = build_neox_order(indexed.sizes, docs, seq_length, seed, int(first_num_samples))
+                order_arrays = extend_order(indexed.sizes, docs, seq_length, seed, base, num_samples)
+            else:
+                build = build_neox_order if order == "neox" else build_epoch_order
+                order_arrays = build(indexed.sizes, docs, seq_length, seed, num_samples)
+            self.doc_idx, self.sample_idx, self.shuffle_idx = order_arrays
             self._save_cache(key)
             log.info("built epoch order %s (%d samples)", self.cache_stem, len(self.shuffle_idx))
         else:
@@ -301,7 +314,8 @@ def resolve_data_order(cfg) -> str:
 
 
 def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, vocab_size: Optional[int] = None,
-                   vocab_stamp_min_bytes: Optional[int] = None, data_order: Optional[str] = None) -> dict:
+                   vocab_stamp_min_bytes: Optional[int] = None, data_order: Optional[str] = None,
+                   first_num_samples: Optional[dict] = None) -> dict:
     """{"train": ds | None, "valid": ..., "test": ...} from a DataConfig (see the module docstring);
     every item is {"text": np.int64 array of seq_length + 1}. Raises DataError on any data problem.
     With ``vocab_size`` every token file is checked for ids outside [0, vocab_size) before anything is
@@ -311,7 +325,10 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
     from the whole config): "stable" or "neox". With "neox" the datasets are built as GPT-NeoX builds them:
     each of several ``*-data-paths`` is asked for ceil(n * weight * 1.005) samples, the weights default to 1
     each (not to the token counts), a single path is that dataset alone, and a blend follows NeoX's rule;
-    ``data-path`` + ``split`` ask each split for exactly n."""
+    ``data-path`` + ``split`` ask each split for exactly n. ``first_num_samples`` ({"train": n0, ...}; "neox"
+    only): the sample counts the run's order started from; a split asked for more keeps NeoX's order for n0 and
+    extends it epoch by epoch, so a run resumed with a larger train-iters reads the same samples at the same
+    steps as before (the counts per dataset are derived from n0 as from n)."""
     order = data_order or str(getattr(data_cfg, "data_order", "stable") or "stable")
     if order == "auto":
         order = "stable"
@@ -384,14 +401,15 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
                                 f"use more data or change split")
             members.append((ds, rng))
             sizes.append(int(ds.sizes[rng[0]:rng[1]].sum(dtype=np.int64)))
+        n0 = int((first_num_samples or {}).get(split, 0) or 0) or None
         if order == "neox" and explicit:
-            out[split] = _neox_blend(members, weights, n, split, seq_length, seed, cache_dir)
+            out[split] = _neox_blend(members, weights, n, split, seq_length, seed, cache_dir, n0)
             continue
         if weights is None:
             weights = sizes  # proportional to tokens
         if len(members) == 1:
             ds, rng = members[0]
-            out[split] = GPTDataset(ds, split, rng, n, seq_length, seed, cache_dir, order)
+            out[split] = GPTDataset(ds, split, rng, n, seq_length, seed, cache_dir, order, n0)
             continue
         total = float(sum(weights))
         subsets = []
@@ -403,7 +421,7 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
 
 
 def _neox_blend(members: list, weights: Optional[list], n: int, split: str, seq_length: int, seed: int,
-                cache_dir) -> torch.utils.data.Dataset:
+                cache_dir, n0: Optional[int] = None) -> torch.utils.data.Dataset:
     """One split of ``*-data-paths`` as GPT-NeoX builds it: weights default to 1 each and are normalised in Python
     floats; dataset d is asked for int(ceil(n * w_d * 1.005)) samples (its own index mappings, the same seed);
     one dataset is read directly (NeoX's blend of one dataset is the identity), several are blended."""
@@ -413,7 +431,8 @@ def _neox_blend(members: list, weights: Optional[list], n: int, split: str, seq_
     subsets = []
     for (ds, rng), w in zip(members, norm):
         need = int(math.ceil(n * w * NEOX_BLEND_FACTOR))
-        subsets.append(GPTDataset(ds, split, rng, need, seq_length, seed, cache_dir, "neox"))
+        first = int(math.ceil(n0 * w * NEOX_BLEND_FACTOR)) if n0 else None
+        subsets.append(GPTDataset(ds, split, rng, need, seq_length, seed, cache_dir, "neox", first))
     if len(subsets) == 1:
         return subsets[0]
     return BlendedDataset(subsets, norm, n, "neox")

@@ -17,7 +17,9 @@ Two orders (the config key data-order):
   np.random.RandomState(seed) first shuffles the documents of all epochs together (every document once
   per epoch, epoch after epoch, then one shuffle of the whole array), then shuffles all samples of all
   epochs. GPT-NeoX has no separate last-epoch shuffle (Megatron-LM's separate_last_epoch); neither has
-  this. A change of the number of epochs (a larger train-iters) reorders everything, as in NeoX.
+  this. A change of the number of epochs (a larger train-iters) reorders everything, as in NeoX, unless
+  the run is resumed with the sample count its order started from (extend_order: NeoX's order for that
+  count, then further epochs added as in the stable order).
 
 Samples are windows of seq_length + 1 tokens packed across documents (documents end with EOD; no
 attention reset): sample i is global tokens i*seq_length ... i*seq_length + seq_length of the
@@ -215,3 +217,35 @@ def build_neox_blending_indices(weights, num_samples: int) -> tuple[np.ndarray, 
         dataset_sample_index[i] = taken[best]
         taken[best] += 1
     return dataset_index, dataset_sample_index
+
+
+def extend_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int, seed: int, base: tuple,
+                 num_samples: int, use_cpp: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An order for at least ``num_samples`` samples that begins with ``base`` = (doc_idx, sample_idx,
+    shuffle_idx) of whole epochs of ``documents`` (such as NeoX's order for a run's first train-iters): base's
+    samples keep their positions, and every further epoch e is added as in the stable order (documents shuffled
+    by the generator seeded (seed, 0, e), the samples whose last token lies in epoch e by (seed, 1, e)). Returns
+    ``base`` itself when it already holds ``num_samples``."""
+    doc_idx0, sample_idx0, shuffle_idx0 = base
+    documents = np.asarray(documents, dtype=np.int64)
+    total0 = len(shuffle_idx0)
+    if num_samples <= total0:
+        return base
+    tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
+    epochs0 = len(doc_idx0) // len(documents)
+    epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
+    doc_idx = np.concatenate([np.asarray(doc_idx0, dtype=np.int64)] +
+                             [documents[_seeded(seed, 0, e).permutation(len(documents))] for e in range(epochs0, epochs)])
+    total = (epochs * tokens_per_epoch - 1) // seq_length
+    sample_idx = build_sample_idx(sizes, doc_idx, seq_length, total, use_cpp=use_cpp)
+    sample_idx[:len(sample_idx0)] = sample_idx0
+    ends = np.arange(1, total + 1, dtype=np.int64) * seq_length
+    bounds = np.searchsorted(ends, np.arange(epochs0 + 1, epochs + 1, dtype=np.int64) * tokens_per_epoch, side="left")
+    shuffle_idx = np.empty(total, dtype=np.int64)
+    shuffle_idx[:total0] = shuffle_idx0
+    lo = total0
+    for e, hi in zip(range(epochs0, epochs), bounds):
+        hi = int(hi)
+        shuffle_idx[lo:hi] = lo + _seeded(seed, 1, e).permutation(hi - lo)
+        lo = hi
+    return doc_idx, sample_idx, shuffle_idx

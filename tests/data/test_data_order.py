@@ -244,3 +244,36 @@ def test_deepy_hands_the_decided_order_to_its_ranks():
         assert p.returncode == 0, p.stderr[-2000:]
         cmd = p.stdout.strip().split()
         assert json.loads(base64.b64decode(cmd[cmd.index("--config-b64") + 1]))["data_order"] == want, cfg
+
+
+def test_neox_order_extended_from_the_first_run_keeps_its_samples(tmp_path, data_config):
+    """data-order neox, resumed with a larger train-iters that needs more epochs: with the first run's sample
+    count (first_num_samples) every sample of NeoX's first order stays at its position; without it NeoX itself
+    reorders everything."""
+    from neox_l2e.data.sample_index import extend_order
+    sizes = _sizes(4, 40, 8)
+    per_epoch = (int(sizes.sum()) - 1) // 8
+    for n0, n in ((per_epoch - 2, per_epoch + 3), (per_epoch + 3, 3 * per_epoch + 1)):
+        base = build_neox_order(sizes, np.arange(40), 8, 1234, n0)
+        ext = extend_order(sizes, np.arange(40), 8, 1234, base, n)
+        assert len(ext[2]) >= n > len(base[2])
+        for b, e in zip(base, ext):
+            assert np.array_equal(e[:len(b)], b)
+        assert np.array_equal(np.sort(ext[2]), np.arange(len(ext[2])))
+        epochs = len(ext[0]) // 40
+        # NeoX's epochs mix; the added ones are whole epochs
+        assert all(np.array_equal(np.sort(ext[0][k * 40:(k + 1) * 40]), np.arange(40))
+                   for k in range(len(base[0]) // 40, epochs))
+        assert not np.array_equal(build_neox_order(sizes, np.arange(40), 8, 1234, n)[2][:50], base[2][:50])
+    # through build_datasets: one train path (NeoX's 1.005 factor applied to both counts)
+    prefix, *_ = _write(tmp_path, "e", 50, 6)
+    cfg = data_config(train_data_paths=[prefix], data_cache_dir=str(tmp_path / "c"))
+    first = build_datasets(cfg, 16, 1234, {"train": 30}, data_order="neox")["train"]
+    later = build_datasets(cfg, 16, 1234, {"train": 3 * len(first)}, data_order="neox",
+                           first_num_samples={"train": 30})["train"]
+    assert len(later) > len(first)
+    for i in range(len(first)):
+        assert np.array_equal(first[i]["text"], later[i]["text"]), i
+    again = build_datasets(cfg, 16, 1234, {"train": 3 * len(first)}, data_order="neox",
+                           first_num_samples={"train": 30})["train"]
+    assert again.cache_reused and np.array_equal(again.shuffle_idx, later.shuffle_idx)
