@@ -77,11 +77,10 @@ def main(argv=None) -> int:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
     except RuntimeError as e:
-        if not _is_collective_failure(e):
+        from neox_l2e.parallel import collective_failure_message, is_collective_failure
+        if not is_collective_failure(e):
             raise
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        print(f"error: [rank {rank}] a collective failed, another rank probably died or hung "
-              f"(dist-timeout-s bounds the wait); see the other ranks' logs: {first}", file=sys.stderr, flush=True)
+        print(f"error: {collective_failure_message(e, rank)}", file=sys.stderr, flush=True)
         return 1
     finally:
         _shutdown()
@@ -98,15 +97,6 @@ def _rank() -> int:
         return launch_info().rank
     except Exception:  # noqa: BLE001 - a malformed launch is reported by train() itself
         return 0
-
-
-def _is_collective_failure(e: BaseException) -> bool:
-    import torch.distributed as dist
-    if isinstance(e, getattr(dist, "DistError", ())):
-        return True
-    text = str(e)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out",
-                                   "NCCL", "gloo"))
 
 
 def _is_config_error(e) -> bool:

@@ -117,6 +117,7 @@ class DataConfig:
     vocab_file: Optional[str] = F(None, "Tokenizer file for tokenizer-type.")
     merge_file: Optional[str] = F(None, "GPT-2 BPE merges file; not used by the supported tokenizers.", effect=IGN)
     data_cache_dir: Optional[str] = F(None, "Where the epoch-order index files are cached; defaults to next to the data.")
+    data_order: str = F("auto", "Sample order: 'neox' (GPT-NeoX's index mappings: the same samples at the same steps as NeoX), 'stable' (epoch by epoch: a larger train-iters keeps every earlier sample in place), or 'auto' (neox when the config sets pipe-parallel-size, as NeoX/Pythia ymls do; else stable); see docs/data.md.")
 
 
 @dataclass

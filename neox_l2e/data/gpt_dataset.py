@@ -14,11 +14,13 @@ when it comes from ``split`` with a positive weight and num_samples["valid"] > 0
 rounds to zero documents (e.g. weight 1 of 1000 on a small corpus) gives None with a warning, as NeoX
 does: the training loop never reads it.
 
-The epoch order (doc_idx, sample_idx, shuffle_idx) is cached as .npy files in ``data-cache-dir`` (default:
+The epoch order (doc_idx, sample_idx, shuffle_idx) is "stable" or "neox" (``data-order``, see
+neox_l2e.data.sample_index and resolve_data_order); with "neox" the number of samples per dataset and the
+blending follow GPT-NeoX too (see build_datasets). The order is cached as .npy files in ``data-cache-dir`` (default:
 next to the data) under a name holding a hash of everything it depends on: the dataset's path, the
-.bin/.idx sizes and modification times, the document range, seq_length, seed and num_samples. A change of any of these
-gives a different name, so a stale order is never reused; a ``_meta.json`` written last marks a
-complete entry. Every rank may build the same entry concurrently: files are written under temporary
+.bin/.idx sizes and modification times, the document range, seq_length, seed, num_samples and the order. A
+change of any of these gives a different name, so a stale order is never reused; a ``_meta.json`` written
+last marks a complete entry. Every rank may build the same entry concurrently: files are written under temporary
 names and renamed, and all ranks write identical bytes.
 
 Token ids are checked against vocab_size when a dataset is opened, before any sample is read: one
@@ -43,13 +45,16 @@ import torch
 
 from .errors import DataError
 from .indexed_dataset import MMapIndexedDataset, _tmp_name
-from .sample_index import build_blending_indices, build_epoch_order
+from .sample_index import (build_blending_indices, build_epoch_order, build_neox_blending_indices, build_neox_order,
+                           extend_order)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 VOCAB_STAMP_MIN_BYTES = 1 << 30  # .bin files at least this big get their token range cached in a stamp
-CACHE_FORMAT = "neox-l2e-epoch-order-v1"
+CACHE_FORMAT = "neox-l2e-epoch-order-v2"
+DATA_ORDERS = ("stable", "neox")
+NEOX_BLEND_FACTOR = 1.005  # NeoX asks each dataset of a blend for 0.5% more samples than its share
 TOKEN_STAMP_FORMAT = "neox-l2e-token-range-v1"
 
 
@@ -147,11 +152,18 @@ def cached_token_range(indexed: MMapIndexedDataset, cache_dir: Optional[str] = N
 
 class GPTDataset(torch.utils.data.Dataset):
     """Samples of seq_length + 1 tokens from documents [start, end) of one indexed dataset, in the
-    cached epoch order. ``len()`` is every sample of the epochs needed for ``num_samples``."""
+    cached epoch order. ``len()`` is every sample of the epochs needed for ``num_samples``. With order "neox" and
+    ``first_num_samples`` (the sample count the run's order started from, below ``num_samples``), NeoX's order
+    for ``first_num_samples`` is kept and extended epoch by epoch (sample_index.extend_order)."""
 
     def __init__(self, indexed: MMapIndexedDataset, name: str, doc_range: tuple[int, int], num_samples: int,
-                 seq_length: int, seed: int, cache_dir: Optional[str] = None):
-        self.indexed, self.name, self.seq_length = indexed, name, seq_length
+                 seq_length: int, seed: int, cache_dir: Optional[str] = None, order: str = "stable",
+                 first_num_samples: Optional[int] = None):
+        if order not in DATA_ORDERS:
+            raise DataError(f"data-order {order!r}: expected one of {', '.join(DATA_ORDERS)}")
+        self.indexed, self.name, self.seq_length, self.order = indexed, name, seq_length, order
+        if order != "neox" or first_num_samples is None or int(first_num_samples) >= int(num_samples):
+            first_num_samples = None
         self.doc_range = (int(doc_range[0]), int(doc_range[1]))
         start, end = self.doc_range
         if end <= start:
@@ -163,15 +175,22 @@ class GPTDataset(torch.utils.data.Dataset):
         key = {"format": CACHE_FORMAT, "prefix": os.path.realpath(indexed.prefix),
                "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)],
                "doc_range": list(self.doc_range), "seq_length": int(seq_length), "seed": int(seed),
-               "num_samples": int(num_samples)}
+               "num_samples": int(num_samples), "order": order}
+        if first_num_samples is not None:
+            key["first_num_samples"] = int(first_num_samples)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        stem = (f"{os.path.basename(indexed.prefix)}_{name}_{num_samples}ns_{seq_length}sl_{seed}s_{digest}")
+        stem = (f"{os.path.basename(indexed.prefix)}_{name}_{order}_{num_samples}ns_{seq_length}sl_{seed}s_{digest}")
         self.cache_stem = os.path.join(self.cache_dir, stem)
         self.cache_reused = self._load_cache(key)
         if not self.cache_reused:
             docs = np.arange(start, end, dtype=np.int64)
-            self.doc_idx, self.sample_idx, self.shuffle_idx = build_epoch_order(indexed.sizes, docs, seq_length,
-                                                                                seed, num_samples)
+            if first_num_samples is not None:
+                base = build_neox_order(indexed.sizes, docs, seq_length, seed, int(first_num_samples))
+                order_arrays = extend_order(indexed.sizes, docs, seq_length, seed, base, num_samples)
+            else:
+                build = build_neox_order if order == "neox" else build_epoch_order
+                order_arrays = build(indexed.sizes, docs, seq_length, seed, num_samples)
+            self.doc_idx, self.sample_idx, self.shuffle_idx = order_arrays
             self._save_cache(key)
             log.info("built epoch order %s (%d samples)", self.cache_stem, len(self.shuffle_idx))
         else:
@@ -233,12 +252,16 @@ class GPTDataset(torch.utils.data.Dataset):
 
 class BlendedDataset(torch.utils.data.Dataset):
     """``num_samples`` samples drawn from several datasets in proportion to ``weights`` (deterministic
-    interleaving: each sample goes to the dataset furthest behind its share)."""
+    interleaving: each sample goes to the dataset furthest behind its share; ``order="neox"``: by GPT-NeoX's
+    rule, see build_neox_blending_indices)."""
 
-    def __init__(self, datasets: list, weights, num_samples: int):
+    def __init__(self, datasets: list, weights, num_samples: int, order: str = "stable"):
         w = np.asarray(weights, dtype=np.float64)
         self.datasets, self.weights = datasets, w / w.sum()
-        self.dataset_index, self.dataset_sample_index = build_blending_indices(self.weights, num_samples)
+        if order == "neox":
+            self.dataset_index, self.dataset_sample_index = build_neox_blending_indices(weights, num_samples)
+        else:
+            self.dataset_index, self.dataset_sample_index = build_blending_indices(self.weights, num_samples)
         for d, ds in enumerate(datasets):
             used = self.dataset_sample_index[self.dataset_index == d]
             if len(used) and int(used.max()) >= len(ds):
@@ -276,12 +299,41 @@ def _weights(weights, paths: list, what: str) -> Optional[list]:
     return w
 
 
+def resolve_data_order(cfg) -> str:
+    """The data order of a run (``data-order``): "stable" or "neox" as set; "auto" (the default) is "neox" for a
+    config taken from GPT-NeoX / Pythia, recognised by the config setting ``pipe-parallel-size`` (every NeoX
+    and Pythia yml does, configs/pythia included; the project's own configs do not), else "stable". deepy.py
+    passes the decided value to its ranks (their resolved config no longer tells which keys a file set)."""
+    order = str(getattr(cfg.data, "data_order", "auto") or "auto")
+    if order == "auto":
+        source = cfg.source_of("pipe-parallel-size") if hasattr(cfg, "source_of") else "<default>"
+        return "neox" if source not in ("<default>", None) else "stable"
+    if order not in DATA_ORDERS:
+        raise DataError(f"data-order {order!r}: expected auto, {', '.join(DATA_ORDERS)}")
+    return order
+
+
 def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, vocab_size: Optional[int] = None,
-                   vocab_stamp_min_bytes: Optional[int] = None) -> dict:
+                   vocab_stamp_min_bytes: Optional[int] = None, data_order: Optional[str] = None,
+                   first_num_samples: Optional[dict] = None) -> dict:
     """{"train": ds | None, "valid": ..., "test": ...} from a DataConfig (see the module docstring);
     every item is {"text": np.int64 array of seq_length + 1}. Raises DataError on any data problem.
     With ``vocab_size`` every token file is checked for ids outside [0, vocab_size) before anything is
-    built; ``vocab_stamp_min_bytes`` overrides VOCAB_STAMP_MIN_BYTES (which files get a cached stamp)."""
+    built; ``vocab_stamp_min_bytes`` overrides VOCAB_STAMP_MIN_BYTES (which files get a cached stamp).
+
+    ``data_order`` (default: ``data_cfg.data_order``, "auto" meaning "stable" here: resolve_data_order decides it
+    from the whole config): "stable" or "neox". With "neox" the datasets are built as GPT-NeoX builds them:
+    each of several ``*-data-paths`` is asked for ceil(n * weight * 1.005) samples, the weights default to 1
+    each (not to the token counts), a single path is that dataset alone, and a blend follows NeoX's rule;
+    ``data-path`` + ``split`` ask each split for exactly n. ``first_num_samples`` ({"train": n0, ...}; "neox"
+    only): the sample counts the run's order started from; a split asked for more keeps NeoX's order for n0 and
+    extends it epoch by epoch, so a run resumed with a larger train-iters reads the same samples at the same
+    steps as before (the counts per dataset are derived from n0 as from n)."""
+    order = data_order or str(getattr(data_cfg, "data_order", "stable") or "stable")
+    if order == "auto":
+        order = "stable"
+    if order not in DATA_ORDERS:
+        raise DataError(f"data-order {order!r}: expected auto, {', '.join(DATA_ORDERS)}")
     if getattr(data_cfg, "data_impl", "mmap") != "mmap":
         raise DataError(f"data-impl {data_cfg.data_impl!r}: only 'mmap' (Megatron/NeoX .bin/.idx) is supported")
     if seq_length <= 0:
@@ -349,16 +401,38 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
                                 f"use more data or change split")
             members.append((ds, rng))
             sizes.append(int(ds.sizes[rng[0]:rng[1]].sum(dtype=np.int64)))
+        n0 = int((first_num_samples or {}).get(split, 0) or 0) or None
+        if order == "neox" and explicit:
+            out[split] = _neox_blend(members, weights, n, split, seq_length, seed, cache_dir, n0)
+            continue
         if weights is None:
             weights = sizes  # proportional to tokens
         if len(members) == 1:
             ds, rng = members[0]
-            out[split] = GPTDataset(ds, split, rng, n, seq_length, seed, cache_dir)
+            out[split] = GPTDataset(ds, split, rng, n, seq_length, seed, cache_dir, order, n0)
             continue
         total = float(sum(weights))
         subsets = []
         for (ds, rng), w in zip(members, weights):
             need = int(math.ceil(w / total * n * 1.005)) + 1 if w > 0 else 1
-            subsets.append(GPTDataset(ds, split, rng, need, seq_length, seed, cache_dir))
-        out[split] = BlendedDataset(subsets, weights, n)
+            subsets.append(GPTDataset(ds, split, rng, need, seq_length, seed, cache_dir, order))
+        out[split] = BlendedDataset(subsets, weights, n, order)
     return out
+
+
+def _neox_blend(members: list, weights: Optional[list], n: int, split: str, seq_length: int, seed: int,
+                cache_dir, n0: Optional[int] = None) -> torch.utils.data.Dataset:
+    """One split of ``*-data-paths`` as GPT-NeoX builds it: weights default to 1 each and are normalised in Python
+    floats; dataset d is asked for int(ceil(n * w_d * 1.005)) samples (its own index mappings, the same seed);
+    one dataset is read directly (NeoX's blend of one dataset is the identity), several are blended."""
+    weights = [1.0] * len(members) if weights is None else [float(w) for w in weights]
+    total = sum(weights)
+    norm = [w / total for w in weights]
+    subsets = []
+    for (ds, rng), w in zip(members, norm):
+        need = int(math.ceil(n * w * NEOX_BLEND_FACTOR))
+        first = int(math.ceil(n0 * w * NEOX_BLEND_FACTOR)) if n0 else None
+        subsets.append(GPTDataset(ds, split, rng, need, seq_length, seed, cache_dir, "neox", first))
+    if len(subsets) == 1:
+        return subsets[0]
+    return BlendedDataset(subsets, norm, n, "neox")

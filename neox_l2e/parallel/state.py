@@ -4,12 +4,20 @@ Rank layout (as Megatron/NeoX): tensor-parallel groups are runs of consecutive r
 data-parallel groups stride by the TP degree. With world size 4 and TP 2:
     TP groups [0, 1] [2, 3];  DP groups [0, 2] [1, 3].
 A single process (no torch.distributed) is ParallelState.single(): every collective is a no-op.
+
+Timeouts: every process group, ours and DeepSpeed's, waits at most ``dist-timeout-s`` in a collective
+(set_collective_timeout: torch's own default for groups made without ``timeout=`` is 30 minutes). A
+heartbeat thread per rank (start_heartbeat) lets a rank whose collective timed out name the rank that
+stopped answering (collective_failure_message).
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -54,9 +62,14 @@ class ParallelState:
 
     @classmethod
     def from_distributed(cls, tp: int = 1, device: Optional[torch.device] = None,
-                         seed: Optional[int] = None) -> "ParallelState":
+                         seed: Optional[int] = None, timeout_s: Optional[float] = None) -> "ParallelState":
         """Build the TP and DP groups of an initialised default process group (every rank must call it).
-        With ``seed`` the dropout RNG streams are seeded too (else the model seeds them from its config)."""
+        With ``seed`` the dropout RNG streams are seeded too (else the model seeds them from its config).
+        ``timeout_s`` (dist-timeout-s) bounds every collective on these groups and on groups made later
+        without a timeout (DeepSpeed's); default: the value set by init_distributed / set_collective_timeout.
+        With more than one rank it also starts this rank's heartbeat (start_heartbeat)."""
+        if timeout_s is not None:
+            set_collective_timeout(timeout_s)
         if not dist.is_initialized():
             if tp != 1:
                 raise ValueError(f"model-parallel-size {tp} needs torch.distributed with {tp} or more ranks")
@@ -68,17 +81,18 @@ class ParallelState:
         if world % tp:
             raise ValueError(f"model-parallel-size {tp} does not divide the world size {world}")
         dp = world // tp
+        timeout = collective_timeout()
         tp_group = dp_group = None
         my_tp, my_dp = (rank,), (rank,)
         # every rank must create every group, in the same order
         for i in range(dp):
             ranks = tuple(range(i * tp, (i + 1) * tp))
-            g = dist.new_group(list(ranks))
+            g = dist.new_group(list(ranks), timeout=timeout)
             if rank in ranks:
                 tp_group, my_tp = g, ranks
         for j in range(tp):
             ranks = tuple(range(j, world, tp))
-            g = dist.new_group(list(ranks))
+            g = dist.new_group(list(ranks), timeout=timeout)
             if rank in ranks:
                 dp_group, my_dp = g, ranks
         if device is None:
@@ -88,6 +102,8 @@ class ParallelState:
                  tp_ranks=my_tp, dp_ranks=my_dp)
         if seed is not None:
             ps.rng.seed(seed, ps.tp_rank)
+        if world > 1:
+            start_heartbeat()
         return ps
 
     @property
@@ -290,12 +306,162 @@ def apply_launch_env(master_addr: Optional[str] = None, master_port: Optional[in
 def init_distributed(timeout_s: int = 300, master_addr: Optional[str] = None,
                      master_port: Optional[int] = None) -> LaunchInfo:
     """Initialise torch.distributed from the launcher's environment (apply_launch_env: torchrun's or DeepSpeed's
-    RANK / WORLD_SIZE / MASTER_*, or srun's / mpirun's own variables). One process: nothing to do."""
+    RANK / WORLD_SIZE / MASTER_*, or srun's / mpirun's own variables). One process: nothing to do.
+    ``timeout_s`` (dist-timeout-s) bounds every collective: the default group's and, through
+    set_collective_timeout, every group made later (ParallelState.from_distributed's, DeepSpeed's)."""
+    set_collective_timeout(timeout_s)
     info = apply_launch_env(master_addr, master_port)
     if dist.is_initialized() or info.world_size <= 1:
         return info
     backend = default_backend()
     if backend == "nccl":
         torch.cuda.set_device(default_device())
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=backend, timeout=collective_timeout())
     return info
+
+
+# ---- timeouts and the heartbeat ---------------------------------------------------------------------------------
+
+_TIMEOUT: Optional[datetime.timedelta] = None     # set by set_collective_timeout
+
+
+def set_collective_timeout(timeout_s: float) -> datetime.timedelta:
+    """Make ``timeout_s`` (dist-timeout-s) the longest any collective waits: for the groups this module makes, and
+    as torch's default for every group made later without ``timeout=`` (DeepSpeed's clone of the world group, its
+    ZeRO / expert groups), which would otherwise wait torch's 30-minute default. gloo applies the timeout to each
+    operation; NCCL through its watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, set by train.py). Raises a one-line
+    ConfigError for a value that is not a positive finite number of seconds."""
+    global _TIMEOUT
+    try:
+        seconds = float(timeout_s)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if isinstance(timeout_s, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"dist-timeout-s {timeout_s!r}: must be a positive number of seconds (how long a "
+                          "collective may wait for the other ranks)")
+    _TIMEOUT = datetime.timedelta(seconds=seconds)
+    from torch.distributed import distributed_c10d as c10d
+    # torch reads these module defaults at each new_group() without timeout= (c10d._get_default_timeout)
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), datetime.timedelta):
+            setattr(c10d, name, _TIMEOUT)
+    return _TIMEOUT
+
+
+def collective_timeout() -> Optional[datetime.timedelta]:
+    """The timeout set by set_collective_timeout (None: not set; torch's defaults apply)."""
+    return _TIMEOUT
+
+
+HEARTBEAT_PREFIX = "neox_l2e/heartbeat/"
+GAVE_UP_PREFIX = "neox_l2e/gave_up/"
+
+
+class _Heartbeat:
+    """A daemon thread that adds 1 to this rank's counter in the rendezvous store every ``period`` seconds. A
+    stopped (SIGSTOP) or dead process stops counting; a rank blocked in a collective keeps counting (the
+    collective releases the GIL), so a survivor can tell which rank stopped answering (silent_ranks)."""
+
+    def __init__(self, store, rank: int, world: int, period: float):
+        self.store, self.rank, self.world, self.period = store, rank, world, period
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="neox-l2e-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        key = f"{HEARTBEAT_PREFIX}{self.rank}"
+        while not self.stop.is_set():
+            try:
+                if not dist.is_initialized():
+                    return
+                self.store.add(key, 1)
+            except Exception:  # noqa: BLE001 - the store is gone (shutdown, a dead store host): stop beating
+                return
+            self.stop.wait(self.period)
+
+    def counts(self, timeout_s: float) -> list:
+        """Every rank's heartbeat count (-1 where it has none), read with a store timeout of ``timeout_s``."""
+        self.store.set_timeout(datetime.timedelta(seconds=timeout_s))
+        return [self.store.add(f"{HEARTBEAT_PREFIX}{r}", 0) for r in range(self.world)]
+
+
+_HEARTBEAT: Optional[_Heartbeat] = None
+
+
+def heartbeat_period() -> float:
+    """Seconds between two heartbeats: a tenth of dist-timeout-s, between 0.5 and 5."""
+    t = _TIMEOUT.total_seconds() if _TIMEOUT is not None else 300.0
+    return min(5.0, max(0.5, t / 10))
+
+
+def start_heartbeat() -> bool:
+    """Start (or restart, after a new default process group) this rank's heartbeat in the default group's store.
+    False when there is no multi-rank process group or torch exposes no store (then no rank can be named)."""
+    global _HEARTBEAT
+    if not dist.is_initialized() or dist.get_world_size() <= 1:
+        return False
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+        store = _get_default_store()
+    except Exception:  # noqa: BLE001 - a torch without it, or a group without a store
+        return False
+    if _HEARTBEAT is not None:
+        if _HEARTBEAT.store is store and _HEARTBEAT.thread.is_alive():
+            return True
+        _HEARTBEAT.stop.set()
+    _HEARTBEAT = _Heartbeat(store, dist.get_rank(), dist.get_world_size(), heartbeat_period())
+    return True
+
+
+def silent_ranks() -> Optional[list]:
+    """The ranks whose heartbeat stopped: this rank marks itself as giving up, reads every counter, waits a little
+    over two heartbeat periods and reads again; a rank whose counter did not move and that did not give up itself
+    is not answering. None when unknowable (no heartbeat); [0] when the store itself does not answer and rank 0
+    hosts it (a plain env:// launch: its process is stopped or dead)."""
+    hb = _HEARTBEAT
+    if hb is None:
+        return None
+    hb.stop.set()
+    wait = 2.2 * hb.period
+    try:
+        hb.store.set_timeout(datetime.timedelta(seconds=wait + 5))
+        hb.store.set(f"{GAVE_UP_PREFIX}{hb.rank}", "1")
+        before = hb.counts(wait + 5)
+        time.sleep(wait)
+        after = hb.counts(wait + 5)
+        gave_up = set(r for r in range(hb.world) if hb.store.check([f"{GAVE_UP_PREFIX}{r}"]))
+    except Exception:  # noqa: BLE001 - the store does not answer
+        return [0] if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true" and hb.rank != 0 else None
+    return [r for r in range(hb.world) if r != hb.rank and after[r] == before[r] and r not in gave_up]
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed or timed out (gloo / NCCL / torch.distributed's errors)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out",
+                                   "NCCL", "gloo"))
+
+
+def collective_failure_message(e: BaseException, rank: Optional[int] = None,
+                               world_size: Optional[int] = None) -> str:
+    """One line for a failed collective: which rank gave up, after how long, and which rank stopped answering when
+    the heartbeat tells (silent_ranks; this waits about two heartbeat periods). In a one-process run no other rank
+    exists, so the line says so instead of blaming one."""
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else launch_info().world_size
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    limit = f"dist-timeout-s={_TIMEOUT.total_seconds():g}" if _TIMEOUT is not None else "dist-timeout-s"
+    if world_size <= 1:
+        return f"[rank {rank}] a collective failed in a one-process run ({limit}): {first}"
+    silent = silent_ranks()
+    if silent:
+        who = (f"rank {silent[0]} stopped answering" if len(silent) == 1 else
+               f"ranks {', '.join(map(str, silent))} stopped answering")
+        return (f"[rank {rank}] a collective failed: {who} (no heartbeat: stopped, hung outside a collective or "
+                f"dead; {limit} bounds the wait); see its log: {first}")
+    return (f"[rank {rank}] a collective failed, another rank died or hung ({limit} bounds the wait); see the other "
+            f"ranks' logs: {first}")

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, NeoXConfig
-from ..parallel import ParallelState, default_backend, default_device, init_distributed, launch_info
+from ..parallel import (ParallelState, default_backend, default_device, init_distributed, launch_info,
+                        set_collective_timeout)
 
 # DeepSpeed's shared-memory all-reduce op for CPU ranks must be JIT-compiled (about a minute the first
 # time). It only speeds up large CPU all-reduces; gloo works without it. Off unless this is "1".
@@ -50,7 +51,7 @@ def setup_distributed(cfg: NeoXConfig) -> ParallelState:
     """
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     cfg.check_world_size(world)
-    timeout = cfg.training.dist_timeout_s
+    timeout = set_collective_timeout(cfg.training.dist_timeout_s).total_seconds()     # refuses <= 0 in one line
     if not dist.is_initialized():
         if world > 1:
             init_distributed(timeout, master_addr=cfg.parallel.master_addr, master_port=cfg.parallel.master_port)
@@ -65,7 +66,7 @@ def setup_distributed(cfg: NeoXConfig) -> ParallelState:
                 torch.cuda.set_device(default_device())
             dist.init_process_group(backend=default_backend(), rank=0, world_size=1,
                                     timeout=datetime.timedelta(seconds=timeout))
-    return ParallelState.from_distributed(cfg.tp, default_device())
+    return ParallelState.from_distributed(cfg.tp, default_device(), timeout_s=timeout)
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:

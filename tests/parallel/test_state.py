@@ -62,3 +62,68 @@ def test_meta_model_and_parameter_count_at_any_tp():
     two = GPTNeoX(cfg, ParallelState.layout(2, 0, device="meta"), init=False)
     assert two.vocab_size == 112 and two.base_vocab_size == 104
     assert two.num_parameters() >= full
+
+
+@pytest.fixture
+def restore_timeouts():
+    """set_collective_timeout changes module state of torch and of neox_l2e.parallel.state: put both back."""
+    from torch.distributed import distributed_c10d as c10d
+    from neox_l2e.parallel import state
+    saved = (state._TIMEOUT, c10d.default_pg_timeout, getattr(c10d, "default_pg_nccl_timeout", None))
+    yield
+    state._TIMEOUT, c10d.default_pg_timeout = saved[:2]
+    if saved[2] is not None:
+        c10d.default_pg_nccl_timeout = saved[2]
+
+
+def test_collective_timeout_becomes_torchs_default_for_new_groups(restore_timeouts):
+    import datetime
+    from torch.distributed import distributed_c10d as c10d
+    from neox_l2e.parallel import collective_timeout, set_collective_timeout
+    set_collective_timeout(7)
+    assert collective_timeout() == datetime.timedelta(seconds=7)
+    # what new_group() without timeout= (DeepSpeed's groups) uses
+    assert c10d._get_default_timeout(c10d.Backend("gloo")) == datetime.timedelta(seconds=7)
+    for bad in (0, -1, float("nan"), float("inf"), "abc", None, True):
+        with pytest.raises(ConfigError, match=r"dist-timeout-s .*: must be a positive number of seconds"):
+            set_collective_timeout(bad)
+    assert collective_timeout() == datetime.timedelta(seconds=7)       # a refused value changes nothing
+
+
+def _groups_worker(rank, world):
+    import time
+    import torch.distributed as dist
+    from neox_l2e.parallel import ParallelState
+    ps = ParallelState.from_distributed(tp=1, timeout_s=3)
+    later = dist.new_group([0, 1])                 # as DeepSpeed makes its groups: no timeout=
+    out = {}
+    if rank == 1:
+        time.sleep(8)                              # rank 0's collectives must each give up after about 3 s
+        return out
+    for name, group in (("dp", ps.dp_group), ("later", later)):
+        t0 = time.time()
+        try:
+            dist.all_reduce(torch.ones(1), group=group)
+            out[name] = "completed"
+        except RuntimeError as e:
+            out[name] = (time.time() - t0, str(e).splitlines()[0])
+    return out
+
+
+def test_groups_honour_dist_timeout():
+    """Our DP group and a group made afterwards without timeout= (DeepSpeed's) both give up after dist-timeout-s,
+    not torch's 30-minute default."""
+    from distributed import run_ranks
+    r0 = run_ranks(_groups_worker, world=2, timeout=120)[0]
+    for name in ("dp", "later"):
+        assert r0[name] != "completed", name
+        took, msg = r0[name]
+        assert 2.5 < took < 7.5, (name, took, msg)
+
+
+def test_failure_message_in_one_process_run_blames_no_other_rank(restore_timeouts):
+    from neox_l2e.parallel import collective_failure_message, set_collective_timeout
+    set_collective_timeout(5)
+    line = collective_failure_message(RuntimeError("[gloo] Timed out waiting 5000ms for recv"), rank=0, world_size=1)
+    assert line.startswith("[rank 0] a collective failed in a one-process run (dist-timeout-s=5)"), line
+    assert "another rank" not in line and "\n" not in line
