@@ -282,6 +282,21 @@ def _one_of(cfg, key, value, allowed):
                           f"use one of {', '.join(map(str, allowed))}")
 
 
+def _attention_config_layers(m) -> Optional[int]:
+    """Layers attention-config covers, or None when it is unset or malformed (validate reports that)."""
+    try:
+        return sum(int(count) for _, count in m.attention_config) if m.attention_config is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _looks_swapped(m) -> bool:
+    """num-layers and num-attention-heads exchanged (as in the published pythia-12b-deduped.yml): the heads do not
+    divide the width, the layer count would, and attention-config counts as many layers as there are heads."""
+    return (m.num_layers != m.num_attention_heads and m.hidden_size % m.num_layers == 0
+            and _attention_config_layers(m) == m.num_attention_heads)
+
+
 def validate(cfg: NeoXConfig) -> None:
     """Cross-field checks: impossible combinations fail here, at load time."""
     m, s = cfg.model, cfg.source_of
@@ -291,6 +306,12 @@ def validate(cfg: NeoXConfig) -> None:
         if getattr(m, key) <= 0:
             raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be positive, got {getattr(m, key)}")
     if m.hidden_size % m.num_attention_heads:
+        if _looks_swapped(m):
+            raise ConfigError(
+                f"{s('num_attention_heads')}: num-layers {m.num_layers} and num-attention-heads "
+                f"{m.num_attention_heads} look swapped: {m.num_attention_heads} heads do not divide hidden-size "
+                f"{m.hidden_size}, {m.num_layers} would, and attention-config covers {m.num_attention_heads} layers; "
+                "exchange the two values")
         raise ConfigError(f"{s('num_attention_heads')}: num-attention-heads {m.num_attention_heads} does not divide "
                           f"hidden-size {m.hidden_size}")
     if not 0.0 < m.rotary_pct <= 1.0:
@@ -443,9 +464,15 @@ def load_config(paths: Union[str, Path, Iterable[Union[str, Path]]],
     if isinstance(paths, (str, Path)):
         paths = [paths]
     values, sources = merge_files(list(paths))
+    index = field_index()
     for k, v in (overrides or {}).items():
-        values[canon(k)] = v
-        sources[canon(k)] = OVERRIDE
+        k = canon(k)
+        if k in index:   # an override replaces the file's key also when the file spells it by an alias (gas)
+            for other in [o for o in values if o != k and index.get(o) == index[k]]:
+                del values[other]
+                sources.pop(other, None)
+        values[k] = v
+        sources[k] = OVERRIDE
     return build_config(values, sources)
 
 

@@ -1,5 +1,6 @@
 """Config loading: the real Pythia files, merging rules, error messages, generated docs."""
 import difflib
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from neox_l2e.model import GPTNeoX
 from neox_l2e.parallel import ParallelState
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data" / "pythia-configs"
+SHARED = Path(os.environ.get("NEOX_L2E_PYTHIA_CONFIGS", ROOT.parent / "shared" / "data" / "pythia-configs"))
 
 # Parameter counts of the published Hugging Face Pythia checkpoints (vocab padded to 128 x TP).
 PUBLISHED = {
@@ -64,8 +65,8 @@ def test_real_pythia_training_configs(name):
             load_config(path)
         return
     if name == "pythia-12b-deduped.yml":  # published with layers and heads swapped: 36 heads cannot split 5120
-        with pytest.raises(ConfigError, match=r"pythia-12b-deduped\.yml: num-attention-heads 36 does not divide "
-                                              r"hidden-size 5120"):
+        with pytest.raises(ConfigError, match=r"pythia-12b-deduped\.yml: num-layers 40 and num-attention-heads 36 "
+                                              r"look swapped: 36 heads do not divide hidden-size 5120, 40 would"):
             load_config(path, overrides={"vocab_size": 50277})
         return
     cfg = load_config(path, overrides={"vocab_size": 50277})
@@ -183,10 +184,14 @@ def test_every_field_documented():
             assert f.metadata["effect"] in ("used", "ignored")
 
 
-@pytest.mark.parametrize("grid", sorted(p.name for p in (ROOT / "configs" / "l2e").glob("*.yml")))
+GRIDS = sorted(p.name for p in (ROOT / "configs" / "l2e").glob("*.yml"))
+
+
+@pytest.mark.parametrize("grid", GRIDS)
 def test_l2e_grid_adds_to_every_pythia_config(grid):
     for size in ("70m", "410m", "2.8b"):
-        cfg = load_config([ROOT / "configs" / "pythia" / f"pythia-{size}.yml", ROOT / "configs" / "l2e" / grid])
+        cfg = load_config([ROOT / "configs" / "pythia" / f"pythia-{size}.yml", ROOT / "configs" / "l2e" / grid],
+                          {"train-iters": 14300})         # the paper's 10% runs, as the grid files' headers say
         assert cfg.training.train_iters == 14300 and cfg.optimizer.lr_decay_iters == 143000
         if grid == "baseline.yml":
             assert not cfg.l2e_active
@@ -198,3 +203,51 @@ def test_l2e_grid_adds_to_every_pythia_config(grid):
     for name, layers in expect.items():
         if name in grid and not (name == "mid2" and "mid-third" in grid):
             assert cfg.inhibited_layers() == layers, (grid, L)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_l2e_grid_files_hold_only_l2e_keys(grid):
+    """A grid file is the experiment only, so it adds to any model config without a key set twice."""
+    from neox_l2e.config.loader import canon, field_index
+    index = field_index()
+    keys = yaml.safe_load((ROOT / "configs" / "l2e" / grid).read_text())
+    assert keys and {index[canon(k)][0] for k in keys} == {"l2e"}, keys
+
+
+@pytest.mark.parametrize("base", [ROOT / "configs" / "local" / "demo.yml", ROOT / "configs" / "pythia" / "pythia-70m.yml",
+                                  SHARED / "pythia-70m.yml", SHARED / "pythia-410m-deduped.yml"],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_l2e_grid_combines_with_the_configs_users_run(base):
+    """`train.py configs/local/demo.yml configs/l2e/l2e-1pct-mid2.yml` and the published Pythia ymls plus a grid
+    file (which set train-iters themselves) load; a train-iters override stops early."""
+    if not base.is_file():
+        pytest.skip(f"{base} is absent")
+    for grid in GRIDS:
+        cfg = load_config([base, ROOT / "configs" / "l2e" / grid], {"vocab-size": 50277})
+        assert cfg.l2e_active == (grid != "baseline.yml")
+        assert cfg.training.train_iters == load_config(base, {"vocab-size": 50277}).training.train_iters
+    cfg = load_config([base, ROOT / "configs" / "l2e" / "l2e-1pct-mid2.yml"], {"train-iters": 30})
+    assert cfg.training.train_iters == 30 and cfg.l2e.l2e_ratio == 0.01
+
+
+def _numbers(value, path=""):
+    """(path, value) of every leaf of a plain-YAML config that is meant as a number but may load as a string."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yml")))
+def test_configs_load_as_numbers_in_plain_pyyaml(path):
+    """GPT-NeoX reads configs with PyYAML (YAML 1.1), where 1e-08 (no dot) is a string: every value that looks
+    like a number must load as one, so the files also work in upstream NeoX."""
+    import re
+    data = yaml.safe_load((ROOT / path).read_text())
+    number = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    strings = [(k, v) for k, v in _numbers(data) if isinstance(v, str) and number.match(v.strip())]
+    assert not strings, f"{path}: loads as strings in PyYAML: {strings}; write 1.0e-8 style"
