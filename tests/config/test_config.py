@@ -251,3 +251,65 @@ def test_configs_load_as_numbers_in_plain_pyyaml(path):
     number = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     strings = [(k, v) for k, v in _numbers(data) if isinstance(v, str) and number.match(v.strip())]
     assert not strings, f"{path}: loads as strings in PyYAML: {strings}; write 1.0e-8 style"
+
+
+ADAM = {"type": "Adam", "params": {"lr": 0.001, "betas": [0.9, 0.95], "eps": 1.0e-8}}
+
+
+@pytest.mark.parametrize("extra, message", [
+    # values that raised a traceback (ValueError, ZeroDivisionError) or crashed later in training
+    ({"l2e-layers": ["a"]}, r"l2e-layers: layer indices must be integers, got 'a'"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": "abc"}}}, r"optimizer\.params\.lr must be a finite number, got 'abc'"),
+    ({"optimizer": {**ADAM, "params": {**ADAM["params"], "betas": "abc"}}},
+     r"optimizer\.params\.betas must be two numbers in \[0, 1\)"),
+    ({"optimizer": {**ADAM, "params": {**ADAM["params"], "eps": -1.0}}}, r"optimizer\.params\.eps must be positive"),
+    ({"optimizer": {"type": "Adam", "params": "fast"}}, r"optimizer\.params must be a mapping"),
+    ({"zero_optimization": {"stage": "two"}}, r"zero_optimization\.stage must be 0, 1, 2 or 3, got 'two'"),
+    ({"make-vocab-size-divisible-by": 0}, r"make-vocab-size-divisible-by must be >= 1, got 0"),
+    ({"intermediate-size": -4}, r"intermediate-size must be positive, got -4"),
+    ({"log-interval": 0}, r"log-interval must be >= 1, got 0"),
+    ({"steps_per_print": 0}, r"steps-per-print must be >= 1, got 0"),
+    # values accepted before that must be refused
+    ({"layernorm-epsilon": 0.0}, r"layernorm-epsilon must be positive, got 0\.0"),
+    ({"layernorm-epsilon": -1.0e-5}, r"layernorm-epsilon must be positive"),
+    ({"l2e-lambda": float("nan")}, r"l2e-lambda: expected a finite number, got nan"),
+    ({"l2e-lambda": float("inf")}, r"l2e-lambda: expected a finite number, got inf"),
+    ({"lr": float("nan")}, r"lr: expected a finite number, got nan"),
+    ({"lr": "inf"}, r"lr: expected a finite number"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": float("inf")}}}, r"optimizer\.params\.lr must be a finite number"),
+    ({"checkpoint-factor": 0}, r"checkpoint-factor must be >= 1, got 0"),
+    ({"checkpoint-factor": -5}, r"checkpoint-factor must be >= 1, got -5"),
+    ({"gradient-clipping": -1.0}, r"gradient-clipping must be >= 0, got -1\.0"),
+    ({"weight-decay": -0.1}, r"weight-decay must be >= 0, got -0\.1"),
+    ({"l2e-layers": [1.5]}, r"l2e-layers: layer indices must be integers, got 1\.5"),
+    ({"l2e-layers": [True]}, r"l2e-layers: layer indices must be integers, got True"),
+    ({"dist-timeout-s": 0}, r"dist-timeout-s must be >= 1, got 0"),
+    ({"dist-timeout-s": -30}, r"dist-timeout-s must be >= 1, got -30"),
+])
+def test_bad_values_are_one_line_naming_file_and_key(tmp_path, extra, message):
+    a = tmp_path / "a.yml"
+    a.write_text(yaml.safe_dump({**BASE_KEYS, **extra}))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(a)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"{a}: ")
+
+
+def test_bad_values_as_command_line_overrides(tmp_path):
+    """The same checks for key=value overrides (train.py / deepy.py): the error names the key."""
+    from neox_l2e.config import parse_override
+    a = write(tmp_path, "a.yml", BASE)
+    for text, message in [("l2e-layers=[a]", r"l2e-layers: layer indices must be integers"),
+                          ("optimizer={type: Adam, params: {lr: abc}}", r"optimizer\.params\.lr must be a finite"),
+                          ("zero-optimization={stage: two}", r"zero_optimization\.stage must be 0, 1, 2 or 3"),
+                          ("log-interval=0", r"log-interval must be >= 1"), ("l2e-lambda=.nan", r"l2e-lambda: expected a finite")]:
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config(a, dict([parse_override(text)]))
+        assert "\n" not in str(err.value) and str(err.value).startswith("<override>: ")
+
+
+def test_binary_garbage_yml_is_one_line(tmp_path):
+    a = tmp_path / "a.yml"
+    a.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match=r"a\.yml: not a text \(UTF-8\) file: byte 0 is 0x89") as err:
+        load_config(a)
+    assert "\n" not in str(err.value)
