@@ -538,16 +538,78 @@ def load_config(paths: Union[str, Path, Iterable[Union[str, Path]]],
     if isinstance(paths, (str, Path)):
         paths = [paths]
     values, sources = merge_files(list(paths))
-    index = field_index()
-    for k, v in (overrides or {}).items():
-        k = canon(k)
-        if k in index:   # an override replaces the file's key also when the file spells it by an alias (gas)
-            for other in [o for o in values if o != k and index.get(o) == index[k]]:
-                del values[other]
-                sources.pop(other, None)
-        values[k] = v
-        sources[k] = OVERRIDE
+    apply_overrides(values, sources, overrides or {})
     return build_config(values, sources)
+
+
+def apply_overrides(values: dict, sources: dict, overrides: Mapping[str, Any]) -> None:
+    """Put command-line overrides into merged values (in place). A key replaces the files' key, also one spelled
+    by an alias (gas); a dotted key (zero_optimization.stage, optimizer.params.lr) sets one entry of a mapping
+    key, keeping the mapping's other entries (from the files, else the key's default)."""
+    index = field_index()
+    for k, v in overrides.items():
+        k = canon(k)
+        head, _, rest = k.partition(".")
+        if head in index:   # an override replaces the file's key also when the file spells it by an alias (gas)
+            for other in [o for o in values if o != head and index.get(o) == index[head]]:
+                values[head] = values.pop(other)
+                sources.pop(other, None)
+        if rest:
+            v = _set_nested(head, values.get(head, _default_of(head, index)), rest.split("."), v)
+        values[head] = v
+        sources[head] = OVERRIDE
+
+
+def _default_of(key: str, index: dict):
+    if key not in index:
+        return None
+    section, name = index[key]
+    f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _set_nested(head: str, base, path: list, value):
+    """A deep copy of the mapping ``base`` with base[path[0]][path[1]]... = value (mappings made as needed)."""
+    import copy
+    if base is None:
+        base = {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{OVERRIDE}: {head.replace('_', '-')}.{'.'.join(path)}: {head.replace('_', '-')} is "
+                          f"not a mapping (it is {base!r}); a dotted key sets an entry of a mapping key")
+    out = node = copy.deepcopy(base)
+    for i, part in enumerate(path):
+        if not part:
+            raise ConfigError(f"{OVERRIDE}: {head}.{'.'.join(path)}: empty name in the dotted key")
+        if i == len(path) - 1:
+            node[part] = value
+        else:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{OVERRIDE}: {head}.{'.'.join(path)}: {head}.{'.'.join(path[:i + 1])} is not a "
+                                  f"mapping (it is {nxt!r})")
+            node = nxt
+    return out
+
+
+def flag_hint(args: Iterable[str]) -> Optional[str]:
+    """A one-line hint when a config key was given as a command-line flag (--train-iters 5), else None."""
+    args = list(args)
+    index = field_index()
+    for i, a in enumerate(args):
+        if not a.startswith("--") or len(a) < 3:
+            continue
+        name, eq, value = a[2:].partition("=")
+        if canon(name).partition(".")[0] not in index:
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "VALUE"
+        key = name.replace("_", "-")
+        return f"{a}: config keys are not flags; give them as key=value after the config files: {key}={value}"
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -313,3 +313,57 @@ def test_binary_garbage_yml_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"a\.yml: not a text \(UTF-8\) file: byte 0 is 0x89") as err:
         load_config(a)
     assert "\n" not in str(err.value)
+
+
+def test_dotted_overrides_set_one_entry_of_a_mapping(tmp_path):
+    from neox_l2e.config import parse_override
+    pythia = ROOT / "configs" / "pythia" / "pythia-70m.yml"
+    overrides = dict(parse_override(t) for t in ("zero_optimization.stage=2", "optimizer.params.lr=0.002",
+                                                 "fp16.enabled=false", "precision=fp32"))
+    cfg = load_config(pythia, overrides)
+    zero = cfg.parallel.zero_optimization
+    assert zero["stage"] == 2 and zero["reduce_bucket_size"] == 500000000 and cfg.zero_stage == 2
+    assert cfg.lr == 0.002 and cfg.optimizer.optimizer["params"]["betas"] == [0.9, 0.95]
+    assert cfg.precision.fp16["enabled"] is False and cfg.precision.fp16["loss_scale_window"] == 1000
+    # a mapping key no file sets starts from its default; the files are not modified
+    cfg = load_config(write(tmp_path, "base.yml", BASE), dict([parse_override("zero-optimization.stage=1")]))
+    assert cfg.parallel.zero_optimization == {"stage": 1}
+    assert load_config(pythia).parallel.zero_optimization["stage"] == 1
+    with pytest.raises(ConfigError, match=r"<override>: seed\.x: seed is not a mapping"):
+        load_config(pythia, dict([parse_override("seed.x=1")]))
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage must be 0, 1, 2 or 3, got 'two'"):
+        load_config(pythia, dict([parse_override("zero_optimization.stage=two")]))
+
+
+def test_override_replaces_a_key_given_by_its_alias():
+    """pythia-12b.yml spells gas as gradient_accumulation_steps: gas=2 replaces it (no 'both set' error)."""
+    cfg = load_config(ROOT / "configs" / "pythia" / "pythia-12b.yml", {"gas": 2})
+    assert cfg.training.gradient_accumulation_steps == 2 and cfg.source_of("gradient_accumulation_steps") == "<override>"
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["a.yml", "--train-iters", "5"], "--train-iters: config keys are not flags; give them as key=value after the "
+                                      "config files: train-iters=5"),
+    (["a.yml", "--train_iters=5"], "train-iters=5"),
+    (["a.yml", "--zero_optimization.stage", "1"], "zero-optimization.stage=1"),
+    (["a.yml", "--l2e-ratio"], "l2e-ratio=VALUE"),
+])
+def test_flag_hint(argv, hint):
+    from neox_l2e.config.loader import flag_hint
+    assert hint in flag_hint(argv)
+    assert flag_hint(["a.yml", "--not-a-key", "5", "train-iters=5"]) is None
+
+
+def test_train_and_deepy_print_the_hint(capsys):
+    import importlib.util
+    for script in ("train.py", "deepy.py"):
+        spec = importlib.util.spec_from_file_location(script[:-3] + "_cli", ROOT / script)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        argv = ["configs/local/tiny.yml", "--train-iters", "5"] if script == "train.py" else \
+            ["--dry-run", "train.py", "configs/local/tiny.yml", "--train-iters", "5"]
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(argv)
+        assert e.value.code == 2
+        assert "error: --train-iters: config keys are not flags; give them as key=value after the config files: " \
+               "train-iters=5" in capsys.readouterr().err
