@@ -68,15 +68,17 @@ def strict_json_record(rec: dict) -> dict:
 
 
 def _value(v) -> str:
-    return json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else str(v)
+    """A config value as a yml reader writes it (true, null, [0.9, 0.95], {"stage": 1}); strings bare."""
+    return v if isinstance(v, str) else json.dumps(v, default=str)
 
 
 def config_lines(cfg, config_file: Optional[Path]) -> list:
     """The keys the config files and overrides set, by section, one aligned "key  value  (source)" line each."""
     import dataclasses
     from ..config.schema import SECTIONS
-    lines = ["config (keys set by the files and overrides; every key, defaults included, in "
-             f"{config_file if config_file else 'no file: no log-dir or save is set'}):"]
+    where = (f"every key, defaults included, in {config_file}" if config_file
+             else "the whole config is not written: no log-dir or save is set")
+    lines = [f"config (keys set by the files and overrides; {where}):"]
     rows = []
     for section in SECTIONS:
         obj = getattr(cfg, section)
