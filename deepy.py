@@ -39,12 +39,22 @@ def parse_args(argv):
     p.add_argument("--num_nodes", "--num-nodes", type=int, help="nodes to use (-1: all in the hostfile)")
     p.add_argument("--include", help="DeepSpeed --include filter")
     p.add_argument("--exclude", help="DeepSpeed --exclude filter")
-    p.add_argument("--master_port", "--master-port", type=int)
-    p.add_argument("--master_addr", "--master-addr")
+    p.add_argument("--master_port", "--master-port", type=int,
+                   help="rendezvous port of rank 0 (default: the config's master-port, 29500)")
+    p.add_argument("--master_addr", "--master-addr",
+                   help="rendezvous address, the host of rank 0 (default: the config's master-addr; else the "
+                        "DeepSpeed launcher picks the first host)")
     p.add_argument("--launcher", help="multi-node launcher (with a hostfile): pdsh, openmpi, mvapich, mpich, impi, slurm")
     p.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     p.add_argument("args", nargs=argparse.REMAINDER, help="[train.py] CONFIG.yml ... [key=value ...]")
-    return p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    from neox_l2e.config.loader import flag_hint
+    hint = flag_hint(unknown + list(args.args))   # --train-iters 5 where train-iters=5 was meant
+    if hint:
+        p.error(hint)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def read_hostfile(path) -> dict:

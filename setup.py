@@ -46,5 +46,7 @@ setup(
     package_dir={"neox_l2e": "neox_l2e", "neox_l2e.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
-    install_requires=["torch", "numpy", "pyyaml", "tqdm", "safetensors", "sentencepiece", "transformers"],
+    # DeepSpeed: the range the test suite ran with (tools/install.sh installs the same)
+    install_requires=["torch", "deepspeed>=0.19.8,<0.20", "numpy", "pyyaml", "tqdm", "safetensors", "sentencepiece",
+                      "transformers"],
 )

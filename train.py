@@ -24,20 +24,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Train from NeoX yml configs (see docs/training.md).")
-    p.add_argument("configs", nargs="*", help="yml files (merged; a key in two files is an error) and key=value overrides")
+    p.add_argument("configs", nargs="*", help="yml files (merged; a key in two files is an error) and key=value "
+                   "overrides (win over the files; a dotted key sets one entry of a mapping: zero_optimization.stage=1)")
     p.add_argument("--config-b64", help="the resolved config as base64 JSON (set by deepy.py)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed launcher
-    return p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        from neox_l2e.config.loader import flag_hint
+        hint = flag_hint(unknown)
+        p.error(hint or f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def load(args):
     from neox_l2e.config import ConfigError, build_config, load_config, parse_override
+    from neox_l2e.config.loader import apply_overrides
     files = [c for c in args.configs if "=" not in c]
     overrides = dict(parse_override(c) for c in args.configs if "=" in c)
     if args.config_b64:
         values = json.loads(base64.b64decode(args.config_b64).decode())
-        values.update(overrides)
-        return build_config(values, {k: "<deepy>" for k in values})
+        sources = {k: "<deepy>" for k in values}
+        apply_overrides(values, sources, overrides)
+        return build_config(values, sources)
     if not files:
         raise ConfigError("no config file given; usage: train.py CONFIG.yml [CONFIG.yml ...] [key=value ...]")
     return load_config(files, overrides)

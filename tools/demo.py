@@ -28,11 +28,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the demo model (see docs/training.md).")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--config", default=str(ROOT / "configs/local/demo.yml"))
-    p.add_argument("--out", default=str(ROOT / "runs/demo"))
-    p.add_argument("--data-root", default=str(ROOT / "data/shakespeare"))
+    p.add_argument("--config", nargs="+", metavar="YML",
+                   default=[str(ROOT / "configs/local/demo.yml"), str(ROOT / "configs/l2e/l2e-2pct-mid2.yml")],
+                   help="yml files merged in order, as train.py does (default: configs/local/demo.yml "
+                        "configs/l2e/l2e-2pct-mid2.yml, the demo model with L2E mid2 at p = 2%%)")
+    p.add_argument("--out", default=str(ROOT / "runs/demo"),
+                   help="run folder: checkpoints/, metrics.jsonl, tensorboard/, loss.png, summary.json "
+                        "(default: runs/demo)")
+    p.add_argument("--data-root", default=str(ROOT / "data/shakespeare"),
+                   help="where the default corpus is prepared once (default: data/shakespeare)")
     p.add_argument("--resume", action="store_true", help="continue from runs/demo's latest checkpoint")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    # `--config a.yml key=value`: the nargs="+" option also takes the overrides that follow it
+    args.overrides = [c for c in args.config if "=" in c] + args.overrides
+    args.config = [c for c in args.config if "=" not in c] or p.get_default("config")
+    return args
 
 
 def read_metrics(path: Path) -> list:
@@ -96,7 +106,7 @@ def main(argv=None) -> int:
         if args.resume:
             overrides["load"] = str(out / "checkpoints")
         overrides.update(dict(parse_override(o) for o in args.overrides))
-        cfg = load_config([args.config], overrides)
+        cfg = load_config(args.config, overrides)
         if not args.resume and out.exists():
             for name in ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png", "summary.json"):
                 p = out / name

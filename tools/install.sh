@@ -20,18 +20,28 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 PIP="$PY -m pip install --quiet"
+# DeepSpeed: the range the test suite ran with (setup.py requires the same)
+DEEPSPEED_RANGE=">=0.19.8,<0.20"
 
 if ! "$PY" -c 'import torch' 2>/dev/null; then
-  echo "[install] torch==2.13.0 (CPU build)"
-  $PIP torch==2.13.0
+  echo "[install] torch==2.13.0 (CPU build: a large download, pip shows its progress)"
+  "$PY" -m pip install --progress-bar on torch==2.13.0
 fi
 if ! "$PY" -c 'import triton' 2>/dev/null; then
   echo "[install] triton==3.9.0"
   $PIP triton==3.9.0
 fi
-if ! "$PY" -c 'import deepspeed' 2>/dev/null; then
-  echo "[install] deepspeed (pure Python, ops built on demand)"
-  DS_BUILD_OPS=0 $PIP "deepspeed>=0.16"
+deepspeed_ok() {
+  "$PY" - <<'PYCODE' 2>/dev/null
+import sys
+import deepspeed
+v = tuple(int(x) for x in deepspeed.__version__.split("+")[0].split(".")[:3])
+sys.exit(0 if (0, 19, 8) <= v < (0, 20) else 1)
+PYCODE
+}
+if ! deepspeed_ok; then
+  echo "[install] deepspeed$DEEPSPEED_RANGE (pure Python, ops built on demand)"
+  DS_BUILD_OPS=0 $PIP "deepspeed$DEEPSPEED_RANGE"
 fi
 echo "[install] requirements.txt"
 $PIP -r requirements.txt

@@ -110,13 +110,21 @@ def table(rows: List[dict]) -> List[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value config overrides (all runs)")
-    p.add_argument("--config", nargs="+", default=[str(ROOT / "configs/local/demo.yml")])
+    p.add_argument("--config", nargs="+", metavar="YML", default=[str(ROOT / "configs/local/demo.yml")],
+                   help="yml files merged in order, as train.py does; each run overrides l2e-enabled=true and its "
+                        "l2e-lambda, the other L2E keys come from the files (default: configs/local/demo.yml, "
+                        "with the L2E defaults mid2, p = 2%%)")
     p.add_argument("--lambdas", default="0,0.01,0.03,0.1,0.3,1", help="comma-separated; include 0 (the baseline)")
-    p.add_argument("--out", default=str(ROOT / "runs/lambda-sweep"))
+    p.add_argument("--out", default=str(ROOT / "runs/lambda-sweep"),
+                   help="sweep folder: one run folder per lambda, sweep.json, the comparison table and plots "
+                        "(default: runs/lambda-sweep)")
     p.add_argument("--data-root", default=str(ROOT / "data/shakespeare"), help="where the default corpus is prepared")
     p.add_argument("--no-corpus", action="store_true", help="use the data paths of the configs as they are")
     p.add_argument("--tail", type=float, default=0.25, help="fraction of the last logged windows averaged")
     args = p.parse_args(argv)
+    # `--config a.yml key=value`: the nargs="+" option also takes the overrides that follow it
+    args.overrides = [c for c in args.config if "=" in c] + args.overrides
+    args.config = [c for c in args.config if "=" not in c] or p.get_default("config")
     from neox_l2e.analysis.runs import plot_runs, read_run
     from neox_l2e.config import ConfigError, parse_override
     try:

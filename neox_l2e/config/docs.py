@@ -25,6 +25,13 @@ def render() -> str:
         "in two files is an error. *used* = read by neox-l2e; *ignored* = accepted so NeoX/Pythia configs load",
         "unchanged, with no effect here (the doc says why).",
         "",
+        "`key=value` on the command line overrides a key (the value is read as YAML: numbers, lists, mappings),",
+        "also one a file spells by an alias. Every value is checked when the config loads; a bad one is one line",
+        "`error: FILE: key: ...` (FILE is `<override>` for a command-line value): numbers must be finite (no NaN",
+        "or inf), counts and intervals >= 1, `layernorm-epsilon`, `optimizer.params.eps` and sizes positive,",
+        "`weight-decay` and `gradient-clipping` >= 0, `optimizer.params.betas` two numbers in [0, 1),",
+        "`zero_optimization.stage` 0-3, `l2e-layers` a preset or a list of integer layer indices.",
+        "",
     ]
     for name, cls in SECTIONS.items():
         lines += [f"## {name}", "", (cls.__doc__ or "").strip(), "", "| key | default | effect | description |",

@@ -57,7 +57,14 @@ def read_yml(path: Union[str, Path]) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (UTF-8) file: byte {e.start} is 0x{e.object[e.start]:02x}; "
+                          "a config is a NeoX yml file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -129,6 +136,8 @@ def _check_type(value, hint, key, src):
             bad = "a number"
         else:
             value = float(value)
+            if not math.isfinite(value):
+                bad = "a finite number"
     elif hint is str:
         if not isinstance(value, str):
             bad = "a string"
@@ -260,7 +269,11 @@ class NeoXConfig:
 def resolve_layers(spec, num_layers: int) -> list:
     L = num_layers
     if isinstance(spec, (list, tuple)):
-        layers = sorted({int(i) for i in spec})
+        bad = [i for i in spec if isinstance(i, bool) or not isinstance(i, int)]
+        if bad:
+            raise ConfigError(f"l2e-layers: layer indices must be integers, got {bad[0]!r}; use mid2, mid-third, "
+                              "top-bot or a list of 0-based layer indices like [2, 3]")
+        layers = sorted(set(spec))
     elif spec == "mid2":
         layers = sorted({max(L // 2 - 1, 0), min(L // 2, L - 1)})
     elif spec == "mid-third":
@@ -276,10 +289,64 @@ def resolve_layers(spec, num_layers: int) -> list:
     return layers
 
 
+def _at_least(cfg, key, value, low, hint=""):
+    if value < low:
+        raise ConfigError(f"{cfg.source_of(key)}: {key.replace('_', '-')} must be >= {low}, got {value}{hint}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_optimizer_params(cfg, opt: dict) -> None:
+    """The NeoX optimizer block: params a mapping; lr and eps finite numbers; betas two numbers in [0, 1)."""
+    src = cfg.source_of("optimizer")
+    params = opt.get("params")
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise ConfigError(f"{src}: optimizer.params must be a mapping like {{lr: 0.0006, betas: [0.9, 0.95], "
+                          f"eps: 1.0e-8}}, got {params!r}")
+    for key in ("lr", "eps"):
+        if key in params:
+            value = params[key]
+            if isinstance(value, str):  # YAML 1.1 reads '6e-05' (no dot) as a string
+                try:
+                    value = params[key] = float(value)
+                except ValueError:
+                    pass
+            if not _number(value):
+                raise ConfigError(f"{src}: optimizer.params.{key} must be a finite number, got {params[key]!r}")
+    if "lr" in params and params["lr"] < 0:
+        raise ConfigError(f"{src}: optimizer.params.lr must be >= 0, got {params['lr']}")
+    if "eps" in params and params["eps"] <= 0:
+        raise ConfigError(f"{src}: optimizer.params.eps must be positive, got {params['eps']}")
+    if "betas" in params:
+        betas = params["betas"]
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"{src}: optimizer.params.betas must be two numbers in [0, 1) like [0.9, 0.95], "
+                              f"got {betas!r}")
+
+
 def _one_of(cfg, key, value, allowed):
     if value not in allowed:
         raise ConfigError(f"{cfg.source_of(key)}: {key.replace('_', '-')}: {value!r} is not supported; "
                           f"use one of {', '.join(map(str, allowed))}")
+
+
+def _attention_config_layers(m) -> Optional[int]:
+    """Layers attention-config covers, or None when it is unset or malformed (validate reports that)."""
+    try:
+        return sum(int(count) for _, count in m.attention_config) if m.attention_config is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _looks_swapped(m) -> bool:
+    """num-layers and num-attention-heads exchanged (as in the published pythia-12b-deduped.yml): the heads do not
+    divide the width, the layer count would, and attention-config counts as many layers as there are heads."""
+    return (m.num_layers != m.num_attention_heads and m.hidden_size % m.num_layers == 0
+            and _attention_config_layers(m) == m.num_attention_heads)
 
 
 def validate(cfg: NeoXConfig) -> None:
@@ -291,6 +358,12 @@ def validate(cfg: NeoXConfig) -> None:
         if getattr(m, key) <= 0:
             raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be positive, got {getattr(m, key)}")
     if m.hidden_size % m.num_attention_heads:
+        if _looks_swapped(m):
+            raise ConfigError(
+                f"{s('num_attention_heads')}: num-layers {m.num_layers} and num-attention-heads "
+                f"{m.num_attention_heads} look swapped: {m.num_attention_heads} heads do not divide hidden-size "
+                f"{m.hidden_size}, {m.num_layers} would, and attention-config covers {m.num_attention_heads} layers; "
+                "exchange the two values")
         raise ConfigError(f"{s('num_attention_heads')}: num-attention-heads {m.num_attention_heads} does not divide "
                           f"hidden-size {m.hidden_size}")
     if not 0.0 < m.rotary_pct <= 1.0:
@@ -328,12 +401,24 @@ def validate(cfg: NeoXConfig) -> None:
     for key in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, key) < 1.0:
             raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be in [0, 1)")
+    if m.intermediate_size is not None and m.intermediate_size < 1:
+        raise ConfigError(f"{s('intermediate_size')}: intermediate-size must be positive, got {m.intermediate_size} "
+                          "(or leave it unset for 4 x hidden-size)")
+    _at_least(cfg, "make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1)
+    for key in ("layernorm_epsilon", "init_method_std", "rotary_emb_base"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be positive, got {getattr(m, key)}")
 
     o = cfg.optimizer
     opt = o.optimizer or {}
     _one_of(cfg, "optimizer", str(opt.get("type", "Adam")).lower(), ["adam", "adamw"])
+    _check_optimizer_params(cfg, opt)
     if o.lr is None and "lr" not in (opt.get("params") or {}):
         raise ConfigError(f"{s('optimizer')}: no learning rate: set optimizer.params.lr or lr")
+    for key in ("weight_decay", "gradient_clipping"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be >= 0, got {getattr(o, key)}"
+                              + (" (0 = no clipping)" if key == "gradient_clipping" else ""))
     _one_of(cfg, "lr_decay_style", o.lr_decay_style, ["cosine", "linear", "constant"])
     if not 0.0 <= o.warmup < 1.0:
         raise ConfigError(f"{s('warmup')}: warmup is a fraction of lr-decay-iters in [0, 1), got {o.warmup}")
@@ -349,6 +434,12 @@ def validate(cfg: NeoXConfig) -> None:
             raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be >= 1")
     if t.keep_last_n_checkpoints is not None and t.keep_last_n_checkpoints < 1:
         raise ConfigError(f"{s('keep_last_n_checkpoints')}: keep-last-n-checkpoints must be >= 1")
+    if t.checkpoint_factor is not None:
+        _at_least(cfg, "checkpoint_factor", t.checkpoint_factor, 1, " (or leave it unset: no periodic saves)")
+    _at_least(cfg, "dist_timeout_s", t.dist_timeout_s, 1)
+    _at_least(cfg, "max_bad_steps", t.max_bad_steps, 1)
+    _at_least(cfg, "log_interval", cfg.logging.log_interval, 1)
+    _at_least(cfg, "steps_per_print", cfg.logging.steps_per_print, 1)
 
     p = cfg.parallel
     if p.pipe_parallel_size not in (0, 1):
@@ -362,6 +453,10 @@ def validate(cfg: NeoXConfig) -> None:
                           f"num-attention-heads {m.num_attention_heads}")
     if cfg.ffn_size % tp:
         raise ConfigError(f"{s('model_parallel_size')}: model-parallel-size {tp} does not divide the MLP width {cfg.ffn_size}")
+    raw_stage = (p.zero_optimization or {}).get("stage", 0)
+    if isinstance(raw_stage, bool) or not isinstance(raw_stage, (int, float, str)) \
+            or not str(raw_stage).strip().lstrip("+-").isdigit():
+        raise ConfigError(f"{s('zero_optimization')}: zero_optimization.stage must be 0, 1, 2 or 3, got {raw_stage!r}")
     stage = cfg.zero_stage
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{s('zero_optimization')}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
@@ -443,10 +538,78 @@ def load_config(paths: Union[str, Path, Iterable[Union[str, Path]]],
     if isinstance(paths, (str, Path)):
         paths = [paths]
     values, sources = merge_files(list(paths))
-    for k, v in (overrides or {}).items():
-        values[canon(k)] = v
-        sources[canon(k)] = OVERRIDE
+    apply_overrides(values, sources, overrides or {})
     return build_config(values, sources)
+
+
+def apply_overrides(values: dict, sources: dict, overrides: Mapping[str, Any]) -> None:
+    """Put command-line overrides into merged values (in place). A key replaces the files' key, also one spelled
+    by an alias (gas); a dotted key (zero_optimization.stage, optimizer.params.lr) sets one entry of a mapping
+    key, keeping the mapping's other entries (from the files, else the key's default)."""
+    index = field_index()
+    for k, v in overrides.items():
+        k = canon(k)
+        head, _, rest = k.partition(".")
+        if head in index:   # an override replaces the file's key also when the file spells it by an alias (gas)
+            for other in [o for o in values if o != head and index.get(o) == index[head]]:
+                values[head] = values.pop(other)
+                sources.pop(other, None)
+        if rest:
+            v = _set_nested(head, values.get(head, _default_of(head, index)), rest.split("."), v)
+        values[head] = v
+        sources[head] = OVERRIDE
+
+
+def _default_of(key: str, index: dict):
+    if key not in index:
+        return None
+    section, name = index[key]
+    f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _set_nested(head: str, base, path: list, value):
+    """A deep copy of the mapping ``base`` with base[path[0]][path[1]]... = value (mappings made as needed)."""
+    import copy
+    if base is None:
+        base = {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{OVERRIDE}: {head.replace('_', '-')}.{'.'.join(path)}: {head.replace('_', '-')} is "
+                          f"not a mapping (it is {base!r}); a dotted key sets an entry of a mapping key")
+    out = node = copy.deepcopy(base)
+    for i, part in enumerate(path):
+        if not part:
+            raise ConfigError(f"{OVERRIDE}: {head}.{'.'.join(path)}: empty name in the dotted key")
+        if i == len(path) - 1:
+            node[part] = value
+        else:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{OVERRIDE}: {head}.{'.'.join(path)}: {head}.{'.'.join(path[:i + 1])} is not a "
+                                  f"mapping (it is {nxt!r})")
+            node = nxt
+    return out
+
+
+def flag_hint(args: Iterable[str]) -> Optional[str]:
+    """A one-line hint when a config key was given as a command-line flag (--train-iters 5), else None."""
+    args = list(args)
+    index = field_index()
+    for i, a in enumerate(args):
+        if not a.startswith("--") or len(a) < 3:
+            continue
+        name, eq, value = a[2:].partition("=")
+        if canon(name).partition(".")[0] not in index:
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "VALUE"
+        key = name.replace("_", "-")
+        return f"{a}: config keys are not flags; give them as key=value after the config files: {key}={value}"
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

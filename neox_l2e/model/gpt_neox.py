@@ -12,8 +12,7 @@ names follow Hugging Face GPTNeoX so checkpoints convert by name.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -80,8 +79,10 @@ class Layer(nn.Module):
         return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """The forward's result. A tuple, so that DeepSpeed finds its tensors: the engine registers its backward
+    hooks (the backward prologue: wall-clock timers, ZeRO's backward bookkeeping) on the tensors of a
+    tuple, list or dict output, and on none of a plain object's."""
     logits: torch.Tensor                  # [b, s, V/tp] (this rank's vocab slice)
     l2e_loss: Optional[torch.Tensor]      # mean L_MS over the layers that selected (None when none is active)
 

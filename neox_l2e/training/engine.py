@@ -163,3 +163,17 @@ def build_engine(cfg: NeoXConfig, model: torch.nn.Module, ps: ParallelState):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ps.dp),
                                            dist_init_required=False, **kwargs)
     return engine, optimizer
+
+
+# DeepSpeed's global wall-clock timers (wall-clock-breakdown: true) under GPT-NeoX's timer names
+WALL_CLOCK_TIMERS = {"fwd": "forward", "bwd": "backward", "bwd_inner": "backward-backward",
+                     "bwd_allreduce": "backward-allreduce", "step": "optimizer"}
+
+
+def wall_clock_timings(engine) -> dict:
+    """The last optimizer step's wall-clock breakdown in ms ({"timers/forward": ..., ...}; forward and backward
+    summed over its micro-batches), read from DeepSpeed's timers; empty unless wall-clock-breakdown is on."""
+    if not engine.wall_clock_breakdown():
+        return {}
+    cache = engine.get_wall_clock_timers() or {}
+    return {f"timers/{neox}": float(cache[ds]) for ds, neox in WALL_CLOCK_TIMERS.items() if ds in cache}

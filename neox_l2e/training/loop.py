@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, NeoXConfig
 from . import checkpoint as ckpt
-from .engine import build_engine, setup_distributed
+from .engine import build_engine, setup_distributed, wall_clock_timings
 from .faults import InterruptFlag, TrainingError, nan_steps_from_env, skipped_update
 from .monitor import Monitor, fmt_count
 from .schedule import AnnealingLR
@@ -411,6 +411,7 @@ class Trainer:
             m["l2e_loss"] = float(np.mean(window["l2e"]))
         if window["gn"] and self.cfg.logging.log_grad_norm:
             m["grad_norm"] = float(np.mean(window["gn"]))
+        m.update(wall_clock_timings(self.engine))       # wall-clock-breakdown: the last step's timers
         if self.cfg.precision_name == "fp16":
             m["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
         if self.cfg.logging.log_param_norm:

@@ -1,7 +1,11 @@
-"""Run logging on rank 0: header lines, a tqdm progress bar, metrics.jsonl, TensorBoard, optional W&B.
+"""Run logging on rank 0: the resolved config, header lines, a tqdm progress bar, metrics.jsonl, TensorBoard,
+optional W&B.
 
-metrics.jsonl holds one JSON object per line: {"kind": "train"|"valid"|"run", "iteration": N, ...};
-L2E metrics appear as "l2e/layer{i}/{key}" (the same keys go to TensorBoard and W&B).
+The resolved config goes to <log-dir>/config.yml and to TensorBoard as text ("config"); the keys the files and
+overrides set are printed once at the start. metrics.jsonl holds one strict-JSON object per line:
+{"kind": "train"|"valid"|"run", "iteration": N, ...}; a NaN / inf value is written as null and named in
+"nonfinite" ({"lm_loss": "nan"}). L2E metrics appear as "l2e/layer{i}/{key}". TensorBoard and W&B get GPT-NeoX's
+tag names where NeoX has one (``tag``: train/lm_loss, train/learning_rate, validation/lm_loss, ...).
 """
 from __future__ import annotations
 
@@ -30,6 +34,67 @@ def fmt_time(s: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
 
 
+# metrics.jsonl key -> TensorBoard / W&B tag, per record kind: GPT-NeoX's names where it logs the same quantity
+NEOX_TAGS = {
+    "train": {"lm_loss": "train/lm_loss", "lr": "train/learning_rate", "loss_scale": "train/loss_scale",
+              "step_time_s": "runtime/iteration_time", "tokens_per_s": "runtime/tokens_per_sec"},
+    "valid": {"lm_loss": "validation/lm_loss", "ppl": "validation/lm_loss_ppl"},
+}
+KIND_PREFIX = {"valid": "validation"}
+
+
+def tag(kind: str, key: str) -> str:
+    """The TensorBoard / W&B tag of a metrics.jsonl key: NeoX's name (NEOX_TAGS), a key that already has a
+    group (l2e/..., timers/...) as it is, else "<kind>/<key>" (validation/ for valid)."""
+    if key in NEOX_TAGS.get(kind, {}):
+        return NEOX_TAGS[kind][key]
+    if "/" in key:
+        return key
+    return f"{KIND_PREFIX.get(kind, kind)}/{key}"
+
+
+def strict_json_record(rec: dict) -> dict:
+    """rec with NaN / inf numbers replaced by null and listed under "nonfinite" (key -> "nan" / "inf" / "-inf"),
+    so the line is strict JSON (no NaN / Infinity literals)."""
+    out, bad = {}, {}
+    for k, v in rec.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            bad[k] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+            v = None
+        out[k] = v
+    if bad:
+        out["nonfinite"] = bad
+    return out
+
+
+def _value(v) -> str:
+    """A config value as a yml reader writes it (true, null, [0.9, 0.95], {"stage": 1}); strings bare."""
+    return v if isinstance(v, str) else json.dumps(v, default=str)
+
+
+def config_lines(cfg, config_file: Optional[Path]) -> list:
+    """The keys the config files and overrides set, by section, one aligned "key  value  (source)" line each."""
+    import dataclasses
+    from ..config.schema import SECTIONS
+    where = (f"every key, defaults included, in {config_file}" if config_file
+             else "the whole config is not written: no log-dir or save is set")
+    lines = [f"config (keys set by the files and overrides; {where}):"]
+    rows = []
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            if f.name in cfg.sources:
+                rows.append((section, f.name.replace("_", "-"), _value(getattr(obj, f.name)), cfg.sources[f.name]))
+    width = max((len(r[1]) for r in rows), default=0)
+    last = None
+    for section, key, value, source in rows:
+        if section != last:
+            lines.append(f"  [{section}]")
+            last = section
+        lines.append(f"    {key.ljust(width)}  {value}  ({source})")
+    return lines
+
+
 class Monitor:
     """Everything the user sees. Only the main rank writes; other ranks get a silent instance."""
 
@@ -44,15 +109,20 @@ class Monitor:
         self._wandb = None
         self._bar = None
         self.total, self.start = total_iters, start_iter
+        self.config_file: Optional[Path] = None
         if not enabled:
             return
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.config_file = self.log_dir / "config.yml"
+            self.config_file.write_text(cfg.to_yaml())
             self._jsonl = open(self.log_dir / "metrics.jsonl", "a", buffering=1)
             tb_dir = cfg.logging.tensorboard_dir or str(self.log_dir / "tensorboard")
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(tb_dir)
+                # markdown: a 4-space indent keeps the yml a code block
+                self._tb.add_text("config", "\n".join("    " + line for line in cfg.to_yaml().splitlines()), start_iter)
             except ImportError:        # tensorboard not installed: metrics.jsonl still has everything
                 self._tb = None
         if cfg.logging.use_wandb:
@@ -78,7 +148,10 @@ class Monitor:
             print(line, file=self.stream, flush=True)
 
     def header(self, lines: list) -> None:
-        for line in lines:
+        """The config (once, at the start) and then the run's header lines."""
+        if not self.enabled:
+            return
+        for line in config_lines(self.cfg, self.config_file) + lines:
             self.print(line)
 
     # ---------------------------------------------------------------- progress bar
@@ -108,8 +181,8 @@ class Monitor:
         rec.update({k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
                     for k, v in metrics.items()})
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(rec, default=str) + "\n")
-        scalars = {f"{kind}/{k}" if not k.startswith("l2e/") else k: v for k, v in metrics.items()
+            self._jsonl.write(json.dumps(strict_json_record(rec), default=str, allow_nan=False) + "\n")
+        scalars = {tag(kind, k): v for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
         if self._tb is not None:
             for k, v in scalars.items():

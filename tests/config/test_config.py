@@ -1,5 +1,6 @@
 """Config loading: the real Pythia files, merging rules, error messages, generated docs."""
 import difflib
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from neox_l2e.model import GPTNeoX
 from neox_l2e.parallel import ParallelState
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data" / "pythia-configs"
+SHARED = Path(os.environ.get("NEOX_L2E_PYTHIA_CONFIGS", ROOT.parent / "shared" / "data" / "pythia-configs"))
 
 # Parameter counts of the published Hugging Face Pythia checkpoints (vocab padded to 128 x TP).
 PUBLISHED = {
@@ -64,8 +65,8 @@ def test_real_pythia_training_configs(name):
             load_config(path)
         return
     if name == "pythia-12b-deduped.yml":  # published with layers and heads swapped: 36 heads cannot split 5120
-        with pytest.raises(ConfigError, match=r"pythia-12b-deduped\.yml: num-attention-heads 36 does not divide "
-                                              r"hidden-size 5120"):
+        with pytest.raises(ConfigError, match=r"pythia-12b-deduped\.yml: num-layers 40 and num-attention-heads 36 "
+                                              r"look swapped: 36 heads do not divide hidden-size 5120, 40 would"):
             load_config(path, overrides={"vocab_size": 50277})
         return
     cfg = load_config(path, overrides={"vocab_size": 50277})
@@ -183,10 +184,14 @@ def test_every_field_documented():
             assert f.metadata["effect"] in ("used", "ignored")
 
 
-@pytest.mark.parametrize("grid", sorted(p.name for p in (ROOT / "configs" / "l2e").glob("*.yml")))
+GRIDS = sorted(p.name for p in (ROOT / "configs" / "l2e").glob("*.yml"))
+
+
+@pytest.mark.parametrize("grid", GRIDS)
 def test_l2e_grid_adds_to_every_pythia_config(grid):
     for size in ("70m", "410m", "2.8b"):
-        cfg = load_config([ROOT / "configs" / "pythia" / f"pythia-{size}.yml", ROOT / "configs" / "l2e" / grid])
+        cfg = load_config([ROOT / "configs" / "pythia" / f"pythia-{size}.yml", ROOT / "configs" / "l2e" / grid],
+                          {"train-iters": 14300})         # the paper's 10% runs, as the grid files' headers say
         assert cfg.training.train_iters == 14300 and cfg.optimizer.lr_decay_iters == 143000
         if grid == "baseline.yml":
             assert not cfg.l2e_active
@@ -198,3 +203,167 @@ def test_l2e_grid_adds_to_every_pythia_config(grid):
     for name, layers in expect.items():
         if name in grid and not (name == "mid2" and "mid-third" in grid):
             assert cfg.inhibited_layers() == layers, (grid, L)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_l2e_grid_files_hold_only_l2e_keys(grid):
+    """A grid file is the experiment only, so it adds to any model config without a key set twice."""
+    from neox_l2e.config.loader import canon, field_index
+    index = field_index()
+    keys = yaml.safe_load((ROOT / "configs" / "l2e" / grid).read_text())
+    assert keys and {index[canon(k)][0] for k in keys} == {"l2e"}, keys
+
+
+@pytest.mark.parametrize("base", [ROOT / "configs" / "local" / "demo.yml", ROOT / "configs" / "pythia" / "pythia-70m.yml",
+                                  SHARED / "pythia-70m.yml", SHARED / "pythia-410m-deduped.yml"],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_l2e_grid_combines_with_the_configs_users_run(base):
+    """`train.py configs/local/demo.yml configs/l2e/l2e-1pct-mid2.yml` and the published Pythia ymls plus a grid
+    file (which set train-iters themselves) load; a train-iters override stops early."""
+    if not base.is_file():
+        pytest.skip(f"{base} is absent")
+    for grid in GRIDS:
+        cfg = load_config([base, ROOT / "configs" / "l2e" / grid], {"vocab-size": 50277})
+        assert cfg.l2e_active == (grid != "baseline.yml")
+        assert cfg.training.train_iters == load_config(base, {"vocab-size": 50277}).training.train_iters
+    cfg = load_config([base, ROOT / "configs" / "l2e" / "l2e-1pct-mid2.yml"], {"train-iters": 30})
+    assert cfg.training.train_iters == 30 and cfg.l2e.l2e_ratio == 0.01
+
+
+def _numbers(value, path=""):
+    """(path, value) of every leaf of a plain-YAML config that is meant as a number but may load as a string."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yml")))
+def test_configs_load_as_numbers_in_plain_pyyaml(path):
+    """GPT-NeoX reads configs with PyYAML (YAML 1.1), where 1e-08 (no dot) is a string: every value that looks
+    like a number must load as one, so the files also work in upstream NeoX."""
+    import re
+    data = yaml.safe_load((ROOT / path).read_text())
+    number = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    strings = [(k, v) for k, v in _numbers(data) if isinstance(v, str) and number.match(v.strip())]
+    assert not strings, f"{path}: loads as strings in PyYAML: {strings}; write 1.0e-8 style"
+
+
+ADAM = {"type": "Adam", "params": {"lr": 0.001, "betas": [0.9, 0.95], "eps": 1.0e-8}}
+
+
+@pytest.mark.parametrize("extra, message", [
+    # values that raised a traceback (ValueError, ZeroDivisionError) or crashed later in training
+    ({"l2e-layers": ["a"]}, r"l2e-layers: layer indices must be integers, got 'a'"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": "abc"}}}, r"optimizer\.params\.lr must be a finite number, got 'abc'"),
+    ({"optimizer": {**ADAM, "params": {**ADAM["params"], "betas": "abc"}}},
+     r"optimizer\.params\.betas must be two numbers in \[0, 1\)"),
+    ({"optimizer": {**ADAM, "params": {**ADAM["params"], "eps": -1.0}}}, r"optimizer\.params\.eps must be positive"),
+    ({"optimizer": {"type": "Adam", "params": "fast"}}, r"optimizer\.params must be a mapping"),
+    ({"zero_optimization": {"stage": "two"}}, r"zero_optimization\.stage must be 0, 1, 2 or 3, got 'two'"),
+    ({"make-vocab-size-divisible-by": 0}, r"make-vocab-size-divisible-by must be >= 1, got 0"),
+    ({"intermediate-size": -4}, r"intermediate-size must be positive, got -4"),
+    ({"log-interval": 0}, r"log-interval must be >= 1, got 0"),
+    ({"steps_per_print": 0}, r"steps-per-print must be >= 1, got 0"),
+    # values accepted before that must be refused
+    ({"layernorm-epsilon": 0.0}, r"layernorm-epsilon must be positive, got 0\.0"),
+    ({"layernorm-epsilon": -1.0e-5}, r"layernorm-epsilon must be positive"),
+    ({"l2e-lambda": float("nan")}, r"l2e-lambda: expected a finite number, got nan"),
+    ({"l2e-lambda": float("inf")}, r"l2e-lambda: expected a finite number, got inf"),
+    ({"lr": float("nan")}, r"lr: expected a finite number, got nan"),
+    ({"lr": "inf"}, r"lr: expected a finite number"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": float("inf")}}}, r"optimizer\.params\.lr must be a finite number"),
+    ({"checkpoint-factor": 0}, r"checkpoint-factor must be >= 1, got 0"),
+    ({"checkpoint-factor": -5}, r"checkpoint-factor must be >= 1, got -5"),
+    ({"gradient-clipping": -1.0}, r"gradient-clipping must be >= 0, got -1\.0"),
+    ({"weight-decay": -0.1}, r"weight-decay must be >= 0, got -0\.1"),
+    ({"l2e-layers": [1.5]}, r"l2e-layers: layer indices must be integers, got 1\.5"),
+    ({"l2e-layers": [True]}, r"l2e-layers: layer indices must be integers, got True"),
+    ({"dist-timeout-s": 0}, r"dist-timeout-s must be >= 1, got 0"),
+    ({"dist-timeout-s": -30}, r"dist-timeout-s must be >= 1, got -30"),
+])
+def test_bad_values_are_one_line_naming_file_and_key(tmp_path, extra, message):
+    a = tmp_path / "a.yml"
+    a.write_text(yaml.safe_dump({**BASE_KEYS, **extra}))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(a)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"{a}: ")
+
+
+def test_bad_values_as_command_line_overrides(tmp_path):
+    """The same checks for key=value overrides (train.py / deepy.py): the error names the key."""
+    from neox_l2e.config import parse_override
+    a = write(tmp_path, "a.yml", BASE)
+    for text, message in [("l2e-layers=[a]", r"l2e-layers: layer indices must be integers"),
+                          ("optimizer={type: Adam, params: {lr: abc}}", r"optimizer\.params\.lr must be a finite"),
+                          ("zero-optimization={stage: two}", r"zero_optimization\.stage must be 0, 1, 2 or 3"),
+                          ("log-interval=0", r"log-interval must be >= 1"), ("l2e-lambda=.nan", r"l2e-lambda: expected a finite")]:
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config(a, dict([parse_override(text)]))
+        assert "\n" not in str(err.value) and str(err.value).startswith("<override>: ")
+
+
+def test_binary_garbage_yml_is_one_line(tmp_path):
+    a = tmp_path / "a.yml"
+    a.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match=r"a\.yml: not a text \(UTF-8\) file: byte 0 is 0x89") as err:
+        load_config(a)
+    assert "\n" not in str(err.value)
+
+
+def test_dotted_overrides_set_one_entry_of_a_mapping(tmp_path):
+    from neox_l2e.config import parse_override
+    pythia = ROOT / "configs" / "pythia" / "pythia-70m.yml"
+    overrides = dict(parse_override(t) for t in ("zero_optimization.stage=2", "optimizer.params.lr=0.002",
+                                                 "fp16.enabled=false", "precision=fp32"))
+    cfg = load_config(pythia, overrides)
+    zero = cfg.parallel.zero_optimization
+    assert zero["stage"] == 2 and zero["reduce_bucket_size"] == 500000000 and cfg.zero_stage == 2
+    assert cfg.lr == 0.002 and cfg.optimizer.optimizer["params"]["betas"] == [0.9, 0.95]
+    assert cfg.precision.fp16["enabled"] is False and cfg.precision.fp16["loss_scale_window"] == 1000
+    # a mapping key no file sets starts from its default; the files are not modified
+    cfg = load_config(write(tmp_path, "base.yml", BASE), dict([parse_override("zero-optimization.stage=1")]))
+    assert cfg.parallel.zero_optimization == {"stage": 1}
+    assert load_config(pythia).parallel.zero_optimization["stage"] == 1
+    with pytest.raises(ConfigError, match=r"<override>: seed\.x: seed is not a mapping"):
+        load_config(pythia, dict([parse_override("seed.x=1")]))
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage must be 0, 1, 2 or 3, got 'two'"):
+        load_config(pythia, dict([parse_override("zero_optimization.stage=two")]))
+
+
+def test_override_replaces_a_key_given_by_its_alias():
+    """pythia-12b.yml spells gas as gradient_accumulation_steps: gas=2 replaces it (no 'both set' error)."""
+    cfg = load_config(ROOT / "configs" / "pythia" / "pythia-12b.yml", {"gas": 2})
+    assert cfg.training.gradient_accumulation_steps == 2 and cfg.source_of("gradient_accumulation_steps") == "<override>"
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["a.yml", "--train-iters", "5"], "--train-iters: config keys are not flags; give them as key=value after the "
+                                      "config files: train-iters=5"),
+    (["a.yml", "--train_iters=5"], "train-iters=5"),
+    (["a.yml", "--zero_optimization.stage", "1"], "zero-optimization.stage=1"),
+    (["a.yml", "--l2e-ratio"], "l2e-ratio=VALUE"),
+])
+def test_flag_hint(argv, hint):
+    from neox_l2e.config.loader import flag_hint
+    assert hint in flag_hint(argv)
+    assert flag_hint(["a.yml", "--not-a-key", "5", "train-iters=5"]) is None
+
+
+def test_train_and_deepy_print_the_hint(capsys):
+    import importlib.util
+    for script in ("train.py", "deepy.py"):
+        spec = importlib.util.spec_from_file_location(script[:-3] + "_cli", ROOT / script)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        argv = ["configs/local/tiny.yml", "--train-iters", "5"] if script == "train.py" else \
+            ["--dry-run", "train.py", "configs/local/tiny.yml", "--train-iters", "5"]
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(argv)
+        assert e.value.code == 2
+        assert "error: --train-iters: config keys are not flags; give them as key=value after the config files: " \
+               "train-iters=5" in capsys.readouterr().err
