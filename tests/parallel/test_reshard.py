@@ -4,7 +4,7 @@ import torch
 
 from neox_l2e.model import GPTNeoX
 from neox_l2e.parallel import ParallelState
-from neox_l2e.parallel.reshard import merge_tp_states, partition_dims, split_tp_state
+from neox_l2e.checkpoint.tp_states import merge_tp_states, partition_dims, split_tp_state
 from tp_common import random_full_state, tiny_cfg
 
 
@@ -114,7 +114,7 @@ def _adam_after_one_step(cfg, full, grads, ps):
 
 def test_zero0_optimizer_state_is_resharded(tmp_path):
     """ZeRO 0 (fp32): the torch AdamW state inside the model states follows the parameters to the new TP degree."""
-    from neox_l2e.parallel.reshard_checkpoint import reshard_checkpoint
+    from neox_l2e.checkpoint.reshard import reshard_checkpoint
     cfg = tiny_cfg(model_parallel_size=2)
     full = random_full_state(cfg)
     gen = torch.Generator().manual_seed(3)
