@@ -190,13 +190,18 @@ def commit_folder(save_dir: Path, tmp: Path, tag: str) -> None:
 
 
 def nonfinite_tensors(module) -> list:
-    """Names of the parameters / floating buffers of module holding NaN or inf (this rank's shard under ZeRO-3)."""
+    """Names of the parameters of module holding NaN or inf, and of its floating buffers holding NaN (the L2E
+    threshold is +inf until initialised); this rank's shard under ZeRO-3."""
     bad = []
     with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            t = getattr(t, "ds_tensor", None) if getattr(t, "ds_tensor", None) is not None else t
-            if torch.is_tensor(t) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-                bad.append(name)
+        for kind, named in (("param", module.named_parameters()), ("buffer", module.named_buffers())):
+            for name, t in named:
+                t = getattr(t, "ds_tensor", None) if getattr(t, "ds_tensor", None) is not None else t
+                if not (torch.is_tensor(t) and t.is_floating_point() and t.numel()):
+                    continue
+                ok = torch.isfinite(t).all() if kind == "param" else ~torch.isnan(t).any()
+                if not bool(ok):
+                    bad.append(name)
     return bad
 
 

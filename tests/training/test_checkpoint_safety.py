@@ -332,3 +332,17 @@ def test_parallel_is_a_leaf_and_errors_share_one_base():
     for cls in (AnalysisError, ReshardError, ConfigError, DataError, InteropError, LaunchError, CE, TrainingError):
         assert issubclass(cls, NeoXL2EError), cls
     assert not issubclass(LaunchError, ConfigError) and issubclass(ReshardError, CE)
+
+
+def test_nonfinite_check_allows_an_uninitialised_l2e_threshold():
+    from neox_l2e.checkpoint import nonfinite_tensors
+    from neox_l2e.model import GPTNeoX
+    from train_common import tiny_cfg
+    model = GPTNeoX(tiny_cfg(l2e_enabled=True))
+    taus = [k for k, v in model.named_buffers() if k.endswith(".tau")]
+    assert taus and all(torch.isinf(dict(model.named_buffers())[k]) for k in taus)     # +inf until initialised
+    assert nonfinite_tensors(model) == []
+    with torch.no_grad():
+        dict(model.named_buffers())[taus[0]].fill_(float("nan"))
+        model.gpt_neox.embed_in.weight[0, 0] = float("inf")
+    assert nonfinite_tensors(model) == ["gpt_neox.embed_in.weight", taus[0]]
