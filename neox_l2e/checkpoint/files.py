@@ -237,14 +237,27 @@ def _hash_file(path: Path, sync: bool = False) -> tuple:
     return size, h.hexdigest()
 
 
-def write_manifest(folder) -> dict:
-    """Hash every file of a checkpoint folder (fsyncing each) and write folder/manifest.json atomically."""
+def manifest_names(folder) -> List[str]:
+    """The files of a checkpoint folder the manifest lists: all but itself and hidden files, sorted."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+
+
+def hash_entries(folder, names: Iterable[str]) -> dict:
+    """{name: {"size", "sha256"}} of some files of folder, fsyncing each (so the manifest vouches for data on
+    disk)."""
+    out = {}
+    for name in names:
+        size, digest = _hash_file(Path(folder) / name, sync=True)
+        out[name] = {"size": size, "sha256": digest}
+    return out
+
+
+def write_manifest(folder, entries: Optional[dict] = None) -> dict:
+    """Write folder/manifest.json atomically from ``entries`` (hash_entries of every file, e.g. computed by
+    several ranks), or hash every file here."""
     folder = Path(folder)
-    files = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
-            size, digest = _hash_file(p, sync=True)
-            files[p.name] = {"size": size, "sha256": digest}
+    files = dict(entries) if entries is not None else hash_entries(folder, manifest_names(folder))
     manifest = {"manifest_version": MANIFEST_VERSION, "algorithm": "sha256", "files": files}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest

@@ -15,9 +15,9 @@ Layout (docs/checkpoints.md is the contract):
         rng_state_rank{R:05d}.pt              python / numpy / torch (/ cuda) RNG of global rank R
         manifest.json                         size and sha256 of every other file of the folder
 
-A save writes into ``save_dir/.tmp-global_step{N}``; when every rank has finished, rank 0 writes the manifest,
-renames the folder to ``global_step{N}`` and only then moves ``latest``. A save killed at any point leaves the
-previous checkpoint, and ``latest``, untouched.
+A save writes into ``save_dir/.tmp-global_step{N}``; when every rank has finished, the ranks hash the files (a
+share each), rank 0 writes the manifest, renames the folder to ``global_step{N}`` and only then moves
+``latest``. A save killed at any point leaves the previous checkpoint, and ``latest``, untouched.
 
 Readers (no DeepSpeed, no process group): ``latest_tag``, ``list_tags``, ``read_model_states``;
 writer for importers: ``write_weights_checkpoint`` (a weights-only checkpoint that train.py loads
@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .files import (FORMAT_VERSION, TMP_PREFIX, latest_tag, list_tags, model_states_name, read_latest, rng_name,
-                    step_of, tag_for, torch_load, verify_manifest, write_latest, write_manifest)
+from .files import (FORMAT_VERSION, TMP_PREFIX, hash_entries, latest_tag, list_tags, manifest_names,
+                    model_states_name, read_latest, rng_name, step_of, tag_for, torch_load, verify_manifest,
+                    write_latest, write_manifest)
 from .layout import check_resume_config, check_resume_layout, saved_meta
 from .lock import SaveLock
 
@@ -163,6 +164,19 @@ def _raise_together(err: Optional[CheckpointError], ps, what: str) -> None:
         raise CheckpointError(f"{what}: another rank refused it (its error names the file)")
 
 
+def _gather_dicts(part: dict, ps) -> dict:
+    """The union of every rank's dict (all_gather_object when several ranks run)."""
+    import torch.distributed as dist
+    if ps is None or getattr(ps, "world_size", 1) <= 1 or not dist.is_initialized():
+        return dict(part)
+    parts = [None] * ps.world_size
+    dist.all_gather_object(parts, part)
+    out = {}
+    for p in parts:
+        out.update(p)
+    return out
+
+
 def acquire_save_lock(save_dir, ps=None) -> Optional[SaveLock]:
     """Rank 0 takes save_dir's lock (lock.py); every rank raises the same one-line error when it is held."""
     lock, err = None, None
@@ -243,12 +257,15 @@ def save_checkpoint(engine, save_dir, iteration: int, client_state: dict, ps,
             sd["module"] = full
             torch.save(sd, d / tmp_tag / model_states_name(0))
     ps.barrier()
+    # every rank hashes a share of the files; rank 0 writes the manifest
+    names = manifest_names(d / tmp_tag)
+    entries = _gather_dicts(hash_entries(d / tmp_tag, names[ps.rank::ps.world_size]), ps)
     kill_at = os.environ.get(KILL_IN_SAVE_ENV)
     if kill_at is not None and int(kill_at) == int(iteration):
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
     if ps.is_main:
-        write_manifest(d / tmp_tag)
+        write_manifest(d / tmp_tag, entries)
         commit_folder(d, d / tmp_tag, tag)
         write_latest(d, tag)
         if keep_last_n:

@@ -79,9 +79,9 @@ def test_train_py_load_refuses_a_crafted_checkpoint(tmp_path):
     ck, _ = _weights_ckpt(tmp_path / "ck")
     marker = tmp_path / "pwned"
     _plant(ck / "global_step2" / "mp_rank_00_model_states.pt", marker)
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "training" / "run_synthetic.py"), f"load={ck}",
-                        "train-iters=3"], capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
-                       timeout=300)
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "configs/local/tiny.yml"), f"load={ck}",
+                        "train-iters=3"], capture_output=True, text=True, env=clean_env(NEOX_L2E_DS_SHM="0"),
+                       cwd=tmp_path, timeout=300)
     lines = [l for l in r.stderr.splitlines() if l.strip() and "[WARNING]" not in l and not l.startswith("note:")]
     assert r.returncode == 2 and len(lines) == 1 and "refused" in lines[0], r.stderr
     assert not marker.exists()

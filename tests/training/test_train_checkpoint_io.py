@@ -59,6 +59,10 @@ def test_tp2_checkpoint_has_one_model_file_per_tp_rank(tmp_path):
     assert states[0][qkv].shape[0] * 2 == 3 * 32 and not torch.equal(states[0][qkv], states[1][qkv])
     ln = "gpt_neox.layers.0.input_layernorm.weight"
     assert torch.equal(states[0][ln], states[1][ln])
+    # the manifest (hashed by both ranks) lists every file of the folder, and they match it
+    from neox_l2e.checkpoint import verify_manifest
+    files = sorted(p.name for p in (save / "global_step3").iterdir() if p.name != "manifest.json")
+    assert len(files) == 6 and verify_manifest(save / "global_step3") == files
     # train.py resuming it as TP=1 (one process) without resharding: one line, exit 2, before any model is built
     import subprocess
     import sys
