@@ -67,8 +67,9 @@ def check_resume_layout(load_dir, tag: str, tp: int, dp: int, zero_stage: int, l
     saved_tp, saved_dp, saved_stage = (meta or saved_meta(folder))[:3]
     if not weights_only and saved_tp == tp and saved_stage is not None and saved_stage != zero_stage:
         if zero_stage == 3:
-            raise CheckpointError(f"{folder}: saved with ZeRO-{saved_stage}, this run uses ZeRO-3, which cannot load "
-                                  f"it; resume with ZeRO-{saved_stage}, or take only the weights with finetune: true")
+            raise CheckpointError(f"{folder}: saved with ZeRO-{saved_stage}, this run uses ZeRO-3, which cannot "
+                                  f"load it; resume with ZeRO-{saved_stage}, or take only the weights with "
+                                  "finetune: true")
         if load_optimizer and not _same_optimizer_format(saved_stage, zero_stage):
             raise CheckpointError(f"{folder}: saved with ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}; DeepSpeed "
                                   f"cannot load a ZeRO-{saved_stage} optimizer state into ZeRO-{zero_stage}: resume "
