@@ -288,17 +288,12 @@ def verify_manifest(folder, names: Optional[Iterable[str]] = None, verify: bool 
     names checked."""
     folder = Path(folder)
     files = read_manifest(folder)
-    if names is not None:
-        names = [n for n in names if _decided_key(folder / n) not in _DECIDED]
-        if not names:
-            return []
     if files is None:
         if log:
             log(f"note: {folder} has no {MANIFEST} (written by an older version): its files are not verified")
         return []
     wanted = sorted(files) if names is None else sorted(set(names))
     if not verify:
-        _DECIDED.update(_decided_key(folder / n) for n in wanted)
         if log:
             size = sum(files[n]["size"] for n in wanted if n in files)
             log(f"note: checkpoint-verify is off: not checking size and sha256 of {len(wanted)} file(s) "
@@ -320,17 +315,4 @@ def verify_manifest(folder, names: Optional[Iterable[str]] = None, verify: bool 
         if _hash_file(p)[1] != want["sha256"]:
             raise CheckpointError(f"{p}: corrupted: sha256 differs from {MANIFEST}; resume from an earlier "
                                   "checkpoint")
-        _DECIDED.add(_decided_key(p))
     return wanted
-
-
-# files this process has verified (or was told not to): a second reader of the same unchanged file skips the hash
-_DECIDED: set = set()
-
-
-def _decided_key(p: Path) -> tuple:
-    try:
-        st = p.stat()
-    except OSError:
-        return (str(p), None, None)
-    return (str(p.resolve()), st.st_mtime_ns, st.st_size)

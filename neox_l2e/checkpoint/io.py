@@ -403,8 +403,11 @@ def load_checkpoint(engine, load_dir, ps, load_optimizer: bool = True, tag: Opti
 
 
 def load_weights_into(model, load_dir, tp_rank: int = 0, tag: Optional[str] = None, strict: bool = True,
-                      verify: bool = True) -> dict:
-    """finetune: copy the weights (and buffers) of TP rank tp_rank of a checkpoint into an unwrapped model."""
+                      verify: bool = False) -> dict:
+    """finetune: copy the weights (and buffers) of TP rank tp_rank of a checkpoint into an unwrapped model.
+
+    The file is read safely (torch_load) but not checked against the manifest unless ``verify``: the Trainer
+    has checked it already (check_resume); other callers pass verify=True."""
     d = Path(load_dir)
     tag = tag or latest_tag(d)
     if tag is None:

@@ -139,6 +139,17 @@ def test_manifest_catches_flipped_bytes_and_can_be_skipped(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: corrupted: sha256 differs") as e:
         read_model_states(ck)
     _one_line(e)
+    # the Trainer's check before anything is built (finetune here), and checkpoint-verify: false skipping it
+    from types import SimpleNamespace
+
+    from neox_l2e.checkpoint import check_resume
+    from train_common import tiny_cfg
+    ps = SimpleNamespace(tp=1, dp=1, tp_rank=0, rank=0, world_size=1, is_main=True)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        check_resume(tiny_cfg(load=str(ck), finetune=True), ck, "global_step2", ps)
+    capsys.readouterr()
+    check_resume(tiny_cfg(load=str(ck), finetune=True, checkpoint_verify=False), ck, "global_step2", ps)
+    assert "checkpoint-verify is off: not checking size and sha256 of 1 file(s)" in capsys.readouterr().err
     path.write_bytes(bytes(data[:-10]))
     with pytest.raises(CheckpointError, match=r"corrupted: \d+ bytes, the manifest says \d+"):
         read_model_states(ck)
