@@ -6,8 +6,9 @@
     python deepy.py train.py CONFIG.yml [...]                                # NeoX-style (DeepSpeed launcher)
 
 Extra ``key=value`` arguments override config keys (``train-iters=20``). Errors in the configs, the
-data or the launch are printed as one line ``error: ...`` with exit status 2; an interrupted run
-(Ctrl-C / SIGTERM) exits with 130 after saving a checkpoint when save-on-interrupt is on.
+data, the checkpoints or the launch are printed as one line ``error: ...`` with exit status 2; a run whose
+last step or final validation loss is NaN/inf exits with 1; an interrupted run (Ctrl-C / SIGTERM) exits with
+130 after saving a checkpoint when save-on-interrupt is on.
 See docs/training.md.
 """
 from __future__ import annotations
@@ -52,20 +53,8 @@ def load(args):
 
 
 def user_errors():
-    from neox_l2e.config import ConfigError
-    from neox_l2e.training import CheckpointError, TrainingError
-    errors = [ConfigError, CheckpointError, TrainingError]
-    try:
-        from neox_l2e.data import DataError
-        errors.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from neox_l2e.interop.hf import InteropError
-        errors.append(InteropError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    from neox_l2e.errors import NeoXL2EError
+    return (NeoXL2EError,)
 
 
 def main(argv=None) -> int:
@@ -94,6 +83,12 @@ def main(argv=None) -> int:
         _shutdown()
     if result.interrupted:
         return 130
+    from neox_l2e.training.faults import nonfinite_end
+    problem = nonfinite_end(result)
+    if problem:
+        if rank == 0:
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -108,11 +103,10 @@ def _rank() -> int:
 
 
 def _is_config_error(e) -> bool:
-    """Config errors are the same on every rank: rank 0 prints them. A launch error (e.g. no MASTER_ADDR on the
-    ranks of a remote node) may hit some ranks only: every rank prints its own."""
-    from neox_l2e.config import ConfigError
-    from neox_l2e.parallel import LaunchError
-    return isinstance(e, ConfigError) and not isinstance(e, LaunchError)
+    """Config errors are the same on every rank: rank 0 prints them. Other errors (a launch error, e.g. no
+    MASTER_ADDR on the ranks of a remote node, a bad file) may hit some ranks only: every rank prints its own."""
+    from neox_l2e.errors import ConfigError
+    return isinstance(e, ConfigError)
 
 
 def _shutdown():

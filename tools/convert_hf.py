@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from neox_l2e.config import ConfigError, build_config, config_from_checkpoint_dict  # noqa: E402
-from neox_l2e.interop.hf import (InteropError, hf_state_to_ours, neox_keys_from_hf, read_hf_dir,  # noqa: E402
+from neox_l2e.config import build_config, config_from_checkpoint_dict  # noqa: E402
+from neox_l2e.errors import InteropError, NeoXL2EError  # noqa: E402
+from neox_l2e.interop.hf import (check_export_dir, hf_state_to_ours, neox_keys_from_hf, read_hf_dir,  # noqa: E402
                                  write_hf_dir)
-from neox_l2e.training.checkpoint import CheckpointError  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -34,8 +34,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     from neox_l2e.model import GPTNeoX
     from neox_l2e.parallel import ParallelState
-    from neox_l2e.training.checkpoint import write_weights_checkpoint
+    from neox_l2e.checkpoint import write_weights_checkpoint
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InteropError(f"{out_dir}: exists and is a file; choose a folder name for the checkpoint")
+    if out_dir.resolve() == Path(hf_dir).resolve():
+        raise InteropError(f"{out_dir}: is the Hugging Face folder itself; write the checkpoint to another folder")
     hf, state = read_hf_dir(hf_dir)
     keys = neox_keys_from_hf(hf, str(hf_dir / "config.json"))
     cfg = build_config(keys, {k: str(hf_dir / "config.json") for k in keys})
@@ -52,11 +56,15 @@ def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     return out_dir
 
 
-def export_hf(ckpt_dir: Path, out_dir: Path, tag=None, dtype=None, overwrite: bool = False) -> Path:
-    from neox_l2e.parallel.reshard import merge_tp_states
-    from neox_l2e.training.checkpoint import read_model_states
+def export_hf(ckpt_dir: Path, out_dir: Path, tag=None, dtype=None, overwrite: bool = False,
+              verify: bool = True) -> Path:
+    from neox_l2e.checkpoint import CheckpointError, latest_tag, read_model_states
+    from neox_l2e.checkpoint.tp_states import merge_tp_states
 
-    cfg_dict, states, _client = read_model_states(ckpt_dir, tag)
+    if tag is None and latest_tag(ckpt_dir) is None:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint (no 'latest' file); pass a tag or a folder with a checkpoint")
+    check_export_dir(out_dir, overwrite, protect=(ckpt_dir,))       # before reading the weights
+    cfg_dict, states, _client = read_model_states(ckpt_dir, tag, verify=verify)
     cfg = config_from_checkpoint_dict(cfg_dict)
     full = merge_tp_states(states, cfg) if len(states) > 1 else states[0]
     full = {k: v for k, v in full.items() if not _is_l2e(k)}
@@ -68,7 +76,8 @@ def export_hf(ckpt_dir: Path, out_dir: Path, tag=None, dtype=None, overwrite: bo
         else:
             print(f"note: the run's tokenizer {cfg.data.vocab_file} (vocab-file) is not found from here, so the export "
                   "has none; run from the training folder, or copy the tokenizer into the export", file=sys.stderr)
-    return write_hf_dir(out_dir, cfg, full, vocab, tokenizer_files=tokenizer_files, dtype=dtype, overwrite=overwrite)
+    return write_hf_dir(out_dir, cfg, full, vocab, tokenizer_files=tokenizer_files, dtype=dtype, overwrite=overwrite,
+                        protect=(ckpt_dir,))
 
 
 def _is_l2e(key: str) -> bool:
@@ -87,16 +96,20 @@ def main(argv=None) -> int:
     exp.add_argument("out_dir", type=Path)
     exp.add_argument("--tag", default=None, help="checkpoint tag (default: the one `latest` names)")
     exp.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as saved)")
-    exp.add_argument("--overwrite", action="store_true")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace a previous export in out_dir (never other files, never the checkpoint)")
+    exp.add_argument("--no-verify", action="store_true",
+                     help="do not check the checkpoint files against its manifest (size and sha256)")
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
             out = import_hf(args.hf_dir, args.out_dir, args.overwrite)
             print(f"wrote {out} (train with load: {out} and finetune: true)")
         else:
-            out = export_hf(args.ckpt_dir, args.out_dir, args.tag, DTYPES.get(args.dtype), args.overwrite)
+            out = export_hf(args.ckpt_dir, args.out_dir, args.tag, DTYPES.get(args.dtype), args.overwrite,
+                            verify=not args.no_verify)
             print(f"wrote {out} (GPTNeoXForCausalLM.from_pretrained('{out}'))")
-    except (ConfigError, InteropError, CheckpointError, FileNotFoundError) as e:
+    except (NeoXL2EError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

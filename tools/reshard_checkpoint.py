@@ -25,12 +25,16 @@ def main(argv=None) -> int:
                    "(ZeRO shards are written for it; default: the source's)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the source's latest)")
     p.add_argument("--no-optimizer", action="store_true", help="do not carry the optimizer state")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not check the source files against its manifest (size and sha256)")
     args = p.parse_args(argv)
-    from neox_l2e.parallel.reshard_checkpoint import ReshardError, reshard_checkpoint
+    from neox_l2e.checkpoint.reshard import reshard_checkpoint
+    from neox_l2e.errors import NeoXL2EError
     try:
         rep = reshard_checkpoint(args.src, args.dst, args.tp, args.dp, args.tag,
-                                 carry_optimizer=not args.no_optimizer)
-    except (ReshardError, ValueError, OSError) as e:
+                                 carry_optimizer=not args.no_optimizer, verify=not args.no_verify,
+                                 log=lambda line: print(line, file=sys.stderr))
+    except (NeoXL2EError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{rep['path']}: TP {rep['from'][0]} x DP {rep['from'][1]} -> TP {rep['to'][0]} x DP {rep['to'][1]} "

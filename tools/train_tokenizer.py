@@ -3,8 +3,9 @@
 
     python tools/train_tokenizer.py --input corpus/*.txt --model-prefix data/tok/spm8000 --vocab-size 8000
 
-writes MODEL_PREFIX.model / .vocab. Settings: identity normalisation, whitespace kept as is, no dummy
-prefix, byte fallback, so decode(encode(text)) == text; eos (id 3) is the end-of-document token.
+writes MODEL_PREFIX.model / .vocab (an existing model is kept unless --overwrite). Settings: identity
+normalisation, whitespace kept as is, no dummy prefix, byte fallback, so decode(encode(text)) == text; eos
+(id 3) is the end-of-document token.
 Inputs: plain text files, or .jsonl[.gz] (text under --jsonl-key).
 """
 from __future__ import annotations
@@ -25,7 +26,14 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--jsonl-key", default="text")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_PREFIX.model / .vocab")
     args = p.parse_args(argv)
+    if not args.overwrite:
+        for suffix in (".model", ".vocab"):
+            if Path(args.model_prefix + suffix).exists():
+                print(f"error: {args.model_prefix + suffix}: output exists; pass --overwrite to replace it",
+                      file=sys.stderr)
+                return 2
     from neox_l2e.data import DataError, SPMTokenizer, train_sentencepiece
     from neox_l2e.data.preprocess import iter_documents
     inputs = []

@@ -7,9 +7,7 @@ from typing import List, Optional
 
 import torch
 
-
-class AnalysisError(ValueError):
-    """A user-facing problem (missing file, bad jsonl line, unknown checkpoint layout): one line."""
+from ..errors import AnalysisError
 
 
 def pick_device(name: Optional[str] = None) -> torch.device:

@@ -52,7 +52,7 @@ def detect_layout(path) -> str:
 
 
 def _neox_states(p: Path, tag: Optional[str]):
-    from ..training.checkpoint import CheckpointError, read_model_states
+    from ..checkpoint import CheckpointError, read_model_states
     if any(p.glob("mp_rank_*_model_states.pt")) and not (p / "latest").is_file():
         p, tag = p.parent, p.name                           # a global_step folder itself
     if tag is None and not (p / "latest").is_file():
@@ -72,7 +72,7 @@ def load_neox_checkpoint(path, tag: Optional[str] = None, device="cpu", dtype=No
     from ..config import ConfigError, config_from_checkpoint_dict
     from ..model import GPTNeoX
     from ..parallel import ParallelState
-    from ..parallel.reshard import merge_tp_states
+    from ..checkpoint.tp_states import merge_tp_states
 
     p = Path(path)
     cfg_dict, states, _client = _neox_states(p, tag)

@@ -19,11 +19,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from ..errors import ConfigError
 from .schema import SECTIONS, field_index
-
-
-class ConfigError(ValueError):
-    """A bad config: the message is one line naming the file, the key and what to do."""
 
 
 OVERRIDE = "<override>"

@@ -96,6 +96,7 @@ class TrainingConfig:
     synchronize_each_layer: bool = F(False, "NeoX CUDA-sync debugging flag; no effect here.", effect=IGN)
     finetune: bool = F(False, "Load only model weights from `load` (fresh optimizer, step 0).")
     no_load_optim: bool = F(False, "When resuming, do not load optimizer state.")
+    checkpoint_verify: bool = F(True, "Check size and sha256 of the checkpoint files read on resume against its manifest.json (false: skip, e.g. for huge checkpoints; a note says what is skipped).")
     iteration: Optional[int] = F(None, "NeoX internal resume counter; ignored (the checkpoint records the step).", effect=IGN)
 
 

@@ -1,8 +1,4 @@
-"""The one exception type of the data pipeline."""
+"""The one exception type of the data pipeline (defined with the project's others in neox_l2e.errors)."""
+from ..errors import DataError
 
-
-class DataError(ValueError):
-    """A data or tokenizer problem a user can fix: always one line naming the file and the problem.
-
-    Raised before training starts (on open / build), never followed by exit() in library code.
-    """
+__all__ = ["DataError"]

@@ -7,6 +7,7 @@ a checkpoint from elsewhere never runs code. No network access.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -18,10 +19,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..config import ConfigError, NeoXConfig
-
-
-class InteropError(ValueError):
-    """A Hugging Face directory or checkpoint that cannot be converted: one line naming the file and problem."""
+from ..errors import InteropError
 
 
 WEIGHT_SUFFIXES = (".weight", ".bias")
@@ -191,15 +189,88 @@ def our_state_to_hf(state: dict) -> dict:
 # directory writers
 
 
+EXPORT_RECORD = ".neox-l2e-export"        # the names of the files an export wrote (what --overwrite may replace)
+EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", EXPORT_RECORD}
+
+
+def check_export_dir(out_dir, overwrite: bool = False, protect: Iterable = ()) -> Path:
+    """Refuse (one InteropError line) an output folder that is a file, that is / is inside / holds a folder in
+    ``protect`` (the checkpoint exported), or that is not empty without ``overwrite``; with it, one that holds
+    files an export did not write (--overwrite replaces a previous export only)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InteropError(f"{out_dir}: exists and is a file; choose a folder name for the export")
+    b = out_dir.resolve()
+    for src in protect:
+        a = Path(src).resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise InteropError(f"{out_dir}: is the source {src}, inside it, or holds it; export to a separate folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InteropError(f"{out_dir}: exists and is not empty; pass --overwrite or choose another folder")
+        ours = set(EXPORT_FILES)
+        try:
+            ours |= set((out_dir / EXPORT_RECORD).read_text().split())
+        except OSError:
+            pass
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
+                         if p.name not in ours or not p.is_file())
+        if foreign:
+            raise InteropError(f"{out_dir}: --overwrite replaces only a previous export, and this folder holds other "
+                               f"files ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); move them away "
+                               "or choose another folder")
+    return out_dir
+
+
+def _new_export_dir(out_dir: Path) -> Path:
+    """A temporary sibling of out_dir (same filesystem) with the permissions the user's umask gives a new folder."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InteropError(f"{out_dir.parent}: cannot create the folder ({e.strerror or e})") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-export-{out_dir.name}-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def _publish_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished export into place: the previous export (checked by check_export_dir) is moved aside,
+    tmp renamed to out_dir, then the old one deleted. When a rename crosses filesystems (EXDEV, e.g. out_dir is
+    a mount point), the files are copied into out_dir instead."""
+    (tmp / EXPORT_RECORD).write_text("\n".join(sorted(p.name for p in tmp.iterdir())) + "\n")
+    old = None
+    try:
+        if out_dir.exists():
+            old = out_dir.parent / f".old-export-{out_dir.name}-{os.getpid()}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except OSError as e:
+        if old is not None and not out_dir.exists():
+            os.replace(old, out_dir)
+        if e.errno not in (errno.EXDEV, errno.EBUSY):
+            raise InteropError(f"{out_dir}: cannot move the export into place ({e.strerror or e})") from None
+        out_dir.mkdir(exist_ok=True)
+        for p in out_dir.iterdir():          # only files of a previous export (check_export_dir)
+            p.unlink()
+        for p in tmp.iterdir():
+            shutil.copy2(p, out_dir / p.name)
+        return
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_hf_dir(out_dir, cfg: NeoXConfig, full_state: dict, vocab_size: int,
-                 tokenizer_files: Iterable = (), dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
-    """Write a folder transformers loads with GPTNeoXForCausalLM.from_pretrained (atomic: temp dir, then rename)."""
+                 tokenizer_files: Iterable = (), dtype: Optional[torch.dtype] = None, overwrite: bool = False,
+                 protect: Iterable = ()) -> Path:
+    """Write a folder transformers loads with GPTNeoXForCausalLM.from_pretrained (atomic: a temporary sibling, then
+    a rename). ``overwrite`` replaces a previous export only; ``protect``: folders the output may not touch."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise InteropError(f"{out_dir}: exists and is not empty; pass --overwrite or choose another folder")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    out_dir = check_export_dir(out_dir, overwrite, protect)
+    tmp = _new_export_dir(out_dir)
     try:
         weights = our_state_to_hf(full_state)
         if dtype is not None:
@@ -216,10 +287,7 @@ def write_hf_dir(out_dir, cfg: NeoXConfig, full_state: dict, vocab_size: int,
             f = Path(f)
             if f.is_file():
                 _write_tokenizer(f, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out_dir)
+        _publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

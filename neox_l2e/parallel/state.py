@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..errors import LaunchError
 from .random import RNGTracker
 
 
@@ -219,10 +219,6 @@ LAUNCHER_VARIABLES = (
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 )
 DEFAULT_MASTER_PORT = 29500      # torch's and DeepSpeed's default rendezvous port
-
-
-class LaunchError(ConfigError):
-    """The launcher's environment cannot start this rank (one line; may concern some ranks only)."""
 
 
 @dataclass(frozen=True)

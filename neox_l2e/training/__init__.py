@@ -1,5 +1,6 @@
-"""Training: DeepSpeed engine setup, the loop, the NeoX LR schedule, checkpoints, logging, faults."""
-from .checkpoint import (CheckpointError, latest_tag, list_tags, read_model_states, write_weights_checkpoint)
+"""Training: DeepSpeed engine setup, the loop, the NeoX LR schedule, logging, faults (checkpoints:
+neox_l2e.checkpoint, whose readers are re-exported here)."""
+from ..checkpoint import (CheckpointError, latest_tag, list_tags, read_model_states, write_weights_checkpoint)
 from .faults import TrainingError
 from .schedule import AnnealingLR, neox_lr
 

@@ -15,13 +15,13 @@ import os
 import signal
 from typing import Optional
 
+from ..errors import TrainingError
+
+__all__ = ["TrainingError", "InterruptFlag", "nan_steps_from_env", "nonfinite_end", "skipped_update"]
+
 # test hook: comma-separated iterations (0-based count of steps before the one to poison) whose loss
 # becomes NaN on the given rank(s) ("3,4" or "3,4@1" for rank 1 only)
 NAN_ENV = "NEOX_L2E_TEST_NAN_STEPS"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (too many bad steps, incomplete checkpoint, ...): one line for the user."""
 
 
 class InterruptFlag:
@@ -79,3 +79,20 @@ def skipped_update(optimizer, skip: bool):
         yield
     finally:
         del optimizer.step
+
+
+def nonfinite_end(result) -> Optional[str]:
+    """One line when a finished run ended badly: its last step was skipped for a NaN/inf loss (no update), or
+    its final validation loss is NaN/inf; None otherwise. train.py then exits non-zero."""
+    import math
+    if getattr(result, "interrupted", False):
+        return None
+    losses = getattr(result, "train_losses", None) or []
+    if losses and not math.isfinite(losses[-1][1]):
+        return (f"the last step ({losses[-1][0]}) had a NaN/inf loss and was skipped: the run did not end with a "
+                "finite update; lower the lr, check the data, or resume from an earlier checkpoint")
+    valid = getattr(result, "valid_losses", None) or []
+    if valid and not math.isfinite(valid[-1][1]):
+        return (f"the final validation loss at step {valid[-1][0]} is {valid[-1][1]}: the trained model is not "
+                "usable as it is; check the data and the lr, or resume from an earlier checkpoint")
+    return None

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, NeoXConfig
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .engine import build_engine, setup_distributed, wall_clock_timings
 from .faults import InterruptFlag, TrainingError, nan_steps_from_env, skipped_update
 from .monitor import Monitor, fmt_count
@@ -105,11 +105,12 @@ class Trainer:
         t = cfg.training
         self.ps = ps or setup_distributed(cfg)
         ps = self.ps
+        self.save_lock = ckpt.acquire_save_lock(t.save, ps) if t.save else None   # one job per save folder
         resume_tag = ckpt.latest_tag(t.load) if t.load else None
         if resume_tag is not None:
-            # a checkpoint saved in a layout this run cannot load fails here, before the data and model are built
-            ckpt.check_resume_layout(t.load, resume_tag, ps.tp, ps.dp, cfg.zero_stage,
-                                     load_optimizer=not t.no_load_optim, weights_only=t.finetune)
+            # a corrupted checkpoint, a config that changes the model or a layout this run cannot load fails
+            # here, before the data and model are built
+            ckpt.check_resume(cfg, t.load, resume_tag, ps)
         _seed_all(t.seed)
         if datasets is None:
             datasets, vocab_size, self.tokenizer = build_data(cfg, ps.dp)
@@ -391,6 +392,8 @@ class Trainer:
                         res.checkpoints.append(tag)
         finally:
             mon.close()
+            if self.save_lock is not None:
+                self.save_lock.release()
         res.iteration, res.consumed_train_samples = self.iteration, self.consumed
         res.elapsed_s = time.perf_counter() - t_start
         res.tokens_per_s = self.tokens_per_step * steps_timed / time_total if time_total > 0 else 0.0

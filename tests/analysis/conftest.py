@@ -51,8 +51,8 @@ def tiny_neox_ckpt(tmp_path_factory, tiny_tokenizer):
     from tokenizers import Tokenizer
 
     from neox_l2e.model import GPTNeoX
-    from neox_l2e.parallel.reshard import split_tp_state
-    from neox_l2e.training.checkpoint import write_weights_checkpoint
+    from neox_l2e.checkpoint.tp_states import split_tp_state
+    from neox_l2e.checkpoint import write_weights_checkpoint
     vocab = Tokenizer.from_file(str(tiny_tokenizer)).get_vocab_size()
     cfg = tiny_cfg(num_layers=4, hidden=64, vocab=vocab, seq=128, tokenizer_type="HFTokenizer",
                    vocab_file=str(tiny_tokenizer), make_vocab_size_divisible_by=8)

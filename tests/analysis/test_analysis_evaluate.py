@@ -168,7 +168,7 @@ def test_sentencepiece_checkpoint(tmp_path, labelled_jsonl):
 
     from analysis_helpers import tiny_cfg
     from neox_l2e.model import GPTNeoX
-    from neox_l2e.training.checkpoint import write_weights_checkpoint
+    from neox_l2e.checkpoint import write_weights_checkpoint
     texts = [json.loads(l)["text"] for l in open(labelled_jsonl)]
     (tmp_path / "corpus.txt").write_text("\n".join(texts))
     spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"),

@@ -1,4 +1,6 @@
-"""tools/convert_hf.py against transformers' GPTNeoXForCausalLM (the reference) both ways."""
+"""tools/convert_hf.py against transformers' GPTNeoXForCausalLM (the reference) both ways; its folder safety."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,10 +9,11 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from neox_l2e.checkpoint import load_weights_into, read_model_states, write_weights_checkpoint
+from neox_l2e.checkpoint.tp_states import split_tp_state
 from neox_l2e.config import build_config
+from neox_l2e.errors import InteropError
 from neox_l2e.model import GPTNeoX
-from neox_l2e.parallel.reshard import split_tp_state
-from neox_l2e.training.checkpoint import load_weights_into, read_model_states, write_weights_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -150,3 +153,78 @@ def test_export_of_a_deepspeed_tp2_checkpoint(tmp_path):
     with torch.no_grad():
         theirs = hf(tokens).logits[..., :logits.shape[-1]]
     assert (theirs - torch.from_numpy(logits)).abs().max().item() <= 1e-4
+
+
+def _tiny_checkpoint(path):
+    cfg = our_cfg()
+    torch.manual_seed(5)
+    write_weights_checkpoint(path, cfg, [GPTNeoX(cfg).state_dict()], tag="global_step3")
+    return path
+
+
+def _cli(capsys, *args):
+    """tools/convert_hf.py's main in this process: (exit status, stderr)."""
+    code = convert_hf.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_export_overwrite_never_removes_the_checkpoint_nor_other_files(tmp_path, capsys):
+    """--overwrite with OUT the checkpoint folder, inside it or holding it: refused in one line, nothing removed
+    (it deleted the checkpoint and an unrelated file); OUT a file: one line."""
+    run = tmp_path / "runs" / "a"
+    _tiny_checkpoint(run / "checkpoints")
+    (run / "notes.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    for out in (run / "checkpoints", run / "checkpoints" / "hf", run, tmp_path / "runs"):
+        code, err = _cli(capsys, "export", run / "checkpoints", out, "--overwrite")
+        assert code == 2 and err.strip().count("\n") == 0 and "is the source" in err, err
+        assert _snapshot(tmp_path) == before
+    (tmp_path / "afile").write_text("x")
+    code, err = _cli(capsys, "export", run / "checkpoints", tmp_path / "afile", "--overwrite")
+    assert code == 2 and "exists and is a file" in err and err.strip().count("\n") == 0, err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_export_overwrite_replaces_only_a_previous_export(tmp_path):
+    """--overwrite replaces an earlier export (temp sibling, then a swap) but refuses a folder holding files an
+    export did not write; the export gets the user's umask (not mkdtemp's 0700)."""
+    ckpt = _tiny_checkpoint(tmp_path / "ck")
+    out = tmp_path / "hf"
+    old = os.umask(0o022)
+    try:
+        convert_hf.export_hf(ckpt, out)
+        assert (out / "model.safetensors").is_file() and (os.stat(out).st_mode & 0o777) == 0o755
+        first = (out / "model.safetensors").read_bytes()
+        convert_hf.export_hf(ckpt, out, dtype=torch.bfloat16, overwrite=True)
+        assert (out / "model.safetensors").read_bytes() != first
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no temp / old folder left
+        (out / "mine.txt").write_text("keep")
+        with pytest.raises(InteropError, match=r"hf: --overwrite replaces only a previous export.*mine\.txt"):
+            convert_hf.export_hf(ckpt, out, overwrite=True)
+        assert (out / "mine.txt").read_text() == "keep" and (out / "model.safetensors").is_file()
+    finally:
+        os.umask(old)
+
+
+def test_export_falls_back_to_copy_across_filesystems(tmp_path, monkeypatch):
+    """A rename that crosses filesystems (EXDEV) is replaced by a copy into OUT."""
+    import errno
+    from neox_l2e.interop import hf as hf_mod
+    ckpt = _tiny_checkpoint(tmp_path / "ck")
+    convert_hf.export_hf(ckpt, tmp_path / "hf")
+    real = os.replace
+
+    def cross_device(a, b):
+        if Path(a).is_dir():
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(a, b)
+
+    monkeypatch.setattr(hf_mod.os, "replace", cross_device)
+    out = convert_hf.export_hf(ckpt, tmp_path / "hf", dtype=torch.float16, overwrite=True)
+    assert GPTNeoXForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

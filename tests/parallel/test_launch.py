@@ -85,8 +85,7 @@ def test_missing_master_addr_is_one_line():
 
 
 def test_launch_info_mapping_and_precedence():
-    from neox_l2e.config import ConfigError
-    from neox_l2e.parallel import LaunchInfo, apply_launch_env, launch_info
+    from neox_l2e.parallel import LaunchError, LaunchInfo, apply_launch_env, launch_info
     assert launch_info({}) == LaunchInfo(0, 1, 0, "single")
     for launcher in ("slurm", "openmpi", "mvapich"):
         assert launch_info({k: str(v) for k, v in _launcher_env(launcher, 3, 8).items()}) == \
@@ -111,9 +110,9 @@ def test_launch_info_mapping_and_precedence():
     env = {k: str(v) for k, v in env.items()}
     apply_launch_env("node0", None, environ=env)
     assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "29500"      # the environment wins
-    with pytest.raises(ConfigError, match="OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE.*MASTER_ADDR is not set"):
+    with pytest.raises(LaunchError, match="OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE.*MASTER_ADDR is not set"):
         apply_launch_env(environ={k: str(v) for k, v in _launcher_env("openmpi", 1, 2).items()})
-    with pytest.raises(ConfigError, match="RANK is not set"):
+    with pytest.raises(LaunchError, match="RANK is not set"):
         launch_info({"WORLD_SIZE": "2"})
 
 

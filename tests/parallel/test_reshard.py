@@ -4,7 +4,7 @@ import torch
 
 from neox_l2e.model import GPTNeoX
 from neox_l2e.parallel import ParallelState
-from neox_l2e.parallel.reshard import merge_tp_states, partition_dims, split_tp_state
+from neox_l2e.checkpoint.tp_states import merge_tp_states, partition_dims, split_tp_state
 from tp_common import random_full_state, tiny_cfg
 
 
@@ -114,7 +114,7 @@ def _adam_after_one_step(cfg, full, grads, ps):
 
 def test_zero0_optimizer_state_is_resharded(tmp_path):
     """ZeRO 0 (fp32): the torch AdamW state inside the model states follows the parameters to the new TP degree."""
-    from neox_l2e.parallel.reshard_checkpoint import reshard_checkpoint
+    from neox_l2e.checkpoint.reshard import reshard_checkpoint
     cfg = tiny_cfg(model_parallel_size=2)
     full = random_full_state(cfg)
     gen = torch.Generator().manual_seed(3)
@@ -143,3 +143,28 @@ def test_zero0_optimizer_state_is_resharded(tmp_path):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(out["optimizer"]["state"][i][key], st[key]), (i, key)
     assert out["mp_world_size"] == 1 and out["neox_config"]["model_parallel_size"] == 1
+    # the output has a manifest; the source may not be the output, hold it or sit inside it; a corrupted
+    # source file is refused before anything is written
+    from neox_l2e.checkpoint import CheckpointError, ReshardError, verify_manifest
+    assert verify_manifest(tmp_path / "dst" / "global_step1") == ["mp_rank_00_model_states.pt"]
+    for bad in (tmp_path / "dst", tmp_path / "dst" / "x", tmp_path):
+        with pytest.raises(ReshardError, match="is the source .* inside it, or holds it"):
+            reshard_checkpoint(tmp_path / "dst", bad, tp=2)
+    path = tmp_path / "dst" / "global_step1" / "mp_rank_00_model_states.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: corrupted"):
+        reshard_checkpoint(tmp_path / "dst", tmp_path / "again", tp=2)
+    assert not (tmp_path / "again").exists()
+
+
+def test_parallel_imports_no_package_above_it():
+    """parallel/ is a leaf: neither model/, training/, config/ nor checkpoint/ (the TP merge / split moved to
+    neox_l2e/checkpoint/tp_states.py)."""
+    import subprocess
+    import sys
+    code = ("import sys, neox_l2e.parallel; print(sorted(m for m in sys.modules if m.startswith('neox_l2e.') "
+            "and not m.startswith(('neox_l2e.parallel', 'neox_l2e.errors'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

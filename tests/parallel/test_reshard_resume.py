@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
     assert cli.returncode == 0, cli.stderr
     assert "AdamW state" in cli.stdout
     tp1 = run_ranks(_worker, world=2, args=(1, b, a1, 1, 2))[0]
-    from neox_l2e.parallel.reshard_checkpoint import reshard_checkpoint
+    from neox_l2e.checkpoint.reshard import reshard_checkpoint
     rep = reshard_checkpoint(b, b2, tp=2, dp=1)
     assert rep["optimizer"] == "carried"
     tp2b = run_ranks(_worker, world=2, args=(2, None, b2, 2, None))[0]
@@ -109,7 +109,7 @@ def test_round_trip_of_zero_shards_is_exact(runs):
     """TP2xDP1 -> TP1xDP2 -> TP2xDP1 gives back the source ZeRO shards and model states bit for bit."""
     import torch
 
-    from neox_l2e.parallel.reshard_checkpoint import reshard_checkpoint
+    from neox_l2e.checkpoint.reshard import reshard_checkpoint
     back = runs["tmp"] + "/a-back"
     reshard_checkpoint(runs["a1"], back, tp=2, dp=1)
     src, out = Path(runs["a"]) / "global_step3", Path(back) / "global_step3"

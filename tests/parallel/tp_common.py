@@ -6,7 +6,7 @@ import torch
 from neox_l2e.config import build_config
 from neox_l2e.model import GPTNeoX
 from neox_l2e.parallel import ParallelState
-from neox_l2e.parallel.reshard import merge_tp_states, split_tp_state
+from neox_l2e.checkpoint.tp_states import merge_tp_states, split_tp_state
 
 VOCAB = 100     # padded to 104 at TP=1 and 112 at TP=2 (make-vocab-size-divisible-by 8): the paddings differ
 

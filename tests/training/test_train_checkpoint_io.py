@@ -4,7 +4,7 @@ which layout changes a resume accepts."""
 import torch
 
 from distributed import clean_env, run_ranks
-from neox_l2e.training.checkpoint import (latest_tag, list_tags, prune_checkpoints, read_model_states,
+from neox_l2e.checkpoint import (latest_tag, list_tags, prune_checkpoints, read_model_states,
                                           write_latest, write_weights_checkpoint)
 
 
@@ -59,6 +59,10 @@ def test_tp2_checkpoint_has_one_model_file_per_tp_rank(tmp_path):
     assert states[0][qkv].shape[0] * 2 == 3 * 32 and not torch.equal(states[0][qkv], states[1][qkv])
     ln = "gpt_neox.layers.0.input_layernorm.weight"
     assert torch.equal(states[0][ln], states[1][ln])
+    # the manifest (hashed by both ranks) lists every file of the folder, and they match it
+    from neox_l2e.checkpoint import verify_manifest
+    files = sorted(p.name for p in (save / "global_step3").iterdir() if p.name != "manifest.json")
+    assert len(files) == 6 and verify_manifest(save / "global_step3") == files
     # train.py resuming it as TP=1 (one process) without resharding: one line, exit 2, before any model is built
     import subprocess
     import sys
@@ -93,7 +97,7 @@ def test_resume_layout_rules(tmp_path):
     """What DeepSpeed can load across layouts: a TP change never; a DP change with ZeRO 0, and with ZeRO 1/2
     without the optimizer state; never with ZeRO-3; a ZeRO stage change with the optimizer state only between
     1 and 2 (see check_resume_layout)."""
-    from neox_l2e.training.checkpoint import CheckpointError, check_resume_layout, saved_layout
+    from neox_l2e.checkpoint import CheckpointError, check_resume_layout, saved_layout
     shards = [f"zero_pp_rank_{d}_mp_rank_00_optim_states.pt" for d in range(2)]
     z0 = _fake_checkpoint(tmp_path / "z0", tp=1, dp=2)
     z1 = _fake_checkpoint(tmp_path / "z1", tp=1, dp=2, zero_files=shards)
@@ -131,14 +135,15 @@ def test_resume_layout_rules(tmp_path):
 
 
 def _stage_change_worker(rank, world, save):
-    from neox_l2e.training import checkpoint as ckpt
+    from neox_l2e import checkpoint as ckpt
+    from neox_l2e.checkpoint import io as ckpt_io
     from neox_l2e.training.loop import Trainer
     from train_common import datasets, tiny_cfg
     Trainer(tiny_cfg(zero_optimization={"stage": 1}, train_iters=2, save=save), datasets=datasets(),
             quiet=True).train()
     reads = []
-    meta = ckpt._saved_meta
-    ckpt._saved_meta = lambda folder: reads.append(folder) or meta(folder)
+    meta = ckpt_io.saved_meta
+    ckpt_io.saved_meta = lambda folder: reads.append(folder) or meta(folder)
     try:
         tr = Trainer(tiny_cfg(zero_optimization={"stage": 2}, train_iters=3, load=save), datasets=datasets(),
                      quiet=True)
@@ -149,7 +154,7 @@ def _stage_change_worker(rank, world, save):
         except ckpt.CheckpointError as e:
             out["error"] = str(e)
     finally:
-        ckpt._saved_meta = meta
+        ckpt_io.saved_meta = meta
     return out
 
 

@@ -27,7 +27,7 @@ def _result(stdout: str) -> dict:
 
 
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
-    from neox_l2e.training.checkpoint import latest_tag, list_tags, read_model_states
+    from neox_l2e.checkpoint import latest_tag, list_tags, read_model_states
     save = tmp_path / "ck"
     p = subprocess.run([PY, RUN, f"save={save}", "checkpoint_factor=3", "train_iters=9", "lr_decay_iters=9"],
                        env=_env(NEOX_L2E_TEST_KILL_IN_SAVE=6), capture_output=True, text=True, timeout=300)
@@ -81,7 +81,7 @@ def test_dead_rank_ends_the_run(tmp_path):
 
 
 def test_interrupt_saves_checkpoint(tmp_path):
-    from neox_l2e.training.checkpoint import latest_tag, read_model_states
+    from neox_l2e.checkpoint import latest_tag, read_model_states
     save = tmp_path / "ck"
     p = subprocess.Popen([PY, RUN, f"save={save}", "train_iters=100000", "log_interval=1"], env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -175,7 +175,7 @@ def test_train_py_end_to_end_on_indexed_data(tmp_path):
     import numpy as np
 
     from neox_l2e.data import write_indexed_dataset
-    from neox_l2e.training.checkpoint import latest_tag
+    from neox_l2e.checkpoint import latest_tag
     g = np.random.default_rng(0)
     docs = [((g.integers(0, 63) + g.integers(1, 4) * np.arange(40)) % 63).tolist() + [63] for _ in range(60)]
     train = write_indexed_dataset(tmp_path / "train", docs[:50], vocab_size=64)
@@ -199,3 +199,21 @@ def test_train_py_end_to_end_on_indexed_data(tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and latest_tag(save) == "global_step12"
+
+
+def test_train_py_exits_non_zero_when_the_run_ends_non_finite(tmp_path):
+    """train.py whose last step has a NaN loss (skipped, no update) exits 1 with one error line (it exited 0)."""
+    import numpy as np
+
+    from neox_l2e.data import write_indexed_dataset
+    g = np.random.default_rng(0)
+    docs = [((g.integers(0, 63) + g.integers(1, 4) * np.arange(40)) % 63).tolist() + [63] for _ in range(30)]
+    train = write_indexed_dataset(tmp_path / "train", docs, vocab_size=64)
+    data = tmp_path / "data.yml"
+    data.write_text(f"train-data-paths: ['{train}']\n")
+    p = subprocess.run([PY, str(REPO / "train.py"), str(REPO / "configs/local/tiny.yml"), str(data), "train-iters=2"],
+                       env=_env(NEOX_L2E_TEST_NAN_STEPS="1"), capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    lines = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert p.returncode == 1 and len(lines) == 1, p.stderr[-3000:]
+    assert "the last step (2) had a NaN/inf loss" in lines[0]

@@ -33,7 +33,7 @@ def is_vocab_key(key: str) -> bool:
 def _meta_state(cfg, tp: int, vocab_size: int) -> Dict[str, torch.Tensor]:
     """name -> meta tensor (with its attributes) of a TP=tp model, rank 0."""
     from ..model.gpt_neox import GPTNeoX
-    from .state import ParallelState
+    from ..parallel.state import ParallelState
     ps = ParallelState.layout(tp, 0, device="meta")
     try:
         model = GPTNeoX(cfg, ps, vocab_size=vocab_size, init=False)

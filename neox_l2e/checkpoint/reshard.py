@@ -34,36 +34,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .reshard import merge_tp_states, split_tp_state
+from ..errors import ReshardError
+from .files import (TMP_PREFIX, latest_tag, model_states_name, torch_load, verify_manifest, write_latest,
+                    write_manifest, zero_optim_name, zero_prefix)
+from .layout import saved_layout
+from .tp_states import merge_tp_states, split_tp_state
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 ZERO_ALIGNMENT = 2            # DeepSpeed ZeRO-1/2: flat groups are padded to a multiple of 2 x DP
 
-
-class ReshardError(RuntimeError):
-    pass
-
-
-def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _model_states_name(tp_rank: int) -> str:
-    return f"mp_rank_{tp_rank:02d}_model_states.pt"
-
-
-def _zero_name(dp_rank: int, tp_rank: int, prefix: str = "") -> str:
-    """DeepSpeed's ZeRO shard name; prefix "bf16_" for bf16 runs."""
-    return f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
-
-
-def _zero_prefix(folder: Path) -> str:
-    return "bf16_" if (folder / _zero_name(0, 0, "bf16_")).is_file() else ""
-
-
-def _latest(d: Path) -> Optional[str]:
-    p = d / "latest"
-    return p.read_text().strip() if p.is_file() else None
+__all__ = ["ReshardError", "reshard_checkpoint"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,12 +53,12 @@ def _latest(d: Path) -> Optional[str]:
 def _zero_per_param(folder: Path, tp_rank: int, dp: int) -> tuple:
     """({name: {"fp32", "exp_avg", "exp_avg_sq"}}, template) of one TP rank from its DP shards (ZeRO 1/2)."""
     shards = []
-    prefix = _zero_prefix(folder)
+    prefix = zero_prefix(folder)
     for d in range(dp):
-        p = folder / _zero_name(d, tp_rank, prefix)
+        p = folder / zero_optim_name(d, tp_rank, prefix)
         if not p.is_file():
             raise ReshardError(f"{p}: missing ZeRO shard (the checkpoint says DP={dp})")
-        shards.append(_load(p)["optimizer_state_dict"])
+        shards.append(torch_load(p)["optimizer_state_dict"])
     first = shards[0]
     base = first["base_optimizer_state"]
     if not isinstance(base, dict):
@@ -137,8 +117,8 @@ def _torch_optimizer_per_param(opt_sd: dict, group_names: List[List[str]]) -> di
 def _group_names(cfg, vocab_size, tp) -> List[List[str]]:
     """Parameter names of the optimizer's param groups (the training engine's grouping), in order."""
     from ..model.gpt_neox import GPTNeoX
+    from ..parallel.state import ParallelState
     from ..training.engine import param_groups
-    from .state import ParallelState
     model = GPTNeoX(cfg, ParallelState.layout(tp, 0, device="meta"), vocab_size=vocab_size, init=False)
     names = {id(p): n for n, p in model.named_parameters()}
     return [[names[id(p)] for p in g["params"]] for g in param_groups(model, cfg.optimizer.weight_decay)]
@@ -210,7 +190,7 @@ def _split_named(per_param_by_rank: List[dict], cfg, tp: int, key: str, vocab_si
 
 
 def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optional[str] = None,
-                       carry_optimizer: bool = True) -> dict:
+                       carry_optimizer: bool = True, verify: bool = True, log=None) -> dict:
     """Write ``dst/<tag>`` (and ``dst/latest``) for TP=tp x DP=dp from the checkpoint ``src/<tag>``.
 
     Returns a report: {"tag", "from": (tp, dp), "to": (tp, dp), "zero_stage", "optimizer": "carried" or the
@@ -218,19 +198,20 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
     """
     from ..config import config_from_checkpoint_dict
     src, dst = Path(src), Path(dst)
-    tag = tag or _latest(src)
+    tag = tag or latest_tag(src)
     if tag is None:
         raise ReshardError(f"{src}: no checkpoint (no 'latest' file)")
     folder = src / tag
+    _check_not_nested(src, dst)
+    verify_manifest(folder, verify=verify, log=log)
     states = []
-    while (folder / _model_states_name(len(states))).is_file():
-        states.append(_load(folder / _model_states_name(len(states))))
+    while (folder / model_states_name(len(states))).is_file():
+        states.append(torch_load(folder / model_states_name(len(states))))
     if not states:
-        raise ReshardError(f"{folder}: no {_model_states_name(0)}")
+        raise ReshardError(f"{folder}: no {model_states_name(0)}")
     src_tp = len(states)
     first = states[0]
     cfg = config_from_checkpoint_dict(first["neox_config"])
-    from ..training.checkpoint import saved_layout      # the one reader of the saved TP / DP
     src_dp = saved_layout(folder)[1]
     dp = int(dp or src_dp)
     vocab_size = cfg.model.vocab_size or None
@@ -298,8 +279,8 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
                 new_opt_stage0[r] = opt
 
     # ---- write ----
-    zero_prefix = _zero_prefix(folder)
-    tmp = dst / f".tmp-{tag}"
+    prefix = zero_prefix(folder)
+    tmp = dst / f"{TMP_PREFIX}{tag}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -329,18 +310,17 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
             else:
                 sd["optimizer"] = None
         sd["resharded_from"] = {"tp": src_tp, "dp": src_dp, "optimizer": optimizer_note}
-        torch.save(sd, tmp / _model_states_name(r))
+        torch.save(sd, tmp / model_states_name(r))
         if new_zero is not None:
             for d, shard in enumerate(new_zero[r]):
                 torch.save({"optimizer_state_dict": shard, "ds_config": first.get("ds_config"),
-                            "ds_version": first.get("ds_version")}, tmp / _zero_name(d, r, zero_prefix))
+                            "ds_version": first.get("ds_version")}, tmp / zero_optim_name(d, r, prefix))
+    write_manifest(tmp)
     final = dst / tag
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    latest_tmp = dst / ".latest.tmp"
-    latest_tmp.write_text(tag)
-    os.replace(latest_tmp, dst / "latest")
+    write_latest(dst, tag)
     carried = ["model weights and buffers (L2E state)", "iteration / consumed samples / LR scheduler"]
     restarted = ["RNG states (reseeded from the config seed)"]
     if optimizer_note == "carried":
@@ -349,3 +329,11 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
         restarted.append(f"optimizer: {optimizer_note}")
     return {"tag": tag, "from": (src_tp, src_dp), "to": (tp, dp), "zero_stage": stage, "optimizer": optimizer_note,
             "carried": carried, "restarted": restarted, "path": str(final)}
+
+
+def _check_not_nested(src: Path, dst: Path) -> None:
+    """The output may not be the source folder, nor inside it, nor hold it (a rewrite would replace its files)."""
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ReshardError(f"{dst}: is the source {src}, inside it, or holds it; write the re-sharded checkpoint to "
+                           "a separate folder")
