@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import LaunchError
+from ..errors import ConfigError, LaunchError
 from .random import RNGTracker
 
 
