@@ -234,15 +234,16 @@ def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, M, N, P,
 
 
 @triton.jit
-def _bwd_kernel(u_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, pdb_ptr,
+def _bwd_kernel(u_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, du_lm_ptr, pdb_ptr,
                 M, N, stride_dzm, stride_dzn, tau, eps,
-                NEED_DB: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr,
+                NEED_DB: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr, STORE_DU_LM: tl.constexpr,
                 APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dL/du = (dL/dz + g * selected * 2 (z - mean) / ((z - mean)^2 + eps)) * GELU'(u), with z and the
     selection recomputed from the saved pre-activation (bitwise the forward's), plus per-row-block
     column sums of dL/du (fp32) for the bias gradient when NEED_DB. u is the saved pre-activation, bias
-    included."""
+    included. STORE_DU_LM: also store the LM part dL/dz * GELU'(u) alone (by the very expression a launch
+    with HAS_G=False stores as dL/du, so bitwise equal to it)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -257,6 +258,9 @@ def _bwd_kernel(u_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, pdb_ptr,
         dz_offs = rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :] * stride_dzn
         grad += tl.load(dz_ptr + dz_offs, mask=mask2, other=0.0).to(tl.float32)
     z, gelu_grad = _gelu_and_grad(u, APPROX_TANH)
+    if STORE_DU_LM:
+        du_lm = tl.where(mask2, grad * gelu_grad, 0.0)
+        tl.store(du_lm_ptr + offs, _round_bf16(du_lm, BF16_RNE).to(du_lm_ptr.dtype.element_ty), mask=mask2)
     if HAS_G:
         g = tl.load(g_ptr).to(tl.float32)
         mu = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
