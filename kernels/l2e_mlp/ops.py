@@ -111,10 +111,26 @@ def _launch(kernel: str, grid: tuple, options: dict, **args) -> None:
     getattr(_kernels(), kernel)[grid](**launch.args, **launch.options)
 
 
-def _mm_config(cfg: KernelConfig, dtype: torch.dtype) -> KernelConfig:
-    if dtype == torch.float32 and not interpreter_enabled():  # fp32 tiles take twice the shared memory
-        return replace(cfg, mm_block_k=min(cfg.mm_block_k, 32))
+def _mm_config(cfg: KernelConfig, dtype: torch.dtype, h: int, N: int) -> KernelConfig:
+    """The fused-gemm tiles for this call, compiled: fp32 halves BLOCK_K (its tiles take twice the shared
+    memory); h or N not divisible by 16 (rows not 16-byte aligned: no asynchronous copies, so no pipelined
+    main loop, and one address per element) halves BLOCK_M, which keeps those variants free of spills."""
+    if interpreter_enabled():
+        return cfg
+    if dtype == torch.float32:
+        cfg = replace(cfg, mm_block_k=min(cfg.mm_block_k, 32))
+    if h % 16 or N % 16:
+        cfg = replace(cfg, mm_block_m=max(16, cfg.mm_block_m // 2))
     return cfg
+
+
+def _ew_tile(cfg: KernelConfig, N: int):
+    """[BLOCK_M, BLOCK_N] of the element-wise passes. A row length N not divisible by 16 (rows not 16-byte
+    aligned: no vector loads, one 64-bit address per element) halves BLOCK_M when compiled, which keeps those
+    variants free of register spills (checked by aot_check)."""
+    if N % 16 != 0 and not interpreter_enabled():
+        return max(16, cfg.ew_block_m // 2), cfg.ew_block_n
+    return cfg.ew_block_m, cfg.ew_block_n
 
 
 def _bf16_rne(dtype: torch.dtype) -> bool:
@@ -135,7 +151,7 @@ def _gemm_launch(x, weight, bias, u_lin, z, mean, inv_var, parts, tau, eps, appr
                  cfg: KernelConfig):
     T, h = x.shape
     N = weight.shape[0]
-    cfg = _mm_config(cfg, x.dtype)
+    cfg = _mm_config(cfg, x.dtype, h, N)
     grid = (_cdiv(T, cfg.mm_block_m) * _cdiv(N, cfg.mm_block_n),)
     dummy = mean
     pmean, pm2, psel, ploss = parts if parts is not None else (dummy, dummy, dummy, dummy)
@@ -161,9 +177,10 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
     dev = x.device
     z = torch.empty((T, N), dtype=x.dtype, device=dev)
     if mode == "split":
-        bm, bn = cfg.ew_block_m, cfg.ew_block_n
+        bm, bn = _ew_tile(cfg, N)
     else:
-        bm, bn = cfg.mm_block_m, cfg.mm_block_n
+        mm = _mm_config(cfg, x.dtype, x.shape[1], N)
+        bm, bn = mm.mm_block_m, mm.mm_block_n
     P, Q = _cdiv(T, bm), _cdiv(N, bn)
     pmean = torch.empty((P, N), dtype=torch.float32, device=dev)
     pm2 = torch.empty((P, N), dtype=torch.float32, device=dev)
@@ -217,7 +234,7 @@ def _backward_du(u_lin, need_db, dz, g, mean, inv_var, tau, eps, approx_tanh, cf
     """dL/du [T, N] in u_lin.dtype (u_lin: the pre-activation, bias included); when need_db, db (fp32 [N]);
     when need_du_lm, also the LM part alone, dL/dz * GELU'(u) (bitwise the dL/du of a call without ``g``)."""
     T, N = u_lin.shape
-    bm, bn = cfg.ew_block_m, cfg.ew_block_n
+    bm, bn = _ew_tile(cfg, N)
     P, Q = _cdiv(T, bm), _cdiv(N, bn)
     du = torch.empty_like(u_lin)
     du_lm = torch.empty_like(u_lin) if need_du_lm else None
