@@ -199,13 +199,30 @@ def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr
 
 
 @triton.jit
-def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, M, N, P,
-                          BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, psel_ptr, ploss_ptr,
+                          n_sel_out_ptr, loss_out_ptr, count_out_ptr, M, N, P, R,
+                          BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
     """Merge the P row-block partials of each column: the multi-way form of Chan's merge,
         mean = sum_p c_p mean_p / n,    M2 = sum_p M2_p + sum_p c_p (mean_p - mean)^2,
     which equals the left fold of pairwise merges in exact arithmetic, uses only non-negative terms
-    (no sum-of-squares cancellation) and reduces in a fixed order (chunks of BLOCK_P, in order)."""
+    (no sum-of-squares cancellation) and reduces in a fixed order (chunks of BLOCK_P, in order).
+    Program 0 also reduces the R = P * Q tile partials of the selection count (int64) and the loss (fp64
+    accumulation, fp32 result) in a fixed order (chunks of BLOCK_R, in order), and stores the row count M:
+    no separate launches for those scalars."""
     pid = tl.program_id(0)
+    if pid == 0:
+        rs = tl.arange(0, BLOCK_R)
+        sel_acc = tl.zeros((BLOCK_R,), dtype=tl.int64)
+        loss_acc = tl.zeros((BLOCK_R,), dtype=tl.float64)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + rs
+            rm = r < R
+            sel_acc += tl.load(psel_ptr + r, mask=rm, other=0).to(tl.int64)
+            loss_acc += tl.load(ploss_ptr + r, mask=rm, other=0.0).to(tl.float64)
+        tl.store(n_sel_out_ptr, tl.sum(sel_acc, axis=0))
+        tl.store(loss_out_ptr, tl.sum(loss_acc, axis=0).to(tl.float32))
+        tl.store(count_out_ptr, M * 1.0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ps = tl.arange(0, BLOCK_P)

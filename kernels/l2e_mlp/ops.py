@@ -46,6 +46,7 @@ class KernelConfig:
     # statistics merge
     merge_block_p: int = 16
     merge_block_n: int = 128
+    merge_block_r: int = 1024  # program 0's chunk when it reduces the P x Q loss / count partials
     # keep the pre-activation for backward (True) or recompute it there with the forward's GEMM (False)
     save_preact: bool = True
     # compiled CUDA only: the loss's log through lg2.approx (fast_logf) rather than the accurate logf
@@ -202,13 +203,14 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
                      approx_tanh, save_u=cfg.save_preact, epilogue=True, cfg=cfg)
     bmean = torch.empty((N,), dtype=torch.float32, device=dev)
     bm2 = torch.empty((N,), dtype=torch.float32, device=dev)
+    loss_sum = torch.empty((), dtype=torch.float32, device=dev)
+    n_sel = torch.empty((), dtype=torch.int64, device=dev)
+    count = torch.empty((), dtype=torch.float32, device=dev)
+    # one launch merges the moments and reduces the loss / count partials (fixed order: deterministic)
     _launch("_merge_moments_kernel", (_cdiv(N, cfg.merge_block_n),), dict(num_warps=4),
-            pmean_ptr=pmean, pm2_ptr=pm2, mean_out_ptr=bmean, m2_out_ptr=bm2, M=T, N=N, P=P,
-            BLOCK_M=bm, BLOCK_P=cfg.merge_block_p, BLOCK_N=cfg.merge_block_n)
-    # fixed-shape torch reductions of tiny buffers: deterministic
-    loss_sum = ploss.sum(dtype=torch.float64).to(torch.float32)
-    n_sel = psel.sum(dtype=torch.int64)
-    count = torch.full((), float(T), dtype=torch.float32, device=dev)
+            pmean_ptr=pmean, pm2_ptr=pm2, mean_out_ptr=bmean, m2_out_ptr=bm2, psel_ptr=psel, ploss_ptr=ploss,
+            n_sel_out_ptr=n_sel, loss_out_ptr=loss_sum, count_out_ptr=count, M=T, N=N, P=P, R=P * Q,
+            BLOCK_M=bm, BLOCK_P=cfg.merge_block_p, BLOCK_N=cfg.merge_block_n, BLOCK_R=cfg.merge_block_r)
     return z, loss_sum, n_sel, count, bmean, bm2, u_lin
 
 

@@ -35,7 +35,8 @@ RED_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # small tiles so that odd shapes span several tiles in every dimension (and the interpreter stays quick)
 SMALL = KernelConfig(ew_block_m=16, ew_block_n=32, mm_block_m=16, mm_block_n=32, mm_block_k=32,
-                     mm_group_m=2, mm_warps=4, mm_stages=2, ew_warps=4, merge_block_p=2, merge_block_n=32)
+                     mm_group_m=2, mm_warps=4, mm_stages=2, ew_warps=4, merge_block_p=2, merge_block_n=32,
+                     merge_block_r=4)
 
 T, H, N = 37, 45, 70  # none a multiple of any block
 
