@@ -144,7 +144,8 @@ def report(out: Path, rows: list, bench) -> list:
         for r in rows:
             wr.writerow(["" if r.get(c if c != "pass" else "pass_") is None else r.get(c if c != "pass" else "pass_")
                          for c in cols])
-    lines = ["| shape | pass | variant | ms | TFLOP/s | x_floor | vs_torch | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | pass | variant | ms | TFLOP/s | x_floor | vs_torch | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append("| " + " | ".join([r["shape"], r["pass_"], r["variant"], bench.fmt(r["ms"], ".3f"),
                                         bench.fmt(r["tflops"], ".1f"), bench.fmt(r["x_floor"], ".3f"),

@@ -122,6 +122,11 @@ def record(sc: Scenario, cfg) -> list:
     return list(launches)
 
 
+def _unfiltered(dtypes, approx, shapes, layouts) -> bool:
+    return (set(dtypes), set(approx), set(shapes), set(layouts)) == (set(DTYPES), set(APPROX), set(SHAPES),
+                                                                     set(LAYOUTS))
+
+
 def _binder(kernel_name: str, backend):
     from triton.runtime.jit import create_function_from_signature
 
@@ -154,7 +159,7 @@ def collect(arch: int = 90, dtypes=DTYPES, approx=tuple(APPROX), shapes=tuple(SH
                 if isinstance(v, bool):
                     seen[ln.kernel][k].add(v)
     problems = []
-    full = (set(dtypes), set(approx), set(shapes), set(layouts)) == (set(DTYPES), set(APPROX), set(SHAPES), set(LAYOUTS))
+    full = _unfiltered(dtypes, approx, shapes, layouts)
     for kernel, flags in sorted(seen.items()) if full else ():  # a filtered run cannot reach every value
         for flag, vals in sorted(flags.items()):
             if len(vals) < 2 and flag not in CONSTANT_FLAGS:
@@ -210,8 +215,7 @@ def check(arch: int = 90, dtypes=DTYPES, approx=tuple(APPROX), shapes=tuple(SHAP
     notes: List[str] = []
     if verbose:
         print(f"{len(variants)} unique kernel variants recorded from the host code"
-              + ("" if (set(dtypes), set(approx), set(shapes), set(layouts))
-                 == (set(DTYPES), set(APPROX), set(SHAPES), set(LAYOUTS)) else " (filtered: flag coverage not checked)"))
+              + ("" if _unfiltered(dtypes, approx, shapes, layouts) else " (filtered: flag coverage not checked)"))
     if list_only:
         for v in variants:
             print(describe(v))
