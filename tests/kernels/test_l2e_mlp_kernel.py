@@ -487,11 +487,11 @@ def test_l2e_grad_to_input_false(device, mode, dtype, save):
     tau, _ = pick_tau(oracle(x, w, b, mean, inv_var, math.inf, eps, "none")["phi"].cpu(), inv_var)
     cfg = KernelConfig(**{**SMALL.__dict__, "save_preact": save})
 
-    def run(with_loss, to_input):
+    def run(with_loss, to_input, scale=lam):
         xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
         z, loss, n_sel, _ = fused_up_gelu_l2e(xr, wr, br, mean, inv_var, tau, eps, "none", mode, config=cfg,
                                               l2e_grad_to_input=to_input)
-        total = (z.float() * dz.float()).sum() + (lam * loss if with_loss else 0.0)
+        total = (z.float() * dz.float()).sum() + (scale * loss if with_loss else 0.0)
         total.backward()
         return dict(z=z.detach(), n_sel=int(n_sel), dx=xr.grad, dw=wr.grad, db=br.grad)
 
@@ -499,6 +499,7 @@ def test_l2e_grad_to_input_false(device, mode, dtype, save):
     lm_only = run(False, True)
     full = run(True, True)
     assert torch.equal(got["dx"], lm_only["dx"])
+    assert torch.equal(got["dx"], run(True, True, scale=0.0)["dx"])  # = the op at lambda 0 (g = 0)
     assert not torch.equal(got["dw"], lm_only["dw"]) and not torch.equal(got["db"], lm_only["db"])
     assert torch.equal(got["dw"], full["dw"]) and torch.equal(got["db"], full["db"])
     assert not torch.equal(got["dx"], full["dx"])
