@@ -569,3 +569,38 @@ def test_gpu_production_config(mode, approximate, save, bias, shape):
                  cfg=KernelConfig(**{**cfg.__dict__, "save_preact": not save}))
     for k in ("z", "loss", "n_sel", "dx", "dw"):
         assert torch.equal(got[k], other[k]), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_more_than_2_31_elements(mode):
+    """T x N > 2^31 (64-bit offsets everywhere), with a stride-0 dL/dz (a broadcast gradient): z, dx of the
+    last rows, the moments and the count against torch, computed in chunks."""
+    t, h, n = 2 ** 31 // 16384 + 64, 64, 16384
+    g = torch.Generator(device="cuda").manual_seed(19)
+    x = torch.randn(t, h, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, h, device="cuda", generator=g) / 8).bfloat16()
+    b = (0.1 * torch.randn(n, device="cuda", generator=g)).bfloat16()
+    mean, inv_var = torch.zeros(n, device="cuda"), torch.ones(n, device="cuda")
+    dz = torch.ones(1, n, device="cuda", dtype=torch.bfloat16).expand(t, n)
+    gl = torch.tensor(1e-3, device="cuda")
+    xr = x.clone().requires_grad_()
+    z, loss, n_sel, (count, bmean, bm2) = fused_up_gelu_l2e(xr, w, b, mean, inv_var, 1.0, 1e-6, "none", mode)
+    torch.autograd.backward([z, loss], [dz, gl])
+    assert float(count) == t
+    tail = slice(t - 64, t)
+    xt = x[tail].clone().requires_grad_()
+    zt = F.gelu(F.linear(xt, w, b).float())
+    sel = (zt.detach() ** 2 >= 1.0)
+    ((zt * dz[tail].float()).sum() + gl * torch.log(torch.where(sel, zt * zt + 1e-6, torch.ones_like(zt))).sum()
+     ).backward()
+    torch.testing.assert_close(z[tail].float(), zt.detach().bfloat16().float(), rtol=1.6e-2, atol=1e-2)
+    _close(xr.grad[tail], xt.grad, RED_TOL[torch.bfloat16], "dx (last rows)")
+    total, cnt = torch.zeros(n, device="cuda", dtype=torch.float64), 0
+    with torch.no_grad():
+        for c0 in range(0, t, 8192):
+            zc = F.gelu(F.linear(x[c0:c0 + 8192], w, b).float())
+            total += zc.double().sum(0)
+            cnt += int((zc * zc >= 1.0).sum())
+    _close(bmean, total / t, 1e-4, "bmean")
+    assert abs(int(n_sel) - cnt) <= max(2, cnt // 100000)
