@@ -45,7 +45,7 @@ class KernelConfig:
     mm_stages: int = 3
     # statistics merge
     merge_block_p: int = 16
-    merge_block_n: int = 128
+    merge_block_n: int = 32  # N / 32 programs: 64 at N = 2048 (the 70M shape), 512 at N = 16384
     merge_block_r: int = 1024  # program 0's chunk when it reduces the P x Q loss / count partials
     # keep the pre-activation for backward (True) or recompute it there with the forward's GEMM (False)
     save_preact: bool = True
