@@ -20,6 +20,8 @@ the fused variants need Triton's interpreter there and are skipped unless --inte
 
     python tools/bench_kernels.py --csv bench_l2e_mlp.csv                      # on a GPU
     python tools/bench_kernels.py --tokens 256 --shapes 70m --csv smoke.csv    # CPU smoke run
+
+tools/gpu_check.py runs this script once per shape (with a timeout each) and merges the results.
 """
 from __future__ import annotations
 
@@ -30,15 +32,17 @@ import statistics
 import sys
 import time
 
-SHAPES = {"70m": 512, "410m": 1024, "2.8b": 2560, "6.9b": 4096}
+SHAPES = {"70m": 512, "410m": 1024, "2.8b": 2560, "6.9b": 4096, "12b": 5120}
+DEFAULT_SHAPES = ["70m", "410m", "2.8b", "6.9b"]  # on CUDA without --shapes; 12b on request (gpu_check asks)
+CSV_COLUMNS = ["shape", "h", "N", "T", "pass", "variant", "ms", "tflops", "gbs", "x_floor", "vs_torch", "note"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=None,
-                   help="comma list of Pythia sizes (70m,410m,2.8b,6.9b) or hidden sizes h; "
-                        "default: all four on CUDA, 70m on CPU")
+                   help="comma list of Pythia sizes (70m,410m,2.8b,6.9b,12b) or hidden sizes h; "
+                        "default: 70m..6.9b on CUDA, 70m on CPU")
     p.add_argument("--tokens", type=int, default=None,
                    help="token rows T (default 8 x 2048 = 16384 on CUDA, 256 on CPU)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -54,14 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench rep ms (CUDA); CPU: at least 3 runs")
     p.add_argument("--rounds", type=int, default=3,
                    help="time all variants once per round, this many rounds; report the median")
+    p.add_argument("--cpu-min-runs", type=int, default=3, help="CPU timer: at least this many timed runs")
     p.add_argument("--csv", default=None, help="write the rows to this CSV file")
     return p.parse_args(argv)
 
 
-ARGS = parse_args()
-_HAS_GPU_NODE = os.path.exists("/dev/nvidiactl")
-if ARGS.interpret_fused and not _HAS_GPU_NODE:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch/triton are imported
+if __name__ == "__main__" and "--interpret-fused" in sys.argv[1:] and not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the kernels import it lazily)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -72,17 +75,17 @@ CUDA = torch.cuda.is_available()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def timer(fn, grad_to_none=None):
+def timer(fn, args, grad_to_none=None):
     """Median milliseconds of fn()."""
     if CUDA:
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=ARGS.warmup, rep=ARGS.rep, grad_to_none=grad_to_none,
+        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grad_to_none,
                                        return_mode="median")
-    for _ in range(2):  # warmup (and any lazy compilation)
+    for _ in range(min(2, args.cpu_min_runs)):  # warmup (and any lazy compilation)
         fn()
     times = []
     t_end = time.perf_counter() + 0.3
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 20):
+    while len(times) < args.cpu_min_runs or (time.perf_counter() < t_end and len(times) < 20):
         if grad_to_none:
             for t in grad_to_none:
                 t.grad = None
@@ -108,7 +111,8 @@ def floor_path(x, w, b, approximate):
     return F.gelu(F.linear(x, w, b), approximate=approximate)
 
 
-def bench_shape(name, h, T, dtype, rows):
+def bench_shape(name, h, T, dtype, rows, args):
+    """Time every variant at x [T, h], W [4h, h]; append one row per (variant, pass) to ``rows``."""
     dev = "cuda" if CUDA else "cpu"
     N = 4 * h
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -116,7 +120,7 @@ def bench_shape(name, h, T, dtype, rows):
     w = (torch.randn(N, h, generator=g) / math.sqrt(h)).to(dev, dtype).requires_grad_()
     b = (0.1 * torch.randn(N, generator=g)).to(dev, dtype).requires_grad_()
     with torch.no_grad():  # running statistics from a sample of the batch, threshold at 3 sigma
-        _, mu, m2 = L.batch_moments(floor_path(x[: min(T, 1024)], w, b, ARGS.approximate))
+        _, mu, m2 = L.batch_moments(floor_path(x[: min(T, 1024)], w, b, args.approximate))
         cnt = min(T, 1024)
         mean = mu.float().contiguous()
         inv_var = L.inv_var_from_stats(torch.full_like(m2, cnt), m2, 2).contiguous()
@@ -129,22 +133,22 @@ def bench_shape(name, h, T, dtype, rows):
     nbytes = {"fwd": e * (T * h + N * h + N + T * N), "bwd": e * (2 * T * N + 2 * T * h + 2 * N * h)}
 
     variants = []
-    fused_ok = CUDA or ARGS.interpret_fused
+    fused_ok = CUDA or args.interpret_fused
     if fused_ok:
         from neox_l2e.kernels.l2e_mlp import fused_up_gelu_l2e
-        preact = ARGS.preact or ("both" if CUDA else "save")
+        preact = args.preact or ("both" if CUDA else "save")
         saves = {"save": [True], "recompute": [False], "both": [True, False]}[preact]
-        for mode in [m for m in ARGS.modes.split(",") if m]:
+        for mode in [m for m in args.modes.split(",") if m]:
             for save in saves:
                 variants.append((f"fused:{mode}" + ("" if save else ":recompute"),
                                  (lambda mode=mode, save=save: fused_up_gelu_l2e(
-                                     x, w, b, mean, inv_var, tau, eps, ARGS.approximate, mode, save_preact=save)),
+                                     x, w, b, mean, inv_var, tau, eps, args.approximate, mode, save_preact=save)),
                                  True))
-    variants.append(("floor", lambda: (floor_path(x, w, b, ARGS.approximate),), False))
-    variants.append(("torch-l2e", lambda: torch_l2e(x, w, b, mean, inv_var, tau, eps, ARGS.approximate), True))
-    if not ARGS.no_compile:
+    variants.append(("floor", lambda: (floor_path(x, w, b, args.approximate),), False))
+    variants.append(("torch-l2e", lambda: torch_l2e(x, w, b, mean, inv_var, tau, eps, args.approximate), True))
+    if not args.no_compile:
         compiled = torch.compile(torch_l2e, dynamic=False)  # specialised per shape, like the kernels
-        variants.append(("compiled-l2e", lambda: compiled(x, w, b, mean, inv_var, tau, eps, ARGS.approximate),
+        variants.append(("compiled-l2e", lambda: compiled(x, w, b, mean, inv_var, tau, eps, args.approximate),
                          True))
 
     # prepare every variant (compile, warm up, keep one graph for the backward timings) ...
@@ -174,18 +178,18 @@ def bench_shape(name, h, T, dtype, rows):
                 return f()
         return g
     prepared["gemm:torch"] = {"fwd": no_grad(lambda: torch.mm(x, w.t()))}
-    if fused_ok and "fused-gemm" in ARGS.modes:
+    if fused_ok and "fused-gemm" in args.modes:
         from neox_l2e.kernels.l2e_mlp import default_config
         from neox_l2e.kernels.l2e_mlp.ops import _recompute_preact
         cfg = default_config()
-        prepared["gemm:triton"] = {"fwd": no_grad(lambda: _recompute_preact(x, w, "fused-gemm", cfg))}
+        prepared["gemm:triton"] = {"fwd": no_grad(lambda: _recompute_preact(x, w, None, "fused-gemm", cfg))}
 
-    # then time them side by side: ARGS.rounds rounds, each timing every variant once; median over rounds
+    # then time them side by side: args.rounds rounds, each timing every variant once; median over rounds
     samples = {}
-    for _ in range(ARGS.rounds):
+    for _ in range(args.rounds):
         for vname, fns in prepared.items():
             for pas, f in fns.items():
-                samples.setdefault(vname, {}).setdefault(pas, []).append(timer(f, grad_to_none=leaves))
+                samples.setdefault(vname, {}).setdefault(pas, []).append(timer(f, args, grad_to_none=leaves))
     for vname, by_pass in samples.items():
         results[vname] = {pas: statistics.median(v) for pas, v in by_pass.items()}
     prepared.clear()
@@ -223,28 +227,37 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def main():
-    dtype = DTYPES[ARGS.dtype]
-    if ARGS.shapes is None:
-        shape_names = list(SHAPES) if CUDA else ["70m"]
-    else:
-        shape_names = [s.strip() for s in ARGS.shapes.split(",") if s.strip()]
-    T = ARGS.tokens if ARGS.tokens is not None else (8 * 2048 if CUDA else 256)
+def environment(args) -> str:
     if CUDA:
         device = torch.cuda.get_device_name()
         timer_name = "triton.testing.do_bench (median per round)"
     else:
         device = f"CPU ({torch.get_num_threads()} threads)"
-        timer_name = "time.perf_counter (median of >= 3 runs per round)"
-        if not ARGS.interpret_fused:
-            print("note: no CUDA; fused variants skipped (--interpret-fused runs them in Triton's interpreter)")
-    print(f"device: {device}; torch {torch.__version__}; dtype {ARGS.dtype}; GELU approximate={ARGS.approximate}; "
-          f"T={T}; timer: {timer_name}; {ARGS.rounds} rounds, variants alternating, median of rounds")
+        timer_name = f"time.perf_counter (median of >= {args.cpu_min_runs} runs per round)"
+    return device, timer_name
+
+
+def run(args) -> list:
+    """Benchmark every requested shape; return the rows (dicts with the CSV_COLUMNS keys, 'pass_' for 'pass')."""
+    dtype = DTYPES[args.dtype]
+    if args.shapes is None:
+        shape_names = DEFAULT_SHAPES if CUDA else ["70m"]
+    else:
+        shape_names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    T = args.tokens if args.tokens is not None else (8 * 2048 if CUDA else 256)
+    device, timer_name = environment(args)
+    if not CUDA and not args.interpret_fused:
+        print("note: no CUDA; fused variants skipped (--interpret-fused runs them in Triton's interpreter)")
+    print(f"device: {device}; torch {torch.__version__}; dtype {args.dtype}; GELU approximate={args.approximate}; "
+          f"T={T}; timer: {timer_name}; {args.rounds} rounds, variants alternating, median of rounds")
     rows = []
     for s in shape_names:
         h = SHAPES[s] if s in SHAPES else int(s)
-        bench_shape(s, h, T, dtype, rows)
+        bench_shape(s, h, T, dtype, rows, args)
+    return rows
 
+
+def print_table(rows) -> None:
     head = ["shape", "h", "N", "T", "pass", "variant", "ms", "TFLOP/s", "GB/s", "x_floor", "vs_torch", "note"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
@@ -254,27 +267,42 @@ def main():
                  fmt(r.get("vs_torch"), ".2f"), r["note"]]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
-    if CUDA:  # the issue's goals, forward pass
-        for s in shape_names:
-            by = {(r["variant"], r["pass_"]): r for r in rows if r["shape"] == s and r["ms"] is not None}
-            for mode in ARGS.modes.split(","):
-                r = by.get((f"fused:{mode}", "fwd"))
-                if r and r.get("x_floor") and r.get("vs_torch"):
-                    ok = r["x_floor"] <= 1.05 and r["vs_torch"] >= 1.5
-                    print(f"goal {s} fused:{mode} fwd: {r['x_floor']:.3f}x floor (<= 1.05), "
-                          f"{r['vs_torch']:.2f}x faster than torch-l2e (>= 1.5): {'MET' if ok else 'NOT MET'}")
 
-    if ARGS.csv:
-        import csv
-        cols = ["shape", "h", "N", "T", "pass", "variant", "ms", "tflops", "gbs", "x_floor", "vs_torch", "note"]
-        with open(ARGS.csv, "w", newline="") as f:
-            wr = csv.writer(f)
-            wr.writerow(["device", "dtype", "approximate"] + cols)
-            for r in rows:
-                vals = [r.get("pass_") if c == "pass" else r.get(c) for c in cols]
-                vals = [f"{v:.6g}" if isinstance(v, float) else v for v in vals]
-                wr.writerow([device, ARGS.dtype, ARGS.approximate] + vals)
-        print(f"wrote {ARGS.csv}")
+def goal_lines(rows, modes=("split", "fused-gemm")) -> list:
+    """The kernel goals per shape and forward pass: <= 1.05x the floor, >= 1.5x faster than torch-l2e."""
+    out = []
+    for s in dict.fromkeys(r["shape"] for r in rows):
+        by = {(r["variant"], r["pass_"]): r for r in rows if r["shape"] == s and r["ms"] is not None}
+        for mode in modes:
+            r = by.get((f"fused:{mode}", "fwd"))
+            if r and r.get("x_floor") and r.get("vs_torch"):
+                ok = r["x_floor"] <= 1.05 and r["vs_torch"] >= 1.5
+                out.append(f"goal {s} fused:{mode} fwd: {r['x_floor']:.3f}x floor (<= 1.05), "
+                           f"{r['vs_torch']:.2f}x faster than torch-l2e (>= 1.5): {'MET' if ok else 'NOT MET'}")
+    return out
+
+
+def write_csv(path, rows, device, dtype_name, approximate) -> None:
+    import csv
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["device", "dtype", "approximate"] + CSV_COLUMNS)
+        for r in rows:
+            vals = [r.get("pass_") if c == "pass" else r.get(c) for c in CSV_COLUMNS]
+            vals = [f"{v:.6g}" if isinstance(v, float) else v for v in vals]
+            wr.writerow([device, dtype_name, approximate] + vals)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    print_table(rows)
+    if CUDA:  # the issue's goals, forward pass
+        for line in goal_lines(rows, [m for m in args.modes.split(",") if m]):
+            print(line)
+    if args.csv:
+        write_csv(args.csv, rows, environment(args)[0], args.dtype, args.approximate)
+        print(f"wrote {args.csv}")
     return 0
 
 

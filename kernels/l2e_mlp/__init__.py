@@ -2,10 +2,12 @@
 
     z, loss_sum, n_sel, (count, bmean, bm2) = fused_up_gelu_l2e(
         x [T, h], weight [N, h], bias [N] | None, mean [N] fp32, inv_var [N] fp32, tau, eps,
-        approximate="none" | "tanh", mode="split" | "fused-gemm")
+        approximate="none" | "tanh", mode="split" | "fused-gemm", *, l2e_grad_to_input=True)
 
 z [T, N] (x.dtype, differentiable), loss_sum fp32 0-dim (differentiable), n_sel int64 0-dim,
-count fp32 0-dim (= T), bmean/bm2 [N] fp32 moments of z's fp32 value. Design: docs/kernels.md.
+count fp32 0-dim (= T), bmean/bm2 [N] fp32 moments of z's fp32 value. l2e_grad_to_input=False keeps
+loss_sum's gradient off x (W and b still get it). Under autocast x, W, b are cast as F.linear casts them.
+Design: docs/kernels.md.
 Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors (slow; tests only).
 """
 from .ops import (FusedUpGeluL2E, GPU_CONFIG, INTERPRET_CONFIG, KernelConfig, default_config,  # noqa: F401

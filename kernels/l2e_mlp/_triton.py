@@ -199,13 +199,30 @@ def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr
 
 
 @triton.jit
-def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, M, N, P,
-                          BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, psel_ptr, ploss_ptr,
+                          n_sel_out_ptr, loss_out_ptr, count_out_ptr, M, N, P, R,
+                          BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
     """Merge the P row-block partials of each column: the multi-way form of Chan's merge,
         mean = sum_p c_p mean_p / n,    M2 = sum_p M2_p + sum_p c_p (mean_p - mean)^2,
     which equals the left fold of pairwise merges in exact arithmetic, uses only non-negative terms
-    (no sum-of-squares cancellation) and reduces in a fixed order (chunks of BLOCK_P, in order)."""
+    (no sum-of-squares cancellation) and reduces in a fixed order (chunks of BLOCK_P, in order).
+    Program 0 also reduces the R = P * Q tile partials of the selection count (int64) and the loss (fp64
+    accumulation, fp32 result) in a fixed order (chunks of BLOCK_R, in order), and stores the row count M:
+    no separate launches for those scalars."""
     pid = tl.program_id(0)
+    if pid == 0:
+        rs = tl.arange(0, BLOCK_R)
+        sel_acc = tl.zeros((BLOCK_R,), dtype=tl.int64)
+        loss_acc = tl.zeros((BLOCK_R,), dtype=tl.float64)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + rs
+            rm = r < R
+            sel_acc += tl.load(psel_ptr + r, mask=rm, other=0).to(tl.int64)
+            loss_acc += tl.load(ploss_ptr + r, mask=rm, other=0.0).to(tl.float64)
+        tl.store(n_sel_out_ptr, tl.sum(sel_acc, axis=0))
+        tl.store(loss_out_ptr, tl.sum(loss_acc, axis=0).to(tl.float32))
+        tl.store(count_out_ptr, M * 1.0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ps = tl.arange(0, BLOCK_P)
@@ -234,15 +251,16 @@ def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, M, N, P,
 
 
 @triton.jit
-def _bwd_kernel(u_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, pdb_ptr,
+def _bwd_kernel(u_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, du_lm_ptr, pdb_ptr,
                 M, N, stride_dzm, stride_dzn, tau, eps,
-                NEED_DB: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr,
+                NEED_DB: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr, STORE_DU_LM: tl.constexpr,
                 APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dL/du = (dL/dz + g * selected * 2 (z - mean) / ((z - mean)^2 + eps)) * GELU'(u), with z and the
     selection recomputed from the saved pre-activation (bitwise the forward's), plus per-row-block
     column sums of dL/du (fp32) for the bias gradient when NEED_DB. u is the saved pre-activation, bias
-    included."""
+    included. STORE_DU_LM: also store the LM part dL/dz * GELU'(u) alone (by the very expression a launch
+    with HAS_G=False stores as dL/du, so bitwise equal to it)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -257,6 +275,9 @@ def _bwd_kernel(u_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, pdb_ptr,
         dz_offs = rows.to(tl.int64)[:, None] * stride_dzm + cols[None, :] * stride_dzn
         grad += tl.load(dz_ptr + dz_offs, mask=mask2, other=0.0).to(tl.float32)
     z, gelu_grad = _gelu_and_grad(u, APPROX_TANH)
+    if STORE_DU_LM:
+        du_lm = tl.where(mask2, grad * gelu_grad, 0.0)
+        tl.store(du_lm_ptr + offs, _round_bf16(du_lm, BF16_RNE).to(du_lm_ptr.dtype.element_ty), mask=mask2)
     if HAS_G:
         g = tl.load(g_ptr).to(tl.float32)
         mu = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)

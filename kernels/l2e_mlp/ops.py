@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Iterator, List, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .reference import _check_args, l2e_mlp_reference
 
@@ -44,7 +45,8 @@ class KernelConfig:
     mm_stages: int = 3
     # statistics merge
     merge_block_p: int = 16
-    merge_block_n: int = 128
+    merge_block_n: int = 32  # N / 32 programs: 64 at N = 2048 (the 70M shape), 512 at N = 16384
+    merge_block_r: int = 1024  # program 0's chunk when it reduces the P x Q loss / count partials
     # keep the pre-activation for backward (True) or recompute it there with the forward's GEMM (False)
     save_preact: bool = True
     # compiled CUDA only: the loss's log through lg2.approx (fast_logf) rather than the accurate logf
@@ -70,10 +72,66 @@ def _kernels():
     return _triton
 
 
-def _mm_config(cfg: KernelConfig, dtype: torch.dtype) -> KernelConfig:
-    if dtype == torch.float32 and not interpreter_enabled():  # fp32 tiles take twice the shared memory
-        return replace(cfg, mm_block_k=min(cfg.mm_block_k, 32))
+# Compile options every kernel of this package is launched with. FP fusion (contracting a*b + c into one fma) is
+# off: the backward recomputes z and the selection phi >= tau from the saved pre-activation, and only
+# operation-by-operation IEEE rounding makes that recomputation bitwise the forward's in every kernel whatever
+# the compiler's fusion heuristics (which depend on use counts; Triton 3.10 also flips the default).
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+
+@dataclass
+class Launch:
+    """One kernel launch: the ``_triton`` kernel's name, the grid, every argument by name (runtime values and
+    constexprs) and the compile options. The ahead-of-time check compiles exactly these (``record_launches``)."""
+    kernel: str
+    grid: tuple
+    args: dict
+    options: dict = field(default_factory=dict)
+
+
+_RECORDING: Optional[List[Launch]] = None
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[List[Launch]]:
+    """Inside the block, kernel launches are appended to the yielded list instead of run: the host code
+    (variant selection, shapes, flags) runs as usual, typically on ``meta`` tensors. Not thread-safe."""
+    global _RECORDING
+    prev, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = prev
+
+
+def _launch(kernel: str, grid: tuple, options: dict, **args) -> None:
+    launch = Launch(kernel, grid, args, {**options, **COMPILE_OPTIONS})
+    if _RECORDING is not None:
+        _RECORDING.append(launch)
+        return
+    getattr(_kernels(), kernel)[grid](**launch.args, **launch.options)
+
+
+def _mm_config(cfg: KernelConfig, dtype: torch.dtype, h: int, N: int) -> KernelConfig:
+    """The fused-gemm tiles for this call, compiled: fp32 halves BLOCK_K (its tiles take twice the shared
+    memory); h or N not divisible by 16 (rows not 16-byte aligned: no asynchronous copies, so no pipelined
+    main loop, and one address per element) halves BLOCK_M, which keeps those variants free of spills."""
+    if interpreter_enabled():
+        return cfg
+    if dtype == torch.float32:
+        cfg = replace(cfg, mm_block_k=min(cfg.mm_block_k, 32))
+    if h % 16 or N % 16:
+        cfg = replace(cfg, mm_block_m=max(16, cfg.mm_block_m // 2))
     return cfg
+
+
+def _ew_tile(cfg: KernelConfig, N: int):
+    """[BLOCK_M, BLOCK_N] of the element-wise passes. A row length N not divisible by 16 (rows not 16-byte
+    aligned: no vector loads, one 64-bit address per element) halves BLOCK_M when compiled, which keeps those
+    variants free of register spills (checked by aot_check)."""
+    if N % 16 != 0 and not interpreter_enabled():
+        return max(16, cfg.ew_block_m // 2), cfg.ew_block_n
+    return cfg.ew_block_m, cfg.ew_block_n
 
 
 def _bf16_rne(dtype: torch.dtype) -> bool:
@@ -92,38 +150,38 @@ def _input_precision(dtype: torch.dtype):
 
 def _gemm_launch(x, weight, bias, u_lin, z, mean, inv_var, parts, tau, eps, approx_tanh, save_u, epilogue,
                  cfg: KernelConfig):
-    K = _kernels()
     T, h = x.shape
     N = weight.shape[0]
-    cfg = _mm_config(cfg, x.dtype)
+    cfg = _mm_config(cfg, x.dtype, h, N)
     grid = (_cdiv(T, cfg.mm_block_m) * _cdiv(N, cfg.mm_block_n),)
     dummy = mean
     pmean, pm2, psel, ploss = parts if parts is not None else (dummy, dummy, dummy, dummy)
-    K._gemm_fwd_kernel[grid](
-        x, weight, bias if bias is not None else dummy, u_lin if u_lin is not None else dummy,
-        z if z is not None else dummy, mean, inv_var, pmean, pm2, psel, ploss,
-        T, N, h, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), float(tau), float(eps),
+    _launch(
+        "_gemm_fwd_kernel", grid, dict(num_warps=cfg.mm_warps, num_stages=cfg.mm_stages),
+        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else dummy,
+        u_ptr=u_lin if u_lin is not None else dummy, z_ptr=z if z is not None else dummy,
+        mean_ptr=mean, inv_var_ptr=inv_var, pmean_ptr=pmean, pm2_ptr=pm2, psel_ptr=psel, ploss_ptr=ploss,
+        M=T, N=N, K=h, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1), tau=float(tau), eps=float(eps),
         HAS_BIAS=bias is not None, SAVE_U=save_u, EPILOGUE=epilogue, APPROX_TANH=approx_tanh,
         BF16_RNE=_bf16_rne(x.dtype),
         DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
         INPUT_PRECISION=_input_precision(x.dtype), FAST_LOG=cfg.fast_log and not interpreter_enabled(),
-        EVEN_M=T % cfg.mm_block_m == 0,
-        EVEN_N=N % cfg.mm_block_n == 0, EVEN_K=h % cfg.mm_block_k == 0, GROUP_M=cfg.mm_group_m,
-        BLOCK_M=cfg.mm_block_m, BLOCK_N=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k,
-        num_warps=cfg.mm_warps, num_stages=cfg.mm_stages)
+        EVEN_M=T % cfg.mm_block_m == 0, EVEN_N=N % cfg.mm_block_n == 0, EVEN_K=h % cfg.mm_block_k == 0,
+        GROUP_M=cfg.mm_group_m, BLOCK_M=cfg.mm_block_m, BLOCK_N=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k)
 
 
 def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: KernelConfig):
     """Returns z, loss_sum, n_sel, count, bmean, bm2, u_lin (None unless saved)."""
-    K = _kernels()
     T, _ = x.shape
     N = weight.shape[0]
     dev = x.device
     z = torch.empty((T, N), dtype=x.dtype, device=dev)
     if mode == "split":
-        bm, bn = cfg.ew_block_m, cfg.ew_block_n
+        bm, bn = _ew_tile(cfg, N)
     else:
-        bm, bn = cfg.mm_block_m, cfg.mm_block_n
+        mm = _mm_config(cfg, x.dtype, x.shape[1], N)
+        bm, bn = mm.mm_block_m, mm.mm_block_n
     P, Q = _cdiv(T, bm), _cdiv(N, bn)
     pmean = torch.empty((P, N), dtype=torch.float32, device=dev)
     pm2 = torch.empty((P, N), dtype=torch.float32, device=dev)
@@ -131,12 +189,12 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
     ploss = torch.empty((P, Q), dtype=torch.float32, device=dev)
     if mode == "split":
         u_lin = _linear(x, weight, bias)  # cuBLAS, fp32 accumulation, x.dtype out: read once below
-        K._split_fwd_kernel[(P, Q)](
-            u_lin, z, mean, inv_var, pmean, pm2, psel, ploss,
-            T, N, float(tau), float(eps), APPROX_TANH=approx_tanh,
+        _launch(
+            "_split_fwd_kernel", (P, Q), dict(num_warps=cfg.ew_warps),
+            u_ptr=u_lin, z_ptr=z, mean_ptr=mean, inv_var_ptr=inv_var, pmean_ptr=pmean, pm2_ptr=pm2,
+            psel_ptr=psel, ploss_ptr=ploss, M=T, N=N, tau=float(tau), eps=float(eps), APPROX_TANH=approx_tanh,
             BF16_RNE=_bf16_rne(x.dtype), FAST_LOG=cfg.fast_log and not interpreter_enabled(),
-            EVEN_M=T % bm == 0, EVEN_N=N % bn == 0,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.ew_warps)
+            EVEN_M=T % bm == 0, EVEN_N=N % bn == 0, BLOCK_M=bm, BLOCK_N=bn)
         if not cfg.save_preact:
             u_lin = None
     else:
@@ -145,12 +203,14 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
                      approx_tanh, save_u=cfg.save_preact, epilogue=True, cfg=cfg)
     bmean = torch.empty((N,), dtype=torch.float32, device=dev)
     bm2 = torch.empty((N,), dtype=torch.float32, device=dev)
-    K._merge_moments_kernel[(_cdiv(N, cfg.merge_block_n),)](
-        pmean, pm2, bmean, bm2, T, N, P, BLOCK_M=bm, BLOCK_P=cfg.merge_block_p, BLOCK_N=cfg.merge_block_n)
-    # fixed-shape torch reductions of tiny buffers: deterministic
-    loss_sum = ploss.sum(dtype=torch.float64).to(torch.float32)
-    n_sel = psel.sum(dtype=torch.int64)
-    count = torch.full((), float(T), dtype=torch.float32, device=dev)
+    loss_sum = torch.empty((), dtype=torch.float32, device=dev)
+    n_sel = torch.empty((), dtype=torch.int64, device=dev)
+    count = torch.empty((), dtype=torch.float32, device=dev)
+    # one launch merges the moments and reduces the loss / count partials (fixed order: deterministic)
+    _launch("_merge_moments_kernel", (_cdiv(N, cfg.merge_block_n),), dict(num_warps=4),
+            pmean_ptr=pmean, pm2_ptr=pm2, mean_out_ptr=bmean, m2_out_ptr=bm2, psel_ptr=psel, ploss_ptr=ploss,
+            n_sel_out_ptr=n_sel, loss_out_ptr=loss_sum, count_out_ptr=count, M=T, N=N, P=P, R=P * Q,
+            BLOCK_M=bm, BLOCK_P=cfg.merge_block_p, BLOCK_N=cfg.merge_block_n, BLOCK_R=cfg.merge_block_r)
     return z, loss_sum, n_sel, count, bmean, bm2, u_lin
 
 
@@ -171,25 +231,26 @@ def _recompute_preact(x, weight, bias, mode, cfg: KernelConfig):
     return u_lin
 
 
-def _backward_du(u_lin, need_db, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: KernelConfig):
-    """dL/du [T, N] in u_lin.dtype (u_lin: the pre-activation, bias included) and, when need_db, db
-    (fp32 [N])."""
-    K = _kernels()
+def _backward_du(u_lin, need_db, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: KernelConfig,
+                 need_du_lm: bool = False):
+    """dL/du [T, N] in u_lin.dtype (u_lin: the pre-activation, bias included); when need_db, db (fp32 [N]);
+    when need_du_lm, also the LM part alone, dL/dz * GELU'(u) (bitwise the dL/du of a call without ``g``)."""
     T, N = u_lin.shape
-    bm, bn = cfg.ew_block_m, cfg.ew_block_n
+    bm, bn = _ew_tile(cfg, N)
     P, Q = _cdiv(T, bm), _cdiv(N, bn)
     du = torch.empty_like(u_lin)
+    du_lm = torch.empty_like(u_lin) if need_du_lm else None
     pdb = torch.empty((P, N), dtype=torch.float32, device=u_lin.device) if need_db else mean
-    K._bwd_kernel[(P, Q)](
-        u_lin, dz if dz is not None else u_lin,
-        g if g is not None else mean, mean, inv_var, du, pdb, T, N,
-        dz.stride(0) if dz is not None else 0, dz.stride(1) if dz is not None else 0, float(tau), float(eps),
-        NEED_DB=need_db, HAS_DZ=dz is not None, HAS_G=g is not None,
-        APPROX_TANH=approx_tanh,
-        BF16_RNE=_bf16_rne(u_lin.dtype), EVEN_M=T % bm == 0, EVEN_N=N % bn == 0,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.ew_warps)
+    _launch(
+        "_bwd_kernel", (P, Q), dict(num_warps=cfg.ew_warps),
+        u_ptr=u_lin, dz_ptr=dz if dz is not None else u_lin, g_ptr=g if g is not None else mean,
+        mean_ptr=mean, inv_var_ptr=inv_var, du_ptr=du, du_lm_ptr=du_lm if need_du_lm else du, pdb_ptr=pdb,
+        M=T, N=N, stride_dzm=dz.stride(0) if dz is not None else 0, stride_dzn=dz.stride(1) if dz is not None else 0,
+        tau=float(tau), eps=float(eps), NEED_DB=need_db, HAS_DZ=dz is not None, HAS_G=g is not None,
+        STORE_DU_LM=need_du_lm, APPROX_TANH=approx_tanh, BF16_RNE=_bf16_rne(u_lin.dtype),
+        EVEN_M=T % bm == 0, EVEN_N=N % bn == 0, BLOCK_M=bm, BLOCK_N=bn)
     db = pdb.sum(dim=0) if need_db else None
-    return du, db
+    return du, du_lm, db
 
 
 def _device_guard(t: torch.Tensor):
@@ -198,62 +259,118 @@ def _device_guard(t: torch.Tensor):
 
 
 class FusedUpGeluL2E(torch.autograd.Function):
-    """z = GELU(x W^T + b) with the L2E loss, selection count and batch moments; gradients for x, W, b."""
+    """z = GELU(x W^T + b) with the L2E loss, selection count and batch moments; gradients for x, W, b.
+    With ``grad_to_input=False`` the loss's gradient reaches W and b but not x (dx is the LM part alone)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, inv_var, tau, eps, approximate, mode, cfg):
+    def forward(ctx, x, weight, bias, mean, inv_var, tau, eps, approximate, mode, cfg, grad_to_input=True):
         approx_tanh = approximate == "tanh"
         with _device_guard(x):
             z, loss_sum, n_sel, count, bmean, bm2, u_lin = _forward(
                 x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg)
         ctx.save_for_backward(x, weight, bias, mean, inv_var, u_lin)
         ctx.tau, ctx.eps, ctx.approx_tanh, ctx.mode, ctx.cfg = tau, eps, approx_tanh, mode, cfg
+        ctx.grad_to_input = bool(grad_to_input)
         ctx.mark_non_differentiable(n_sel, count, bmean, bm2)
         ctx.set_materialize_grads(False)
         return z, loss_sum, n_sel, count, bmean, bm2
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dz, dloss, *_unused):
         x, weight, bias, mean, inv_var, u_lin = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        none = (None,) * 8
         if (dz is None and dloss is None) or not (need_x or need_w or need_b):
-            return (None,) * 10
+            return (None, None, None) + none
         g = dloss.detach().to(torch.float32).reshape(()) if dloss is not None else None
+        need_wb = need_w or need_b
+        # l2e_grad_to_input=False: dx from the LM gradient alone, a second output of the same backward pass
+        lm_only_dx = need_x and g is not None and not ctx.grad_to_input
+        if lm_only_dx and not need_wb:
+            g, lm_only_dx = None, False  # only dx is wanted, and it must not see the loss
+        if g is None and dz is None:
+            return (None, None, None) + none
         with _device_guard(x):
             if u_lin is None:
                 u_lin = _recompute_preact(x, weight, bias, ctx.mode, ctx.cfg)
-            du, db = _backward_du(u_lin, need_b and bias is not None, dz, g, mean, inv_var, ctx.tau, ctx.eps,
-                                  ctx.approx_tanh, ctx.cfg)
-        dx = du @ weight if need_x else None        # cuBLAS through torch
+            du, du_lm, db = _backward_du(u_lin, need_b and bias is not None, dz, g, mean, inv_var, ctx.tau,
+                                         ctx.eps, ctx.approx_tanh, ctx.cfg, need_du_lm=lm_only_dx and dz is not None)
+        if not need_x:
+            dx = None
+        elif lm_only_dx:
+            dx = du_lm @ weight if du_lm is not None else None  # no dL/dz: x gets no gradient from this op
+        else:
+            dx = du @ weight                    # cuBLAS through torch
         dw = du.t() @ x if need_w else None
         db = db.to(bias.dtype) if need_b else None
-        return dx, dw, db, None, None, None, None, None, None, None
+        return (dx, dw, db) + none
+
+
+def _apply_kernels(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, cfg: KernelConfig,
+                   l2e_grad_to_input: bool = True):
+    """The Triton path of ``fused_up_gelu_l2e`` after argument checks and dispatch (also what the
+    ahead-of-time check drives, on ``meta`` tensors, to list the launches)."""
+    mean = mean.detach().contiguous()
+    inv_var = inv_var.detach().contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    z, loss_sum, n_sel, count, bmean, bm2 = FusedUpGeluL2E.apply(
+        x, weight, bias, mean, inv_var, float(tau), float(eps), approximate, mode, cfg, bool(l2e_grad_to_input))
+    return z, loss_sum, n_sel, (count, bmean, bm2)
+
+
+def _reference_split_grad(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, l2e_grad_to_input):
+    """The torch implementation; with ``l2e_grad_to_input=False`` the loss comes from a second evaluation on
+    ``x.detach()`` (its gradient reaches W and b, not x) and z from the first (twice the work: fallback only)."""
+    out = l2e_mlp_reference(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, round_preact=True)
+    if l2e_grad_to_input or not x.requires_grad:
+        return out
+    loss_sum = l2e_mlp_reference(x.detach(), weight, bias, mean, inv_var, tau, eps, approximate, mode,
+                                 round_preact=True)[1]
+    return out[0], loss_sum, out[2], out[3]
+
+
+def _autocast_inputs(x, weight, bias):
+    """Under autocast, cast x, weight and bias to the autocast dtype, as F.linear does there (so fp32 master
+    weights work with a bf16/fp16 autocast region); otherwise unchanged."""
+    dev_type = x.device.type
+    if dev_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev_type):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev_type)
+
+    def cast(t):
+        return t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+    return cast(x), cast(weight), cast(bias)
 
 
 @torch.compiler.disable  # runs eagerly inside a compiled model (a graph break), never traced by dynamo
 def fused_up_gelu_l2e(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       mean: torch.Tensor, inv_var: torch.Tensor, tau: float, eps: float,
                       approximate: str = "none", mode: str = "split", *,
-                      config: Optional[KernelConfig] = None, save_preact: Optional[bool] = None):
+                      config: Optional[KernelConfig] = None, save_preact: Optional[bool] = None,
+                      l2e_grad_to_input: bool = True):
     """Fused MLP up-projection + GELU + L2E on one tensor-parallel shard of neurons.
 
     Returns ``z, loss_sum, n_sel, (count, bmean, bm2)``; see the package docstring. ``config`` overrides
     the launch configuration (tests use small tiles); ``save_preact`` overrides ``config.save_preact``
     (True: keep the pre-activation x W^T for backward; False: recompute it there with the forward's GEMM).
+    ``l2e_grad_to_input=False``: the gradient of ``loss_sum`` reaches ``weight`` and ``bias`` but not ``x``;
+    dx is then bitwise the dx of the LM gradient alone (dL/dz only).
+    Under autocast (CUDA or CPU), x, weight and bias are cast to the autocast dtype as ``F.linear`` casts them.
     Inside ``torch.compile`` the call is a graph break (the kernels run eagerly; dynamo does not trace them).
     Tensors the kernels cannot run on (CPU without TRITON_INTERPRET=1) go through the torch
     implementation of the same contract (``l2e_mlp_reference(..., round_preact=True)``).
+    The backward is once-differentiable (no double backward).
     """
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     _check_args(x, weight, bias, mean, inv_var, tau, eps, approximate, mode)
-    if not triton_usable(x.device):
-        return l2e_mlp_reference(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, round_preact=True)
-    cfg = config if config is not None else default_config()
-    if save_preact is not None and save_preact != cfg.save_preact:
-        cfg = replace(cfg, save_preact=bool(save_preact))
-    mean = mean.detach().contiguous()
-    inv_var = inv_var.detach().contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    z, loss_sum, n_sel, count, bmean, bm2 = FusedUpGeluL2E.apply(
-        x, weight, bias, mean, inv_var, float(tau), float(eps), approximate, mode, cfg)
-    return z, loss_sum, n_sel, (count, bmean, bm2)
+    with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else \
+            contextlib.nullcontext():
+        if not triton_usable(x.device):
+            return _reference_split_grad(x, weight, bias, mean, inv_var, tau, eps, approximate, mode,
+                                         l2e_grad_to_input)
+        cfg = config if config is not None else default_config()
+        if save_preact is not None and save_preact != cfg.save_preact:
+            cfg = replace(cfg, save_preact=bool(save_preact))
+        return _apply_kernels(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, cfg, l2e_grad_to_input)

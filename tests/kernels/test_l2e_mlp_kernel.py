@@ -35,7 +35,8 @@ RED_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # small tiles so that odd shapes span several tiles in every dimension (and the interpreter stays quick)
 SMALL = KernelConfig(ew_block_m=16, ew_block_n=32, mm_block_m=16, mm_block_n=32, mm_block_k=32,
-                     mm_group_m=2, mm_warps=4, mm_stages=2, ew_warps=4, merge_block_p=2, merge_block_n=32)
+                     mm_group_m=2, mm_warps=4, mm_stages=2, ew_warps=4, merge_block_p=2, merge_block_n=32,
+                     merge_block_r=4)
 
 T, H, N = 37, 45, 70  # none a multiple of any block
 
@@ -368,3 +369,238 @@ def test_z_is_the_plain_mlp_activation(device, dtype, mode, approximate):
     diff = (z.float() - plain.float()).abs()
     assert bool((diff <= ulp * (1 if mode == "split" else 2) + 1e-30).all()), diff.max()
     assert (diff == 0).float().mean().item() >= (0.995 if mode == "split" else 0.95)
+
+
+# ---------------------------------------------------------------- forward/backward mask agreement (K2)
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("save", [True, False])
+def test_backward_selects_what_the_forward_counted(device, mode, approximate, save):
+    """The backward recomputes the selection from the saved (or recomputed) pre-activation: on data where
+    many entries sit exactly at or next to tau (rows repeated, tau = one of those phi values and its fp32
+    neighbours) the entries the backward treats as selected are exactly n_sel of the forward."""
+    from neox_l2e.kernels.l2e_mlp.ops import _backward_du, _forward, _recompute_preact
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(31)
+    base, _, b, mean, inv_var, _ = _inputs("cpu", dtype, t=4, seed=31, ineligible_every=0)
+    x = base.repeat(10, 1)[:T]                      # 4 distinct rows: each phi value occurs ~9 times
+    w = (torch.randn(N, H, generator=g) / math.sqrt(H)).to(dtype)
+    u = (x @ w.t() + b)
+    phi = (F.gelu(u, approximate=approximate) - mean) ** 2 * inv_var
+    centre = float(phi.flatten().sort().values[phi.numel() // 2])
+    x, w, b, mean, inv_var = (t.to(device) for t in (x, w, b, mean, inv_var))
+    cfg = KernelConfig(**{**SMALL.__dict__, "save_preact": save})
+    tanh = approximate == "tanh"
+    one = torch.ones((), dtype=torch.float32, device=device)
+    for tau in (centre, math.nextafter(centre, 0.0), math.nextafter(centre, math.inf)):
+        out = _forward(x, w, b, mean, inv_var, tau, 1e-6, tanh, mode, cfg)
+        n_sel, u_lin = int(out[2]), out[6]
+        assert (u_lin is None) == (not save)
+        if u_lin is None:
+            u_lin = _recompute_preact(x, w, b, mode, cfg)
+        du, _, _ = _backward_du(u_lin, False, None, one, mean, inv_var, tau, 1e-6, tanh, cfg)
+        # with dL/dz absent du is nonzero exactly on the selection (d != 0 there; GELU' != 0 on this data)
+        assert int((du != 0).sum()) == n_sel
+        assert 0 < n_sel < x.shape[0] * N
+
+
+def test_every_launch_pins_fp_fusion_off():
+    """Bitwise agreement of the forward's and the backward's selection is by construction: every kernel is
+    compiled with FP fusion (fma contraction) off, whatever Triton's default."""
+    from neox_l2e.kernels.l2e_mlp import ops
+    x, w, b, mean, inv_var, dz = (t.to("meta") for t in _inputs("cpu", torch.bfloat16, t=64, h=64, n=128))
+    x.requires_grad_()
+    with ops.record_launches() as launches:
+        for mode in MODES:
+            z, loss, _, _ = ops._apply_kernels(x, w, b, mean, inv_var, 1.0, 1e-6, "none", mode, ops.GPU_CONFIG)
+            torch.autograd.backward([z, loss], [dz, torch.ones((), device="meta")])
+    kinds = {ln.kernel for ln in launches}
+    assert kinds == {"_split_fwd_kernel", "_gemm_fwd_kernel", "_merge_moments_kernel", "_bwd_kernel"}
+    assert all(ln.options.get("enable_fp_fusion") is False for ln in launches)
+
+
+# ---------------------------------------------------------------- autograd details (K4)
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_once_differentiable(device):
+    x, w, b, mean, inv_var, dz = _inputs(device, torch.float32, seed=13)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    dzr = dz.clone().requires_grad_()  # the incoming gradient carries a graph: a double backward is asked for
+    z, loss, _, _ = fused_up_gelu_l2e(xr, wr, b, mean, inv_var, 0.5, 1e-6, config=SMALL)
+    (gx,) = torch.autograd.grad((z * dzr).sum() + loss, [xr], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_casts_like_f_linear(device, mode):
+    """Under autocast with fp32 weights (mixed-precision training) the op casts x, W and b to the autocast
+    dtype as F.linear does: same z as the op on the cast tensors, fp32 gradients equal to theirs."""
+    if device == "cpu" and not interpreter_enabled():
+        pytest.skip("CPU needs TRITON_INTERPRET=1")
+    dt = torch.bfloat16
+    x, w, b, mean, inv_var, dz = _inputs(device, torch.float32, seed=14)
+    dz = dz.to(dt)
+    tau, _ = pick_tau(oracle(x, w, b, mean, inv_var, math.inf, 1e-6, "none")["phi"].cpu(), inv_var)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with torch.autocast(device, dtype=dt):
+        z, loss, n_sel, _ = fused_up_gelu_l2e(*leaves, mean, inv_var, tau, 1e-6, "none", mode, config=SMALL)
+        plain = F.linear(leaves[0], leaves[1], leaves[2])
+    assert z.dtype == dt and plain.dtype == dt
+    ((z.float() * dz.float()).sum() + 0.3 * loss).backward()
+    cast = [t.to(dt).requires_grad_() for t in (x, w, b)]
+    z2, loss2, n2, _ = fused_up_gelu_l2e(*cast, mean, inv_var, tau, 1e-6, "none", mode, config=SMALL)
+    ((z2.float() * dz.float()).sum() + 0.3 * loss2).backward()
+    assert torch.equal(z, z2) and torch.equal(loss, loss2) and int(n_sel) == int(n2)
+    for a, c in zip(leaves, cast):
+        assert a.grad.dtype == torch.float32 and torch.equal(a.grad, c.grad.float())
+    with pytest.raises(ValueError, match="share"):  # outside autocast mixed dtypes are still an error
+        fused_up_gelu_l2e(x.to(dt), w, b.to(dt), mean, inv_var, tau, 1e-6, config=SMALL)
+
+
+# ---------------------------------------------------------------- L2E gradient kept off the input (H4)
+
+def _reference_no_input_grad(x, w, b, mean, inv_var, tau, eps, approximate, dz, lam):
+    """torch reference: z from x, the L2E loss from x.detach() (its gradient reaches W and b only)."""
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    br = b.clone().requires_grad_() if b is not None else None
+    z = l2e_mlp_reference(xr, wr, br, mean, inv_var, tau, eps, approximate, round_preact=True)[0]
+    _, loss, n_sel, _ = l2e_mlp_reference(xr.detach(), wr, br, mean, inv_var, tau, eps, approximate,
+                                          round_preact=True)
+    ((z.float() * dz.float()).sum() + lam * loss).backward()
+    return dict(z=z.detach(), loss=loss.detach(), n_sel=int(n_sel), dx=xr.grad, dw=wr.grad,
+                db=br.grad if br is not None else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("save", [True, False])
+def test_l2e_grad_to_input_false(device, mode, dtype, save):
+    """l2e_grad_to_input=False: dx is bitwise the dx of the LM gradient alone (the op without the loss term),
+    dW and db still carry the L2E term; all three match the torch reference with x.detach() for the loss."""
+    x, w, b, mean, inv_var, dz = _inputs(device, dtype, seed=15)
+    eps, lam = 1e-6, 0.9
+    tau, _ = pick_tau(oracle(x, w, b, mean, inv_var, math.inf, eps, "none")["phi"].cpu(), inv_var)
+    cfg = KernelConfig(**{**SMALL.__dict__, "save_preact": save})
+
+    def run(with_loss, to_input, scale=lam):
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        z, loss, n_sel, _ = fused_up_gelu_l2e(xr, wr, br, mean, inv_var, tau, eps, "none", mode, config=cfg,
+                                              l2e_grad_to_input=to_input)
+        total = (z.float() * dz.float()).sum() + (scale * loss if with_loss else 0.0)
+        total.backward()
+        return dict(z=z.detach(), n_sel=int(n_sel), dx=xr.grad, dw=wr.grad, db=br.grad)
+
+    got = run(True, False)
+    lm_only = run(False, True)
+    full = run(True, True)
+    assert torch.equal(got["dx"], lm_only["dx"])
+    assert torch.equal(got["dx"], run(True, True, scale=0.0)["dx"])  # = the op at lambda 0 (g = 0)
+    assert not torch.equal(got["dw"], lm_only["dw"]) and not torch.equal(got["db"], lm_only["db"])
+    assert torch.equal(got["dw"], full["dw"]) and torch.equal(got["db"], full["db"])
+    assert not torch.equal(got["dx"], full["dx"])
+    ref = _reference_no_input_grad(x, w, b, mean, inv_var, tau, eps, "none", dz, lam)
+    assert got["n_sel"] == ref["n_sel"] > 0
+    red = RED_TOL[dtype]
+    for k in ("dx", "dw", "db"):
+        _close(got[k], ref[k], red, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_l2e_grad_to_input_false_loss_only(device):
+    """Only the loss is used downstream: x gets no gradient from the op, W and b get the L2E term; with
+    only x requiring a gradient, nothing reaches it."""
+    x, w, b, mean, inv_var, _ = _inputs(device, torch.float32, seed=16)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    _, loss, n_sel, _ = fused_up_gelu_l2e(xr, wr, br, mean, inv_var, 0.5, 1e-6, config=SMALL,
+                                          l2e_grad_to_input=False)
+    assert int(n_sel) > 0
+    (xr.sum() * 0.0 + loss).backward()
+    assert torch.equal(xr.grad, torch.zeros_like(x))
+    ref = _reference_no_input_grad(x, w, b, mean, inv_var, 0.5, 1e-6, "none", torch.zeros_like(x @ w.t()), 1.0)
+    _close(wr.grad, ref["dw"], RED_TOL[torch.float32], "dw")
+    _close(br.grad, ref["db"], RED_TOL[torch.float32], "db")
+    xo = x.clone().requires_grad_()
+    _, loss, _, _ = fused_up_gelu_l2e(xo, w, b, mean, inv_var, 0.5, 1e-6, config=SMALL, l2e_grad_to_input=False)
+    assert not loss.requires_grad or torch.autograd.grad(loss, [xo], allow_unused=True)[0] is None
+
+
+def test_l2e_grad_to_input_false_torch_fallback(monkeypatch):
+    """The torch fallback (CPU without the interpreter) honours the switch too."""
+    x, w, b, mean, inv_var, dz = _inputs("cpu", torch.float32, seed=17)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    z, loss, _, _ = fused_up_gelu_l2e(xr, wr, br, mean, inv_var, 0.5, 1e-6, l2e_grad_to_input=False)
+    ((z * dz).sum() + 0.7 * loss).backward()
+    ref = _reference_no_input_grad(x, w, b, mean, inv_var, 0.5, 1e-6, "none", dz, 0.7)
+    for got, k in ((xr.grad, "dx"), (wr.grad, "dw"), (br.grad, "db")):
+        assert torch.equal(got, ref[k]), k
+
+
+# ---------------------------------------------------------------- production launch configuration on a GPU (K3)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,approximate,save,bias", [
+    ("split", "none", True, True), ("split", "tanh", True, True), ("split", "none", False, True),
+    ("split", "none", True, False), ("fused-gemm", "none", True, True), ("fused-gemm", "tanh", True, True),
+    ("fused-gemm", "none", False, True), ("fused-gemm", "none", True, False)])
+@pytest.mark.parametrize("shape", [(2048, 512, 2048), (1000, 520, 1000)])
+def test_gpu_production_config(mode, approximate, save, bias, shape):
+    """GPU_CONFIG (the tiles and wgmma path the model uses) on tile-multiple and ragged shapes: tanh,
+    recompute, no bias, fused-gemm; against the fp64 oracle, and save == recompute bitwise."""
+    t, h, n = shape
+    dtype = torch.bfloat16
+    x, w, b, mean, inv_var, dz = _inputs("cuda", dtype, t=t, h=h, n=n, bias=bias, seed=18)
+    tau, _ = pick_tau(oracle(x, w, b, mean, inv_var, math.inf, 1e-6, approximate)["phi"].cpu(), inv_var)
+    ref = oracle(x, w, b, mean, inv_var, tau, 1e-6, approximate, dz=dz, lam=0.2)
+    from neox_l2e.kernels.l2e_mlp import GPU_CONFIG
+    cfg = KernelConfig(**{**GPU_CONFIG.__dict__, "save_preact": save})
+    got = _run(x, w, b, mean, inv_var, tau, 1e-6, approximate, mode, dz, lam=0.2, cfg=cfg)
+    rtol, atol = Z_TOL[dtype]
+    torch.testing.assert_close(got["z"].double(), ref["z"].to(dtype).double(), rtol=rtol, atol=atol)
+    assert abs(int(got["n_sel"]) - ref["n_sel"]) <= max(2, ref["n_sel"] // 200000)
+    for k in ("bmean", "bm2", "dx", "dw") + (("db",) if bias else ()):
+        _close(got[k], ref[k], RED_TOL[dtype], k)
+    other = _run(x, w, b, mean, inv_var, tau, 1e-6, approximate, mode, dz, lam=0.2,
+                 cfg=KernelConfig(**{**cfg.__dict__, "save_preact": not save}))
+    for k in ("z", "loss", "n_sel", "dx", "dw"):
+        assert torch.equal(got[k], other[k]), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_more_than_2_31_elements(mode):
+    """T x N > 2^31 (64-bit offsets everywhere), with a stride-0 dL/dz (a broadcast gradient): z, dx of the
+    last rows, the moments and the count against torch, computed in chunks."""
+    t, h, n = 2 ** 31 // 16384 + 64, 64, 16384
+    g = torch.Generator(device="cuda").manual_seed(19)
+    x = torch.randn(t, h, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, h, device="cuda", generator=g) / 8).bfloat16()
+    b = (0.1 * torch.randn(n, device="cuda", generator=g)).bfloat16()
+    mean, inv_var = torch.zeros(n, device="cuda"), torch.ones(n, device="cuda")
+    dz = torch.ones(1, n, device="cuda", dtype=torch.bfloat16).expand(t, n)
+    gl = torch.tensor(1e-3, device="cuda")
+    xr = x.clone().requires_grad_()
+    z, loss, n_sel, (count, bmean, bm2) = fused_up_gelu_l2e(xr, w, b, mean, inv_var, 1.0, 1e-6, "none", mode)
+    torch.autograd.backward([z, loss], [dz, gl])
+    assert float(count) == t
+    tail = slice(t - 64, t)
+    xt = x[tail].clone().requires_grad_()
+    zt = F.gelu(F.linear(xt, w, b).float())
+    sel = (zt.detach() ** 2 >= 1.0)
+    ((zt * dz[tail].float()).sum() + gl * torch.log(torch.where(sel, zt * zt + 1e-6, torch.ones_like(zt))).sum()
+     ).backward()
+    torch.testing.assert_close(z[tail].float(), zt.detach().bfloat16().float(), rtol=1.6e-2, atol=1e-2)
+    _close(xr.grad[tail], xt.grad, RED_TOL[torch.bfloat16], "dx (last rows)")
+    total, cnt = torch.zeros(n, device="cuda", dtype=torch.float64), 0
+    with torch.no_grad():
+        for c0 in range(0, t, 8192):
+            zc = F.gelu(F.linear(x[c0:c0 + 8192], w, b).float())
+            total += zc.double().sum(0)
+            cnt += int((zc * zc >= 1.0).sum())
+    _close(bmean, total / t, 1e-4, "bmean")
+    assert abs(int(n_sel) - cnt) <= max(2, cnt // 100000)
