@@ -1,7 +1,9 @@
 """Run logging on rank 0: header lines, a tqdm progress bar, metrics.jsonl, TensorBoard, optional W&B.
 
 metrics.jsonl holds one JSON object per line: {"kind": "train"|"valid"|"run", "iteration": N, ...};
-L2E metrics appear as "l2e/layer{i}/{key}" (the same keys go to TensorBoard and W&B).
+Keys that carry their own namespace go to TensorBoard and W&B as they are: "l2e_train/layer{i}/{key}" (L2E
+metrics against the inhibitor's running statistics) and "ms_heldout/layer{i}/{key}" (monosemanticity on the
+fixed held-out set, neox_l2e.l2e.heldout); the others get "<kind>/" in front.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+
+NAMESPACED = ("l2e_train/", "ms_heldout/")     # metric keys logged under their own name, not "<kind>/<key>"
 
 
 def fmt_count(n: float) -> str:
@@ -109,7 +114,7 @@ class Monitor:
                     for k, v in metrics.items()})
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(rec, default=str) + "\n")
-        scalars = {f"{kind}/{k}" if not k.startswith("l2e/") else k: v for k, v in metrics.items()
+        scalars = {f"{kind}/{k}" if not k.startswith(NAMESPACED) else k: v for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
         if self._tb is not None:
             for k, v in scalars.items():
