@@ -166,3 +166,42 @@ def test_training_logs_heldout_metrics_beside_the_running_stat_ones(tmp_path, l2
     hist = [r for r in recs if r["kind"] == "ms_heldout_hist"]
     assert len(hist) == 2 and sum(hist[-1]["layer0"]) == 200 * cfg.ffn_size
     assert set(res.heldout_metrics) == {0, 1} and len(res.heldout_history) == 2
+
+
+def _tp_worker(rank, world):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
+    from tp_common import random_full_state, tiny_cfg as tp_cfg, tp_model
+    from neox_l2e.parallel import ParallelState
+    ps = ParallelState.from_distributed(tp=2)
+    cfg = tp_cfg()
+    model = tp_model(cfg, ps, random_full_state(cfg)).eval()
+    tokens = torch.randint(0, 100, (3 * 16 + 5,), generator=torch.Generator().manual_seed(11))
+    mlps = {i: model.gpt_neox.layers[i].mlp for i in range(cfg.model.num_layers)}
+    running = {1: torch.linspace(0.5, 2.0, cfg.ffn_size)[ps.tp_rank * 64:(ps.tp_rank + 1) * 64]}
+    return H.measure(model, mlps, tokens, 16, 2, LEVELS, ps=ps, running_vars=running)
+
+
+def test_tensor_parallel_ranks_report_the_layer_wide_values():
+    """2 TP ranks (each with half of the neurons) report what one rank holding all of them reports."""
+    from distributed import run_ranks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
+    from tp_common import random_full_state, tiny_cfg as tp_cfg
+    from neox_l2e.model import GPTNeoX
+    from neox_l2e.parallel import ParallelState
+    cfg = tp_cfg()
+    assert cfg.ffn_size == 128
+    model = GPTNeoX(cfg, ParallelState.single())
+    model.load_state_dict(random_full_state(cfg))
+    tokens = torch.randint(0, 100, (3 * 16 + 5,), generator=torch.Generator().manual_seed(11))
+    mlps = {i: model.eval().gpt_neox.layers[i].mlp for i in range(cfg.model.num_layers)}
+    ref = H.measure(model, mlps, tokens, 16, 2, LEVELS, running_vars={1: torch.linspace(0.5, 2.0, 128)})
+    got = run_ranks(_tp_worker, world=2)
+    pairs = tokens.numel() * cfg.ffn_size
+    for r in got:                                              # both ranks: the layer-wide numbers
+        for i in (0, 1):
+            assert set(r[i]["metrics"]) == set(ref[i]["metrics"])
+            assert ("var_ratio_median" in r[i]["metrics"]) == (i == 1)
+            for k, v in ref[i]["metrics"].items():
+                tol = 1.5 / pairs if k.startswith("frac_") else 1e-4 * abs(v)
+                assert abs(r[i]["metrics"][k] - v) <= tol, (i, k, r[i]["metrics"][k], v)
+            assert sum(r[i]["hist"]) == pairs
