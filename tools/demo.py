@@ -6,8 +6,10 @@
     python tools/demo.py train-iters=100 # any config key can be overridden
 
 Writes runs/demo/: metrics.jsonl, tensorboard/, checkpoints/ (DeepSpeed checkpoint), loss.png,
-summary.json; prints a short summary (first/last training loss, validation loss, tokens/s, time, L2E
-metrics of each inhibited layer).
+summary.json; prints a short summary (first/last training loss, validation loss, tokens/s, time) and the
+monosemanticity of every layer side by side, inhibited and not: ms_heldout (phi of Eq. 1 on the fixed held-out
+set with statistics fresh on it: the effect) next to l2e_train (phi against the inhibitor's running statistics,
+which L2E shrinks: not a measure of the effect by itself).
 """
 from __future__ import annotations
 
@@ -77,6 +79,33 @@ def plot(records: list, out: Path) -> bool:
     return True
 
 
+def monosemanticity_table(heldout: dict, running: dict, inhibited, levels) -> list:
+    """Every layer side by side: ms_heldout (fixed held-out set, fresh statistics: the effect) and, for the
+    inhibited layers, l2e_train (against the running statistics, last log window) and the variance ratio."""
+    layers = sorted(set(heldout) | set(running))
+    if not layers:
+        return []
+    lv = [f"{v:g}" for v in levels[:3]]
+
+    def f(v, fmt=".2e"):
+        return "-" if v is None else format(v, fmt)
+    head = (["layer"] + [f"held-out phi>{x}" for x in lv] + ["max-phi med", "kurtosis med", "var held-out/running"]
+            + [f"train-stat phi>{lv[0]}" if lv else "train-stat"])
+    rows = [head]
+    for i in layers:
+        h, r = heldout.get(i, {}), running.get(i, {})
+        rows.append([f"{i}{' *' if i in inhibited else ''}"] + [f(h.get(f"frac_phi_gt_{x}")) for x in lv]
+                    + [f(h.get("max_phi_median"), ".4g"), f(h.get("kurtosis_median"), ".4g"),
+                       f(h.get("var_ratio_median"), ".3g"), f(r.get(f"frac_phi_gt_{lv[0]}") if lv else None)])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
+    out = ["monosemanticity per layer (* inhibited), last evaluation",
+           "  held-out   = ms_heldout/...: phi on the fixed held-out set, statistics fresh on it (compare with these)",
+           "  train-stat = l2e_train/...: phi against the inhibitor's running statistics (L2E lowers it by shrinking",
+           "               the layer below its own history; not a measure of the effect)"]
+    out += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from neox_l2e.config import ConfigError, load_config, parse_override
@@ -135,8 +164,10 @@ def main(argv=None) -> int:
         "valid_loss": result.valid_losses[-1][1] if result.valid_losses else None,
         "tokens_per_s": result.tokens_per_s, "time_s": elapsed, "train_time_s": result.elapsed_s,
         "parameters": result.num_parameters, "skipped_steps": result.skipped_steps,
-        "checkpoint": str(out / "checkpoints"), "l2e": {str(k): v for k, v in result.l2e_metrics.items()},
-        "l2e_enabled": cfg.l2e_active,
+        "checkpoint": str(out / "checkpoints"),
+        "l2e_train": {str(k): v for k, v in result.l2e_metrics.items()},
+        "ms_heldout": {str(k): v for k, v in result.heldout_metrics.items()},
+        "l2e_enabled": cfg.l2e_active, "inhibited_layers": cfg.inhibited_layers() if cfg.l2e_active else [],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
@@ -150,15 +181,13 @@ def main(argv=None) -> int:
     print(f"throughput      {result.tokens_per_s:,.0f} tokens/s | {result.iteration - result.start_iteration} steps in "
           f"{result.elapsed_s:.0f} s (total with data preparation {elapsed:.0f} s)")
     if result.l2e_metrics:
-        print(f"L2E ({cfg.l2e.l2e_method}, p = {cfg.l2e.l2e_ratio:g}, lambda = {cfg.l2e.l2e_lambda:g}), "
-              "last log window:")
-        for layer, m in sorted(result.l2e_metrics.items()):
-            first = ("frac_selected", "tau", "loss_ms", "neurons_hit")
-            rest = ("phi_mean_selected", "phi_mean_all") + tuple(k for k in m if k.startswith("frac_phi_gt_"))
-            print(f"  layer {layer:<8}" + " | ".join(f"{k} {m[k]:.4g}" for k in first if k in m))
-            print(" " * 16 + " | ".join(f"{k} {m[k]:.4g}" for k in rest if k in m))
+        print(f"L2E             {cfg.l2e.l2e_method} on layers {summary['inhibited_layers']} "
+              f"(p = {cfg.l2e.l2e_ratio:g}, lambda = {cfg.l2e.l2e_lambda:g})")
     elif not cfg.l2e_active:
-        print("L2E            off")
+        print("L2E             off (baseline: the held-out measure below is the comparison column)")
+    for line in monosemanticity_table(result.heldout_metrics, result.l2e_metrics, summary["inhibited_layers"],
+                                      cfg.l2e.l2e_reference_levels or []):
+        print(line)
     print(f"outputs         {out}/ (metrics.jsonl, tensorboard/, checkpoints/, "
           f"{'loss.png, ' if plotted else ''}summary.json)")
     return 130 if result.interrupted else 0

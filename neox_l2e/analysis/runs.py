@@ -5,7 +5,11 @@ metrics.jsonl: one JSON object per logged step. Read defensively, any of:
     train loss:  "loss" or "lm_loss" (records with "kind" absent or "train"), or "train/loss"
     lr:          "lr" or "train/lr"
     valid loss:  "valid/loss" or "valid/lm_loss", or "loss"/"lm_loss" in a record with "kind": "valid"
-    L2E:         "l2e/layer{i}/{metric}" (frac_selected, frac_phi_gt_5, tau, loss_ms, ...)
+    L2E:         "l2e_train/layer{i}/{metric}" (frac_selected, frac_phi_gt_5, tau, loss_ms, ...: against the
+                 inhibitor's running statistics), or "l2e/layer{i}/{metric}" (runs logged before the rename)
+    held-out:    "ms_heldout/layer{i}/{metric}" in "valid" records (neox_l2e.l2e.heldout: fresh statistics on a
+                 fixed token set); the phi histograms in "ms_heldout_hist" records; the inhibited layers in the
+                 "run" record ("l2e_layers")
 Lines that are not JSON objects are skipped (a run may be writing its last line while we read).
 Eval scores: tools/evaluate.py JSON files (``{"runs": [...]}``) found in the run folder (eval*.json,
 eval/*.json) or given explicitly.
@@ -21,7 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .common import AnalysisError
 
-L2E_KEY = re.compile(r"^l2e/layer(\d+)/(.+)$")
+L2E_KEY = re.compile(r"^(?:l2e_train|l2e)/layer(\d+)/(.+)$")
+HELDOUT_KEY = re.compile(r"^ms_heldout/layer(\d+)/(.+)$")
 Series = Tuple[List[float], List[float]]
 
 
@@ -33,6 +38,9 @@ class Run:
     lr: Series = field(default_factory=lambda: ([], []))
     valid_loss: Series = field(default_factory=lambda: ([], []))
     l2e: Dict[str, Dict[int, Series]] = field(default_factory=dict)     # metric -> layer -> series
+    heldout: Dict[str, Dict[int, Series]] = field(default_factory=dict)  # ms_heldout metric -> layer -> series
+    heldout_hist: Optional[dict] = None                                  # last {"iteration", "edges", layer: counts}
+    inhibited_layers: List[int] = field(default_factory=list)
     evals: List[dict] = field(default_factory=list)                      # tools/evaluate.py run records
     skipped_lines: int = 0
 
@@ -84,8 +92,19 @@ def read_run(path, name: Optional[str] = None) -> Run:
                 continue
             step = _num(rec.get("step", rec.get("iteration")))
             kind = rec.get("kind")
+            if kind == "run":
+                run.inhibited_layers = [int(i) for i in rec.get("l2e_layers") or []]
+                continue
+            if kind == "ms_heldout_hist":
+                run.heldout_hist = {"iteration": step, "edges": rec.get("edges"),
+                                    **{int(k[5:]): v for k, v in rec.items() if k.startswith("layer")}}
+                continue
             if kind == "valid":
                 _add(run.valid_loss, step, rec.get("loss", rec.get("lm_loss", rec.get("valid/loss"))))
+                for k, v in rec.items():
+                    m = HELDOUT_KEY.match(str(k))
+                    if m:
+                        _add(run.heldout.setdefault(m.group(2), {}).setdefault(int(m.group(1)), ([], [])), step, v)
                 continue
             if kind not in (None, "train"):
                 continue

@@ -185,6 +185,8 @@ class L2EConfig:
     l2e_backend: str = F("auto", "MLP implementation: auto (triton on CUDA, torch elsewhere), torch, or triton.")
     l2e_reference_levels: list = F(None, "phi levels whose exceedance fractions are logged to compare runs.", factory=lambda: [5.0, 10.0, 25.0])
     l2e_fkr_k: list = F(None, "FKR: k values as percentages of neurons (tools/fkr.py).", factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 10.0])
+    ms_heldout_tokens: Optional[int] = F(None, "Held-out tokens (the valid split's first, in document order, the same for every seed) on which the ms_heldout/... metrics are measured at every evaluation: None = up to 16384 (fewer if the split is smaller), N = exactly N (an error if the split is smaller), 0 = off.")
+    ms_heldout_layers: Any = F("all", "Layers measured on the held-out set: all, inhibited (the layers l2e-layers names, also when L2E is off) or a list of 0-based indices.")
     l2e_fkr_tau_mode: str = F("per-token", "FKR default reading of tau_k: per-token (k-th largest phi across a token's neurons) or global (over all pairs).")
 
 

@@ -44,7 +44,9 @@ class TrainResult:
     checkpoints: list = field(default_factory=list)
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
-    l2e_metrics: dict = field(default_factory=dict)       # layer -> metrics dict (last logged)
+    l2e_metrics: dict = field(default_factory=dict)       # layer -> l2e_train metrics (running stats; last logged)
+    heldout_metrics: dict = field(default_factory=dict)   # layer -> ms_heldout metrics (fixed set; last evaluation)
+    heldout_history: list = field(default_factory=list)   # (iteration, {layer -> ms_heldout metrics})
     interrupted: bool = False
     num_parameters: int = 0
     log_dir: Optional[str] = None
@@ -103,6 +105,7 @@ class Trainer:
                  loss_hook: Optional[Callable] = None, quiet: bool = False, stream=None):
         self.cfg = cfg
         t = cfg.training
+        self.heldout_layers = self._heldout_layers()       # a bad layer list fails before anything is built
         self.ps = ps or setup_distributed(cfg)
         ps = self.ps
         self.save_lock = ckpt.acquire_save_lock(t.save, ps) if t.save else None   # one job per save folder
@@ -115,6 +118,7 @@ class Trainer:
         if datasets is None:
             datasets, vocab_size, self.tokenizer = build_data(cfg, ps.dp)
         self.datasets = datasets
+        self.heldout_tokens = self._heldout_tokens()
         vocab_size = vocab_size or cfg.model.vocab_size
         from ..model import GPTNeoX
         self.model = GPTNeoX(cfg, ps, vocab_size=vocab_size)
@@ -167,6 +171,9 @@ class Trainer:
                f"lambda = {cfg.l2e.l2e_lambda:g})" if self.inhibitors else "L2E off")
         lines.append(f"train-iters {cfg.training.train_iters} | lr {cfg.lr:g} {cfg.optimizer.lr_decay_style} "
                      f"(warmup {self.scheduler.warmup_iters}, min {cfg.optimizer.min_lr:g}) | {l2e}")
+        if self.heldout_tokens is not None:
+            lines.append(f"held-out monosemanticity (ms_heldout/...): {self.heldout_tokens.numel():,} valid tokens, "
+                         f"layers {self.heldout_layers}, at every evaluation")
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} at step {self.iteration} "
                          f"({self.consumed:,} samples consumed)")
@@ -426,7 +433,7 @@ class Trainer:
         res.l2e_metrics = l2e
         for layer, d in l2e.items():
             for k, v in d.items():
-                m[f"l2e/layer{layer}/{k}"] = v
+                m[f"l2e_train/layer{layer}/{k}"] = v
         self.monitor.log("train", self.iteration, m)
 
     def _log_valid(self, res: TrainResult) -> None:
@@ -435,8 +442,75 @@ class Trainer:
             return
         res.valid_losses.append((self.iteration, loss))
         ppl = math.exp(loss) if loss < 50 else float("inf")
-        self.monitor.log("valid", self.iteration, {"lm_loss": loss, "ppl": ppl})
-        self.monitor.print(f"step {self.iteration}: valid loss {loss:.4f} (ppl {ppl:.2f})")
+        rec = {"lm_loss": loss, "ppl": ppl}
+        line = f"step {self.iteration}: valid loss {loss:.4f} (ppl {ppl:.2f})"
+        t0 = time.perf_counter()
+        heldout = self.measure_heldout()
+        if heldout is not None:
+            from ..l2e import heldout as H
+            rec.update(H.flat_metrics(heldout))
+            rec["ms_heldout/tokens"] = self.heldout_tokens.numel()
+            rec["ms_heldout/time_s"] = time.perf_counter() - t0
+            res.heldout_metrics = {i: r["metrics"] for i, r in heldout.items()}
+            res.heldout_history.append((self.iteration, res.heldout_metrics))
+            self.monitor.log("ms_heldout_hist", self.iteration,
+                             {"edges": H.PHI_EDGES, **{f"layer{i}": r["hist"] for i, r in heldout.items()}})
+            level = (self.cfg.l2e.l2e_reference_levels or [5.0])[0]
+            inhibited = {i.layer_index for i in self.inhibitors}
+            line += f" | held-out phi>{level:g}: " + " ".join(
+                f"L{i}{'*' if i in inhibited else ''} {r['metrics'].get(f'frac_phi_gt_{level:g}', math.nan):.2e}"
+                for i, r in sorted(heldout.items()))
+        self.monitor.log("valid", self.iteration, rec)
+        self.monitor.print(line)
+
+    # ---------------------------------------------------------------- held-out monosemanticity
+    def _heldout_layers(self) -> list:
+        """The layers ms-heldout-layers names (a ConfigError naming the key when it names none)."""
+        from ..l2e import heldout as H
+        cfg = self.cfg
+        try:
+            return H.resolve_layers(cfg.l2e.ms_heldout_layers, cfg.model.num_layers, cfg.inhibited_layers())
+        except H.HeldoutError as err:
+            raise ConfigError(f"{cfg.source_of('ms_heldout_layers')}: {err}") from None
+
+    def _heldout_tokens(self) -> Optional[torch.Tensor]:
+        """The fixed held-out token set (valid split, document order), or None when off or without valid data."""
+        from ..l2e import heldout as H
+        cfg = self.cfg
+        n = cfg.l2e.ms_heldout_tokens
+        if n == 0:
+            return None
+        ds = self.datasets.get("valid") if self.datasets else None
+        try:
+            if ds is None or len(ds) == 0:
+                if n is not None:
+                    raise H.HeldoutError(f"ms-heldout-tokens: {n} held-out tokens requested but there is no valid "
+                                         "split; give valid data or set ms-heldout-tokens to 0")
+                return None
+            return H.heldout_tokens(ds, n)
+        except H.HeldoutError as err:
+            raise ConfigError(f"{cfg.source_of('ms_heldout_tokens')}: {err}") from None
+
+    @torch.no_grad()
+    def measure_heldout(self) -> Optional[dict]:
+        """ms_heldout metrics of every measured layer on the fixed set (neox_l2e.l2e.heldout); every rank calls it
+        (the forwards hold the TP collectives). None when the measurement is off."""
+        if self.heldout_tokens is None:
+            return None
+        from ..l2e import heldout as H
+        blocks = self.module.gpt_neox.layers
+        mlps = {i: blocks[i].mlp for i in self.heldout_layers}
+        running = {}
+        for inh in self.inhibitors:
+            if inh.layer_index in mlps and float(inh.count.reshape(-1)[:1].sum()) >= 2:
+                running[inh.layer_index] = H.running_variance(inh)
+        self.engine.eval()
+        try:
+            return H.measure(self.engine, mlps, self.heldout_tokens, self.cfg.model.seq_length,
+                             self.cfg.training.train_micro_batch_size_per_gpu, self.cfg.l2e.l2e_reference_levels or [],
+                             ps=self.ps, running_vars=running, device=self.ps.device)
+        finally:
+            self.engine.train()
 
 
 def train(cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None,

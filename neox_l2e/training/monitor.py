@@ -3,9 +3,11 @@ optional W&B.
 
 The resolved config goes to <log-dir>/config.yml and to TensorBoard as text ("config"); the keys the files and
 overrides set are printed once at the start. metrics.jsonl holds one strict-JSON object per line:
-{"kind": "train"|"valid"|"run", "iteration": N, ...}; a NaN / inf value is written as null and named in
-"nonfinite" ({"lm_loss": "nan"}). L2E metrics appear as "l2e/layer{i}/{key}". TensorBoard and W&B get GPT-NeoX's
-tag names where NeoX has one (``tag``: train/lm_loss, train/learning_rate, validation/lm_loss, ...).
+{"kind": "train"|"valid"|"run"|"ms_heldout_hist", "iteration": N, ...}; a NaN / inf value is written as null and
+named in "nonfinite" ({"lm_loss": "nan"}). L2E metrics against the inhibitor's running statistics appear as
+"l2e_train/layer{i}/{key}", monosemanticity on the fixed held-out set (neox_l2e.l2e.heldout) as
+"ms_heldout/layer{i}/{key}". TensorBoard and W&B get GPT-NeoX's tag names where NeoX has one (``tag``:
+train/lm_loss, train/learning_rate, validation/lm_loss, ...); keys with their own group keep it.
 """
 from __future__ import annotations
 
