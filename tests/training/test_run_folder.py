@@ -65,14 +65,14 @@ def test_tensorboard_has_neox_tags_and_the_config_text(run):
     scalars = set(acc.Tags()["scalars"])
     assert {"train/lm_loss", "train/learning_rate", "validation/lm_loss", "validation/lm_loss_ppl",
             "runtime/iteration_time", "timers/forward", "timers/backward", "timers/optimizer"} <= scalars
-    assert "l2e/layer0/tau" in scalars and "train/lr" not in scalars
+    assert "l2e_train/layer0/tau" in scalars and "train/lr" not in scalars
     text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "num_layers: 2" in text and "train_iters: 3" in text
 
 
 def test_tag_and_strict_record_units():
     assert tag("train", "lr") == "train/learning_rate" and tag("valid", "ppl") == "validation/lm_loss_ppl"
-    assert tag("train", "l2e/layer3/tau") == "l2e/layer3/tau" and tag("train", "grad_norm") == "train/grad_norm"
+    assert tag("train", "l2e_train/layer3/tau") == "l2e_train/layer3/tau" and tag("train", "grad_norm") == "train/grad_norm"
     assert tag("valid", "foo") == "validation/foo"
     rec = strict_json_record({"a": float("inf"), "b": -float("inf"), "c": 1.0, "d": "x"})
     assert rec == {"a": None, "b": None, "c": 1.0, "d": "x", "nonfinite": {"a": "inf", "b": "-inf"}}
