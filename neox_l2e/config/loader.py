@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import typing
 from pathlib import Path
@@ -627,7 +626,3 @@ def parse_override(text: str) -> tuple[str, Any]:
 def config_from_checkpoint_dict(d: Mapping[str, Any]) -> NeoXConfig:
     """Rebuild the config saved inside a checkpoint (a flat dict of underscore keys)."""
     return build_config(d, {k: "<checkpoint>" for k in d})
-
-
-def dumps(cfg: NeoXConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, default=str)

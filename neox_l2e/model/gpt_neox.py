@@ -222,8 +222,3 @@ def _init_fn(method: str, std: float, num_layers: int, hidden: int):
     else:  # validated at config load
         raise ValueError(f"unknown init method {method!r}")
     return lambda t, gen: t.normal_(0.0, sigma, generator=gen)
-
-
-def build_model(cfg: NeoXConfig, ps: Optional[ParallelState] = None, vocab_size: Optional[int] = None,
-                dtype: Optional[torch.dtype] = None) -> GPTNeoX:
-    return GPTNeoX(cfg, ps, vocab_size=vocab_size, dtype=dtype)
