@@ -21,11 +21,12 @@ def setting(default: Any = dataclasses.MISSING, doc: str = "", *, effect: str = 
 
 
 IGN = "ignored"
+DEFAULT_SEED = 1234
 
 
 @dataclass
 class ModelConfig:
-    """The Pythia / GPT-NeoX architecture."""
+    """The Pythia / GPT-NeoX architecture, and how its forward runs (activation checkpointing)."""
     num_layers: int = setting(None, "Number of transformer layers (required).")
     hidden_size: int = setting(None, "Model width h (required).")
     num_attention_heads: int = setting(None, "Attention heads; must divide hidden-size (and heads must divide by the TP degree).")
@@ -56,6 +57,9 @@ class ModelConfig:
     rope_fusion: bool = setting(False, "NeoX fused-rotary flag; no effect here: rotary is plain torch.", effect=IGN)
     use_bias_in_attn_linear: bool = setting(True, "Biases in the QKV and attention-out projections (Pythia: true).")
     use_bias_in_norms: bool = setting(True, "Biases in LayerNorms (Pythia: true).")
+    checkpoint_activations: bool = setting(False, "Recompute each layer's activations in backward (torch.utils.checkpoint).")
+    checkpoint_num_layers: int = setting(1, "Layers per checkpointed chunk.")
+    partition_activations: bool = setting(False, "NeoX splits checkpointed activations across TP ranks; no effect here (memory optimisation not implemented).", effect=IGN)
 
 
 @dataclass
@@ -79,7 +83,7 @@ class TrainingConfig:
     train_micro_batch_size_per_gpu: int = setting(4, "Sequences per micro-batch on each data-parallel rank.")
     gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.", aliases=("gas",))
     train_batch_size: Optional[int] = setting(None, "Global batch in sequences; if set it must equal micro-batch x gas x DP size.")
-    seed: int = setting(1234, "Seed for weights, data order and dropout.")
+    seed: int = setting(DEFAULT_SEED, "Seed for weights, data order and dropout.")
     eval_interval: int = setting(1000, "Evaluate on the valid split every this many steps.")
     eval_iters: int = setting(10, "Micro-batches per evaluation.")
     save: Optional[str] = setting(None, "Checkpoint directory to save to.")
@@ -90,9 +94,6 @@ class TrainingConfig:
     save_on_interrupt: bool = setting(True, "On Ctrl-C (SIGINT/SIGTERM), save a checkpoint before exiting.")
     max_bad_steps: int = setting(10, "Stop with an error after this many consecutive steps with a NaN/inf loss (each one is skipped).")
     dist_timeout_s: int = setting(300, "Seconds a collective may wait before a rank gives up (so a dead rank ends the run instead of hanging); >= 1.")
-    checkpoint_activations: bool = setting(False, "Recompute each layer's activations in backward (torch.utils.checkpoint).")
-    checkpoint_num_layers: int = setting(1, "Layers per checkpointed chunk.")
-    partition_activations: bool = setting(False, "NeoX splits checkpointed activations across TP ranks; no effect here (memory optimisation not implemented).", effect=IGN)
     synchronize_each_layer: bool = setting(False, "NeoX CUDA-sync debugging flag; no effect here.", effect=IGN)
     finetune: bool = setting(False, "Load only model weights from `load` (fresh optimizer, step 0).")
     no_load_optim: bool = setting(False, "When resuming, do not load optimizer state.")

@@ -116,7 +116,7 @@ class Trainer:
         self.datasets = datasets
         vocab_size = vocab_size or cfg.model.vocab_size
         from ..model import GPTNeoX
-        self.model = GPTNeoX(cfg, ps, vocab_size=vocab_size)
+        self.model = GPTNeoX(cfg, ps, vocab_size=vocab_size, seed=t.seed)
         self.num_parameters = self.model.num_parameters()
         self.finetuned_from = None
         if t.load and t.finetune:
