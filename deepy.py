@@ -164,8 +164,7 @@ def main(argv=None) -> int:
         if value:
             cmd += [flag, str(value)]
     cmd += ["--master_port", str(master_port)]
-    from neox_l2e.data import resolve_data_order
-    values = dict(cfg.to_dict(), data_order=resolve_data_order(cfg))    # "auto" needs the files' keys: decide here
+    values = dict(cfg.to_dict(), data_order=cfg.data_order)    # "auto" needs the files' keys: decide here
     resolved = base64.b64encode(json.dumps(values, default=str).encode()).decode()
     cmd += [script, "--config-b64", resolved]
     if args.dry_run:

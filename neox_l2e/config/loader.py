@@ -209,6 +209,17 @@ class NeoXConfig:
         return "tanh" if self.model.bias_gelu_fusion else "none"
 
     @property
+    def data_order(self) -> str:
+        """The run's sample order, "stable" or "neox": data-order as set; "auto" (the default) is "neox" for a
+        config taken from GPT-NeoX / Pythia, recognised by a file (or override) setting pipe-parallel-size (every
+        NeoX and Pythia yml does, configs/pythia included; the project's own configs do not), else "stable".
+        deepy.py passes the decided value to its ranks (their resolved config no longer tells which keys a file
+        set)."""
+        if self.data.data_order != "auto":
+            return self.data.data_order
+        return "neox" if self.source_of("pipe_parallel_size") != "<default>" else "stable"
+
+    @property
     def l2e_active(self) -> bool:
         return bool(self.l2e.l2e_enabled) and self.l2e.l2e_method != "none"
 
@@ -488,6 +499,7 @@ def validate(cfg: NeoXConfig) -> None:
 
     d = cfg.data
     _one_of(cfg, "data_impl", d.data_impl, ["mmap"])
+    _one_of(cfg, "data_order", d.data_order, ["auto", "stable", "neox"])
     _one_of(cfg, "tokenizer_type", d.tokenizer_type, ["HFTokenizer", "SPMTokenizer"])
     try:
         weights = [float(x) for x in str(d.split).split(",")]
