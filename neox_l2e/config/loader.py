@@ -158,7 +158,7 @@ def _check_type(value, hint, key, src):
 # the resolved config
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class NeoXConfig:
     """The resolved configuration: one typed object per section, plus where each key came from."""
     model: ModelConfig

@@ -24,7 +24,7 @@ IGN = "ignored"
 DEFAULT_SEED = 1234
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The Pythia / GPT-NeoX architecture, and how its forward runs (activation checkpointing)."""
     num_layers: int = setting(None, "Number of transformer layers (required).")
@@ -62,7 +62,7 @@ class ModelConfig:
     partition_activations: bool = setting(False, "NeoX splits checkpointed activations across TP ranks; no effect here (memory optimisation not implemented).", effect=IGN)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     """Optimizer and learning-rate schedule (NeoX names)."""
     optimizer: dict = setting(None, "NeoX optimizer block {type: Adam|AdamW, params: {lr, betas, eps}}; Adam means AdamW with weight-decay, as in NeoX.", factory=lambda: {"type": "Adam", "params": {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8}})
@@ -76,7 +76,7 @@ class OptimizerConfig:
     zero_allow_untested_optimizer: bool = setting(True, "Passed to DeepSpeed as zero_allow_untested_optimizer. The optimizer is always torch's AdamW, which DeepSpeed's ZeRO counts as tested, so either value trains the same.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     """Steps, batches, evaluation and checkpoints."""
     train_iters: Optional[int] = setting(None, "Optimizer steps to train; defaults to lr-decay-iters, else 1000 (a Pythia config alone trains its whole schedule; a grid file can stop it early).")
@@ -100,7 +100,7 @@ class TrainingConfig:
     iteration: Optional[int] = setting(None, "NeoX internal resume counter; ignored (the checkpoint records the step).", effect=IGN)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Datasets, tokenizer and loading."""
     data_path: Optional[str] = setting(None, "Dataset prefix (PATH for PATH.bin/.idx) whose documents are split into train/valid/test by `split`; ignored when train-data-paths is set.")
@@ -121,7 +121,7 @@ class DataConfig:
     data_order: str = setting("auto", "Sample order: 'neox' (GPT-NeoX's index mappings: the same samples at the same steps as NeoX), 'stable' (epoch by epoch: a larger train-iters keeps every earlier sample in place), or 'auto' (neox when the config sets pipe-parallel-size, as NeoX/Pythia ymls do; else stable); see docs/data.md.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """Tensor / data parallelism, ZeRO and the launcher."""
     model_parallel_size: int = setting(1, "Tensor-parallel degree (must divide the world size, heads and the MLP width).")
@@ -140,7 +140,7 @@ class ParallelConfig:
     master_addr: Optional[str] = setting(None, "Rendezvous address (the host of rank 0): passed to the DeepSpeed launcher (default: it picks the first host); ranks whose environment has no MASTER_ADDR (srun / mpirun launches) use it, and deepy.py then defaults it to the hostfile's first host left after include / exclude.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrecisionConfig:
     """Numeric precision."""
     precision: Optional[str] = setting(None, "fp32, fp16 or bfloat16; derived from the fp16 / bf16 blocks when not given.")
@@ -150,7 +150,7 @@ class PrecisionConfig:
     fp16_lm_cross_entropy: bool = setting(False, "NeoX computes the LM loss in half precision when set; here the loss is always fp32.", effect=IGN)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     """Logs, metrics and monitoring."""
     log_interval: int = setting(10, "Log metrics every this many steps (>= 1).")
@@ -168,7 +168,7 @@ class LoggingConfig:
     progress_bar: bool = setting(True, "Show a tqdm progress bar on rank 0.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class L2EConfig:
     """L2E: inhibiting monosemantic neurons (docs/l2e.md says which values are the paper's and which ours)."""
     l2e_enabled: bool = setting(False, "Turn monosemantic-neuron inhibition on.")

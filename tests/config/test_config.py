@@ -369,12 +369,18 @@ def test_train_and_deepy_print_the_hint(capsys):
                "train-iters=5" in capsys.readouterr().err
 
 
-def test_sections_are_typed():
+def test_sections_are_typed_and_read_only():
+    import dataclasses
     import typing
 
     from neox_l2e.config import SECTIONS, NeoXConfig
     hints = typing.get_type_hints(NeoXConfig)
     assert {name: hints[name] for name in SECTIONS} == SECTIONS
+    cfg = load_config(ROOT / "configs" / "local" / "tiny.yml")            # a loaded config is read-only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.train_iters = 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model = cfg.model
 
 
 def test_derived_values_are_filled_in_at_load_and_validate_changes_nothing():
