@@ -99,7 +99,7 @@ class GPTNeoX(nn.Module):
         self.vocab_size = cfg.padded_vocab_size(ps.tp, vocab_size)      # padded, global
         self.base_vocab_size = cfg.padded_vocab_size(1, vocab_size)     # padded for TP=1; rows past it are inert
         if not ps.rng.seeded:
-            ps.rng.seed(seed, ps.tp_rank, shared=False)      # TP-rank dropout stream (parallel/random.py)
+            ps.rng.seed(seed, ps.tp_rank, shared=False)                   # TP-rank dropout stream (parallel/random.py)
         self.gradient_checkpointing = m.checkpoint_activations
         self.checkpoint_num_layers = m.checkpoint_num_layers
         self.gpt_neox = nn.Module()                                       # HF naming: gpt_neox.*

@@ -389,7 +389,8 @@ def test_derived_values_are_filled_in_at_load_and_validate_changes_nothing():
 
     from neox_l2e.config import build_config
     from neox_l2e.config.loader import validate
-    values = {**BASE_KEYS, "lr-decay-iters": 70, "optimizer": {"type": "Adam", "params": {"lr": "6e-05", "eps": "1e-8"}}}
+    values = {**BASE_KEYS, "lr-decay-iters": 70,
+              "optimizer": {"type": "Adam", "params": {"lr": "6e-05", "eps": "1e-8"}}}
     given = copy.deepcopy(values)
     cfg = build_config(values)
     assert values == given                                                  # the caller's mapping is not touched
