@@ -146,8 +146,6 @@ def main(argv=None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    # the ranks read master-addr / master-port from the resolved config when their environment has no MASTER_*
-    cfg.parallel.master_addr, cfg.parallel.master_port = master_addr, master_port
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if hostfile:
@@ -164,8 +162,9 @@ def main(argv=None) -> int:
         if value:
             cmd += [flag, str(value)]
     cmd += ["--master_port", str(master_port)]
-    from neox_l2e.data import resolve_data_order
-    values = dict(cfg.to_dict(), data_order=resolve_data_order(cfg))    # "auto" needs the files' keys: decide here
+    # "auto" needs the files' keys: decide here; the ranks read master-addr / master-port from the resolved
+    # config when their environment has no MASTER_*
+    values = dict(cfg.to_dict(), data_order=cfg.data_order, master_addr=master_addr, master_port=master_port)
     resolved = base64.b64encode(json.dumps(values, default=str).encode()).decode()
     cmd += [script, "--config-b64", resolved]
     if args.dry_run:

@@ -172,7 +172,7 @@ class _Null:
 def build_ours(cfg, vocab: int, dtype: torch.dtype, device: torch.device):
     from neox_l2e.model import GPTNeoX
     from neox_l2e.parallel import ParallelState
-    model = GPTNeoX(cfg, ParallelState.single(device), vocab_size=vocab)
+    model = GPTNeoX(cfg, ParallelState.single(device), vocab_size=vocab, seed=cfg.training.seed)
     return model.to(dtype=dtype)
 
 
@@ -195,7 +195,7 @@ def build_hf_like(cfg, vocab: int, ours: torch.nn.Module, dtype: torch.dtype, de
     missing = [k for k in missing if k in params]              # buffers (rotary tables) are rebuilt by HF
     if unexpected or missing:
         raise RuntimeError(f"weight copy into the HF model failed: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if cfg.training.checkpoint_activations:      # same work as ours: recompute each layer in backward
+    if cfg.model.checkpoint_activations:      # same work as ours: recompute each layer in backward
         if hasattr(hf, "activation_checkpointing_enable"):                 # transformers >= 5
             hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     print(f"config {' '.join(args.configs)} | {fmt_params(ours)} params | seq {seq} x micro-batch {args.micro_batch} | "
           f"{args.dtype} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"{platform.machine()} {os.cpu_count()} cpus | activation checkpointing "
-          f"{'on (both models)' if cfg.training.checkpoint_activations else 'off'}")
+          f"{'on (both models)' if cfg.model.checkpoint_activations else 'off'}")
     if not args.no_hf:
         print(f"max |logit difference| ours vs HF before timing: {diff:.2e}")
     for k, m in variants.items():                            # warm-up, not timed

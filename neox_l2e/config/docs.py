@@ -30,7 +30,9 @@ def render() -> str:
         "`error: FILE: key: ...` (FILE is `<override>` for a command-line value): numbers must be finite (no NaN",
         "or inf), counts and intervals >= 1, `layernorm-epsilon`, `optimizer.params.eps` and sizes positive,",
         "`weight-decay` and `gradient-clipping` >= 0, `optimizer.params.betas` two numbers in [0, 1),",
-        "`zero_optimization.stage` 0-3, `l2e-layers` a preset or a list of integer layer indices.",
+        "`zero_optimization.stage` 0-3, `l2e-layers` a preset or a list of integer layer indices. Keys that default",
+        "to another key (`train-iters`: `lr-decay-iters`) are filled in before these checks; the loaded config is",
+        "read-only (in code, `cfg.replace(key=value)` gives a changed, checked copy).",
         "",
     ]
     for name, cls in SECTIONS.items():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import typing
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import yaml
 
 from ..errors import ConfigError
-from .schema import SECTIONS, field_index
+from .schema import (SECTIONS, DataConfig, L2EConfig, LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig,
+                     PrecisionConfig, TrainingConfig, field_index)
 
 
 OVERRIDE = "<override>"
@@ -155,17 +155,17 @@ def _check_type(value, hint, key, src):
 # the resolved config
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class NeoXConfig:
     """The resolved configuration: one typed object per section, plus where each key came from."""
-    model: Any
-    optimizer: Any
-    training: Any
-    data: Any
-    parallel: Any
-    precision: Any
-    logging: Any
-    l2e: Any
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    training: TrainingConfig
+    data: DataConfig
+    parallel: ParallelConfig
+    precision: PrecisionConfig
+    logging: LoggingConfig
+    l2e: L2EConfig
     sources: dict = dataclasses.field(default_factory=dict)
 
     # ---- derived values (computed, never stored twice) ----
@@ -204,6 +204,17 @@ class NeoXConfig:
     def gelu_approximate(self) -> str:
         """'tanh' when NeoX's bias-gelu-fusion is on (its fused kernel uses the tanh form), else 'none'."""
         return "tanh" if self.model.bias_gelu_fusion else "none"
+
+    @property
+    def data_order(self) -> str:
+        """The run's sample order, "stable" or "neox": data-order as set; "auto" (the default) is "neox" for a
+        config taken from GPT-NeoX / Pythia, recognised by a file (or override) setting pipe-parallel-size (every
+        NeoX and Pythia yml does, configs/pythia included; the project's own configs do not), else "stable".
+        deepy.py passes the decided value to its ranks (their resolved config no longer tells which keys a file
+        set)."""
+        if self.data.data_order != "auto":
+            return self.data.data_order
+        return "neox" if self.source_of("pipe_parallel_size") != "<default>" else "stable"
 
     @property
     def l2e_active(self) -> bool:
@@ -305,15 +316,8 @@ def _check_optimizer_params(cfg, opt: dict) -> None:
         raise ConfigError(f"{src}: optimizer.params must be a mapping like {{lr: 0.0006, betas: [0.9, 0.95], "
                           f"eps: 1.0e-8}}, got {params!r}")
     for key in ("lr", "eps"):
-        if key in params:
-            value = params[key]
-            if isinstance(value, str):  # YAML 1.1 reads '6e-05' (no dot) as a string
-                try:
-                    value = params[key] = float(value)
-                except ValueError:
-                    pass
-            if not _number(value):
-                raise ConfigError(f"{src}: optimizer.params.{key} must be a finite number, got {params[key]!r}")
+        if key in params and not _number(params[key]):
+            raise ConfigError(f"{src}: optimizer.params.{key} must be a finite number, got {params[key]!r}")
     if "lr" in params and params["lr"] < 0:
         raise ConfigError(f"{src}: optimizer.params.lr must be >= 0, got {params['lr']}")
     if "eps" in params and params["eps"] <= 0:
@@ -346,8 +350,30 @@ def _looks_swapped(m) -> bool:
             and _attention_config_layers(m) == m.num_attention_heads)
 
 
+def derive(sections: Mapping[str, Any]) -> dict:
+    """The sections with the values that default to other keys filled in; build_config applies it once, before
+    validation. train-iters unset: lr-decay-iters, else 1000 (train the whole LR schedule). optimizer.params lr
+    and eps written as YAML 1.1 reads '6e-05' (no dot, a string) become numbers. Nothing else changes."""
+    out = dict(sections)
+    t, o = out["training"], out["optimizer"]
+    if t.train_iters is None:
+        out["training"] = dataclasses.replace(t, train_iters=o.lr_decay_iters if o.lr_decay_iters is not None else 1000)
+    params = o.optimizer.get("params") if isinstance(o.optimizer, dict) else None
+    if isinstance(params, dict) and any(isinstance(params.get(k), str) for k in ("lr", "eps")):
+        params = dict(params)
+        for key in ("lr", "eps"):
+            if isinstance(params.get(key), str):
+                try:
+                    params[key] = float(params[key])
+                except ValueError:
+                    pass    # validate names it
+        out["optimizer"] = dataclasses.replace(o, optimizer={**o.optimizer, "params": params})
+    return out
+
+
 def validate(cfg: NeoXConfig) -> None:
-    """Cross-field checks: impossible combinations fail here, at load time."""
+    """Cross-field checks: impossible combinations fail here, at load time. A pure check: it changes nothing
+    (values derived from other keys are filled in before, by derive)."""
     m, s = cfg.model, cfg.source_of
     for key in ("num_layers", "hidden_size", "num_attention_heads"):
         if getattr(m, key) is None:
@@ -423,12 +449,14 @@ def validate(cfg: NeoXConfig) -> None:
         raise ConfigError(f"{s('min_lr')}: min-lr {o.min_lr} must be between 0 and lr {cfg.lr}")
 
     t = cfg.training
-    if t.train_iters is None:  # resolved once, here: train the whole LR schedule
-        t.train_iters = o.lr_decay_iters if o.lr_decay_iters is not None else 1000
+    if t.train_iters is None:
+        raise ConfigError(f"{s('train_iters')}: train-iters is not set (derive fills it in from lr-decay-iters "
+                          "before validation)")
     for key in ("train_iters", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "eval_iters",
-                "eval_interval", "checkpoint_num_layers"):
+                "eval_interval"):
         if getattr(t, key) < 1:
             raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be >= 1")
+    _at_least(cfg, "checkpoint_num_layers", m.checkpoint_num_layers, 1)
     if t.keep_last_n_checkpoints is not None and t.keep_last_n_checkpoints < 1:
         raise ConfigError(f"{s('keep_last_n_checkpoints')}: keep-last-n-checkpoints must be >= 1")
     if t.checkpoint_factor is not None:
@@ -468,6 +496,7 @@ def validate(cfg: NeoXConfig) -> None:
 
     d = cfg.data
     _one_of(cfg, "data_impl", d.data_impl, ["mmap"])
+    _one_of(cfg, "data_order", d.data_order, ["auto", "stable", "neox"])
     _one_of(cfg, "tokenizer_type", d.tokenizer_type, ["HFTokenizer", "SPMTokenizer"])
     try:
         weights = [float(x) for x in str(d.split).split(",")]
@@ -523,7 +552,7 @@ def build_config(values: Mapping[str, Any], sources: Optional[Mapping[str, str]]
             raise ConfigError(f"{src}: key '{key}' and its alias '{name}' are both set; keep one")
         per_section[section][name] = _check_type(value, hints[section][name], k.replace("_", "-"), src)
         resolved_sources[name] = src
-    sections = {name: cls(**per_section[name]) for name, cls in SECTIONS.items()}
+    sections = derive({name: cls(**per_section[name]) for name, cls in SECTIONS.items()})
     cfg = NeoXConfig(**sections, sources=resolved_sources)
     validate(cfg)
     return cfg
@@ -624,7 +653,3 @@ def parse_override(text: str) -> tuple[str, Any]:
 def config_from_checkpoint_dict(d: Mapping[str, Any]) -> NeoXConfig:
     """Rebuild the config saved inside a checkpoint (a flat dict of underscore keys)."""
     return build_config(d, {k: "<checkpoint>" for k in d})
-
-
-def dumps(cfg: NeoXConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, default=str)

@@ -7,8 +7,7 @@ Every user-fixable problem raises DataError (a ValueError) with one line naming 
 """
 from .corpus import prepare_default_corpus
 from .errors import DataError
-from .gpt_dataset import (DATA_ORDERS, BlendedDataset, GPTDataset, build_datasets, parse_split, resolve_data_order,
-                          split_ranges)
+from .gpt_dataset import DATA_ORDERS, BlendedDataset, GPTDataset, build_datasets, parse_split, split_ranges
 from .indexed_dataset import IndexedDatasetWriter, MMapIndexedDataset, token_dtype, write_indexed_dataset
 from .iterator import SampleIterator
 from .sample_index import HAVE_CPP, build_epoch_order, build_neox_order, build_sample_idx
@@ -17,4 +16,4 @@ from .tokenizer import HFTokenizer, SPMTokenizer, build_tokenizer, train_sentenc
 __all__ = ["DataError", "build_tokenizer", "MMapIndexedDataset", "write_indexed_dataset", "build_datasets",
            "SampleIterator", "prepare_default_corpus", "BlendedDataset", "GPTDataset", "IndexedDatasetWriter",
            "HFTokenizer", "SPMTokenizer", "train_sentencepiece", "token_dtype", "parse_split", "split_ranges",
-           "build_epoch_order", "build_neox_order", "build_sample_idx", "HAVE_CPP", "resolve_data_order", "DATA_ORDERS"]
+           "build_epoch_order", "build_neox_order", "build_sample_idx", "HAVE_CPP", "DATA_ORDERS"]

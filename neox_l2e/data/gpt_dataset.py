@@ -15,7 +15,7 @@ rounds to zero documents (e.g. weight 1 of 1000 on a small corpus) gives None wi
 does: the training loop never reads it.
 
 The epoch order (doc_idx, sample_idx, shuffle_idx) is "stable" or "neox" (``data-order``, see
-neox_l2e.data.sample_index and resolve_data_order); with "neox" the number of samples per dataset and the
+neox_l2e.data.sample_index and NeoXConfig.data_order); with "neox" the number of samples per dataset and the
 blending follow GPT-NeoX too (see build_datasets). The order is cached as .npy files in ``data-cache-dir`` (default:
 next to the data) under a name holding a hash of everything it depends on: the dataset's path, the
 .bin/.idx sizes and modification times, the document range, seq_length, seed, num_samples and the order. A
@@ -299,20 +299,6 @@ def _weights(weights, paths: list, what: str) -> Optional[list]:
     return w
 
 
-def resolve_data_order(cfg) -> str:
-    """The data order of a run (``data-order``): "stable" or "neox" as set; "auto" (the default) is "neox" for a
-    config taken from GPT-NeoX / Pythia, recognised by the config setting ``pipe-parallel-size`` (every NeoX
-    and Pythia yml does, configs/pythia included; the project's own configs do not), else "stable". deepy.py
-    passes the decided value to its ranks (their resolved config no longer tells which keys a file set)."""
-    order = str(getattr(cfg.data, "data_order", "auto") or "auto")
-    if order == "auto":
-        source = cfg.source_of("pipe-parallel-size") if hasattr(cfg, "source_of") else "<default>"
-        return "neox" if source not in ("<default>", None) else "stable"
-    if order not in DATA_ORDERS:
-        raise DataError(f"data-order {order!r}: expected auto, {', '.join(DATA_ORDERS)}")
-    return order
-
-
 def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, vocab_size: Optional[int] = None,
                    vocab_stamp_min_bytes: Optional[int] = None, data_order: Optional[str] = None,
                    first_num_samples: Optional[dict] = None) -> dict:
@@ -321,8 +307,8 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
     With ``vocab_size`` every token file is checked for ids outside [0, vocab_size) before anything is
     built; ``vocab_stamp_min_bytes`` overrides VOCAB_STAMP_MIN_BYTES (which files get a cached stamp).
 
-    ``data_order`` (default: ``data_cfg.data_order``, "auto" meaning "stable" here: resolve_data_order decides it
-    from the whole config): "stable" or "neox". With "neox" the datasets are built as GPT-NeoX builds them:
+    ``data_order`` (default: ``data_cfg.data_order``, "auto" meaning "stable" here: NeoXConfig.data_order decides
+    it from the whole config): "stable" or "neox". With "neox" the datasets are built as GPT-NeoX builds them:
     each of several ``*-data-paths`` is asked for ceil(n * weight * 1.005) samples, the weights default to 1
     each (not to the token counts), a single path is that dataset alone, and a blend follows NeoX's rule;
     ``data-path`` + ``split`` ask each split for exactly n. ``first_num_samples`` ({"train": n0, ...}; "neox"

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import NeoXConfig
+from ..config import DEFAULT_SEED, NeoXConfig
 from ..parallel import (ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding, copy_to_tp,
                         gather_from_tp, init_sharded_, vocab_parallel_cross_entropy)
 from ..l2e import total_loss as l2e_total_loss
@@ -89,7 +89,9 @@ class ModelOutput(NamedTuple):
 
 class GPTNeoX(nn.Module):
     def __init__(self, cfg: NeoXConfig, ps: Optional[ParallelState] = None, vocab_size: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, init: bool = True):
+                 dtype: Optional[torch.dtype] = None, init: bool = True, seed: int = DEFAULT_SEED):
+        """``seed`` draws the initial weights and, when ``ps.rng`` is not seeded yet, the dropout streams (the
+        trainer passes training.seed); ``init=False`` leaves the weights for a checkpoint to fill."""
         super().__init__()
         ps = ps or ParallelState.single()
         m = cfg.model
@@ -97,9 +99,9 @@ class GPTNeoX(nn.Module):
         self.vocab_size = cfg.padded_vocab_size(ps.tp, vocab_size)      # padded, global
         self.base_vocab_size = cfg.padded_vocab_size(1, vocab_size)     # padded for TP=1; rows past it are inert
         if not ps.rng.seeded:
-            ps.rng.seed(cfg.training.seed, ps.tp_rank, shared=False)      # TP-rank dropout stream (parallel/random.py)
-        self.gradient_checkpointing = cfg.training.checkpoint_activations
-        self.checkpoint_num_layers = cfg.training.checkpoint_num_layers
+            ps.rng.seed(seed, ps.tp_rank, shared=False)                   # TP-rank dropout stream (parallel/random.py)
+        self.gradient_checkpointing = m.checkpoint_activations
+        self.checkpoint_num_layers = m.checkpoint_num_layers
         self.gpt_neox = nn.Module()                                       # HF naming: gpt_neox.*
         self.gpt_neox.embed_in = VocabParallelEmbedding(self.vocab_size, m.hidden_size, ps, dtype=dtype)
         self.gpt_neox.emb_dropout = nn.Dropout(m.hidden_dropout)
@@ -113,7 +115,7 @@ class GPTNeoX(nn.Module):
         self.rotary = RotaryEmbedding(rot_dims, m.rotary_emb_base, device=ps.device)
         self._attach_inhibitors()
         if init and ps.device.type != "meta":
-            self.init_weights(cfg.training.seed)
+            self.init_weights(seed)
 
     # ---------------------------------------------------------------- L2E
     def _attach_inhibitors(self):
@@ -222,8 +224,3 @@ def _init_fn(method: str, std: float, num_layers: int, hidden: int):
     else:  # validated at config load
         raise ValueError(f"unknown init method {method!r}")
     return lambda t, gen: t.normal_(0.0, sigma, generator=gen)
-
-
-def build_model(cfg: NeoXConfig, ps: Optional[ParallelState] = None, vocab_size: Optional[int] = None,
-                dtype: Optional[torch.dtype] = None) -> GPTNeoX:
-    return GPTNeoX(cfg, ps, vocab_size=vocab_size, dtype=dtype)

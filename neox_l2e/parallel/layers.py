@@ -10,7 +10,6 @@ multiply gradients by the TP degree (see docs).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -225,7 +224,3 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ps:
             logits = logits[..., :vocab_limit]
         return F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), reduction="none").view_as(target)
     return _VocabParallelCrossEntropy.apply(logits, target, ps, vocab_limit)
-
-
-def xavier_std(fan_in: int, fan_out: int) -> float:
-    return math.sqrt(2.0 / (fan_in + fan_out))

@@ -107,10 +107,6 @@ class ParallelState:
         return ps
 
     @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -123,11 +119,6 @@ class ParallelState:
     def all_reduce_dp(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.dp > 1:
             dist.all_reduce(t, op=op, group=self.dp_group)
-        return t
-
-    def all_reduce_world(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t, op=op)
         return t
 
     def all_gather_dp(self, t: torch.Tensor) -> list:

@@ -1,7 +1,7 @@
 """DeepSpeed engine setup: process group, optimizer (AdamW), the DeepSpeed config dict, the engine.
 
     ps = setup_distributed(cfg)                         # gloo on CPU, NCCL on GPU; dist-timeout-s
-    model = GPTNeoX(cfg, ps, vocab_size)
+    model = GPTNeoX(cfg, ps, vocab_size, seed=cfg.training.seed)
     engine, optimizer = build_engine(cfg, model, ps)    # ZeRO 0-3, fp32 / fp16 / bf16, clipping, gas
 
 The optimizer is always a client ``torch.optim.AdamW`` (fused on CUDA, plain on CPU): no DeepSpeed op

@@ -63,7 +63,7 @@ def sample_iterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_sample
 
 def build_data(cfg: NeoXConfig, dp: int):
     """(datasets, vocab_size, tokenizer) from cfg.data through neox_l2e.data."""
-    from ..data import build_datasets, build_tokenizer, resolve_data_order
+    from ..data import build_datasets, build_tokenizer
     d, t = cfg.data, cfg.training
     tokenizer = None
     vocab = cfg.model.vocab_size
@@ -74,7 +74,7 @@ def build_data(cfg: NeoXConfig, dp: int):
     eval_samples = t.eval_iters * t.train_micro_batch_size_per_gpu * dp
     num_samples = {"train": t.train_iters * global_batch, "valid": eval_samples, "test": eval_samples}
     datasets = build_datasets(d, cfg.model.seq_length, t.seed, num_samples=num_samples, vocab_size=vocab,
-                              data_order=resolve_data_order(cfg))
+                              data_order=cfg.data_order)
     if not datasets.get("train"):
         raise ConfigError("no training data: set train-data-paths (and valid-data-paths) or data-path")
     return datasets, vocab, tokenizer
@@ -121,7 +121,7 @@ class Trainer:
         self.heldout_tokens = self._heldout_tokens()
         vocab_size = vocab_size or cfg.model.vocab_size
         from ..model import GPTNeoX
-        self.model = GPTNeoX(cfg, ps, vocab_size=vocab_size)
+        self.model = GPTNeoX(cfg, ps, vocab_size=vocab_size, seed=t.seed)
         self.num_parameters = self.model.num_parameters()
         self.finetuned_from = None
         if t.load and t.finetune:

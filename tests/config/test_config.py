@@ -367,3 +367,64 @@ def test_train_and_deepy_print_the_hint(capsys):
         assert e.value.code == 2
         assert "error: --train-iters: config keys are not flags; give them as key=value after the config files: " \
                "train-iters=5" in capsys.readouterr().err
+
+
+def test_sections_are_typed_and_read_only():
+    import dataclasses
+    import typing
+
+    from neox_l2e.config import SECTIONS, NeoXConfig
+    hints = typing.get_type_hints(NeoXConfig)
+    assert {name: hints[name] for name in SECTIONS} == SECTIONS
+    cfg = load_config(ROOT / "configs" / "local" / "tiny.yml")            # a loaded config is read-only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.train_iters = 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model = cfg.model
+
+
+def test_derived_values_are_filled_in_at_load_and_validate_changes_nothing():
+    import copy
+    import dataclasses
+
+    from neox_l2e.config import build_config
+    from neox_l2e.config.loader import validate
+    values = {**BASE_KEYS, "lr-decay-iters": 70,
+              "optimizer": {"type": "Adam", "params": {"lr": "6e-05", "eps": "1e-8"}}}
+    given = copy.deepcopy(values)
+    cfg = build_config(values)
+    assert values == given                                                  # the caller's mapping is not touched
+    assert cfg.training.train_iters == 70 and cfg.source_of("train_iters") == "<default>"
+    assert cfg.optimizer.optimizer["params"] == {"lr": 6e-05, "eps": 1e-08} and cfg.lr == 6e-05
+    assert build_config(BASE_KEYS).training.train_iters == 1000
+    before = copy.deepcopy(cfg)
+    validate(cfg)
+    assert cfg == before
+    # validate on values nothing derived: it refuses them and leaves them as they are
+    unset = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, train_iters=None))
+    with pytest.raises(ConfigError, match="train-iters is not set"):
+        validate(unset)
+    assert unset.training.train_iters is None
+    params = {"lr": "6e-05"}
+    as_text = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, optimizer={"params": params}))
+    with pytest.raises(ConfigError, match="optimizer.params.lr must be a finite number, got '6e-05'"):
+        validate(as_text)
+    assert params == {"lr": "6e-05"}
+
+
+def test_activation_checkpointing_keys_are_model_keys(tmp_path):
+    cfg = load_config(write(tmp_path, "a.yml", BASE), {"checkpoint-activations": True, "checkpoint-num-layers": 2})
+    assert cfg.model.checkpoint_activations and cfg.model.checkpoint_num_layers == 2
+    model = GPTNeoX(cfg)
+    assert model.gradient_checkpointing and model.checkpoint_num_layers == 2
+    with pytest.raises(ConfigError, match="<override>: checkpoint-num-layers must be >= 1"):
+        load_config(write(tmp_path, "a.yml", BASE), {"checkpoint-num-layers": 0})
+
+
+def test_model_weights_come_from_the_seed_it_is_given(tmp_path):
+    from neox_l2e.config import DEFAULT_SEED
+    cfg = load_config(write(tmp_path, "a.yml", BASE), {"seed": 5})
+    weight = "gpt_neox.embed_in.weight"
+    default, five, five_again = (GPTNeoX(cfg, **kw).state_dict()[weight] for kw in ({}, {"seed": 5}, {"seed": 5}))
+    assert torch.equal(five, five_again) and not torch.equal(default, five)
+    assert torch.equal(default, GPTNeoX(cfg, seed=DEFAULT_SEED).state_dict()[weight])

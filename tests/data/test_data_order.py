@@ -204,7 +204,6 @@ def test_stable_order_keeps_earlier_samples_when_train_iters_grows(tmp_path, dat
 
 def test_data_order_default_follows_the_config():
     from neox_l2e.config import load_config
-    from neox_l2e.data import DataError, resolve_data_order
     from pathlib import Path
     root = Path(__file__).resolve().parents[2]
     from neox_l2e.config import ConfigError
@@ -216,15 +215,16 @@ def test_data_order_default_follows_the_config():
             cfg = load_config([str(path)], {})
         except ConfigError:                  # the two published files with errors (tests/config)
             continue
-        assert resolve_data_order(cfg) == "neox", path.name
+        assert cfg.data_order == "neox", path.name
         checked += 1
     assert checked >= 10
-    assert resolve_data_order(load_config([str(root / "configs/local/tiny.yml")], {})) == "stable"
-    assert resolve_data_order(load_config([str(root / "configs/pythia/pythia-70m.yml")], {"data_order": "stable"})) \
-        == "stable"
-    assert resolve_data_order(load_config([str(root / "configs/local/tiny.yml")], {"data_order": "neox"})) == "neox"
-    with pytest.raises(DataError, match="data-order 'random'"):
-        resolve_data_order(load_config([str(root / "configs/local/tiny.yml")], {"data_order": "random"}))
+    assert load_config([str(root / "configs/local/tiny.yml")], {}).data_order == "stable"
+    assert load_config([str(root / "configs/local/tiny.yml")], {"pipe_parallel_size": 1}).data_order == "neox"
+    assert load_config([str(root / "configs/pythia/pythia-70m.yml")], {"data_order": "stable"}).data_order == "stable"
+    assert load_config([str(root / "configs/local/tiny.yml")], {"data_order": "neox"}).data_order == "neox"
+    with pytest.raises(ConfigError, match="<override>: data-order: 'random' is not supported; use one of auto, "
+                                          "stable, neox"):
+        load_config([str(root / "configs/local/tiny.yml")], {"data_order": "random"})
 
 
 def test_deepy_hands_the_decided_order_to_its_ranks():

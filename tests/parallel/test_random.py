@@ -45,7 +45,7 @@ def test_get_set_states_resume_every_stream():
 
 
 def _loss_and_grads(cfg):
-    model = GPTNeoX(cfg, ParallelState.single()).train()
+    model = GPTNeoX(cfg, ParallelState.single(), seed=cfg.training.seed).train()
     model.ps.rng.seed(11)
     batch = tokens(cfg)
     loss = model.lm_loss(model(batch[:, :-1]).logits, batch[:, 1:])

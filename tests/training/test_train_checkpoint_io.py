@@ -31,7 +31,7 @@ def test_weights_checkpoint_round_trip_and_finetune(tmp_path):
     from neox_l2e.model import GPTNeoX
     from train_common import tiny_cfg
     cfg = tiny_cfg(seed=999)
-    state = GPTNeoX(cfg).state_dict()
+    state = GPTNeoX(cfg, seed=cfg.training.seed).state_dict()
     d = write_weights_checkpoint(tmp_path / "w", cfg, [state])
     assert d.name == "global_step0" and latest_tag(tmp_path / "w") == "global_step0"
     cfg_dict, states, client = read_model_states(tmp_path / "w")
