@@ -1,4 +1,4 @@
-"""The L2E math in plain PyTorch: the reference every other implementation (the Triton kernel) matches.
+"""The L2E math in plain PyTorch, element by element (``torch_op`` composes it into the MLP forward).
 
 Shapes: z is [T, N] (T token positions, N neurons of this TP rank), statistics are [N] in fp32.
 
@@ -65,12 +65,6 @@ def inhibition_loss_sum(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor,
 def count(mask: torch.Tensor) -> torch.Tensor:
     """Number of True entries as a float64 scalar tensor (exact; no host synchronisation)."""
     return torch.count_nonzero(mask).to(torch.float64)
-
-
-def inhibition_grad(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
-    """Closed-form d(loss_sum)/dz (for tests and the fused backward)."""
-    d = z.float() - mean
-    return torch.where(mask, 2.0 * d / (d * d + eps), torch.zeros_like(d))
 
 
 def reverse_deactivate(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
