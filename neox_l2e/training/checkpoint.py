@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..l2e.keys import is_l2e_state_key
+
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -400,7 +402,7 @@ def load_weights_into(model, load_dir, tp_rank: int = 0, tag: Optional[str] = No
     module = sd["module"]
     own = model.state_dict()
     missing = [k for k in own if k not in module]
-    if strict and any(".inhibitor." not in k for k in missing):
+    if strict and any(not is_l2e_state_key(k) for k in missing):
         raise CheckpointError(f"{path}: missing weights {missing[:3]}...; does the config match the checkpoint?")
     for k, v in module.items():
         if k in own:
