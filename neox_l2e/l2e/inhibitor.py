@@ -114,7 +114,7 @@ class Inhibitor(InhibitorState):
         dev = self.mean.device
         sel = pend.n_selected if pend.n_selected is not None else torch.zeros((), device=dev)
         counts = torch.stack([sel.to(torch.float64).reshape(()),
-                              torch.as_tensor(pend.n_eligible, dtype=torch.float64, device=dev)])
+                              torch.full((), pend.n_eligible, dtype=torch.float64, device=dev)])
         self.ps.all_reduce_tp(counts)
         self.ps.all_reduce_dp(counts)
         tau = self._next_tau(pend, counts)

@@ -2,6 +2,7 @@
 top-k + reverse deactivation), and ``NeuronInhibitor``, which builds the one the config names."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -31,7 +32,7 @@ class L2EInhibitor(Inhibitor):
     def phase(self) -> Phase:
         if not self.active:
             return Phase.GATHER
-        return Phase.INIT_TAU if self._tau_host == float("inf") else Phase.SELECT
+        return Phase.INIT_TAU if math.isinf(self._tau_host) else Phase.SELECT
 
     def _forward(self, x, weight, bias, approximate, phase: Phase, kind: Pass) -> torch.Tensor:
         if kind is Pass.EVAL and phase is not Phase.SELECT:    # nothing to score or gather

@@ -38,16 +38,16 @@ class BatchMetrics:
         dev = phi.device
         f64 = dict(dtype=torch.float64, device=dev)
         return cls(
-            eligible=torch.tensor(float(rows * num_neurons), **f64),
+            eligible=torch.full((), float(rows * num_neurons), **f64),   # fills: no host-to-device copy
             selected=n_sel.detach().to(torch.float64).reshape(()),
-            scored=torch.tensor(float(phi.numel()), **f64),
+            scored=torch.full((), float(phi.numel()), **f64),
             phi_sum=phi.sum().to(torch.float64),
             phi_sum_selected=torch.where(mask, phi, 0.0).sum().to(torch.float64),
             selected_scored=F.count(mask),
             above_levels=torch.stack([F.count(phi > lv) for lv in levels]) if levels else torch.zeros(0, **f64),
             hit=mask.any(dim=0),
             loss_sum=loss.detach().to(torch.float64).reshape(()) if loss is not None else torch.zeros((), **f64),
-            loss_batches=torch.tensor(1.0 if loss is not None else 0.0, **f64))
+            loss_batches=torch.full((), 1.0 if loss is not None else 0.0, **f64))
 
 
 @dataclass

@@ -30,10 +30,8 @@ class Threshold:
         """tau_0 as a 0-dim fp64 tensor. ``phi``: this rank's scores of the initialising batch (quantile
         mode); ``n_eligible``: the eligible activations of that batch summed over all ranks (0-dim fp64).
         Collective over TP and DP in quantile mode (a bisection of one-element all-reduces)."""
-        dev = n_eligible.device
-        if not self.from_quantile or phi is None:
-            return torch.tensor(float(self.tau_init if self.tau_init is not None else 1.0), dtype=torch.float64,
-                                device=dev)
+        if not self.from_quantile:
+            return torch.full((), self.tau_init, dtype=torch.float64, device=n_eligible.device)
         k = torch.round(self.ratio * n_eligible).clamp_min(1.0).to(torch.int64)   # = stats.kth_index
 
         def _reduce(t):

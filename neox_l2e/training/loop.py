@@ -251,7 +251,7 @@ class Trainer:
                 torch.where(finite, lm.detach().float(), zero),
                 torch.where(finite, l2e_loss.detach().float(), zero) if l2e_loss is not None else zero,
                 (~finite).float(),
-                torch.tensor(float(interrupt is not None and interrupt.set), device=lm.device),
+                torch.full((), float(interrupt is not None and interrupt.set), device=lm.device),
             ])
             self._all_reduce(flags)                         # every rank decides the same thing
             self.engine.backward(loss)

@@ -59,3 +59,38 @@ def test_one_host_copy_per_micro_batch_with_l2e(gas):
         assert flags == gas, counts                           # one copy per micro-batch for flags + L2E values
         # besides: the step's own gradient norm (fp32 without ZeRO), once per step
         assert sum(counts.values()) <= gas + int(own_norm), counts
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("method", ["l2e", "memel"])
+def test_inhibitor_micro_batch_does_not_synchronise_on_cuda(backend, method):
+    """Forward, backward and the device part of commit of a selecting micro-batch run under
+    torch.cuda.set_sync_debug_mode("error"); the one allowed copy (the host values) comes after."""
+    import torch
+    from neox_l2e.l2e import L2EController, commit_devices, finish_commits
+    from neox_l2e.parallel import ParallelState
+    from l2e_common import batch, layer_inputs, make_inhibitor
+    if backend == "triton":
+        pytest.importorskip("triton")
+    dev = torch.device("cuda")
+    ps = ParallelState.single(dev)
+    inhs = [make_inhibitor(n=256, ps=ps, l2e_backend=backend, l2e_method=method) for _ in range(2)]
+    w, b = (t.to(dev).requires_grad_() for t in layer_inputs(h=64, n=256))
+    xs = [batch(512, h=64, seed=s).to(dev) for s in range(5)]
+    ok = torch.ones((), dtype=torch.bool, device=dev)
+    ctl = L2EController(inhs, lam=0.1)
+    for i, x in enumerate(xs):     # statistics, tau initialisation, then selecting micro-batches
+        check = i == len(xs) - 1
+        if check:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            z = sum(inh(x, w, b, "none").float().pow(2).mean() for inh in inhs)
+            term = ctl.loss_term()
+            (z + term if term is not None else z).backward()
+            vals = commit_devices(inhs, ok)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        finish_commits(inhs, vals.tolist())
+    assert all(inh.phase().value == "select" for inh in inhs)
