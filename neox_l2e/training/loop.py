@@ -145,6 +145,7 @@ class Trainer:
         self.loss_hook = loss_hook
         self.nan_steps = nan_steps_from_env(ps.rank)
         self.l2e = getattr(self.module, "l2e", None) or None     # the model's L2E controller (None: no L2E)
+        self.inhibitors = self.l2e.inhibitors if self.l2e else []   # read-only view (layer indices, buffers)
         self.log_dir = default_log_dir(cfg)
         self.monitor = Monitor(cfg, self.log_dir, enabled=ps.is_main and not quiet, total_iters=t.train_iters,
                                start_iter=self.iteration, stream=stream)
