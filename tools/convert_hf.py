@@ -25,6 +25,7 @@ import yaml  # noqa: E402
 
 from neox_l2e.config import build_config, config_from_checkpoint_dict  # noqa: E402
 from neox_l2e.errors import InteropError, NeoXL2EError  # noqa: E402
+from neox_l2e.l2e.keys import is_l2e_state_key  # noqa: E402
 from neox_l2e.interop.hf import (check_export_dir, hf_state_to_ours, neox_keys_from_hf, read_hf_dir,  # noqa: E402
                                  write_hf_dir)
 
@@ -45,7 +46,7 @@ def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     cfg = build_config(keys, {k: str(hf_dir / "config.json") for k in keys})
     model = GPTNeoX(cfg, ParallelState.single(torch.device("meta")), init=False)
     expected = {k: v.shape for k, v in model.state_dict().items()
-                if k.endswith((".weight", ".bias")) and not _is_l2e(k)}
+                if k.endswith((".weight", ".bias")) and not is_l2e_state_key(k)}
     weights = hf_state_to_ours(state, expected, str(hf_dir))
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InteropError(f"{out_dir}: exists and is not empty; pass --overwrite or choose another folder")
@@ -67,7 +68,7 @@ def export_hf(ckpt_dir: Path, out_dir: Path, tag=None, dtype=None, overwrite: bo
     cfg_dict, states, _client = read_model_states(ckpt_dir, tag, verify=verify)
     cfg = config_from_checkpoint_dict(cfg_dict)
     full = merge_tp_states(states, cfg) if len(states) > 1 else states[0]
-    full = {k: v for k, v in full.items() if not _is_l2e(k)}
+    full = {k: v for k, v in full.items() if not is_l2e_state_key(k)}
     vocab = full["gpt_neox.embed_in.weight"].shape[0]
     tokenizer_files = []
     if cfg.data.vocab_file:
@@ -78,10 +79,6 @@ def export_hf(ckpt_dir: Path, out_dir: Path, tag=None, dtype=None, overwrite: bo
                   "has none; run from the training folder, or copy the tokenizer into the export", file=sys.stderr)
     return write_hf_dir(out_dir, cfg, full, vocab, tokenizer_files=tokenizer_files, dtype=dtype, overwrite=overwrite,
                         protect=(ckpt_dir,))
-
-
-def _is_l2e(key: str) -> bool:
-    return ".inhibitor." in key
 
 
 def main(argv=None) -> int:

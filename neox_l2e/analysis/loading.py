@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..l2e.keys import is_l2e_state_key
 from .common import AnalysisError, Tokenizer, load_tokenizer
 
 
@@ -90,7 +91,7 @@ def load_neox_checkpoint(path, tag: Optional[str] = None, device="cpu", dtype=No
     except ConfigError as e:
         raise AnalysisError(f"{p}: {e}") from None
     model = GPTNeoX(cfg1, ParallelState.single(), vocab_size=rows, init=False)
-    weights = {k: v for k, v in full.items() if ".inhibitor." not in k and torch.is_tensor(v)}
+    weights = {k: v for k, v in full.items() if not is_l2e_state_key(k) and torch.is_tensor(v)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k.endswith((".weight", ".bias"))]
     if missing or unexpected:

@@ -42,6 +42,7 @@ from .files import (FORMAT_VERSION, TMP_PREFIX, hash_entries, latest_tag, list_t
                     write_latest, write_manifest)
 from .layout import check_resume_config, check_resume_layout, saved_meta
 from .lock import SaveLock
+from ..l2e.keys import is_l2e_state_key
 
 # test hook: SIGKILL this process inside the save of the given iteration (after the files are written,
 # before the folder is renamed and `latest` moves)
@@ -421,7 +422,7 @@ def load_weights_into(model, load_dir, tp_rank: int = 0, tag: Optional[str] = No
     module = sd["module"]
     own = model.state_dict()
     missing = [k for k in own if k not in module]
-    if strict and any(".inhibitor." not in k for k in missing):
+    if strict and any(not is_l2e_state_key(k) for k in missing):
         raise CheckpointError(f"{path}: missing weights {missing[:3]}...; does the config match the checkpoint?")
     for k, v in module.items():
         if k in own:

@@ -22,6 +22,8 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from ..l2e.keys import is_l2e_state_key
+
 VOCAB_KEYS = ("embed_in.weight", "embed_out.weight")
 L2E_PARTITIONED = (".count", ".mean", ".m2")
 
@@ -59,7 +61,7 @@ def partition_dims(cfg, tp: int, keys, vocab_size: Optional[int] = None) -> Dict
                 raise ValueError(f"{k}: cannot tell how it is split over TP (shapes {tuple(full[k].shape)} "
                                  f"at TP=1, {tuple(local[k].shape)} at TP={tp})")
             dims[k] = diff[0]
-        elif ".inhibitor." in k and k.endswith(L2E_PARTITIONED):
+        elif is_l2e_state_key(k) and k.endswith(L2E_PARTITIONED):
             dims[k] = 0
         else:
             dims[k] = None

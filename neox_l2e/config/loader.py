@@ -516,6 +516,8 @@ def validate(cfg: NeoXConfig) -> None:
     e = cfg.l2e
     _one_of(cfg, "l2e_method", e.l2e_method, ["l2e", "memel", "none"])
     _one_of(cfg, "l2e_backend", e.l2e_backend, ["auto", "torch", "triton"])
+    _one_of(cfg, "l2e_loss_reduction", e.l2e_loss_reduction, ["selected-mean", "token-sum"])
+    _one_of(cfg, "l2e_grad_to_input", e.l2e_grad_to_input, [True, False])
     _one_of(cfg, "l2e_fkr_tau_mode", e.l2e_fkr_tau_mode, ["per-token", "global"])
     if not 0.0 < e.l2e_ratio < 1.0:
         raise ConfigError(f"{s('l2e_ratio')}: l2e-ratio is a fraction in (0, 1), got {e.l2e_ratio}")

@@ -183,6 +183,8 @@ class L2EConfig:
     l2e_min_samples: int = setting(64, "A neuron is inhibited only once its statistics hold this many samples (>= 2).")
     l2e_warmup_steps: int = setting(0, "Optimizer steps before inhibition starts (statistics are gathered meanwhile).")
     l2e_eps: float = setting(1.0e-6, "Epsilon inside log((z - mean)^2 + eps) (our choice; keeps the loss finite at z = mean).")
+    l2e_loss_reduction: str = setting("selected-mean", "L2E loss reduction: selected-mean (mean per layer over its selected entries, then over layers that selected) or token-sum (sum over layers and selected entries / tokens); docs/l2e.md.")
+    l2e_grad_to_input: bool = setting(True, "false: the L2E loss's gradient stops at the layer input x (reaches W_in and b_in only); the LM gradient is unchanged.")
     l2e_backend: str = setting("auto", "MLP implementation: auto (triton on CUDA, torch elsewhere), torch, or triton.")
     l2e_reference_levels: list = setting(None, "phi levels whose exceedance fractions are logged to compare runs.", factory=lambda: [5.0, 10.0, 25.0])
     l2e_fkr_k: list = setting(None, "FKR: k values as percentages of neurons (tools/fkr.py).", factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 10.0])

@@ -20,6 +20,7 @@ import torch
 
 from ..config import ConfigError, NeoXConfig
 from ..errors import InteropError
+from ..l2e.keys import is_l2e_state_key
 
 
 WEIGHT_SUFFIXES = (".weight", ".bias")
@@ -182,7 +183,7 @@ def hf_state_to_ours(hf_state: dict, expected: dict, source: str) -> dict:
 def our_state_to_hf(state: dict) -> dict:
     """Our full (unsharded) state dict -> HF names: only the weights (L2E buffers and the like are dropped)."""
     return {k: v.contiguous() for k, v in state.items()
-            if k.endswith(WEIGHT_SUFFIXES) and ".inhibitor." not in k}
+            if k.endswith(WEIGHT_SUFFIXES) and not is_l2e_state_key(k)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +327,7 @@ def load_hf_into_model(hf_dir, cfg_overrides: Optional[dict] = None, ps=None):
         raise InteropError(str(e)) from None
     ps = ps or ParallelState.single()
     model = GPTNeoX(cfg, ps, init=False)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k.endswith(WEIGHT_SUFFIXES) and ".inhibitor." not in k}
+    expected = {k: v.shape for k, v in model.state_dict().items() if k.endswith(WEIGHT_SUFFIXES) and not is_l2e_state_key(k)}
     if ps.tp > 1:
         raise InteropError("load_hf_into_model builds a TP=1 model; re-split with the checkpoint tools for TP > 1")
     weights = hf_state_to_ours(state, expected, str(hf_dir))

@@ -1,4 +1,4 @@
-"""The L2E math in plain PyTorch: the reference every other implementation (the Triton kernel) matches.
+"""The L2E math in plain PyTorch, element by element (``torch_op`` composes it into the MLP forward).
 
 Shapes: z is [T, N] (T token positions, N neurons of this TP rank), statistics are [N] in fp32.
 
@@ -67,12 +67,6 @@ def count(mask: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(mask).to(torch.float64)
 
 
-def inhibition_grad(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
-    """Closed-form d(loss_sum)/dz (for tests and the fused backward)."""
-    d = z.float() - mean
-    return torch.where(mask, 2.0 * d / (d * d + eps), torch.zeros_like(d))
-
-
 def reverse_deactivate(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """MEmeL's reverse deactivation (our reading): selected z' = 2 mean - z, in the forward pass.
     Its gradient w.r.t. z is -1 on selected entries, +1 elsewhere."""
@@ -90,7 +84,7 @@ def batch_moments(z: torch.Tensor) -> tuple:
     n = z.shape[0]
     mean = z.mean(dim=0)
     m2 = ((z - mean) ** 2).sum(dim=0)
-    return torch.tensor(float(n), dtype=torch.float32, device=z.device), mean, m2
+    return torch.full((), float(n), dtype=torch.float32, device=z.device), mean, m2   # a fill: no host copy
 
 
 def merge_moments(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple:

@@ -22,7 +22,6 @@ from torch.utils.checkpoint import checkpoint
 from ..config import DEFAULT_SEED, NeoXConfig
 from ..parallel import (ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding, copy_to_tp,
                         gather_from_tp, init_sharded_, vocab_parallel_cross_entropy)
-from ..l2e import total_loss as l2e_total_loss
 from .mlp import MLP
 from .rotary import RotaryEmbedding, apply_rotary
 
@@ -84,7 +83,7 @@ class ModelOutput(NamedTuple):
     hooks (the backward prologue: wall-clock timers, ZeRO's backward bookkeeping) on the tensors of a
     tuple, list or dict output, and on none of a plain object's."""
     logits: torch.Tensor                  # [b, s, V/tp] (this rank's vocab slice)
-    l2e_loss: Optional[torch.Tensor]      # mean L_MS over the layers that selected (None when none is active)
+    l2e_loss: Optional[torch.Tensor]      # model.l2e.loss(): the reduced L2E loss (None when no layer is active)
 
 
 class GPTNeoX(nn.Module):
@@ -119,13 +118,16 @@ class GPTNeoX(nn.Module):
 
     # ---------------------------------------------------------------- L2E
     def _attach_inhibitors(self):
-        """Give the inhibited layers' MLPs an inhibitor (the one interface between model and L2E)."""
-        if not self.cfg.l2e_active:
-            return
-        from ..l2e import NeuronInhibitor
-        for i in self.cfg.inhibited_layers():
-            mlp = self.gpt_neox.layers[i].mlp
-            mlp.inhibitor = NeuronInhibitor(self.cfg.ffn_size // self.ps.tp, self.cfg.l2e, self.ps, layer_index=i)
+        """Give the inhibited layers' MLPs an inhibitor, and the model its L2E controller (``self.l2e``, what
+        the training loop talks to: begin_step, loss_term, end_micro_batch, metrics)."""
+        from ..l2e import L2EController, NeuronInhibitor
+        e = self.cfg.l2e
+        if self.cfg.l2e_active:
+            for i in self.cfg.inhibited_layers():
+                mlp = self.gpt_neox.layers[i].mlp
+                mlp.inhibitor = NeuronInhibitor(self.cfg.ffn_size // self.ps.tp, e, self.ps, layer_index=i)
+        # a plain attribute (not a submodule): the inhibitors' state stays under ...mlp.inhibitor.*
+        self.l2e = L2EController(self.inhibitors(), e.l2e_lambda, e.l2e_loss_reduction)
 
     def inhibitors(self) -> list:
         return [layer.mlp.inhibitor for layer in self.gpt_neox.layers if layer.mlp.inhibitor is not None]
@@ -169,7 +171,7 @@ class GPTNeoX(nn.Module):
             logits = F.linear(copy_to_tp(x, self.ps), self.gpt_neox.embed_in.weight)
         else:
             logits = self.embed_out(x)                                    # [b, s, V/tp]
-        return ModelOutput(logits, l2e_total_loss(self.inhibitors()))
+        return ModelOutput(logits, self.l2e.loss())
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32); logits may be vocab-parallel."""

@@ -1,9 +1,9 @@
 """The MLP block of a GPT-NeoX layer: h -> 4h (column-parallel) -> GELU -> h (row-parallel).
 
-This module is the one door through which L2E reaches the model. When the layer is inhibited,
-the up-projection + bias + GELU is handed to ``self.inhibitor`` (neox_l2e.l2e.NeuronInhibitor),
-which computes the same z and, beside it, the monosemanticity statistics, the selection and the
-inhibition loss — in plain torch, or in the fused Triton kernel (neox_l2e.kernels.l2e_mlp).
+When the layer is inhibited, the up-projection + bias + GELU is handed to ``self.inhibitor`` (built by
+neox_l2e.l2e.NeuronInhibitor), which computes the same z and, beside it, the monosemanticity statistics,
+the selection and the inhibition loss — in plain torch, or in the fused Triton kernel
+(neox_l2e.kernels.l2e_mlp). The model's ``l2e`` controller is what the training loop talks to.
 With no inhibitor the forward is exactly the plain Pythia MLP.
 """
 from __future__ import annotations

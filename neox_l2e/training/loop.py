@@ -3,9 +3,10 @@
     result = train(cfg)                        # data from cfg.data (neox_l2e.data)
     result = train(cfg, datasets={...}, vocab_size=V)   # tests / tools: any datasets with {"text": [seq+1]}
 
-One step (iteration -> iteration + 1):
-    inh.set_step(iteration) for every inhibitor
-    gas x { tokens [mb, seq+1] -> loss = lm + lambda * l2e -> engine.backward -> inh.commit() }
+One step (iteration -> iteration + 1), L2E through the model's controller ``l2e`` (neox_l2e.l2e.L2EController):
+    l2e.begin_step(iteration)
+    gas x { tokens [mb, seq+1] -> loss = lm + l2e.loss_term() -> engine.backward -> l2e.end_micro_batch(ok) }
+    (one small device-to-host copy per micro-batch: the NaN/interrupt flags and every layer's L2E values)
     engine.step() (skipped on every rank when any rank saw a NaN/inf loss)
     lr schedule advances on applied steps; consumed samples advance always.
 """
@@ -149,7 +150,8 @@ class Trainer:
         self.tokens_per_step = self.global_batch * cfg.model.seq_length
         self.loss_hook = loss_hook
         self.nan_steps = nan_steps_from_env(ps.rank)
-        self.inhibitors = list(self.module.inhibitors()) if hasattr(self.module, "inhibitors") else []
+        self.l2e = getattr(self.module, "l2e", None) or None     # the model's L2E controller (None: no L2E)
+        self.inhibitors = self.l2e.inhibitors if self.l2e else []   # read-only view (layer indices, buffers)
         self.log_dir = default_log_dir(cfg)
         self.monitor = Monitor(cfg, self.log_dir, enabled=ps.is_main and not quiet, total_iters=t.train_iters,
                                start_iter=self.iteration, stream=stream)
@@ -168,7 +170,7 @@ class Trainer:
             f"{cfg.training.train_micro_batch_size_per_gpu} x gas {cfg.training.gradient_accumulation_steps} x DP {ps.dp})",
         ]
         l2e = (f"L2E {cfg.l2e.l2e_method} on layers {cfg.inhibited_layers()} (p = {cfg.l2e.l2e_ratio:g}, "
-               f"lambda = {cfg.l2e.l2e_lambda:g})" if self.inhibitors else "L2E off")
+               f"lambda = {cfg.l2e.l2e_lambda:g})" if self.l2e else "L2E off")
         lines.append(f"train-iters {cfg.training.train_iters} | lr {cfg.lr:g} {cfg.optimizer.lr_decay_style} "
                      f"(warmup {self.scheduler.warmup_iters}, min {cfg.optimizer.min_lr:g}) | {l2e}")
         if self.heldout_tokens is not None:
@@ -235,9 +237,9 @@ class Trainer:
     def train_step(self, interrupt: Optional[InterruptFlag] = None) -> dict:
         cfg, t = self.cfg, self.cfg.training
         gas = t.gradient_accumulation_steps
-        lam = cfg.l2e.l2e_lambda
-        for inh in self.inhibitors:
-            inh.set_step(self.iteration)
+        l2e = self.l2e
+        if l2e:
+            l2e.begin_step(self.iteration)
         lr = self.scheduler.get_lr()
         bad = False
         stop = False
@@ -247,7 +249,8 @@ class Trainer:
             x, y = self._batch(self.train_iter)
             out = self.engine(x)
             lm = self.module.lm_loss(out.logits, y)
-            loss = lm + lam * out.l2e_loss if out.l2e_loss is not None else lm
+            l2e_loss = l2e.loss() if l2e else None
+            loss = lm + l2e.loss_term(l2e_loss) if l2e_loss is not None else lm
             if self.iteration in self.nan_steps:
                 loss = loss + float("nan")
             if self.loss_hook is not None:
@@ -256,23 +259,24 @@ class Trainer:
             zero = torch.zeros((), device=lm.device, dtype=torch.float32)
             flags = torch.stack([
                 torch.where(finite, lm.detach().float(), zero),
-                torch.where(finite, out.l2e_loss.detach().float(), zero) if out.l2e_loss is not None else zero,
+                torch.where(finite, l2e_loss.detach().float(), zero) if l2e_loss is not None else zero,
                 (~finite).float(),
-                torch.tensor(float(interrupt is not None and interrupt.set), device=lm.device),
+                torch.full((), float(interrupt is not None and interrupt.set), device=lm.device),
             ])
-            flags = self._all_reduce(flags).tolist()       # every rank decides the same thing
-            micro_bad = flags[2] > 0
+            self._all_reduce(flags)                         # every rank decides the same thing
+            self.engine.backward(loss)
+            # L2E commits on the device (merges statistics over DP, moves the threshold; a NaN/inf micro-batch
+            # is dropped on every rank), then one copy to the host for the flags and the L2E values together
+            l2e_vals = l2e.end_micro_batch_device(flags[2] == 0) if l2e else None
+            host = (torch.cat([flags.double(), l2e_vals]) if l2e_vals is not None else flags).tolist()
+            flags, micro_bad = host[:4], host[2] > 0
+            if l2e:
+                l2e.end_micro_batch_host(host[4:], ok=not micro_bad)
             bad = bad or micro_bad
             stop = stop or flags[3] > 0
-            self.engine.backward(loss)
-            for inh in self.inhibitors:
-                if not micro_bad:
-                    inh.commit()                 # merges statistics over DP, moves the threshold
-                else:
-                    inh.discard()                # statistics of a NaN/inf forward are dropped (all ranks)
             if not micro_bad:
                 lm_sum += flags[0] / self.ps.world_size
-                if out.l2e_loss is not None:
+                if l2e_loss is not None:
                     l2e_sum += flags[1] / self.ps.world_size
                     l2e_n += 1
             # engine.step() after every micro-batch (DeepSpeed counts micro-steps); the last one is the
@@ -329,7 +333,7 @@ class Trainer:
                                         "zero_stage": cfg.zero_stage, "precision": cfg.precision_name,
                                         "num_parameters": self.num_parameters,
                                         "tokens_per_step": self.tokens_per_step,
-                                        "l2e_layers": [i.layer_index for i in self.inhibitors]})
+                                        "l2e_layers": [i.layer_index for i in self.l2e.inhibitors] if self.l2e else []})
         consecutive_bad = 0
         window = {"loss": [], "l2e": [], "time": [], "gn": []}
         t_start = time.perf_counter()
@@ -407,11 +411,7 @@ class Trainer:
         return res
 
     def _l2e_metrics(self) -> dict:
-        out = {}
-        for inh in self.inhibitors:
-            m = inh.metrics()
-            out[inh.layer_index] = {k: float(v) for k, v in m.items()}
-        return out
+        return self.l2e.metrics() if self.l2e else {}
 
     def _log_train(self, window: dict, s: dict, tps: float, res: TrainResult) -> None:
         m = {"lm_loss": float(np.mean(window["loss"])) if window["loss"] else float("nan"), "lr": s["lr"],

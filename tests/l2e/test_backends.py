@@ -29,7 +29,7 @@ def _run(device, bias_grad, method="l2e", steps=6):
             gw, = torch.autograd.grad(loss, w)
             inh.commit()
             zs.append(z.detach())
-            losses.append(inh.loss.item() if inh.loss is not None else None)
+            losses.append((inh.loss.item(), inh.loss_sum.item()) if inh.loss is not None else None)
             grads.append(gw)
         out[backend] = (zs, losses, grads, inh, inh.metrics())
     return out
@@ -44,8 +44,8 @@ def test_triton_backend_matches_torch_backend(device, method):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert [x is None for x in lt] == [x is None for x in lk]
     for a, b in zip(lt, lk):
-        if a is not None:
-            assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
+        if a is not None:       # the mean L_MS and the sum that the token-sum reduction divides by the tokens
+            assert all(abs(u - v) <= 1e-4 * max(1.0, abs(u)) for u, v in zip(a, b)), (a, b)
     for a, b in zip(gt, gk):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ik.mean, it.mean, rtol=0, atol=1e-6)
@@ -60,3 +60,25 @@ def test_triton_backend_with_frozen_bias(device):
     out = _run(device, bias_grad=False)
     for a, b in zip(out["torch"][2], out["triton"][2]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_backend_passes_the_gradient_switch_or_refuses():
+    """l2e-grad-to-input: false reaches the fused op as l2e_grad_to_input=False; an op without it is refused."""
+    from neox_l2e.l2e.backend import TritonBackend
+    seen = {}
+
+    def op_with(x, weight, bias, mean, inv_var, tau, eps, approximate="none", mode="split", *, l2e_grad_to_input=True):
+        seen["flag"] = l2e_grad_to_input
+        return kernels.l2e_mlp_reference(x, weight, bias, mean, inv_var, tau, eps, approximate,
+                                         grad_to_input=l2e_grad_to_input)
+
+    def op_without(x, weight, bias, mean, inv_var, tau, eps, approximate="none", mode="split"):
+        return kernels.l2e_mlp_reference(x, weight, bias, mean, inv_var, tau, eps, approximate)
+
+    w, b = layer_inputs(12, 48)
+    args = (batch(16), w, b, torch.zeros(48), torch.ones(48), 0.5, 1e-6, "none")
+    TritonBackend(op_with)(*args, grad_to_input=False)
+    assert seen["flag"] is False
+    TritonBackend(op_without)(*args)                         # the default needs no kwarg
+    with pytest.raises(RuntimeError, match="l2e-grad-to-input"):
+        TritonBackend(op_without)(*args, grad_to_input=False)

@@ -42,8 +42,7 @@ def test_threshold_converges_on_stationary_stream(p):
     inh = make_inhibitor(n=64, l2e_ratio=p, l2e_eta=0.05)
     # start far from the quantile: the update has to find it
     run_stream(inh, w, b, steps=2, t=256)
-    inh.tau.fill_(inh.tau_value * 20.0)
-    inh._tau_host = inh.tau.item()
+    inh.set_tau(inh.tau_value * 20.0)
     run_stream(inh, w, b, steps=300, t=256, seed0=10)
     inh.metrics()                                   # reset the window
     run_stream(inh, w, b, steps=100, t=256, seed0=1000)

@@ -1,10 +1,12 @@
 """L2E under TP=2 against TP=1 on the same weights and batches (2 gloo ranks): each rank owns half the neurons
 and their statistics; the selection counts behind tau are all-reduced over TP. After every micro-batch the
-L2E loss, tau and the (merged) statistics equal the TP=1 run, and so do the gradients of the total loss."""
+L2E loss, tau and the (merged) statistics equal the TP=1 run, and so do the gradients of the total loss, for
+each loss reduction."""
 import pytest
 import torch
 
 from distributed import run_ranks
+from neox_l2e.l2e import is_l2e_state_key
 from tp_common import gather_states, grads_of, random_full_state, tiny_cfg, tokens, tp_model
 
 L2E = dict(l2e_enabled=True, l2e_layers=[0, 1], l2e_ratio=0.05, l2e_min_samples=16, l2e_backend="torch",
@@ -14,34 +16,33 @@ TAU_REL = 2e-5      # docs/parallelism.md, "L2E under TP and DP"
 
 
 def _run(model, ps, cfg):
-    lam = cfg.l2e.l2e_lambda
     per_step = []
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    l2e = model.l2e                                        # the model's L2E controller, as the training loop uses it
     for step in range(STEPS):
-        for inh in model.inhibitors():
-            inh.set_step(step)
+        l2e.begin_step(step)
         batch = tokens(cfg, seed=100 + step)
         out = model(batch[:, :-1])
         lm = model.lm_loss(out.logits, batch[:, 1:])
-        loss = lm + lam * out.l2e_loss if out.l2e_loss is not None else lm
+        l2e_loss = l2e.loss()
+        loss = lm + l2e.loss_term(l2e_loss) if l2e_loss is not None else lm
         opt.zero_grad()
         loss.backward()
         grads = grads_of(model)
-        for inh in model.inhibitors():
-            inh.commit()
+        l2e.end_micro_batch(ok=True)
         opt.step()
-        per_step.append(dict(lm=lm.item(), l2e=None if out.l2e_loss is None else out.l2e_loss.item(),
+        per_step.append(dict(lm=lm.item(), l2e=None if l2e_loss is None else l2e_loss.item(),
                              tau=[inh.tau.item() for inh in model.inhibitors()],
                              sel=[None if inh.n_selected is None else inh.n_selected.item()
                                   for inh in model.inhibitors()]))
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if ".inhibitor." in k}
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if is_l2e_state_key(k)}
     return per_step, buffers, grads
 
 
-def _worker(rank, world):
+def _worker(rank, world, reduction):
     from neox_l2e.parallel import ParallelState
     ps = ParallelState.from_distributed(tp=2)
-    cfg = tiny_cfg(model_parallel_size=2, **L2E)
+    cfg = tiny_cfg(model_parallel_size=2, l2e_loss_reduction=reduction, **L2E)
     full = random_full_state(cfg)
     steps1, buf1, g1 = _run(tp_model(cfg, ParallelState.single(), full).train(), None, cfg)
     steps2, buf2, g2 = _run(tp_model(cfg, ps, full).train(), ps, cfg)
@@ -55,9 +56,9 @@ def _worker(rank, world):
                 grads=max((g1[k] - g2[k]).abs().max().item() for k in g1))
 
 
-@pytest.fixture(scope="module")
-def results():
-    return run_ranks(_worker, world=2)
+@pytest.fixture(scope="module", params=["selected-mean", "token-sum"])
+def results(request):
+    return run_ranks(_worker, world=2, args=(request.param,))
 
 
 def test_l2e_tp2_equals_tp1(results):

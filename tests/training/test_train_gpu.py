@@ -22,13 +22,12 @@ sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import torch.distributed as dist
 from train_common import datasets, tiny_cfg
 from neox_l2e.training.loop import Trainer
-from neox_l2e.l2e import inhibitor
 tr = Trainer(tiny_cfg(**json.loads(sys.argv[3])), datasets=datasets(), quiet=True)
 res = tr.train()
 out = dict(backend=dist.get_backend(), device=str(tr.ps.device), rank=tr.ps.rank, world=tr.ps.world_size,
            tp=tr.ps.tp, param_devices=sorted({str(p.device) for p in tr.module.parameters()}),
            losses=[l for _, l in res.train_losses], skipped=res.skipped_steps, l2e=res.l2e_metrics,
-           triton=bool(inhibitor._kernel_fn))     # the fused Triton op was imported and used (not fallen back)
+           triton=all(i.backend.name == "triton" for i in tr.module.inhibitors()))   # the fused op, not torch
 print("RESULT " + json.dumps(out), flush=True)
 """
 
