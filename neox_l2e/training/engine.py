@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -27,12 +26,6 @@ SHM_ENV = "NEOX_L2E_DS_SHM"
 
 FP16_KEYS = ("enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
              "consecutive_hysteresis", "auto_cast")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def world_size_from_env() -> int:
@@ -56,15 +49,19 @@ def setup_distributed(cfg: NeoXConfig) -> ParallelState:
         if world > 1:
             init_distributed(timeout, master_addr=cfg.parallel.master_addr, master_port=cfg.parallel.master_port)
         else:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            if "MASTER_PORT" not in os.environ:
-                os.environ["MASTER_PORT"] = str(_free_port())
+            # one process: the store listens on a port the OS picks while binding (no probe-then-bind race
+            # with other jobs on the machine); MASTER_* then name it for DeepSpeed and anything else that reads them
+            addr = os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            port = int(os.environ.get("MASTER_PORT", 0))
+            store = dist.TCPStore(addr, port, world_size=1, is_master=True,
+                                  timeout=datetime.timedelta(seconds=timeout))
+            os.environ["MASTER_PORT"] = str(store.port)
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             if default_backend() == "nccl":
                 torch.cuda.set_device(default_device())
-            dist.init_process_group(backend=default_backend(), rank=0, world_size=1,
+            dist.init_process_group(backend=default_backend(), store=store, rank=0, world_size=1,
                                     timeout=datetime.timedelta(seconds=timeout))
     return ParallelState.from_distributed(cfg.tp, default_device(), timeout_s=timeout)
 
