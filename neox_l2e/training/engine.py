@@ -49,13 +49,12 @@ def setup_distributed(cfg: NeoXConfig) -> ParallelState:
         if world > 1:
             init_distributed(timeout, master_addr=cfg.parallel.master_addr, master_port=cfg.parallel.master_port)
         else:
-            # one process: the store listens on a port the OS picks while binding (no probe-then-bind race
-            # with other jobs on the machine); MASTER_* then name it for DeepSpeed and anything else that reads them
-            addr = os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            port = int(os.environ.get("MASTER_PORT", 0))
-            store = dist.TCPStore(addr, port, world_size=1, is_master=True,
+            # one process: its own store on the loopback, on a port the OS picks while binding (no probe-then-bind
+            # race with other jobs, and an inherited MASTER_PORT, e.g. a parent run's, cannot collide); MASTER_*
+            # then name it for DeepSpeed and anything else that reads them
+            store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True,
                                   timeout=datetime.timedelta(seconds=timeout))
-            os.environ["MASTER_PORT"] = str(store.port)
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(store.port)
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
