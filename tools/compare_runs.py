@@ -4,7 +4,8 @@ scores in one PNG, and a markdown table.
 
 A run is a folder holding metrics.jsonl (runs/<name>/) or the metrics.jsonl file itself; NAME=PATH names it.
 Eval scores come from tools/evaluate.py JSON files in the run folder (eval*.json, eval/*.json) or from
---eval NAME=FILE.
+--eval NAME=FILE; a file holding several models gives each run the results of the model with the run's name
+(evaluate.py's NAME=CHECKPOINT), a file of one model gives that model's.
 
     python tools/compare_runs.py runs/baseline runs/l2e-2pct --out runs/compare
     python tools/compare_runs.py base=runs/baseline l2e=runs/l2e --eval l2e=runs/eval/l2e.json
@@ -31,7 +32,7 @@ def main(argv):
     from pathlib import Path
 
     from neox_l2e.analysis.common import AnalysisError
-    from neox_l2e.analysis.runs import plot_runs, read_eval_file, read_run, summary_table
+    from neox_l2e.analysis.runs import plot_runs, read_eval_file, read_run, select_evals, summary_table
     runs = []
     for spec in args.runs:
         name, path = split_named(spec)
@@ -46,7 +47,7 @@ def main(argv):
         match = [r for r in runs if r.name == name]
         if not match:
             raise AnalysisError(f"--eval {spec!r}: no run named {name!r} (runs: {', '.join(names)})")
-        match[0].evals += read_eval_file(f)
+        match[0].evals += select_evals(read_eval_file(f), name, f)
     metrics = tuple(m.strip() for m in args.l2e_metrics.split(",") if m.strip())
     out = Path(args.out)
     png = plot_runs(runs, out.with_suffix(".png"), metrics)

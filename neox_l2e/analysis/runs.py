@@ -5,10 +5,13 @@ metrics.jsonl: one JSON object per logged step. Read defensively, any of:
     train loss:  "loss" or "lm_loss" (records with "kind" absent or "train"), or "train/loss"
     lr:          "lr" or "train/lr"
     valid loss:  "valid/loss" or "valid/lm_loss", or "loss"/"lm_loss" in a record with "kind": "valid"
-    L2E:         "l2e/layer{i}/{metric}" (frac_selected, frac_phi_gt_5, tau, loss_ms, ...)
+    L2E:         "l2e/layer{i}/{metric}" or "l2e_train/layer{i}/{metric}" (frac_selected, frac_phi_gt_5, tau,
+                 loss_ms, ...), and held-out measurements "ms_heldout/layer{i}/{metric}" (read as metric
+                 "heldout/{metric}"); ``l2e_metric_key`` is the one place that maps names
 Lines that are not JSON objects are skipped (a run may be writing its last line while we read).
-Eval scores: tools/evaluate.py JSON files (``{"runs": [...]}``) found in the run folder (eval*.json,
-eval/*.json) or given explicitly.
+Eval scores: tools/evaluate.py JSON files (``{"runs": [...]}``, one record per model and shot count, each naming
+its ``model``) found in the run folder (eval*.json, eval/*.json) or given explicitly; ``select_evals`` keeps the
+records of the run's own model.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .common import AnalysisError
 
-L2E_KEY = re.compile(r"^l2e/layer(\d+)/(.+)$")
+L2E_KEY = re.compile(r"^(l2e|l2e_train|ms_heldout)/layer(\d+)/(.+)$")
 Series = Tuple[List[float], List[float]]
 
 
@@ -49,6 +52,17 @@ def _add(series: Series, step, value) -> None:
     if v is not None and step is not None:
         series[0].append(float(step))
         series[1].append(v)
+
+
+def l2e_metric_key(key: str) -> Optional[Tuple[int, str]]:
+    """(layer, metric) for a per-layer L2E key of metrics.jsonl, None for other keys. The running-statistics
+    metrics ("l2e/layer3/frac_selected", or "l2e_train/layer3/frac_selected") are read as "frac_selected"; the
+    held-out measurements ("ms_heldout/layer3/frac_phi_gt_5") as "heldout/frac_phi_gt_5"."""
+    m = L2E_KEY.match(key)
+    if not m:
+        return None
+    prefix, layer, metric = m.group(1), int(m.group(2)), m.group(3)
+    return layer, (f"heldout/{metric}" if prefix == "ms_heldout" else metric)
 
 
 def find_metrics(path) -> Path:
@@ -93,14 +107,13 @@ def read_run(path, name: Optional[str] = None) -> Run:
             _add(run.lr, step, rec.get("lr", rec.get("train/lr")))
             _add(run.valid_loss, step, rec.get("valid/loss", rec.get("valid/lm_loss")))
             for k, v in rec.items():
-                m = L2E_KEY.match(str(k))
-                if m:
-                    layer, metric = int(m.group(1)), m.group(2)
-                    _add(run.l2e.setdefault(metric, {}).setdefault(layer, ([], [])), step, v)
+                lm = l2e_metric_key(str(k))
+                if lm:
+                    _add(run.l2e.setdefault(lm[1], {}).setdefault(lm[0], ([], [])), step, v)
     if not run.train_loss[0] and not run.valid_loss[0]:
         raise AnalysisError(f"{mfile}: no loss records (expected 'loss' or 'lm_loss' with 'step' or 'iteration')")
     for cand in sorted(run_dir.glob("eval*.json")) + sorted((run_dir / "eval").glob("*.json")):
-        run.evals += read_eval_file(cand)
+        run.evals += select_evals(read_eval_file(cand), run.name, cand)
     return run
 
 
@@ -114,6 +127,20 @@ def read_eval_file(path) -> List[dict]:
     if not isinstance(runs, list):
         raise AnalysisError(f"{p}: expected tools/evaluate.py output ({{\"runs\": [...]}})")
     return [r for r in runs if isinstance(r, dict) and isinstance(r.get("results"), dict)]
+
+
+def select_evals(records: Sequence[dict], run_name: str, source) -> List[dict]:
+    """The records of ``run_name``'s model in one evaluation file: those whose ``model`` is the run's name; all of
+    them when the file holds one model only (whatever it is called). A file with several models, none of them
+    named like the run, is an error (taking any of them would give the run another model's scores)."""
+    models = sorted({str(r.get("model", "?")) for r in records})
+    own = [r for r in records if str(r.get("model", "?")) == run_name]
+    if own:
+        return own
+    if len(models) <= 1:
+        return list(records)
+    raise AnalysisError(f"{source}: results for models {', '.join(models)}, none named {run_name!r}; name the run "
+                        f"after its model (MODEL=PATH) or --eval MODEL=FILE with that model's name")
 
 
 def eval_scores(run: Run, metric_order=("acc_norm", "acc")) -> Dict[str, float]:
