@@ -110,6 +110,21 @@ def prepare_tasks(tasks: Sequence[str], out_dir, data_dir=None, files: Optional[
     return info
 
 
+def chance_accuracy(task: str, path, limit: Optional[float] = None) -> Optional[float]:
+    """The expected accuracy of a random guess on the examples evaluated (the first ``limit`` ones, or that
+    fraction): the mean of 1 / number of choices. None for tasks without choices (lambada)."""
+    n_choices = {"arc_easy": lambda r: len(r["choices"]["text"]), "arc_challenge": lambda r: len(r["choices"]["text"]),
+                 "mmlu": lambda r: 4, "sciq": lambda r: 4, "piqa": lambda r: 2,
+                 "tiny_shakespeare": lambda r: len(r["choices"])}.get(task)
+    if n_choices is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if limit is not None:
+        rows = rows[:int(limit) if limit >= 1 else max(1, math.ceil(limit * len(rows)))]
+    return sum(1.0 / n_choices(r) for r in rows) / len(rows) if rows else None
+
+
 def split_task_specs(spec: str, include_paths: Sequence = ()) -> Tuple[List[str], List[Union[str, dict]]]:
     """``--tasks`` entries -> (local short names, other harness tasks). A local name (or 'paper') is one of
     TASKS; an entry ending in .yaml/.yml is a task config file (loaded here, as lm-eval's CLI does); any other
@@ -255,7 +270,8 @@ def evaluate(lm, tasks: Sequence[str], num_fewshot: int = 0, data_dir=None, file
     out = {"results": results, "info": info, "num_fewshot": num_fewshot, "limit": limit,
            "lm_eval_version": getattr(lm_eval, "__version__", "?"),
            "n_samples": {short.get(k, k): v for k, v in (raw.get("n-samples") or {}).items()},
-           "truncated": truncated}
+           "truncated": truncated,
+           "chance": {t: chance_accuracy(t, info[t]["test"], limit) for t in tasks}}
     if log_samples:
         out["samples"] = samples
     return out

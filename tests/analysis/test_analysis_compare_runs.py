@@ -118,3 +118,39 @@ def test_new_metric_names(tmp_path):
     run = read_run(tmp_path)
     assert layer_mean(run, "frac_selected")[1] == [pytest.approx(0.02)] * 4
     assert layer_mean(run, "heldout/frac_phi_gt_5")[1] == [pytest.approx(0.002)] * 4
+
+
+def test_small_fractions_keep_their_digits():
+    from neox_l2e.analysis.runs import fmt
+    assert fmt(0.000126) == "0.000126" and fmt(1.5e-5) == "1.50e-05" and fmt(0.03) == "0.0300"
+    assert fmt(2.55261) == "2.5526" and fmt(0.0) == "0.0000" and fmt(None) == "-"
+
+
+def test_compare_figure_tells_runs_apart(tmp_path):
+    """Log-scale L2E panels, no learning-rate panel, eval bars with lm-eval's stderr and a chance line; the
+    table keeps small fractions' digits and shows the stderr."""
+    from matplotlib.container import ErrorbarContainer
+
+    from neox_l2e.analysis.runs import eval_entries, runs_figure
+    base, l2e = _write_runs(tmp_path)
+    with open(l2e / "logs" / "metrics.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"kind": "train", "iteration": 101, "lm_loss": 2.0,
+                                   "ms_heldout/layer1/frac_phi_gt_5": 1.26e-4}) + "\n")
+    both = _two_model_eval(tmp_path / "both.json")
+    a, b = read_run(base, "base"), read_run(l2e, "l2e")
+    from neox_l2e.analysis.runs import read_eval_file, select_evals
+    a.evals, b.evals = (select_evals(read_eval_file(both), n, both) for n in ("base", "l2e"))
+    for r in (a, b):
+        r.evals[0]["chance"] = {"tiny_shakespeare": 0.25}
+    assert eval_entries(b)["tiny_shakespeare acc_norm (0-shot)"] == (0.3167, 0.05, 0.25)
+    assert eval_entries(b)["tiny_shakespeare acc_norm (5-shot)"][2] is None       # no chance recorded there
+    fig = runs_figure([a, b], ("frac_selected", "heldout/frac_phi_gt_5"))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert not any("earning rate" in t for t in titles)
+    l2e_axes = [ax for ax in fig.axes if ax.get_title().startswith("L2E metrics")]
+    assert len(l2e_axes) == 2 and all(ax.get_yscale() == "log" for ax in l2e_axes)
+    ev = next(ax for ax in fig.axes if ax.get_title() == "Evaluation")
+    assert sum(isinstance(c, ErrorbarContainer) for c in ev.containers) == 2
+    assert "chance" in [t.get_text() for t in ev.get_legend().get_texts()]
+    table = "\n".join(summary_table([a, b], ("heldout/frac_phi_gt_5",)))
+    assert "0.000126" in table and "0.3167 ± 0.0500" in table

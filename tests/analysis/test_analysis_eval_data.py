@@ -89,3 +89,13 @@ def test_tool_writes_task_files_evaluate_reads(tmp_path, tiny_neox_ckpt):
     bad = _jsonl(tmp_path / "bad.jsonl", [{"question": "x"}])
     r = run_tool("prepare_eval_data.py", "sciq", bad, "--out-dir", out)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.jsonl:1: missing field(s)" in r.stderr
+
+
+def test_chance_accuracy(tmp_path):
+    from neox_l2e.analysis.evaluation import chance_accuracy
+    three = dict(ARC_HF, choices={"text": ["a", "b", "c"], "label": ["A", "B", "C"]})
+    f = _jsonl(tmp_path / "arc.jsonl", [three, ARC_HF, ARC_HF, ARC_HF])
+    assert chance_accuracy("arc_easy", f) == pytest.approx((1 / 3 + 3 / 4) / 4)
+    assert chance_accuracy("arc_easy", f, limit=1) == pytest.approx(1 / 3)
+    assert chance_accuracy("arc_easy", f, limit=0.5) == pytest.approx((1 / 3 + 1 / 4) / 2)
+    assert chance_accuracy("piqa", f) == 0.5 and chance_accuracy("lambada", f) is None
