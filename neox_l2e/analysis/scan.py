@@ -251,8 +251,12 @@ class _LayerAccumulator:
     def add_kills(self, z, labels, index):
         phi = fkrlib.dataset_phi(z, self.mean, self.var)
         if "per-token" in self.modes:
+            # one sorted top-K for every k: tau_k of each token is its K-th value (kill_threshold's, per k)
+            ranks = {k: min(fkrlib.kills_for(k, phi.shape[1]), phi.shape[1]) for k in self.ks}
+            top = torch.topk(phi, max(ranks.values()), dim=1).values
             for k in self.ks:
-                kills, false = fkrlib.kill_counts(phi, labels, self.lstar, fkrlib.kill_threshold(phi, k, "per-token"))
+                tau = top[:, ranks[k] - 1:ranks[k]]
+                kills, false = fkrlib.kill_counts(phi, labels, self.lstar, tau)
                 acc = self.counts["per-token"][k]
                 acc[0] += kills
                 acc[1] += false
