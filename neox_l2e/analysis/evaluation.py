@@ -283,11 +283,11 @@ def truncation_warnings(res: dict, label: str) -> List[str]:
     k = res.get("num_fewshot", 0)
     for task, t in sorted((res.get("truncated") or {}).items()):
         if t["truncated"]:
-            what = (f"the first of the {k} few-shot examples are cut, so this is not a full {k}-shot score"
-                    if k else "the start of the prompt is cut")
+            what = (f"their first few-shot examples are cut, so this is not a full {k}-shot score"
+                    if k else "the start of each is cut")
             lines.append(f"warning: {label}, {task}, {k}-shot: {t['truncated']} of {t['samples']} prompts are longer "
-                         f"than the model's context ({t['longest']} > {t['max_length']} tokens); the model keeps "
-                         f"their last tokens: {what}")
+                         f"than the model's context (longest {t['longest']} tokens, context {t['max_length']}); "
+                         f"the model keeps their last tokens: {what}")
     return lines
 
 
