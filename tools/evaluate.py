@@ -63,8 +63,8 @@ def main(argv):
     p = parser(__doc__)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="our checkpoint folder or a HF folder; NAME=PATH")
     p.add_argument("--tasks", default="tiny_shakespeare",
-                   help="comma-separated: local tasks (arc_easy, ..., tiny_shakespeare, 'paper' = the six of the paper), "
-                        "task YAML paths, or task names from --include_path (default tiny_shakespeare)")
+                   help="comma-separated: local tasks (arc_easy, ..., tiny_shakespeare, 'paper' = the six of the "
+                        "paper), task YAML paths, or task names from --include_path (default tiny_shakespeare)")
     p.add_argument("--include_path", "--include-path", action="append", default=[], metavar="DIR",
                    help="a folder of harness task yamls whose tasks --tasks may name (repeatable)")
     p.add_argument("--log_samples", "--log-samples", action="store_true",

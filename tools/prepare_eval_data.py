@@ -4,7 +4,8 @@ tools/evaluate.py reads (DIR/<task>.jsonl, DIR/<task>.fewshot.jsonl). Offline: i
 
     python tools/prepare_eval_data.py arc_easy ARC-Easy/test-00000-of-00001.parquet
     python tools/prepare_eval_data.py arc_challenge ARC-V1-Feb2018/ARC-Challenge/ARC-Challenge-Test.jsonl
-    python tools/prepare_eval_data.py mmlu mmlu/all/test-00000-of-00001.parquet --fewshot mmlu/all/dev-00000-of-00001.parquet
+    python tools/prepare_eval_data.py mmlu mmlu/all/test-00000-of-00001.parquet \
+        --fewshot mmlu/all/dev-00000-of-00001.parquet
     python tools/prepare_eval_data.py mmlu data/test --fewshot data/dev        # the original csv folders
     python tools/prepare_eval_data.py piqa valid.jsonl --labels valid-labels.lst
     python tools/prepare_eval_data.py sciq SciQ/test.json

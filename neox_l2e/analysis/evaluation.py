@@ -169,7 +169,8 @@ def load_task_yaml(path) -> dict:
     except ImportError:
         cfg = yaml.safe_load(p.read_text())
     except Exception as e:  # noqa: BLE001 - yaml errors, bad !function references
-        raise AnalysisError(f"{p}: not a readable task YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AnalysisError(f"{p}: not a readable task YAML ({why})") from None
     if not isinstance(cfg, dict) or not (cfg.get("task") or cfg.get("group")):
         raise AnalysisError(f"{p}: a task YAML needs a 'task' (or 'group') key")
     return cfg

@@ -148,7 +148,8 @@ def select_evals(records: Sequence[dict], run_name: str, source) -> List[dict]:
 KNOWN_CHANCE = {"mmlu": 0.25, "sciq": 0.25, "piqa": 0.5}
 
 
-def eval_entries(run: Run, metric_order=("acc_norm", "acc")) -> Dict[str, Tuple[float, Optional[float], Optional[float]]]:
+def eval_entries(run: Run, metric_order=("acc_norm", "acc")
+                 ) -> Dict[str, Tuple[float, Optional[float], Optional[float]]]:
     """{"task metric (n-shot)": (score, stderr or None, chance accuracy or None)} using the first metric present
     per task (acc_norm before acc)."""
     out = {}

@@ -286,8 +286,8 @@ SPM_CHECK_TEXT = ("The quick brown fox, 1234 -- naïve café.\n\n    indented  t
 
 
 def spm_to_hf_tokenizer(model_file, check_texts: Sequence[str] = (SPM_CHECK_TEXT,)) -> tuple:
-    """(tokenizers.Tokenizer, end-of-document piece, unknown piece) encoding like the SentencePiece BPE model ``model_file`` as
-    the project uses it (``SPMTokenizer``: no special tokens added). Supported: BPE models without a normaliser
+    """(tokenizers.Tokenizer, end-of-document piece, unknown piece) encoding like the SentencePiece BPE model
+    ``model_file`` as the project uses it (``SPMTokenizer``: no special tokens added). Supported: BPE models without a normaliser
     (identity rule, no extra-whitespace removal) and without a dummy prefix, with or without byte fallback: the
     settings of ``train_sentencepiece``. The BPE merges are the pairs of normal pieces that make a normal
     piece, ranked by that piece's score (SentencePiece merges the best-scoring piece first). The result is
@@ -320,7 +320,8 @@ def spm_to_hf_tokenizer(model_file, check_texts: Sequence[str] = (SPM_CHECK_TEXT
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked], unk_token=ts.unk_piece,
                                fuse_unk=True, byte_fallback=ts.byte_fallback))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
-    steps = [decoders.Replace("\u2581", " ")] + ([decoders.ByteFallback()] if ts.byte_fallback else []) + [decoders.Fuse()]
+    steps = [decoders.Replace("\u2581", " ")] + ([decoders.ByteFallback()] if ts.byte_fallback else [])
+    steps.append(decoders.Fuse())
     tok.decoder = decoders.Sequence(steps)
     user = [AddedToken(p.piece, normalized=True, special=False) for p in proto.pieces if p.type == Piece.USER_DEFINED]
     if user:

@@ -279,7 +279,8 @@ def test_lm_eval_cli_with_the_neox_l2e_model(tmp_path, tiny_neox_ckpt):
     (inc / "tiny_shakespeare.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", "neox_l2e.lm_eval", "--model", "neox_l2e", "--model_args",
-                        f"checkpoint={ckpt},device=cpu", "--tasks", "local_tiny_shakespeare", "--include_path", str(inc),
+                        f"checkpoint={ckpt},device=cpu", "--tasks", "local_tiny_shakespeare",
+                        "--include_path", str(inc),
                         "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
