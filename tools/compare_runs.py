@@ -4,7 +4,8 @@ scores in one PNG, and a markdown table.
 
 A run is a folder holding metrics.jsonl (runs/<name>/) or the metrics.jsonl file itself; NAME=PATH names it.
 Eval scores come from tools/evaluate.py JSON files in the run folder (eval*.json, eval/*.json) or from
---eval NAME=FILE.
+--eval NAME=FILE; a file holding several models gives each run the results of the model with the run's name
+(evaluate.py's NAME=CHECKPOINT), a file of one model gives that model's.
 
     python tools/compare_runs.py runs/baseline runs/l2e-2pct --out runs/compare
     python tools/compare_runs.py base=runs/baseline l2e=runs/l2e --eval l2e=runs/eval/l2e.json
@@ -24,14 +25,16 @@ def main(argv):
     p = parser(__doc__)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder or metrics.jsonl; NAME=PATH")
     p.add_argument("--eval", action="append", default=[], metavar="NAME=FILE", help="tools/evaluate.py JSON for a run")
-    p.add_argument("--l2e-metrics", default="frac_selected,frac_phi_gt_5",
-                   help="L2E metrics to plot and tabulate (mean over layers; default frac_selected,frac_phi_gt_5)")
+    p.add_argument("--l2e-metrics", default="heldout/frac_phi_gt_5,heldout/kurtosis_median,frac_selected",
+                   help="metrics to plot and tabulate, mean over layers: heldout/NAME = ms_heldout/ (fixed held-out set, "
+                        "baseline included), NAME = l2e_train/ (running statistics) (default "
+                        "heldout/frac_phi_gt_5,heldout/kurtosis_median,frac_selected)")
     p.add_argument("--out", default="runs/compare", help="output path without extension (default runs/compare)")
     args = p.parse_args(argv)
     from pathlib import Path
 
     from neox_l2e.analysis.common import AnalysisError
-    from neox_l2e.analysis.runs import plot_runs, read_eval_file, read_run, summary_table
+    from neox_l2e.analysis.runs import plot_runs, read_eval_file, read_run, select_evals, summary_table
     runs = []
     for spec in args.runs:
         name, path = split_named(spec)
@@ -46,7 +49,7 @@ def main(argv):
         match = [r for r in runs if r.name == name]
         if not match:
             raise AnalysisError(f"--eval {spec!r}: no run named {name!r} (runs: {', '.join(names)})")
-        match[0].evals += read_eval_file(f)
+        match[0].evals += select_evals(read_eval_file(f), name, f)
     metrics = tuple(m.strip() for m in args.l2e_metrics.split(",") if m.strip())
     out = Path(args.out)
     png = plot_runs(runs, out.with_suffix(".png"), metrics)

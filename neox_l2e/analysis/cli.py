@@ -154,6 +154,14 @@ def scan_options(args, neuron_sample, ks_tokens, compute_ks):
                        seed=args.seed, progress=not args.no_progress)
 
 
+def inhibited_layers(cfg) -> List[int]:
+    """The layers L2E inhibited in the run that wrote the checkpoint ([] when L2E was off)."""
+    try:
+        return sorted(int(i) for i in cfg.inhibited_layers()) if cfg.l2e.l2e_enabled else []
+    except (AttributeError, ValueError):
+        return []
+
+
 def scan_checkpoints(args, opts):
     """Load each checkpoint in turn, scan it, free it. Returns the ScanResults."""
     import gc
@@ -173,7 +181,9 @@ def scan_checkpoints(args, opts):
             print(f"[scan] {loaded.name}: {loaded.num_parameters:,} parameters, {loaded.num_layers} layers x "
                   f"{loaded.ffn_size} neurons, {data.num_tokens:,} tokens {data.tokens_per_label()} on {device}",
                   file=sys.stderr)
-        results.append(scan_model(loaded.model, data, opts, name=loaded.name, path=loaded.path))
+        res = scan_model(loaded.model, data, opts, name=loaded.name, path=loaded.path)
+        res.inhibited_layers = inhibited_layers(loaded.cfg)
+        results.append(res)
         del loaded, data
         gc.collect()
         if device.type == "cuda":

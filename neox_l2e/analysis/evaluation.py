@@ -15,7 +15,7 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -110,33 +110,186 @@ def prepare_tasks(tasks: Sequence[str], out_dir, data_dir=None, files: Optional[
     return info
 
 
+def chance_accuracy(task: str, path, limit: Optional[float] = None) -> Optional[float]:
+    """The expected accuracy of a random guess on the examples evaluated (the first ``limit`` ones, or that
+    fraction): the mean of 1 / number of choices. None for tasks without choices (lambada)."""
+    n_choices = {"arc_easy": lambda r: len(r["choices"]["text"]), "arc_challenge": lambda r: len(r["choices"]["text"]),
+                 "mmlu": lambda r: 4, "sciq": lambda r: 4, "piqa": lambda r: 2,
+                 "tiny_shakespeare": lambda r: len(r["choices"])}.get(task)
+    if n_choices is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if limit is not None:
+        rows = rows[:int(limit) if limit >= 1 else max(1, math.ceil(limit * len(rows)))]
+    return sum(1.0 / n_choices(r) for r in rows) / len(rows) if rows else None
+
+
+def split_task_specs(spec: str, include_paths: Sequence = ()) -> Tuple[List[str], List[Union[str, dict]]]:
+    """``--tasks`` entries -> (local short names, other harness tasks). A local name (or 'paper') is one of
+    TASKS; an entry ending in .yaml/.yml is a task config file (loaded here, as lm-eval's CLI does); any other
+    name must be a task, group or tag of the task folders in ``include_paths``. Unknown names: AnalysisError."""
+    local: List[str] = []
+    extra: List[Union[str, dict]] = []
+    others = []
+    for n in (t.strip() for t in spec.split(",")):
+        if not n:
+            continue
+        key = n[len("local_"):] if n.startswith("local_") else n
+        if n == "paper" or key in TASKS:
+            local += [t for t in resolve_tasks(n) if t not in local]
+        elif n.endswith((".yaml", ".yml")):
+            extra.append(load_task_yaml(n))
+        else:
+            others.append(n)
+    if others:
+        missing = others
+        if include_paths:
+            from lm_eval.tasks import TaskManager
+            tm = TaskManager(include_path=[str(p) for p in include_paths], include_defaults=False)
+            missing = [n for n in others if not tm.match_tasks([n])]
+        if missing:
+            where = f" or in --include_path {', '.join(map(str, include_paths))}" if include_paths else \
+                " (other tasks: a task YAML path, or --include_path DIR with their yamls)"
+            raise AnalysisError(f"unknown task(s) {', '.join(missing)}: not one of {', '.join(TASKS)}, paper{where}")
+        extra += others
+    if not local and not extra:
+        raise AnalysisError("no tasks given")
+    return local, extra
+
+
+def load_task_yaml(path) -> dict:
+    """A harness task config file as a dict (``!function`` tags resolved, as lm-eval's CLI loads them)."""
+    p = Path(path)
+    if not p.is_file():
+        raise AnalysisError(f"{p}: task YAML not found")
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+        cfg = load_yaml(str(p.resolve()), resolve_func=True)
+    except ImportError:
+        cfg = yaml.safe_load(p.read_text())
+    except Exception as e:  # noqa: BLE001 - yaml errors, bad !function references
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AnalysisError(f"{p}: not a readable task YAML ({why})") from None
+    if not isinstance(cfg, dict) or not (cfg.get("task") or cfg.get("group")):
+        raise AnalysisError(f"{p}: a task YAML needs a 'task' (or 'group') key")
+    return cfg
+
+
+def build_lm(lm, batch_size: int = 8, device: Optional[str] = None):
+    """An ``lm_eval`` LM instance: ``lm`` itself, or the registered model of a ("name", {model_args}) tuple built
+    once (so several shot counts reuse it)."""
+    if not isinstance(lm, tuple):
+        return lm
+    from lm_eval.api.registry import get_model
+    name, args = lm
+    return get_model(name).create_from_arg_obj(dict(args or {}), {"batch_size": batch_size, "device": device})
+
+
+def _lm_encoder(lm):
+    """(encode, max_length, max_gen_toks) of an LM instance: our adapter or lm-eval's HF model; None otherwise."""
+    tok = getattr(lm, "tok", None)
+    if tok is not None and hasattr(tok, "encode"):
+        encode = tok.encode
+    elif hasattr(lm, "tok_encode"):
+        def encode(text):
+            return lm.tok_encode(text, add_special_tokens=False)
+    else:
+        return None
+    try:
+        max_length = int(lm.max_length)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return encode, max_length, int(getattr(lm, "max_gen_toks", 256) or 256)
+
+
+def count_truncated(samples: Dict[str, list], encode, max_length: int, max_gen_toks: int = 256) -> Dict[str, dict]:
+    """Per task: how many logged samples have a request longer than the model's window, which the model then
+    cuts on the left (few-shot examples first). A loglikelihood request (context, continuation) is cut when its
+    tokens exceed ``max_length + 1`` (the last token is only a target); a generation request when its context
+    exceeds ``max_length - max_gen_toks``. Returns {task: {"truncated", "samples", "longest", "max_length"}}."""
+    lengths: Dict[str, int] = {}
+
+    def n_tokens(text: str) -> int:
+        if text not in lengths:
+            lengths[text] = len(encode(text))
+        return lengths[text]
+    out = {}
+    for task, rows in samples.items():
+        cut, longest = 0, 0
+        for row in rows:
+            worst = 0
+            for args in row.get("arguments") or []:
+                if not isinstance(args, (list, tuple)) or len(args) < 2 or not isinstance(args[0], str):
+                    continue                                        # loglikelihood_rolling: windows by design
+                if isinstance(args[1], str):
+                    need = n_tokens(args[0] + args[1]) - 1          # both models encode the pair as one text
+                elif isinstance(args[1], dict):
+                    need = n_tokens(args[0]) + int(args[1].get("max_gen_toks", max_gen_toks))
+                else:
+                    continue
+                worst = max(worst, need)
+            longest = max(longest, worst)
+            cut += worst > max_length
+        out[task] = {"truncated": cut, "samples": len(rows), "longest": longest, "max_length": max_length}
+    return out
+
+
 def evaluate(lm, tasks: Sequence[str], num_fewshot: int = 0, data_dir=None, files: Optional[Dict[str, str]] = None,
              limit: Optional[float] = None, batch_size: int = 8, device: Optional[str] = None,
-             bootstrap_iters: int = 1000, seed: int = 0, config_dir=None) -> dict:
+             bootstrap_iters: int = 1000, seed: int = 0, config_dir=None, extra_tasks: Sequence = (),
+             include_paths: Sequence = (), log_samples: bool = False) -> dict:
     """Run the harness offline. ``lm`` is an ``lm_eval.api.model.LM`` or a model name with ``model_args`` in a
-    tuple ("hf", {"pretrained": dir, ...}). Returns {"results": {task: {metric: value}}, "info": ..., "raw": ...}."""
+    tuple ("hf", {"pretrained": dir, ...}). ``tasks`` are local short names (TASKS); ``extra_tasks`` are other
+    harness tasks: names found in ``include_paths`` or task config dicts (``load_task_yaml``).
+    Returns {"results": {task: {metric: value}}, "info", "truncated": {task: count_truncated's entry},
+    "samples" (only with ``log_samples``: lm-eval's per-example records), ...}; local tasks are keyed by their
+    short name, the others by the harness's task name."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    model = build_lm(lm, batch_size, device)
     with tempfile.TemporaryDirectory(prefix="neox-l2e-eval-") as tmp:
         info = prepare_tasks(tasks, tmp, data_dir, files, config_dir)
-        tm = TaskManager(include_path=tmp, include_defaults=False)
-        model, model_args = (lm if isinstance(lm, tuple) else (lm, None))
-        raw = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[info[t]["name"] for t in tasks],
+        tm = TaskManager(include_path=[tmp] + [str(p) for p in include_paths], include_defaults=False)
+        # samples are always logged: the truncation check reads the prompts from them
+        raw = lm_eval.simple_evaluate(model=model, tasks=[info[t]["name"] for t in tasks] + list(extra_tasks),
                                       num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
-                                      task_manager=tm, bootstrap_iters=bootstrap_iters, log_samples=False,
+                                      task_manager=tm, bootstrap_iters=bootstrap_iters, log_samples=True,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed)
     if raw is None:
         raise AnalysisError("lm-eval returned no results")
+    short = {info[t]["name"]: t for t in tasks}
     results = {}
-    for t in tasks:
-        r = raw["results"].get(info[t]["name"], {})
-        results[t] = {k.split(",")[0]: float(v) for k, v in r.items()
-                      if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"results": results, "info": info, "num_fewshot": num_fewshot, "limit": limit,
-            "lm_eval_version": getattr(lm_eval, "__version__", "?"),
-            "n_samples": {t: raw.get("n-samples", {}).get(info[t]["name"]) for t in tasks}}
+    for name, r in raw["results"].items():
+        results[short.get(name, name)] = {k.split(",")[0]: float(v) for k, v in r.items()
+                                          if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    samples = {short.get(k, k): v for k, v in (raw.get("samples") or {}).items()}
+    enc = _lm_encoder(model)
+    truncated = count_truncated(samples, *enc) if enc else {}
+    out = {"results": results, "info": info, "num_fewshot": num_fewshot, "limit": limit,
+           "lm_eval_version": getattr(lm_eval, "__version__", "?"),
+           "n_samples": {short.get(k, k): v for k, v in (raw.get("n-samples") or {}).items()},
+           "truncated": truncated,
+           "chance": {t: chance_accuracy(t, info[t]["test"], limit) for t in tasks}}
+    if log_samples:
+        out["samples"] = samples
+    return out
+
+
+def truncation_warnings(res: dict, label: str) -> List[str]:
+    """One line per task of an ``evaluate`` result whose prompts were cut to the model's window."""
+    lines = []
+    k = res.get("num_fewshot", 0)
+    for task, t in sorted((res.get("truncated") or {}).items()):
+        if t["truncated"]:
+            what = (f"their first few-shot examples are cut, so this is not a full {k}-shot score"
+                    if k else "the start of each is cut")
+            lines.append(f"warning: {label}, {task}, {k}-shot: {t['truncated']} of {t['samples']} prompts are longer "
+                         f"than the model's context (longest {t['longest']} tokens, context {t['max_length']}); "
+                         f"the model keeps their last tokens: {what}")
+    return lines
 
 
 def results_table(runs: Sequence[dict], metrics=("acc", "acc_norm", "perplexity")) -> List[str]:

@@ -4,8 +4,8 @@ without going through transformers' AutoTokenizer.
 
     lm = NeoXL2ELM.from_checkpoint("runs/demo/checkpoints")
     lm_eval.simple_evaluate(model=lm, tasks=[...], task_manager=...)
-    # or from the harness's own CLI, after `import neox_l2e.analysis.lm_adapter`:
-    #   --model neox_l2e --model_args checkpoint=runs/demo/checkpoints,batch_size=16
+    # or from the harness's own command line, through the wrapper that registers the model first:
+    #   python -m neox_l2e.lm_eval --model neox_l2e --model_args checkpoint=runs/demo/checkpoints,batch_size=16 ...
 
 Scoring follows the harness's reference (HF) model: the context and continuation are encoded together and
 split where the context's own encoding ends (trailing spaces of the context move to the continuation), the
@@ -25,6 +25,16 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from .common import AnalysisError, Tokenizer
+
+
+def _batch_size(value) -> int:
+    """An integer batch size; the harness's 'auto' / 'auto:N' (no search here) is 8."""
+    if isinstance(value, str) and value.startswith("auto"):
+        return 8
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        raise AnalysisError(f"batch_size {value!r}: expected an integer") from None
 
 
 @register_model("neox_l2e")
@@ -49,7 +59,7 @@ class NeoXL2ELM(LM):
             raise AnalysisError("NeoXL2ELM needs a tokenizer")
         self.model = model.eval()
         self.tok = Tokenizer.wrap(tokenizer)
-        self.batch_size = int(batch_size)
+        self.batch_size = _batch_size(batch_size)
         cfg = model.cfg.model
         self.max_length = int(max_length or cfg.max_position_embeddings or cfg.seq_length)
         self.max_gen_toks = int(max_gen_toks)
@@ -64,11 +74,17 @@ class NeoXL2ELM(LM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "NeoXL2ELM":
         from lm_eval.utils import simple_parse_args_string
-        args = simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "NeoXL2ELM":
+        """From ``--model_args`` (checkpoint=PATH, tokenizer=FILE, tag, dtype, max_length, batch_size, device) and
+        the harness's --batch_size / --device, the model_args winning where both are given."""
+        args = dict(arg_dict or {})
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size", "device")}
         if "tokenizer" in args:
             args["tokenizer_path"] = args.pop("tokenizer")
-        return cls(**args, **extra)
+        return cls(**{**extra, **args})
 
     @property
     def eot_token_id(self) -> int:

@@ -1,15 +1,16 @@
 """The figures (matplotlib, Agg backend; files only), after the paper's figures 3-6:
 
-    layerwise_phi.png   mean phi_l* of the sampled neurons per layer (x: relative depth), one line per model,
-                        coloured by model size (and the mean phi_-l* dashed)
-    ks.png              mean K-S statistic per layer, same colouring
+    layerwise_phi.png   mean phi_l* of the sampled neurons per layer (x: relative depth), one line per run in its
+                        own colour (legend: name and size), the mean phi_-l* dashed; layers L2E inhibited in the
+                        run drawn as large hollow squares
+    ks.png              mean K-S statistic per layer, same colours and marks
     histograms.png      per model: histogram of log10 phi_l* and log10 phi_-l* of the sampled neurons, and of
                         the K-S statistics
-    fkr.png             FKR vs k per layer (one panel per model and tau_k reading)
+    fkr.png             FKR vs k per layer (one panel per model and tau_k reading, shared y-axis), with the
+                        FKR of random kills (chance) dashed
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Dict, Sequence
 
@@ -23,12 +24,11 @@ def _plt():
     return plt
 
 
-def _size_colours(results) -> Dict[str, tuple]:
-    sizes = [max(1, r.num_parameters) for r in results]
-    lo, hi = math.log10(min(sizes)), math.log10(max(sizes))
-    cmap = __import__("matplotlib").colormaps["viridis"]
-    return {r.name: cmap(0.1 + 0.8 * ((math.log10(max(1, r.num_parameters)) - lo) / (hi - lo) if hi > lo else 0.5))
-            for r in results}
+def run_colours(names: Sequence[str]) -> Dict[str, tuple]:
+    """One distinct colour per run, in the given order (tab10, then tab20 beyond 10 runs)."""
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
 
 
 def human_size(n: int) -> str:
@@ -43,43 +43,70 @@ def _depth(r, l):
 
 
 def _label(r):
-    return f"{r.name} ({human_size(r.num_parameters)})"
+    lab = f"{r.name} ({human_size(r.num_parameters)})"
+    inh = getattr(r, "inhibited_layers", None)
+    return lab + (f", L2E on layers {','.join(map(str, inh))}" if inh else "")
+
+
+def _mark_inhibited(ax, r, points, colour) -> bool:
+    """Large hollow squares on the points (depth, value) of the layers L2E inhibited in run r."""
+    inh = set(getattr(r, "inhibited_layers", None) or [])
+    pts = [(x, y) for (x, y), l in zip(points, r.layers) if l.layer in inh]
+    if pts:
+        ax.plot(*zip(*pts), "s", ms=12, mfc="none", mec=colour, mew=1.6, zorder=3)
+    return bool(pts)
+
+
+def _inhibited_legend(ax, any_marked: bool) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if any_marked:
+        from matplotlib.lines import Line2D
+        handles.append(Line2D([], [], ls="none", marker="s", ms=10, mfc="none", mec="0.3", mew=1.6))
+        labels.append("layer inhibited by L2E")
+    ax.legend(handles, labels, fontsize=8)
 
 
 def plot_layerwise(results, path) -> Path:
+    return _save(layerwise_figure(results), path)
+
+
+def layerwise_figure(results):
     plt = _plt()
-    colours = _size_colours(results)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in sorted(results, key=lambda r: r.num_parameters):
+    colours = run_colours([r.name for r in results])
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    marked = False
+    for r in results:
         x = [_depth(r, l) for l in r.layers]
         y = [float(l.phi_lstar[l.sample].mean()) for l in r.layers]
         yn = [float(l.phi_not_lstar[l.sample].mean()) for l in r.layers]
         ax.plot(x, y, "o-", color=colours[r.name], label=_label(r))
         ax.plot(x, yn, "--", color=colours[r.name], alpha=0.6)
+        marked |= _mark_inhibited(ax, r, list(zip(x, y)), colours[r.name])
     ax.set_xlabel("relative layer depth")
     ax.set_ylabel("mean phi over the neuron's own feature (l*)")
     ax.set_title("Layer-wise mean phi_l* (dashed: phi_-l*)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    _inhibited_legend(ax, marked)
+    return fig
 
 
 def plot_ks(results, path) -> Path:
     plt = _plt()
-    colours = _size_colours(results)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    any_line = False
-    for r in sorted(results, key=lambda r: r.num_parameters):
+    colours = run_colours([r.name for r in results])
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    any_line = marked = False
+    for r in results:
         pts = [(_depth(r, l), float(np.nanmean(l.ks_stat.numpy()))) for l in r.layers if l.ks_stat is not None]
         if pts:
             any_line = True
             ax.plot(*zip(*pts), "o-", color=colours[r.name], label=_label(r))
+            marked |= _mark_inhibited(ax, r, pts, colours[r.name])
     ax.set_xlabel("relative layer depth")
     ax.set_ylabel("mean K-S statistic (own feature vs all)")
     ax.set_title("K-S statistic per layer")
     ax.grid(alpha=0.3)
     if any_line:
-        ax.legend(fontsize=8)
+        _inhibited_legend(ax, marked)
     else:
         ax.text(0.5, 0.5, "K-S test switched off", ha="center", transform=ax.transAxes)
     return _save(fig, path)
@@ -89,7 +116,7 @@ def plot_histograms(results, path) -> Path:
     plt = _plt()
     n = len(results)
     fig, axes = plt.subplots(n, 2, figsize=(9, 2.8 * n), squeeze=False)
-    for row, r in enumerate(sorted(results, key=lambda r: r.num_parameters)):
+    for row, r in enumerate(results):
         own = np.concatenate([l.phi_lstar[l.sample].numpy() for l in r.layers])
         other = np.concatenate([l.phi_not_lstar[l.sample].numpy() for l in r.layers])
         bins = np.linspace(min(np.log10(own.clip(1e-6)).min(), np.log10(other.clip(1e-6)).min()),
@@ -116,10 +143,12 @@ def plot_histograms(results, path) -> Path:
 def plot_fkr(results, path, modes: Sequence[str] = ("per-token", "global")) -> Path:
     plt = _plt()
     modes = [m for m in modes if any(m in l.fkr for r in results for l in r.layers)] or ["per-token"]
-    rs = sorted(results, key=lambda r: r.num_parameters)
-    fig, axes = plt.subplots(len(rs), len(modes), figsize=(5 * len(modes), 3.4 * len(rs)), squeeze=False)
+    rs = list(results)
+    fig, axes = plt.subplots(len(rs), len(modes), figsize=(5 * len(modes), 3.4 * len(rs)), squeeze=False,
+                             sharey=True)
     cmap = __import__("matplotlib").colormaps["plasma"]
     for i, r in enumerate(rs):
+        chance = [r.chance_fkr(l) for l in r.layers] if hasattr(r, "chance_fkr") else []
         for j, m in enumerate(modes):
             ax = axes[i, j]
             for l in r.layers:
@@ -127,11 +156,21 @@ def plot_fkr(results, path, modes: Sequence[str] = ("per-token", "global")) -> P
                 if not d:
                     continue
                 ks = sorted(d)
-                ax.plot(list(ks), [100 * d[k] for k in ks], "o-", ms=3,
-                        color=cmap(0.85 * _depth(r, l)), label=f"layer {l.layer}")
+                inh = l.layer in set(getattr(r, "inhibited_layers", None) or [])
+                ax.plot(list(ks), [100 * d[k] for k in ks], "s-" if inh else "o-", ms=4 if inh else 3,
+                        color=cmap(0.85 * _depth(r, l)), label=f"layer {l.layer}" + (" (L2E)" if inh else ""))
+            if chance:
+                ax.axhline(100 * float(np.mean(chance)), color="0.35", ls="--", lw=1.2,
+                           label=f"chance ({100 * float(np.mean(chance)):.0f}%: random kills)")
             ax.set_xscale("log")
+            ks_all = sorted({k for l in r.layers for k in l.fkr.get(m, {})})
+            if ks_all:
+                ax.set_xticks(ks_all)
+                ax.set_xticklabels([f"{k:g}" for k in ks_all])
+                ax.minorticks_off()
             ax.set_xlabel("k (% of neurons)" if m == "per-token" else "k (% of neurons x tokens)")
             ax.set_ylabel("FKR (%)")
+            ax.set_ylim(0, 100)
             ax.set_title(f"{_label(r)}: FKR, {m} tau_k", fontsize=9)
             ax.grid(alpha=0.3)
             if len(r.layers) <= 12:

@@ -8,11 +8,13 @@ metrics.jsonl: one JSON object per logged step. Read defensively, any of:
     L2E:         "l2e_train/layer{i}/{metric}" (frac_selected, frac_phi_gt_5, tau, loss_ms, ...: against the
                  inhibitor's running statistics), or "l2e/layer{i}/{metric}" (runs logged before the rename)
     held-out:    "ms_heldout/layer{i}/{metric}" in "valid" records (neox_l2e.l2e.heldout: fresh statistics on a
-                 fixed token set); the phi histograms in "ms_heldout_hist" records; the inhibited layers in the
-                 "run" record ("l2e_layers")
+                 fixed token set), read into Run.heldout and as L2E metric "heldout/{metric}"; the phi
+                 histograms in "ms_heldout_hist" records; the inhibited layers in the "run" record ("l2e_layers").
+                 ``l2e_metric_key`` is the one place that maps names.
 Lines that are not JSON objects are skipped (a run may be writing its last line while we read).
-Eval scores: tools/evaluate.py JSON files (``{"runs": [...]}``) found in the run folder (eval*.json,
-eval/*.json) or given explicitly.
+Eval scores: tools/evaluate.py JSON files (``{"runs": [...]}``, one record per model and shot count, each naming
+its ``model``) found in the run folder (eval*.json, eval/*.json) or given explicitly; ``select_evals`` keeps the
+records of the run's own model.
 """
 from __future__ import annotations
 
@@ -25,8 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .common import AnalysisError
 
-L2E_KEY = re.compile(r"^(?:l2e_train|l2e)/layer(\d+)/(.+)$")
-HELDOUT_KEY = re.compile(r"^ms_heldout/layer(\d+)/(.+)$")
+L2E_KEY = re.compile(r"^(l2e|l2e_train|ms_heldout)/layer(\d+)/(.+)$")
 Series = Tuple[List[float], List[float]]
 
 
@@ -57,6 +58,17 @@ def _add(series: Series, step, value) -> None:
     if v is not None and step is not None:
         series[0].append(float(step))
         series[1].append(v)
+
+
+def l2e_metric_key(key: str) -> Optional[Tuple[int, str]]:
+    """(layer, metric) for a per-layer L2E key of metrics.jsonl, None for other keys. The running-statistics
+    metrics ("l2e/layer3/frac_selected", or "l2e_train/layer3/frac_selected") are read as "frac_selected"; the
+    held-out measurements ("ms_heldout/layer3/frac_phi_gt_5") as "heldout/frac_phi_gt_5"."""
+    m = L2E_KEY.match(key)
+    if not m:
+        return None
+    prefix, layer, metric = m.group(1), int(m.group(2)), m.group(3)
+    return layer, (f"heldout/{metric}" if prefix == "ms_heldout" else metric)
 
 
 def find_metrics(path) -> Path:
@@ -102,9 +114,11 @@ def read_run(path, name: Optional[str] = None) -> Run:
             if kind == "valid":
                 _add(run.valid_loss, step, rec.get("loss", rec.get("lm_loss", rec.get("valid/loss"))))
                 for k, v in rec.items():
-                    m = HELDOUT_KEY.match(str(k))
-                    if m:
-                        _add(run.heldout.setdefault(m.group(2), {}).setdefault(int(m.group(1)), ([], [])), step, v)
+                    lm = l2e_metric_key(str(k))
+                    if lm and lm[1].startswith("heldout/"):
+                        layer, metric = lm
+                        _add(run.heldout.setdefault(metric[len("heldout/"):], {}).setdefault(layer, ([], [])), step, v)
+                        _add(run.l2e.setdefault(metric, {}).setdefault(layer, ([], [])), step, v)
                 continue
             if kind not in (None, "train"):
                 continue
@@ -112,14 +126,13 @@ def read_run(path, name: Optional[str] = None) -> Run:
             _add(run.lr, step, rec.get("lr", rec.get("train/lr")))
             _add(run.valid_loss, step, rec.get("valid/loss", rec.get("valid/lm_loss")))
             for k, v in rec.items():
-                m = L2E_KEY.match(str(k))
-                if m:
-                    layer, metric = int(m.group(1)), m.group(2)
-                    _add(run.l2e.setdefault(metric, {}).setdefault(layer, ([], [])), step, v)
+                lm = l2e_metric_key(str(k))
+                if lm:
+                    _add(run.l2e.setdefault(lm[1], {}).setdefault(lm[0], ([], [])), step, v)
     if not run.train_loss[0] and not run.valid_loss[0]:
         raise AnalysisError(f"{mfile}: no loss records (expected 'loss' or 'lm_loss' with 'step' or 'iteration')")
     for cand in sorted(run_dir.glob("eval*.json")) + sorted((run_dir / "eval").glob("*.json")):
-        run.evals += read_eval_file(cand)
+        run.evals += select_evals(read_eval_file(cand), run.name, cand)
     return run
 
 
@@ -135,15 +148,64 @@ def read_eval_file(path) -> List[dict]:
     return [r for r in runs if isinstance(r, dict) and isinstance(r.get("results"), dict)]
 
 
-def eval_scores(run: Run, metric_order=("acc_norm", "acc")) -> Dict[str, float]:
-    """{"task (n-shot)": score} using the first metric present per task (acc_norm before acc)."""
+def select_evals(records: Sequence[dict], run_name: str, source) -> List[dict]:
+    """The records of ``run_name``'s model in one evaluation file: those whose ``model`` is the run's name; all of
+    them when the file holds one model only (whatever it is called). A file with several models, none of them
+    named like the run, is an error (taking any of them would give the run another model's scores)."""
+    models = sorted({str(r.get("model", "?")) for r in records})
+    own = [r for r in records if str(r.get("model", "?")) == run_name]
+    if own:
+        return own
+    if len(models) <= 1:
+        return list(records)
+    raise AnalysisError(f"{source}: results for models {', '.join(models)}, none named {run_name!r}; name the run "
+                        f"after its model (MODEL=PATH) or --eval MODEL=FILE with that model's name")
+
+
+# chance accuracy of tasks whose every question has the same number of choices (older evaluate.py files,
+# which do not record it)
+KNOWN_CHANCE = {"mmlu": 0.25, "sciq": 0.25, "piqa": 0.5}
+
+
+def eval_entries(run: Run, metric_order=("acc_norm", "acc")
+                 ) -> Dict[str, Tuple[float, Optional[float], Optional[float]]]:
+    """{"task metric (n-shot)": (score, stderr or None, chance accuracy or None)} using the first metric present
+    per task (acc_norm before acc)."""
     out = {}
     for r in run.evals:
+        chance = r.get("chance") or {}
         for task, vals in r["results"].items():
             for m in metric_order:
                 if m in vals:
-                    out[f"{task} {m} ({r.get('num_fewshot', 0)}-shot)"] = vals[m]
+                    se = vals.get(f"{m}_stderr")
+                    se = se if isinstance(se, (int, float)) and math.isfinite(se) else None
+                    c = chance.get(task, KNOWN_CHANCE.get(task))
+                    out[f"{task} {m} ({r.get('num_fewshot', 0)}-shot)"] = (vals[m], se, c)
                     break
+    return out
+
+
+def eval_scores(run: Run, metric_order=("acc_norm", "acc")) -> Dict[str, float]:
+    """{"task metric (n-shot)": score} using the first metric present per task (acc_norm before acc)."""
+    return {k: v[0] for k, v in eval_entries(run, metric_order).items()}
+
+
+def fmt(v: Optional[float], digits: int = 4) -> str:
+    """A table cell: fixed decimals, but 3 significant digits for small magnitudes (1.23e-05, not 0.0000)."""
+    if v is None or v != v:
+        return "-"
+    if v != 0 and abs(v) < 10 ** -(digits - 2):
+        return f"{v:.3g}" if abs(v) >= 1e-4 else f"{v:.2e}"
+    return f"{v:.{digits}f}"
+
+
+def layer_tail(run: Run, metric: str, frac: float = 0.1) -> Dict[int, float]:
+    """{layer: mean of the metric over its last ``frac`` of logged steps}."""
+    out = {}
+    for layer, series in sorted(run.l2e.get(metric, {}).items()):
+        v = tail_mean(series, frac)
+        if v is not None:
+            out[layer] = v
     return out
 
 
@@ -170,15 +232,15 @@ def summary_table(runs: Sequence[Run], l2e_metrics=("frac_selected", "frac_phi_g
     head = ["run", "steps", "train loss (last 10%)", "valid loss (last)", "valid loss (min)"] + \
            [f"{m} (mean of layers, last 10%)" for m in l2e_metrics] + tasks
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def f(v, d=4):
-        return "-" if v is None else f"{v:.{d}f}"
     for r in runs:
-        scores = eval_scores(r)
-        cells = [r.name, str(int(max(r.train_loss[0] or r.valid_loss[0] or [0]))), f(tail_mean(r.train_loss)),
-                 f(r.valid_loss[1][-1] if r.valid_loss[1] else None), f(min(r.valid_loss[1]) if r.valid_loss[1] else None)]
-        cells += [f(tail_mean(layer_mean(r, m))) for m in l2e_metrics]
-        cells += [f(scores.get(t)) for t in tasks]
+        entries = eval_entries(r)
+        cells = [r.name, str(int(max(r.train_loss[0] or r.valid_loss[0] or [0]))), fmt(tail_mean(r.train_loss)),
+                 fmt(r.valid_loss[1][-1] if r.valid_loss[1] else None),
+                 fmt(min(r.valid_loss[1]) if r.valid_loss[1] else None)]
+        cells += [fmt(tail_mean(layer_mean(r, m))) for m in l2e_metrics]
+        for t in tasks:
+            v, se, _ = entries.get(t, (None, None, None))
+            cells.append(fmt(v) + (f" ± {fmt(se)}" if v is not None and se is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -196,14 +258,30 @@ def _smooth(ys: List[float], window: int) -> List[float]:
 
 
 def plot_runs(runs: Sequence[Run], path, l2e_metrics=("frac_selected", "frac_phi_gt_5")) -> Path:
+    """``runs_figure`` written to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+    fig = runs_figure(runs, l2e_metrics)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def runs_figure(runs: Sequence[Run], l2e_metrics=("frac_selected", "frac_phi_gt_5")):
+    """Four panels, each telling the runs apart: LM loss; the L2E metrics (mean over layers) over steps and per
+    layer at the end of the run (log scale: the fractions are small); eval scores with lm-eval's stderr as
+    error bars and the chance accuracy."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    from .plots import run_colours
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    colours = run_colours([r.name for r in runs])
     ax = axes[0, 0]
-    for i, r in enumerate(runs):
-        c = colours[i % len(colours)]
+    for r in runs:
+        c = colours[r.name]
         xs, ys = r.train_loss
         if xs:
             ax.plot(xs, ys, color=c, alpha=0.25, lw=0.8)
@@ -216,51 +294,69 @@ def plot_runs(runs: Sequence[Run], path, l2e_metrics=("frac_selected", "frac_phi
     ax.set_title("LM loss (train: moving average over the faint raw curve)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax = axes[0, 1]
-    for i, r in enumerate(runs):
-        xs, ys = r.lr
-        if xs:
-            ax.plot(xs, ys, color=colours[i % len(colours)], label=r.name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.set_title("Learning rate")
-    ax.grid(alpha=0.3)
-    if any(r.lr[0] for r in runs):
-        ax.legend(fontsize=8)
-    ax = axes[1, 0]
     styles = ["-", ":", "--", "-."]
+    ax = axes[0, 1]
     drew = False
-    for i, r in enumerate(runs):
+    for r in runs:
         for j, m in enumerate(l2e_metrics):
             xs, ys = layer_mean(r, m)
-            if xs:
+            pos = [(x, y) for x, y in zip(xs, ys) if y > 0]
+            if pos:
                 drew = True
-                ax.plot(xs, ys, styles[j % len(styles)], color=colours[i % len(colours)], label=f"{r.name}: {m}")
+                ax.plot(*zip(*pos), styles[j % len(styles)], color=colours[r.name], label=f"{r.name}: {m}")
     ax.set_xlabel("step")
-    ax.set_title("L2E metrics (mean over inhibited layers)")
-    ax.grid(alpha=0.3)
+    ax.set_title("L2E metrics, mean over the layers that log them")
+    _log_or_note(ax, drew, "no L2E metrics logged")
+    ax = axes[1, 0]
+    drew = False
+    for r in runs:
+        for j, m in enumerate(l2e_metrics):
+            pts = [(layer, v) for layer, v in layer_tail(r, m).items() if v > 0]
+            if pts:
+                drew = True
+                ax.plot(*zip(*pts), styles[j % len(styles)], marker="o", color=colours[r.name], label=f"{r.name}: {m}")
+    ax.set_xlabel("layer")
+    ax.set_title("L2E metrics per layer (mean of the last 10% of steps)")
+    _log_or_note(ax, drew, "no per-layer L2E metrics logged")
     if drew:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no L2E metrics logged", ha="center", transform=ax.transAxes)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax = axes[1, 1]
-    tasks = sorted({k for r in runs for k in eval_scores(r)})
+    entries = {r.name: eval_entries(r) for r in runs}
+    tasks = sorted({k for e in entries.values() for k in e})
     if tasks:
         width = 0.8 / len(runs)
         for i, r in enumerate(runs):
-            s = eval_scores(r)
-            ax.bar([t + i * width for t in range(len(tasks))], [s.get(t, 0.0) for t in tasks], width,
-                   color=colours[i % len(colours)], label=r.name)
+            e = entries[r.name]
+            xs = [t + i * width for t in range(len(tasks)) if tasks[t] in e]
+            vals = [e[tasks[t]] for t in range(len(tasks)) if tasks[t] in e]
+            if xs:
+                ax.bar(xs, [v[0] for v in vals], width, color=colours[r.name], label=r.name,
+                       yerr=[v[1] or 0.0 for v in vals], capsize=3, error_kw={"elinewidth": 1})
+        labelled = False
+        for t, task in enumerate(tasks):
+            chance = next((e[task][2] for e in entries.values() if task in e and e[task][2] is not None), None)
+            if chance is not None:
+                ax.hlines(chance, t - width / 2 - 0.05, t + 0.8 - width / 2 + 0.05, colors="0.2", linestyles="--",
+                          lw=1.2, label=None if labelled else "chance")
+                labelled = True
         ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))])
         ax.set_xticklabels(tasks, rotation=20, ha="right", fontsize=7)
-        ax.set_ylabel("score")
-        ax.legend(fontsize=8)
+        ax.set_ylabel("score (error bars: lm-eval's stderr)")
+        top = max(v[0] + (v[1] or 0.0) for e in entries.values() for v in e.values())
+        ax.set_ylim(0, max(top, 0.01) * 1.3)                                 # room for the legend above the bars
+        ax.legend(fontsize=8, loc="upper center", ncol=min(len(runs) + 1, 4))
     else:
         ax.text(0.5, 0.5, "no eval results (tools/evaluate.py --out RUN/eval)", ha="center", transform=ax.transAxes)
     ax.set_title("Evaluation")
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return fig
+
+
+def _log_or_note(ax, drew: bool, note: str) -> None:
+    ax.grid(alpha=0.3, which="both")
+    if drew:
+        ax.set_yscale("log")
+        ax.set_ylabel("fraction (log scale)")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, note, ha="center", transform=ax.transAxes)

@@ -7,10 +7,11 @@ For each layer and neuron j (z = the post-GELU MLP hidden unit, one sample per t
                - per-label sums of phi  -> phi_l(j) = mean phi over tokens labelled l
                                            phi_-l(j) = mean phi over the other tokens
                - the phi of a bounded, seeded token subsample for a seeded neuron sample (K-S test)
-               - a running top-K of all phi of the layer (the exact global tau_k; "global" FKR only)
-    pass 3   (FKR only) kills and false kills per k and tau_k reading, now that l* is known
-No activation tensor outlives its batch, so memory does not grow with the dataset (except the global tau_k
-buffer: 4 bytes x max(k) x tokens x neurons per layer; leave "global" out of the FKR modes to drop it).
+               - a histogram of the top 16 bits of phi's fp32 patterns ("global" FKR only: fkr.GlobalKills)
+    pass 3   (FKR only) kills and false kills per k and tau_k reading, now that l* is known; for the global
+             reading also a histogram of the low bits inside the bin that holds tau_k, which gives the exact
+             tau_k and the exact counts at the end (linear time, no running top-K)
+No activation tensor outlives its batch, so memory does not grow with the dataset.
 
 From the sums: l*_j = argmax_l phi_l(j) (the neuron's relatively monosemantic feature); the K-S statistic of
 neuron j compares its phi on tokens of l*_j with its phi on all tokens (scipy.stats.ks_2samp); the FKR at k is
@@ -123,11 +124,20 @@ class ScanResult:
     layers: List[LayerResult]
     options: dict
     path: str = ""
+    inhibited_layers: List[int] = field(default_factory=list)   # L2E's layers in the run (empty: none/unknown)
 
     def summary(self) -> dict:
         return {"name": self.name, "path": self.path, "num_parameters": self.num_parameters,
                 "num_layers": self.num_layers, "labels": self.label_names, "tokens_per_label": self.tokens_per_label,
-                "options": self.options, "layers": [l.summary(self.label_names) for l in self.layers]}
+                "inhibited_layers": list(self.inhibited_layers), "options": self.options,
+                "layers": [l.summary(self.label_names) for l in self.layers]}
+
+    def chance_fkr(self, layer: "LayerResult") -> float:
+        """The FKR of kills that hit random tokens: 1 - the mean over neurons of the share of tokens labelled
+        with the neuron's l* (1 - 1/C for balanced labels)."""
+        counts = torch.tensor([float(self.tokens_per_label[n]) for n in self.label_names])
+        share = counts / counts.sum()
+        return float(1.0 - share[layer.l_star].mean())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,10 +210,9 @@ class _LayerAccumulator:
         self.ks_lab: List[torch.Tensor] = []
         self.ks = [float(k) for k in opts.fkr_ks]
         self.modes = [m for m in FKR_MODES if m in opts.fkr_modes]
-        # global reading: a running top-K of all phi values of the layer gives the exact K-th largest
-        self.k_glob = [fkrlib._num(k, total_tokens * n) for k in self.ks] if "global" in self.modes else []
-        self.gmax = max(self.k_glob, default=0)
-        self.g_val = torch.empty(0, dtype=torch.float32, device=device)
+        # global reading: exact tau_k and kill counts from radix histograms over passes 2 and 3
+        self.glob = fkrlib.GlobalKills(self.ks, total_tokens * n, device) if "global" in self.modes else None
+        self.tau: Dict[float, float] = {}
         self.counts = {m: {k: [0, 0] for k in self.ks} for m in self.modes}
 
     # pass 1: mean and variance per neuron (Chan merge of per-batch moments, float64)
@@ -216,7 +225,7 @@ class _LayerAccumulator:
         self.mean = mean
         self.var = m2 / (count - 1.0).clamp_min(1.0)
 
-    # pass 2: per-label sums of phi, K-S subsample, global top-K
+    # pass 2: per-label sums of phi, K-S subsample, the global reading's histogram
     def add_phi(self, z, labels, index):
         phi = fkrlib.dataset_phi(z, self.mean, self.var)                           # [T, N] fp32
         s, c = fkrlib.label_phi_sums(phi, labels, self.C)
@@ -226,12 +235,8 @@ class _LayerAccumulator:
             if keep.any():
                 self.ks_phi.append(phi[keep][:, self.sample_dev].cpu())
                 self.ks_lab.append(labels[keep].cpu())
-        if self.gmax:
-            vals = phi.reshape(-1)
-            if self.g_val.numel() >= self.gmax:
-                vals = vals[vals > self.g_val[-1]]
-            allv = torch.cat([self.g_val, vals])
-            self.g_val = allv.topk(min(self.gmax, allv.numel()), sorted=True).values
+        if self.glob is not None:
+            self.glob.add_values(phi)
 
     def finish_phi(self):
         cnt = self.sums[1]
@@ -239,18 +244,30 @@ class _LayerAccumulator:
             raise AnalysisError("every label needs tokens")
         self.phi_l, self.phi_not_l = fkrlib.label_phi_means(None, None, self.C, sums=self.sums)
         self.lstar = fkrlib.preferred_labels(self.phi_l)
-        self.tau = {k: self.g_val[kn - 1] for k, kn in zip(self.ks, self.k_glob)}
+        if self.glob is not None:
+            self.glob.finish_values()
 
     # pass 3: kills and false kills for every k and reading (additive over batches)
     def add_kills(self, z, labels, index):
         phi = fkrlib.dataset_phi(z, self.mean, self.var)
-        for m in self.modes:
+        if "per-token" in self.modes:
+            # one sorted top-K for every k: tau_k of each token is its K-th value (kill_threshold's, per k)
+            ranks = {k: min(fkrlib.kills_for(k, phi.shape[1]), phi.shape[1]) for k in self.ks}
+            top = torch.topk(phi, max(ranks.values()), dim=1).values
             for k in self.ks:
-                tau = fkrlib.kill_threshold(phi, k, m) if m == "per-token" else self.tau[k]
+                tau = top[:, ranks[k] - 1:ranks[k]]
                 kills, false = fkrlib.kill_counts(phi, labels, self.lstar, tau)
-                acc = self.counts[m][k]
+                acc = self.counts["per-token"][k]
                 acc[0] += kills
                 acc[1] += false
+        if self.glob is not None:
+            self.glob.add_kills(phi, labels, self.lstar)
+
+    def finish_kills(self):
+        if self.glob is not None:
+            for k, (tau, kills, false) in self.glob.result().items():
+                self.tau[k] = tau
+                self.counts["global"][k] = [kills, false]
 
     def result(self, layer: int) -> LayerResult:
         res = LayerResult(layer=layer, num_neurons=self.n, phi_l=self.phi_l.float().cpu(),
@@ -311,6 +328,8 @@ def scan_model(model, data: LabelledTokens, opts: Optional[ScanOptions] = None, 
         forward_mlp_activations(model, data, layers, opts.batch_size,
                                 lambda i, z, lab, idx: acc[i].add_kills(z, lab, idx),
                                 desc=f"{name} pass 3/3 (FKR)", progress=opts.progress)
+        for a in acc.values():
+            a.finish_kills()
     results = [acc[i].result(i) for i in layers]
     num_params = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
     return ScanResult(name=name, num_parameters=int(num_params), num_layers=len(blocks), label_names=data.label_names,

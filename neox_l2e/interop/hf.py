@@ -14,7 +14,7 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -55,6 +55,7 @@ def hf_config_from_neox(cfg: NeoXConfig, vocab_size: int) -> dict:
                             "partial_rotary_factor": m.rotary_pct},
         "rotary_pct": m.rotary_pct,
         "rotary_emb_base": m.rotary_emb_base,
+        # Pythia's <|endoftext|>; write_hf_dir replaces them with the run tokenizer's ids (tokenizer_special_ids)
         "bos_token_id": 0,
         "eos_token_id": 0,
         "use_cache": True,
@@ -87,6 +88,12 @@ def neox_keys_from_hf(hf: dict, source: str = "config.json") -> dict:
         raise InteropError(f"{source}: a value has the wrong type ({e}); is this a GPTNeoX config.json?") from None
 
 
+def _rope_base(base) -> float:
+    """rope_theta as it is: an int when it is integral (10000.0 -> 10000), the float otherwise (never truncated)."""
+    b = float(base)
+    return int(b) if b.is_integer() else b
+
+
 def _model_keys(hf: dict, need, rotary_pct, base, tanh: bool) -> dict:
     vocab = int(need("vocab_size"))
     hidden = int(need("hidden_size"))
@@ -100,7 +107,7 @@ def _model_keys(hf: dict, need, rotary_pct, base, tanh: bool) -> dict:
         "max_position_embeddings": int(hf.get("max_position_embeddings", 2048)),
         "seq_length": min(2048, int(hf.get("max_position_embeddings", 2048))),
         "rotary_pct": float(rotary_pct),
-        "rotary_emb_base": int(base),
+        "rotary_emb_base": _rope_base(base),
         "gpt_j_residual": bool(hf.get("use_parallel_residual", True)),
         "no_weight_tying": not bool(hf.get("tie_word_embeddings", False)),
         "layernorm_epsilon": float(hf.get("layer_norm_eps", 1e-5)),
@@ -281,6 +288,7 @@ def write_hf_dir(out_dir, cfg: NeoXConfig, full_state: dict, vocab_size: int,
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         hf = hf_config_from_neox(cfg, vocab_size)
+        hf.update(tokenizer_special_ids(tokenizer_files))
         if dtype is not None:
             hf["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
@@ -295,21 +303,106 @@ def write_hf_dir(out_dir, cfg: NeoXConfig, full_state: dict, vocab_size: int,
     return out_dir
 
 
-def _write_tokenizer(src: Path, out_dir: Path) -> None:
-    """Copy the run's tokenizer file. A tokenizers JSON (Pythia's kind) is also written as tokenizer.json +
-    tokenizer_config.json (PreTrainedTokenizerFast, end-of-document token as eos and bos, as Pythia's),
-    which AutoTokenizer and lm-eval's hf model load. A SentencePiece .model is copied as it is: transformers
-    has no lossless equivalent of our SentencePiece settings (evaluate those runs with tools/evaluate.py)."""
-    shutil.copy2(src, out_dir / src.name)
-    if src.suffix != ".json":
-        return
-    from transformers import PreTrainedTokenizerFast
+def tokenizer_special_ids(tokenizer_files: Iterable) -> dict:
+    """config.json's bos/eos ids from the run's tokenizer: its end-of-document token for both (as Pythia's
+    <|endoftext|>, which GPT-NeoX puts between documents): a tokenizers JSON's <|endoftext|> (else </s>, <eos>),
+    a SentencePiece model's eos piece. Empty when no tokenizer file is found (config.json keeps Pythia's 0)."""
+    from ..data.tokenizer import build_tokenizer, infer_tokenizer_type
+    for f in tokenizer_files:
+        f = Path(f)
+        if f.is_file():
+            tok = build_tokenizer(infer_tokenizer_type(str(f)), str(f))
+            return {"bos_token_id": int(tok.eod), "eos_token_id": int(tok.eod)}
+    return {}
 
-    from ..data.tokenizer import HFTokenizer
-    tok = HFTokenizer(src)
-    eod = tok.tok.id_to_token(tok.eod)
-    PreTrainedTokenizerFast(tokenizer_file=str(src), eos_token=eod, bos_token=eod,
-                            unk_token=eod).save_pretrained(str(out_dir))
+
+def _write_tokenizer(src: Path, out_dir: Path) -> None:
+    """Write the run's tokenizer so AutoTokenizer (and lm-eval's hf model) loads it with the run's ids, and copy
+    the file itself. A tokenizers JSON (Pythia's kind) is written as tokenizer.json + tokenizer_config.json
+    (PreTrainedTokenizerFast, end-of-document token as eos and bos, as Pythia's). A SentencePiece BPE model is
+    rebuilt as a tokenizers BPE (``spm_to_hf_tokenizer``) and written the same way once it encodes a check text
+    to the same ids as SentencePiece; when it cannot be (other settings, ids differ) only the .model is copied
+    and a warning says that the export has no tokenizer transformers loads."""
+    shutil.copy2(src, out_dir / src.name)
+    if src.suffix == ".json":
+        from ..data.tokenizer import HFTokenizer
+        tok = HFTokenizer(src)
+        eod = tok.tok.id_to_token(tok.eod)
+        _save_fast_tokenizer(tok.tok, out_dir, eod, eod)
+        return
+    import warnings
+    try:
+        hf_tok, eod_piece, unk_piece = spm_to_hf_tokenizer(src)
+    except InteropError as e:
+        warnings.warn(f"{src}: the export has no tokenizer transformers loads ({e}); evaluate it with "
+                      "tools/evaluate.py --backend adapter", stacklevel=2)
+        return
+    _save_fast_tokenizer(hf_tok, out_dir, eod_piece, unk_piece)
+
+
+def _save_fast_tokenizer(tok, out_dir: Path, eod_piece: str, unk_piece: str) -> None:
+    """tokenizer.json + tokenizer_config.json of a PreTrainedTokenizerFast whose bos and eos are the
+    end-of-document piece (no token added around the text)."""
+    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eod_piece, bos_token=eod_piece,
+                            unk_token=unk_piece).save_pretrained(str(out_dir))
+
+
+# a check text for the SentencePiece conversion: spaces and runs of spaces, tabs, newlines (CRLF too), accents,
+# CJK and emoji (byte fallback), digits, a control character
+SPM_CHECK_TEXT = ("The quick brown fox, 1234 -- naïve café.\n\n    indented  two  spaces\tand a tab\r\n"
+                  "你好世界 🙂 Ünïcödé\x00end. ROMEO: O, she doth teach the torches to burn bright!\n")
+
+
+def spm_to_hf_tokenizer(model_file, check_texts: Sequence[str] = (SPM_CHECK_TEXT,)) -> tuple:
+    """(tokenizers.Tokenizer, end-of-document piece, unknown piece) encoding like the SentencePiece BPE model
+    ``model_file`` as the project uses it (``SPMTokenizer``: no special tokens added). Supported: BPE models without a normaliser
+    (identity rule, no extra-whitespace removal) and without a dummy prefix, with or without byte fallback: the
+    settings of ``train_sentencepiece``. The BPE merges are the pairs of normal pieces that make a normal
+    piece, ranked by that piece's score (SentencePiece merges the best-scoring piece first). The result is
+    checked on ``check_texts`` (and the pieces of the vocabulary): any id that differs is an InteropError."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:  # protobuf missing
+        raise InteropError("reading a SentencePiece model's settings needs the protobuf package") from None
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    from ..data.tokenizer import SPMTokenizer
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(Path(model_file).read_bytes())
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError
+        raise InteropError(f"not a SentencePiece model ({e})") from None
+    ts, ns = proto.trainer_spec, proto.normalizer_spec
+    unsupported = [what for what, bad in (
+        ("a unigram/char/word model (only BPE converts)", ts.model_type != pb.TrainerSpec.BPE),
+        (f"normalisation rule {ns.name!r}", bool(ns.precompiled_charsmap)),
+        ("add_dummy_prefix", ns.add_dummy_prefix), ("remove_extra_whitespaces", ns.remove_extra_whitespaces),
+        ("no whitespace escaping", not ns.escape_whitespaces)) if bad]
+    if unsupported:
+        raise InteropError("SentencePiece settings without a tokenizers equivalent here: " + ", ".join(unsupported))
+    Piece = pb.ModelProto.SentencePiece
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == Piece.NORMAL}
+    ranked = sorted((-score, i, tok[:k], tok[k:]) for tok, (score, i) in normal.items()
+                    for k in range(1, len(tok)) if tok[:k] in normal and tok[k:] in normal)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked], unk_token=ts.unk_piece,
+                               fuse_unk=True, byte_fallback=ts.byte_fallback))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    steps = [decoders.Replace("\u2581", " ")] + ([decoders.ByteFallback()] if ts.byte_fallback else [])
+    steps.append(decoders.Fuse())
+    tok.decoder = decoders.Sequence(steps)
+    user = [AddedToken(p.piece, normalized=True, special=False) for p in proto.pieces if p.type == Piece.USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+    spm_tok = SPMTokenizer(model_file)
+    pieces = "".join(p.piece.replace("\u2581", " ") for p in proto.pieces if p.type == Piece.NORMAL)
+    for text in list(check_texts) + [pieces]:
+        want, got = spm_tok.encode(text), tok.encode(text, add_special_tokens=False).ids
+        if want != got:
+            at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            raise InteropError(f"the tokenizers rebuild encodes differently from SentencePiece (token {at})")
+    return tok, proto.pieces[spm_tok.eod].piece, ts.unk_piece
 
 
 def load_hf_into_model(hf_dir, cfg_overrides: Optional[dict] = None, ps=None):

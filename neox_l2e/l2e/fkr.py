@@ -15,7 +15,9 @@ Pipeline (what a scan tool does per layer)::
 For data that do not fit in memory, ``moments`` / ``dataset_phi(z, mean, var)`` take statistics
 accumulated over chunks (e.g. with ``functional.batch_moments`` + ``functional.merge_moments``),
 ``label_phi_sums`` returns additive per-chunk sums, and ``kill_counts`` returns additive per-chunk
-(kills, false kills) for a fixed global threshold or the per-token reading.
+(kills, false kills) for a fixed global threshold or the per-token reading. ``GlobalKills`` gives the
+global reading's exact tau_k and kill counts over chunks in two streamed passes, in linear time and
+constant memory (a radix histogram of the fp32 bit patterns, no running top-K).
 
 Definitions:
     phi_ij   = (z_ij - mean_j)^2 / var_j   (unbiased var over the dataset; 0 for a constant neuron)
@@ -134,6 +136,86 @@ def kill_threshold(phi: torch.Tensor, k_percent: float, mode: str = "per-token")
         K = min(_num(k_percent, flat.numel()), flat.numel())
         return torch.topk(flat, K).values[K - 1]
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+_HI_BITS = 16            # phi >= 0: its fp32 bit pattern (sign bit 0) is a 31-bit int ordered like the value
+_LO_BITS = 15
+
+
+class GlobalKills:
+    """The "global" reading streamed over chunks of one layer's phi [T_chunk, N] (phi >= 0), for several k.
+
+    Pass A (``add_values``, every chunk): a histogram of the top 16 bits of phi's fp32 bit patterns, which for
+    phi >= 0 order like the values. ``finish_values()``: per k, the bin holding the K-th largest value and the
+    count of values above that bin. Pass B (``add_kills``, every chunk again, with l* known): kills and false
+    kills above the bin, and histograms of the low 15 bits of the values inside the bin (all and false kills).
+    ``result()``: per k, the exact tau_k (the K-th largest value, K = kills_for(k, N * T)) and the exact kill
+    and false-kill counts of phi >= tau_k: the same numbers as ``kill_threshold(phi, k, "global")`` and
+    ``kill_counts`` on all chunks at once. Each pass is linear in the values; memory is a few histograms.
+    Tokens with a negative label count in tau_k but kill nothing (as ``kill_counts``)."""
+
+    def __init__(self, k_percents: Iterable[float], total_values: int, device=None):
+        self.ks = [float(k) for k in k_percents]
+        self.total = int(total_values)
+        self.K = {k: min(kills_for(k, self.total), self.total) for k in self.ks}
+        self.hist = torch.zeros(1 << _HI_BITS, dtype=torch.int64, device=device)
+        self.seen = 0
+        self.bins: Dict[float, Tuple[int, int]] = {}
+
+    @staticmethod
+    def _bits(phi: torch.Tensor) -> torch.Tensor:
+        v = torch.nan_to_num(phi.detach().float(), nan=0.0).clamp_min(0.0).contiguous()
+        return v.view(torch.int32).reshape(-1)
+
+    def add_values(self, phi: torch.Tensor) -> None:
+        bits = self._bits(phi)
+        self.hist += torch.bincount(bits >> _LO_BITS, minlength=1 << _HI_BITS)
+        self.seen += bits.numel()
+
+    def finish_values(self) -> None:
+        if self.seen != self.total:
+            raise ValueError(f"GlobalKills: saw {self.seen} values, expected {self.total}")
+        above = _from_top(self.hist).cpu()                          # above[b] = count of values in bins >= b
+        for k in self.ks:
+            b = int((above >= self.K[k]).nonzero().max())          # the highest bin with >= K values from it up
+            self.bins[k] = (b, int(above[b] - self.hist[b]))
+        dev, n = self.hist.device, 1 << _LO_BITS
+        # per k, histograms of the low bits inside the bin: every value, the kills (labelled), the false kills
+        self.low = {k: [torch.zeros(n, dtype=torch.int64, device=dev) for _ in range(3)] for k in self.ks}
+        self.above = {k: [0, 0] for k in self.ks}                  # kills, false kills above the bin
+
+    def add_kills(self, phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor) -> None:
+        _check(phi, labels)
+        labels = labels.to(phi.device).long()
+        bits = self._bits(phi).view(phi.shape)
+        hi = bits >> _LO_BITS
+        keep = (labels >= 0).unsqueeze(1)
+        false = keep & (labels.unsqueeze(1) != lstar.to(phi.device).unsqueeze(0))
+        mask, n = (1 << _LO_BITS) - 1, 1 << _LO_BITS
+        for k in self.ks:
+            b = self.bins[k][0]
+            over = hi > b
+            self.above[k][0] += int((over & keep).sum())
+            self.above[k][1] += int((over & false).sum())
+            inside = hi == b
+            for hist, sel in zip(self.low[k], (inside, inside & keep, inside & false)):
+                hist += torch.bincount(bits[sel] & mask, minlength=n)
+
+    def result(self) -> Dict[float, Tuple[float, int, int]]:
+        """{k: (tau_k, kills, false kills)}."""
+        out = {}
+        for k in self.ks:
+            b, n_above = self.bins[k]
+            every, kill, false = (_from_top(h).cpu() for h in self.low[k])
+            j = int((every >= self.K[k] - n_above).nonzero().max())   # the K-th largest value's low bits
+            tau = torch.tensor((b << _LO_BITS) | j, dtype=torch.int32).view(torch.float32).item()
+            out[k] = (tau, self.above[k][0] + int(kill[j]), self.above[k][1] + int(false[j]))
+        return out
+
+
+def _from_top(hist: torch.Tensor) -> torch.Tensor:
+    """out[i] = hist[i:].sum()."""
+    return hist.flip(0).cumsum(0).flip(0)
 
 
 def kill_counts(phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor, tau: torch.Tensor) -> Tuple[int, int]:

@@ -183,3 +183,111 @@ def test_sentencepiece_checkpoint(tmp_path, labelled_jsonl):
     ((ll, _),) = lm.loglikelihood([_req("Shall I compare thee", " to a summer's day?")])
     c, k = lm._encode_pair("Shall I compare thee", " to a summer's day?")
     assert ll == pytest.approx(_direct_logprob(model, c + k, len(c), 400), abs=1e-4)
+
+
+def test_truncated_few_shot_prompts_are_counted(tmp_path, adapter):
+    """On the 128-token tiny model (a near character-level tokenizer) the count equals the samples whose
+    requests the adapter really cuts (checked on the token ids it scores): some at 0-shot, all at 5-shot."""
+    from neox_l2e.analysis.evaluation import build_tiny_shakespeare, truncation_warnings
+    cut_contexts = set()
+
+    class Recording(NeoXL2ELM):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            for r in requests:
+                c, k = self._encode_pair(*r.args)
+                if len(c) + len(k) > self.max_length + 1:
+                    cut_contexts.add(r.args[0])
+            return super().loglikelihood(requests)
+
+    rec = Recording(adapter.model, adapter.tok, batch_size=8)
+    build_tiny_shakespeare(tmp_path / "tiny_shakespeare.jsonl", n=10, seed=1)
+    counts = {}
+    for k in (0, 5):
+        res = evaluate(rec, ["tiny_shakespeare"], num_fewshot=k, data_dir=tmp_path, log_samples=True)
+        rows = res["samples"]["tiny_shakespeare"]
+        expected = sum(any(a[0] in cut_contexts for a in row["arguments"]) for row in rows)
+        t = res["truncated"]["tiny_shakespeare"]
+        assert t["truncated"] == expected and t["samples"] == 10 and t["max_length"] == 128
+        counts[k] = expected
+        if expected:
+            (line,) = truncation_warnings(res, "m")
+            assert f"{expected} of 10 prompts are longer than the model's context" in line and f"{k}-shot" in line
+    assert counts[0] < 10 and counts[5] == 10
+    assert "samples" not in evaluate(rec, ["tiny_shakespeare"], data_dir=tmp_path, limit=2)
+
+
+def test_yaml_path_and_include_path_tasks(tmp_path, adapter):
+    """A task YAML given by path and a task found through an include path run next to the local tasks."""
+    import yaml
+
+    from neox_l2e.analysis.common import AnalysisError
+    from neox_l2e.analysis.evaluation import CONFIG_DIR, build_tiny_shakespeare, split_task_specs
+    data = build_tiny_shakespeare(tmp_path / "tiny.jsonl", n=6, seed=2)
+    cfg = yaml.safe_load((CONFIG_DIR / "tiny_shakespeare.yaml").read_text())
+    inc = tmp_path / "mytasks"
+    inc.mkdir()
+    for name in ("my_tiny_a", "my_tiny_b"):
+        c = dict(cfg, task=name, dataset_kwargs={"data_files": {"test": str(data)}})
+        c.pop("fewshot_split", None)
+        (inc / f"{name}.yaml").write_text(yaml.safe_dump(c))
+    local, extra = split_task_specs(f"tiny_shakespeare,{inc / 'my_tiny_a.yaml'},my_tiny_b", [inc])
+    assert local == ["tiny_shakespeare"] and extra[0]["task"] == "my_tiny_a" and extra[1] == "my_tiny_b"
+    res = evaluate(adapter, local, data_dir=tmp_path / "none", files={"tiny_shakespeare": str(data)},
+                   extra_tasks=extra, include_paths=[inc])
+    r = res["results"]
+    assert set(r) == {"tiny_shakespeare", "my_tiny_a", "my_tiny_b"}
+    assert r["my_tiny_a"]["acc"] == r["my_tiny_b"]["acc"] == r["tiny_shakespeare"]["acc"]
+    with pytest.raises(AnalysisError, match="unknown task.*nope"):
+        split_task_specs("nope", [inc])
+    with pytest.raises(AnalysisError, match="task YAML not found"):
+        split_task_specs(str(tmp_path / "missing.yaml"))
+
+
+def test_evaluate_tool_log_samples_and_include_path(tmp_path, tiny_neox_ckpt):
+    ckpt, _ = tiny_neox_ckpt
+    out = tmp_path / "res"
+    r = run_tool("evaluate.py", f"mine={ckpt}", "--tasks", "tiny_shakespeare", "--shots", "0,5", "--limit", 6,
+                 "--data-dir", tmp_path / "data", "--tiny-size", 12, "--log_samples", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for k in (0, 5):
+        rows = [json.loads(l) for l in open(tmp_path / "res.samples" / f"mine.{k}shot.tiny_shakespeare.jsonl")]
+        assert len(rows) == 6 and all("arguments" in x and "acc" in x for x in rows)
+    warn = [l for l in r.stderr.splitlines() if l.startswith("warning: mine, tiny_shakespeare, 5-shot: 6 of 6")]
+    assert len(warn) == 1 and "few-shot examples are cut" in warn[0], r.stderr[-2000:]
+    r = run_tool("evaluate.py", f"mine={ckpt}", "--tasks", "nope", "--include_path", tmp_path, "--out", out)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown task(s) nope" in r.stderr
+
+
+def test_lm_eval_cli_with_the_neox_l2e_model(tmp_path, tiny_neox_ckpt):
+    """`python -m neox_l2e.lm_eval --model neox_l2e ...`: lm-eval's own CLI, our model, a local task yaml; the
+    score equals tools/evaluate.py's on the same examples."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from analysis_helpers import REPO
+    from neox_l2e.analysis.evaluation import CONFIG_DIR, build_tiny_shakespeare
+    ckpt, _ = tiny_neox_ckpt
+    data = build_tiny_shakespeare(tmp_path / "tiny.jsonl", n=8, seed=4)
+    inc = tmp_path / "tasks"
+    inc.mkdir()
+    cfg = yaml.safe_load((CONFIG_DIR / "tiny_shakespeare.yaml").read_text())
+    cfg["dataset_kwargs"] = {"data_files": {"test": str(data)}}
+    cfg.pop("fewshot_split", None)
+    (inc / "tiny_shakespeare.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "neox_l2e.lm_eval", "--model", "neox_l2e", "--model_args",
+                        f"checkpoint={ckpt},device=cpu", "--tasks", "local_tiny_shakespeare",
+                        "--include_path", str(inc),
+                        "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "local_tiny_shakespeare" in r.stdout
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert len(results) == 1 and list((tmp_path / "out").rglob("samples_local_tiny_shakespeare_*.jsonl"))
+    acc = json.loads(results[0].read_text())["results"]["local_tiny_shakespeare"]["acc,none"]
+    ours = evaluate(NeoXL2ELM.from_checkpoint(ckpt, device="cpu"), ["tiny_shakespeare"],
+                    files={"tiny_shakespeare": str(data)})
+    assert acc == ours["results"]["tiny_shakespeare"]["acc"]

@@ -106,6 +106,8 @@ def test_streaming_matches_in_memory_library(planted, layer):
         for k, r in ref.items():
             assert got.kills[mode][k] == r.kills, (mode, k)
             assert got.fkr[mode][k] == pytest.approx(r.fkr, abs=1e-12), (mode, k)
+            if mode == "global":
+                assert got.tau[k] == pytest.approx(fkrlib.kill_threshold(phi, k, "global").item(), rel=1e-6)
     # K-S (scipy) == the library's K-S statistic on the same token subsample: here every token is kept
     for m in range(0, got.sample.numel(), 17):
         j = int(got.sample[m])
@@ -135,3 +137,28 @@ def test_batch_size_does_not_change_results(planted):
         torch.testing.assert_close(a.phi_l, b.phi_l, rtol=1e-5, atol=1e-6)
         assert torch.equal(a.l_star, b.l_star) and a.kills == b.kills
         assert not any(math.isnan(v) for d in a.fkr.values() for v in d.values())
+
+
+def test_plots_colour_by_run_and_mark_inhibited_layers(planted, tmp_path):
+    """Runs of one size get distinct colours; L2E's layers carry a mark; FKR panels share the y-axis and draw
+    the chance FKR; the run's inhibited layers come from its config."""
+    import dataclasses
+
+    from analysis_helpers import png_has_content, tiny_cfg
+    from neox_l2e.analysis.cli import inhibited_layers
+    from neox_l2e.analysis.plots import layerwise_figure, plot_fkr
+    _, data, res = planted
+    runs = [dataclasses.replace(res, name=n, inhibited_layers=inh) for n, inh in (("base", []), ("l2e", [1]))]
+    fig = layerwise_figure(runs)
+    ax = fig.axes[0]
+    named = [l for l in ax.get_lines() if l.get_label().startswith(("base", "l2e"))]     # one line per run
+    assert len(named) == 2 and named[0].get_color() != named[1].get_color()
+    assert named[1].get_label().endswith("L2E on layers 1")
+    marks = [l for l in ax.get_lines() if l.get_marker() == "s" and not l.get_label().startswith(("base", "l2e"))]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [1.0]      # layer 1 of 2: relative depth 1
+    assert "layer inhibited by L2E" in [t.get_text() for t in ax.get_legend().get_texts()]
+    shares = [n / sum(res.tokens_per_label.values()) for n in res.tokens_per_label.values()]
+    assert 1 - max(shares) <= runs[0].chance_fkr(res.layers[0]) <= 1 - min(shares)
+    png_has_content(plot_fkr(runs, tmp_path / "fkr.png"))
+    on = tiny_cfg(num_layers=4, l2e_enabled=True, l2e_layers="mid2")
+    assert inhibited_layers(on) == [1, 2] and inhibited_layers(tiny_cfg(num_layers=4)) == []
