@@ -92,13 +92,18 @@ def build_blending_indices_numpy(weights, num_samples: int) -> tuple[np.ndarray,
     w = [float(x) for x in np.asarray(weights, dtype=np.float64).reshape(-1)]
     if not w:
         raise ValueError("need at least one weight")
-    num_samples = int(num_samples)
+    return _blend_loop(w, int(num_samples), offset=1)
+
+
+def _blend_loop(w: list, num_samples: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy blending loop: sample i goes to argmax_d w[d] * n_i - taken[d] (first on ties), n_i = i + offset
+    for i > 0 and 1 for i = 0 (offset 1: ours, n_i = i + 1; offset 0: GPT-NeoX's max(i, 1))."""
     taken = [0] * len(w)
     dataset_index = np.empty(num_samples, dtype=np.int16)          # filled in place: 10 bytes a sample
     dataset_sample_index = np.empty(num_samples, dtype=np.int64)
     w0, others = w[0], range(1, len(w))
     for i in range(num_samples):
-        n = float(i + 1)
+        n = float(i + offset) if i else 1.0
         best, best_err = 0, w0 * n - taken[0]
         for j in others:
             err = w[j] * n - taken[j]
@@ -202,21 +207,7 @@ def build_neox_blending_indices(weights, num_samples: int) -> tuple[np.ndarray, 
     total = sum(w)
     w = np.array([x / total for x in w], dtype=np.float64)
     w = [float(x) for x in w / np.sum(w)]
-    num_samples = int(num_samples)
-    dataset_index = np.empty(num_samples, dtype=np.int16)
-    dataset_sample_index = np.empty(num_samples, dtype=np.int64)
-    taken = [0] * len(w)
-    for i in range(num_samples):
-        n = float(max(i, 1))
-        best, best_err = 0, w[0] * n - taken[0]
-        for j in range(1, len(w)):
-            err = w[j] * n - taken[j]
-            if err > best_err:
-                best, best_err = j, err
-        dataset_index[i] = best
-        dataset_sample_index[i] = taken[best]
-        taken[best] += 1
-    return dataset_index, dataset_sample_index
+    return _blend_loop(w, int(num_samples), offset=0)
 
 
 def extend_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int, seed: int, base: tuple,
