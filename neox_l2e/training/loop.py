@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,16 @@ class TrainResult:
 # data
 
 
-def build_data(cfg: NeoXConfig, dp: int):
-    """(datasets, vocab_size, tokenizer) from cfg.data through neox_l2e.data."""
+def train_samples(cfg: NeoXConfig, dp: int) -> int:
+    """The number of train samples a run of train-iters steps reads (every DP rank together)."""
+    t = cfg.training
+    return t.train_iters * t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp
+
+
+def build_data(cfg: NeoXConfig, dp: int, first_train_samples: Optional[int] = None):
+    """(datasets, vocab_size, tokenizer) from cfg.data through neox_l2e.data. ``first_train_samples``: the train
+    sample count the run's order was first built for (a resumed run; data-order neox): that order is kept, and
+    extended epoch by epoch when this run needs more samples."""
     from ..data import build_datasets, build_tokenizer
     d, t = cfg.data, cfg.training
     tokenizer = None
@@ -99,11 +108,15 @@ def build_data(cfg: NeoXConfig, dp: int):
     if d.vocab_file:
         tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file)
         vocab = vocab or tokenizer.vocab_size
-    global_batch = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp
     eval_samples = t.eval_iters * t.train_micro_batch_size_per_gpu * dp
-    num_samples = {"train": t.train_iters * global_batch, "valid": eval_samples, "test": eval_samples}
+    num_samples = {"train": train_samples(cfg, dp), "valid": eval_samples, "test": eval_samples}
+    first = None
+    if first_train_samples is not None:
+        # never fewer samples than the first order held: a shorter resumed run reads a prefix of that same order
+        num_samples["train"] = max(num_samples["train"], int(first_train_samples))
+        first = {"train": int(first_train_samples)}
     datasets = build_datasets(d, cfg.model.seq_length, t.seed, num_samples=num_samples, vocab_size=vocab,
-                              data_order=cfg.data_order)
+                              data_order=cfg.data_order, first_num_samples=first)
     if not datasets.get("train"):
         raise ConfigError("no training data: set train-data-paths (and valid-data-paths) or data-path")
     return datasets, vocab, tokenizer
@@ -142,8 +155,18 @@ class Trainer:
         ps = self.ps
         self.checkpointer = Checkpointer(cfg, ps)         # the save lock; a resume checkpoint checked here
         _seed_all(t.seed)
+        # the train sample count the run's data order was first built for: kept across resumes (a larger
+        # train-iters then extends that order instead of rebuilding it, data-order neox)
+        self.first_train_samples = self.checkpointer.saved_first_train_samples()
+        if (datasets is None and ps.is_main and self.checkpointer.resuming and self.first_train_samples is None
+                and cfg.data_order == "neox"):
+            print(f"note: {t.load}/{self.checkpointer.resume_tag} does not record the train sample count its data "
+                  "order was built for (an older checkpoint): the order is built for this run's train-iters",
+                  file=sys.stderr, flush=True)
         if datasets is None:
-            datasets, vocab_size, self.tokenizer = build_data(cfg, ps.dp)
+            datasets, vocab_size, self.tokenizer = build_data(cfg, ps.dp, self.first_train_samples)
+        if self.first_train_samples is None:
+            self.first_train_samples = train_samples(cfg, ps.dp)
         self.datasets = datasets
         self.heldout_tokens = heldout_tokens(cfg, datasets)
         vocab_size = vocab_size or cfg.model.vocab_size
@@ -207,7 +230,7 @@ class Trainer:
         return {"neox_config": self.cfg.to_dict(), "iteration": self.iteration,
                 "consumed_train_samples": self.consumed, "lr_scheduler": self.scheduler.state_dict(),
                 "tp": self.ps.tp, "dp": self.ps.dp, "padded_vocab_size": self.module.vocab_size,
-                "num_parameters": self.num_parameters}
+                "num_parameters": self.num_parameters, "first_train_samples": self.first_train_samples}
 
     def save(self) -> Optional[str]:
         """Saves a checkpoint of the current step now (every rank); the tag, or None without a save folder."""
