@@ -9,6 +9,9 @@ One step (iteration -> iteration + 1), L2E through the model's controller ``l2e`
     (one small device-to-host copy per micro-batch: the NaN/interrupt flags and every layer's L2E values)
     engine.step() (skipped on every rank when any rank saw a NaN/inf loss)
     lr schedule advances on applied steps; consumed samples advance always.
+train_step() returns a StepResult; train() keeps the log windows, the bad-step count and the timing. When to save
+and what to resume from: checkpointer.Checkpointer; when to evaluate (valid loss, held-out monosemanticity):
+validator.Validator.
 """
 from __future__ import annotations
 
