@@ -44,10 +44,6 @@ from .layout import check_resume_config, check_resume_layout, saved_meta
 from .lock import SaveLock
 from ..l2e.keys import is_l2e_state_key
 
-# test hook: SIGKILL this process inside the save of the given iteration (after the files are written,
-# before the folder is renamed and `latest` moves)
-KILL_IN_SAVE_ENV = "NEOX_L2E_TEST_KILL_IN_SAVE"
-
 
 def _note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -261,10 +257,6 @@ def save_checkpoint(engine, save_dir, iteration: int, client_state: dict, ps,
     # every rank hashes a share of the files; rank 0 writes the manifest
     names = manifest_names(d / tmp_tag)
     entries = _gather_dicts(hash_entries(d / tmp_tag, names[ps.rank::ps.world_size]), ps)
-    kill_at = os.environ.get(KILL_IN_SAVE_ENV)
-    if kill_at is not None and int(kill_at) == int(iteration):
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
     if ps.is_main:
         write_manifest(d / tmp_tag, entries)
         commit_folder(d, d / tmp_tag, tag)

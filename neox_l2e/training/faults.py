@@ -11,17 +11,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 from typing import Optional
 
 from ..errors import TrainingError
 
-__all__ = ["TrainingError", "InterruptFlag", "nan_steps_from_env", "nonfinite_end", "skipped_update"]
-
-# test hook: comma-separated iterations (0-based count of steps before the one to poison) whose loss
-# becomes NaN on the given rank(s) ("3,4" or "3,4@1" for rank 1 only)
-NAN_ENV = "NEOX_L2E_TEST_NAN_STEPS"
+__all__ = ["TrainingError", "InterruptFlag", "nonfinite_end", "skipped_update"]
 
 
 class InterruptFlag:
@@ -52,16 +47,6 @@ class InterruptFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
-
-
-def nan_steps_from_env(rank: int) -> set:
-    raw = os.environ.get(NAN_ENV, "").strip()
-    if not raw:
-        return set()
-    spec, _, who = raw.partition("@")
-    if who and int(who) != rank:
-        return set()
-    return {int(x) for x in spec.split(",") if x.strip()}
 
 
 @contextlib.contextmanager

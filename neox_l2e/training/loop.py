@@ -9,27 +9,64 @@ One step (iteration -> iteration + 1), L2E through the model's controller ``l2e`
     (one small device-to-host copy per micro-batch: the NaN/interrupt flags and every layer's L2E values)
     engine.step() (skipped on every rank when any rank saw a NaN/inf loss)
     lr schedule advances on applied steps; consumed samples advance always.
+train_step() returns a StepResult; train() keeps the log windows, the bad-step count and the timing. When to save
+and what to resume from: checkpointer.Checkpointer; when to evaluate (valid loss, held-out monosemanticity):
+validator.Validator.
 """
 from __future__ import annotations
 
 import math
-import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, NeoXConfig
-from .. import checkpoint as ckpt
 from .engine import build_engine, setup_distributed, wall_clock_timings
-from .faults import InterruptFlag, TrainingError, nan_steps_from_env, skipped_update
+from .checkpointer import Checkpointer
+from .faults import InterruptFlag, TrainingError, skipped_update
 from .monitor import Monitor, fmt_count
 from .schedule import AnnealingLR
+from .validator import Validator, heldout_layers, heldout_tokens, sample_iterator
+
+
+@dataclass
+class StepResult:
+    """What one train_step did: the lr it used, whether a micro-batch had a NaN/inf loss (``bad``: the update was
+    skipped on every rank), whether the optimizer update was applied (False also for an fp16 overflow), whether
+    an interrupt was seen, the mean lm / L2E losses (lm NaN when bad; l2e None without L2E) and the gradient norm
+    (None when not applied or not recorded)."""
+    lr: float
+    bad: bool
+    applied: bool
+    stop: bool
+    lm_loss: float
+    l2e_loss: Optional[float] = None
+    grad_norm: Optional[float] = None
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last train log line: their losses, times and gradient norms."""
+    loss: list = field(default_factory=list)
+    l2e: list = field(default_factory=list)
+    time: list = field(default_factory=list)
+    gn: list = field(default_factory=list)
+
+    def add(self, s: StepResult, dt: float) -> None:
+        if not s.bad:
+            self.loss.append(s.lm_loss)
+            if s.l2e_loss is not None:
+                self.l2e.append(s.l2e_loss)
+            if s.grad_norm is not None:
+                self.gn.append(s.grad_norm)
+        self.time.append(dt)
 
 
 @dataclass
@@ -57,13 +94,16 @@ class TrainResult:
 # data
 
 
-def sample_iterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=0):
-    from ..data import SampleIterator
-    return SampleIterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=consumed_samples)
+def train_samples(cfg: NeoXConfig, dp: int) -> int:
+    """The number of train samples a run of train-iters steps reads (every DP rank together)."""
+    t = cfg.training
+    return t.train_iters * t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp
 
 
-def build_data(cfg: NeoXConfig, dp: int):
-    """(datasets, vocab_size, tokenizer) from cfg.data through neox_l2e.data."""
+def build_data(cfg: NeoXConfig, dp: int, first_train_samples: Optional[int] = None):
+    """(datasets, vocab_size, tokenizer) from cfg.data through neox_l2e.data. ``first_train_samples``: the train
+    sample count the run's order was first built for (a resumed run; data-order neox): that order is kept, and
+    extended epoch by epoch when this run needs more samples."""
     from ..data import build_datasets, build_tokenizer
     d, t = cfg.data, cfg.training
     tokenizer = None
@@ -71,11 +111,15 @@ def build_data(cfg: NeoXConfig, dp: int):
     if d.vocab_file:
         tokenizer = build_tokenizer(d.tokenizer_type, d.vocab_file)
         vocab = vocab or tokenizer.vocab_size
-    global_batch = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp
     eval_samples = t.eval_iters * t.train_micro_batch_size_per_gpu * dp
-    num_samples = {"train": t.train_iters * global_batch, "valid": eval_samples, "test": eval_samples}
+    num_samples = {"train": train_samples(cfg, dp), "valid": eval_samples, "test": eval_samples}
+    first = None
+    if first_train_samples is not None:
+        # never fewer samples than the first order held: a shorter resumed run reads a prefix of that same order
+        num_samples["train"] = max(num_samples["train"], int(first_train_samples))
+        first = {"train": int(first_train_samples)}
     datasets = build_datasets(d, cfg.model.seq_length, t.seed, num_samples=num_samples, vocab_size=vocab,
-                              data_order=cfg.data_order)
+                              data_order=cfg.data_order, first_num_samples=first)
     if not datasets.get("train"):
         raise ConfigError("no training data: set train-data-paths (and valid-data-paths) or data-path")
     return datasets, vocab, tokenizer
@@ -102,59 +146,52 @@ def default_log_dir(cfg: NeoXConfig) -> Optional[str]:
 
 
 class Trainer:
+    """One run: the model on a DeepSpeed engine, its data, a Checkpointer (resume and save policy), a Validator
+    (evaluation policy) and a Monitor (logs)."""
+
     def __init__(self, cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None,
-                 loss_hook: Optional[Callable] = None, quiet: bool = False, stream=None):
+                 quiet: bool = False, stream=None):
         self.cfg = cfg
         t = cfg.training
-        self.heldout_layers = self._heldout_layers()       # a bad layer list fails before anything is built
+        self.heldout_layers = heldout_layers(cfg)         # a bad layer list fails before anything is built
         self.ps = ps or setup_distributed(cfg)
         ps = self.ps
-        self.save_lock = ckpt.acquire_save_lock(t.save, ps) if t.save else None   # one job per save folder
-        resume_tag = ckpt.latest_tag(t.load) if t.load else None
-        if resume_tag is not None:
-            # a corrupted checkpoint, a config that changes the model or a layout this run cannot load fails
-            # here, before the data and model are built
-            ckpt.check_resume(cfg, t.load, resume_tag, ps)
+        self.checkpointer = Checkpointer(cfg, ps)         # the save lock; a resume checkpoint checked here
         _seed_all(t.seed)
+        # the train sample count the run's data order was first built for: kept across resumes (a larger
+        # train-iters then extends that order instead of rebuilding it, data-order neox)
+        self.first_train_samples = self.checkpointer.saved_first_train_samples()
+        if (datasets is None and ps.is_main and self.checkpointer.resuming and self.first_train_samples is None
+                and cfg.data_order == "neox"):
+            print(f"note: {t.load}/{self.checkpointer.resume_tag} does not record the train sample count its data "
+                  "order was built for (an older checkpoint): the order is built for this run's train-iters",
+                  file=sys.stderr, flush=True)
         if datasets is None:
-            datasets, vocab_size, self.tokenizer = build_data(cfg, ps.dp)
+            datasets, vocab_size, self.tokenizer = build_data(cfg, ps.dp, self.first_train_samples)
+        if self.first_train_samples is None:
+            self.first_train_samples = train_samples(cfg, ps.dp)
         self.datasets = datasets
-        self.heldout_tokens = self._heldout_tokens()
+        self.heldout_tokens = heldout_tokens(cfg, datasets)
         vocab_size = vocab_size or cfg.model.vocab_size
         from ..model import GPTNeoX
         self.model = GPTNeoX(cfg, ps, vocab_size=vocab_size, seed=t.seed)
         self.num_parameters = self.model.num_parameters()
-        self.finetuned_from = None
-        if t.load and t.finetune:
-            ckpt.load_weights_into(self.model, t.load, ps.tp_rank)
-            self.finetuned_from = t.load
-        elif resume_tag is not None and t.no_load_optim and cfg.zero_stage == 3:
-            # ZeRO-3 restores its weights from the optimizer shards; without them, from the consolidated weights
-            # (mp_rank_00_model_states.pt) before DeepSpeed partitions the model
-            ckpt.load_weights_into(self.model, t.load, ps.tp_rank, tag=resume_tag)
+        self.checkpointer.load_weights_before_engine(self.model)
+        self.finetuned_from = self.checkpointer.finetuned_from
         self.engine, self.optimizer = build_engine(cfg, self.model, ps)
         self.module = self.engine.module
         self.scheduler = AnnealingLR.from_config(self.optimizer, cfg)
-        self.iteration = 0
-        self.consumed = 0
-        self.resumed_from = None
-        if resume_tag is not None and not t.finetune:
-            client = ckpt.load_checkpoint(self.engine, t.load, ps, load_optimizer=not t.no_load_optim,
-                                          tag=resume_tag, layout_checked=True)   # checked above, once
-            self.iteration = int(client.get("iteration", 0))
-            self.consumed = int(client.get("consumed_train_samples", 0))
-            if "lr_scheduler" in client:
-                self.scheduler.load_state_dict(client["lr_scheduler"])
-            self.resumed_from = f"{t.load}/{client['tag']}"
+        state = self.checkpointer.resume(self.engine, self.scheduler)
+        self.iteration, self.consumed, self.resumed_from = state.iteration, state.consumed, state.resumed_from
         self.global_batch = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * ps.dp
         self.tokens_per_step = self.global_batch * cfg.model.seq_length
-        self.loss_hook = loss_hook
-        self.nan_steps = nan_steps_from_env(ps.rank)
         self.l2e = getattr(self.module, "l2e", None) or None     # the model's L2E controller (None: no L2E)
         self.inhibitors = self.l2e.inhibitors if self.l2e else []   # read-only view (layer indices, buffers)
         self.log_dir = default_log_dir(cfg)
         self.monitor = Monitor(cfg, self.log_dir, enabled=ps.is_main and not quiet, total_iters=t.train_iters,
                                start_iter=self.iteration, stream=stream)
+        self.validator = Validator(cfg, ps, datasets, self.engine, self.inhibitors, self.monitor,
+                                   self.heldout_layers, self.heldout_tokens)
         self.train_iter = sample_iterator(self.datasets["train"], t.train_micro_batch_size_per_gpu, ps.dp_rank,
                                           ps.dp, consumed_samples=self.consumed)
         self.engine.train()
@@ -196,45 +233,27 @@ class Trainer:
         return {"neox_config": self.cfg.to_dict(), "iteration": self.iteration,
                 "consumed_train_samples": self.consumed, "lr_scheduler": self.scheduler.state_dict(),
                 "tp": self.ps.tp, "dp": self.ps.dp, "padded_vocab_size": self.module.vocab_size,
-                "num_parameters": self.num_parameters}
+                "num_parameters": self.num_parameters, "first_train_samples": self.first_train_samples}
 
     def save(self) -> Optional[str]:
-        t = self.cfg.training
-        if not t.save:
-            return None
-        tag = ckpt.save_checkpoint(self.engine, t.save, self.iteration, self.client_state(), self.ps,
-                                   keep_last_n=t.keep_last_n_checkpoints)
+        """Saves a checkpoint of the current step now (every rank); the tag, or None without a save folder."""
+        tag = self.checkpointer.save(self.engine, self.iteration, self.client_state())
         if tag:
-            self.monitor.print(f"saved checkpoint {Path(t.save) / tag}")
+            self.monitor.print(f"saved checkpoint {Path(self.cfg.training.save) / tag}")
         return tag
 
-    def _should_save(self) -> bool:
-        t = self.cfg.training
-        if not t.save:
-            return False
-        if t.checkpoint_factor and self.iteration % t.checkpoint_factor == 0:
-            return True
-        return bool(t.extra_save_iters) and self.iteration in t.extra_save_iters
-
-    @torch.no_grad()
     def evaluate(self, split: str = "valid") -> Optional[float]:
-        ds = self.datasets.get(split) if self.datasets else None
-        if ds is None or len(ds) == 0:
-            return None
-        t = self.cfg.training
-        self.engine.eval()
-        it = sample_iterator(ds, t.train_micro_batch_size_per_gpu, self.ps.dp_rank, self.ps.dp, 0)
-        total = torch.zeros(2, dtype=torch.float64, device=self.ps.device)
-        for _ in range(t.eval_iters):
-            x, y = self._batch(it)
-            out = self.engine(x)
-            total[0] += self.module.lm_loss(out.logits, y).double()
-            total[1] += 1
-        self.engine.train()
-        self._all_reduce(total)
-        return float(total[0] / total[1])
+        return self.validator.evaluate(split)
 
-    def train_step(self, interrupt: Optional[InterruptFlag] = None) -> dict:
+    def measure_heldout(self) -> Optional[dict]:
+        return self.validator.measure_heldout()
+
+    def _total_loss(self, lm: torch.Tensor, l2e_loss: Optional[torch.Tensor]) -> torch.Tensor:
+        """The loss a micro-batch backpropagates: the lm loss plus the L2E term (tests wrap this method to inject
+        faults at a step: tests/training/train_common.py inject_loss)."""
+        return lm + self.l2e.loss_term(l2e_loss) if l2e_loss is not None else lm
+
+    def train_step(self, interrupt: Optional[InterruptFlag] = None) -> StepResult:
         cfg, t = self.cfg, self.cfg.training
         gas = t.gradient_accumulation_steps
         l2e = self.l2e
@@ -250,11 +269,7 @@ class Trainer:
             out = self.engine(x)
             lm = self.module.lm_loss(out.logits, y)
             l2e_loss = l2e.loss() if l2e else None
-            loss = lm + l2e.loss_term(l2e_loss) if l2e_loss is not None else lm
-            if self.iteration in self.nan_steps:
-                loss = loss + float("nan")
-            if self.loss_hook is not None:
-                loss = self.loss_hook(self.iteration, loss)
+            loss = self._total_loss(lm, l2e_loss)
             finite = torch.isfinite(loss.detach())
             zero = torch.zeros((), device=lm.device, dtype=torch.float32)
             flags = torch.stack([
@@ -286,15 +301,15 @@ class Trainer:
             with skipped_update(self.optimizer, bad and micro == gas - 1):
                 self.engine.step()
         applied = (not bad) and self.engine.was_step_applied()
-        stats = {"lr": lr, "bad": bad, "applied": applied, "stop": stop,
-                 "lm_loss": lm_sum / gas if not bad else float("nan"),
-                 "l2e_loss": (l2e_sum / l2e_n) if l2e_n else None}
+        stats = StepResult(lr=lr, bad=bad, applied=applied, stop=stop,
+                           lm_loss=lm_sum / gas if not bad else float("nan"),
+                           l2e_loss=(l2e_sum / l2e_n) if l2e_n else None)
         if applied:
             self.scheduler.step()
         gn = (own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()) if applied else None
         if gn is not None:
             gn = float(gn)
-            stats["grad_norm"] = gn if math.isfinite(gn) else None
+            stats.grad_norm = gn if math.isfinite(gn) else None
         self.iteration += 1
         self.consumed += self.global_batch
         return stats
@@ -334,10 +349,10 @@ class Trainer:
                                         "num_parameters": self.num_parameters,
                                         "tokens_per_step": self.tokens_per_step,
                                         "l2e_layers": [i.layer_index for i in self.l2e.inhibitors] if self.l2e else []})
-        consecutive_bad = 0
-        window = {"loss": [], "l2e": [], "time": [], "gn": []}
+        self._consecutive_bad = 0
+        window = LogWindow()
+        timer = StepTimer(res.start_iteration, t.train_iters)
         t_start = time.perf_counter()
-        steps_timed, time_total = 0, 0.0
         mon.start_bar()
         try:
             with InterruptFlag() as interrupt:
@@ -345,82 +360,76 @@ class Trainer:
                     t0 = time.perf_counter()
                     s = self.train_step(interrupt)
                     dt = time.perf_counter() - t0
-                    if self.iteration > res.start_iteration + 1 or t.train_iters - res.start_iteration == 1:
-                        steps_timed += 1                         # the first step (warm-up) is not timed
-                        time_total += dt
-                    res.train_losses.append((self.iteration, s["lm_loss"]))
-                    res.lrs.append((self.iteration, s["lr"]))
-                    if s["bad"]:
-                        res.skipped_steps += 1
-                        consecutive_bad += 1
-                        mon.print(f"warning: step {self.iteration}: NaN/inf loss, step skipped "
-                                  f"({consecutive_bad} in a row, limit max-bad-steps={t.max_bad_steps})")
-                        mon.log("train", self.iteration, {"skipped": 1, "consecutive_bad_steps": consecutive_bad})
-                        if consecutive_bad >= t.max_bad_steps:
-                            raise TrainingError(f"{consecutive_bad} consecutive steps with a NaN/inf loss "
-                                                f"(max-bad-steps = {t.max_bad_steps}), last at step "
-                                                f"{self.iteration}; lower the lr, check the data, or resume "
-                                                "from an earlier checkpoint")
-                    else:
-                        consecutive_bad = 0
-                        if not s["applied"]:
-                            res.overflow_steps += 1
-                        window["loss"].append(s["lm_loss"])
-                        if s["l2e_loss"] is not None:
-                            window["l2e"].append(s["l2e_loss"])
-                        if s.get("grad_norm") is not None:
-                            window["gn"].append(s["grad_norm"])
-                    window["time"].append(dt)
-                    avg_dt = time_total / steps_timed if steps_timed else dt
+                    timer.add(self.iteration, dt)
+                    res.train_losses.append((self.iteration, s.lm_loss))
+                    res.lrs.append((self.iteration, s.lr))
+                    self._account_bad_step(s, res)
+                    window.add(s, dt)
+                    avg_dt = timer.mean_or(dt)
                     tps = self.tokens_per_step / avg_dt if avg_dt > 0 else 0.0
-                    last_loss = window["loss"][-1] if window["loss"] else float("nan")
-                    mon.update_bar(self.iteration, last_loss, s["lr"], tps, avg_dt,
+                    last_loss = window.loss[-1] if window.loss else float("nan")
+                    mon.update_bar(self.iteration, last_loss, s.lr, tps, avg_dt,
                                    (t.train_iters - self.iteration) * avg_dt)
                     if self.iteration % cfg.logging.log_interval == 0 or self.iteration == res.start_iteration + 1 \
                             or self.iteration == t.train_iters:
                         self._log_train(window, s, tps, res)
-                        window = {"loss": [], "l2e": [], "time": [], "gn": []}
-                    if self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
-                        self._log_valid(res)
-                    if self._should_save() and self.iteration < t.train_iters:
-                        tag = self.save()
-                        if tag:
-                            res.checkpoints.append(tag)
-                    if s["stop"]:
+                        window = LogWindow()
+                    if self.validator.should_evaluate(self.iteration):
+                        self._validate(res)
+                    if self.checkpointer.should_save(self.iteration):
+                        self._save_into(res)
+                    if s.stop:
                         res.interrupted = True
                         break
             if res.interrupted:
                 mon.print(f"interrupted at step {self.iteration}")
-                if t.save_on_interrupt and t.save:
-                    tag = self.save()
-                    if tag:
-                        res.checkpoints.append(tag)
             else:
-                self._log_valid(res)
-                if t.save:
-                    tag = self.save()
-                    if tag:
-                        res.checkpoints.append(tag)
+                self._validate(res)
+            if self.checkpointer.should_save_at_end(res.interrupted):
+                self._save_into(res)
         finally:
             mon.close()
-            if self.save_lock is not None:
-                self.save_lock.release()
+            self.checkpointer.close()
         res.iteration, res.consumed_train_samples = self.iteration, self.consumed
         res.elapsed_s = time.perf_counter() - t_start
-        res.tokens_per_s = self.tokens_per_step * steps_timed / time_total if time_total > 0 else 0.0
+        res.tokens_per_s = self.tokens_per_step * timer.steps / timer.total if timer.total > 0 else 0.0
         return res
+
+    def _account_bad_step(self, s: StepResult, res: TrainResult) -> None:
+        """Counts skipped (NaN/inf) and overflowed steps; a TrainingError after max-bad-steps bad steps in a row."""
+        t = self.cfg.training
+        if not s.bad:
+            self._consecutive_bad = 0
+            if not s.applied:
+                res.overflow_steps += 1
+            return
+        res.skipped_steps += 1
+        self._consecutive_bad += 1
+        n = self._consecutive_bad
+        self.monitor.print(f"warning: step {self.iteration}: NaN/inf loss, step skipped "
+                           f"({n} in a row, limit max-bad-steps={t.max_bad_steps})")
+        self.monitor.log("train", self.iteration, {"skipped": 1, "consecutive_bad_steps": n})
+        if n >= t.max_bad_steps:
+            raise TrainingError(f"{n} consecutive steps with a NaN/inf loss (max-bad-steps = {t.max_bad_steps}), "
+                                f"last at step {self.iteration}; lower the lr, check the data, or resume "
+                                "from an earlier checkpoint")
+
+    def _save_into(self, res: TrainResult) -> None:
+        tag = self.save()
+        if tag:
+            res.checkpoints.append(tag)
 
     def _l2e_metrics(self) -> dict:
         return self.l2e.metrics() if self.l2e else {}
 
-    def _log_train(self, window: dict, s: dict, tps: float, res: TrainResult) -> None:
-        m = {"lm_loss": float(np.mean(window["loss"])) if window["loss"] else float("nan"), "lr": s["lr"],
-             "tokens_per_s": tps, "step_time_s": float(np.mean(window["time"])) if window["time"] else 0.0,
+    def _log_train(self, window: LogWindow, s: StepResult, tps: float, res: TrainResult) -> None:
+        m = {"lm_loss": float(np.mean(window.loss)) if window.loss else float("nan"), "lr": s.lr,
+             "tokens_per_s": tps, "step_time_s": float(np.mean(window.time)) if window.time else 0.0,
              "consumed_samples": self.consumed, "skipped_steps": res.skipped_steps}
-        if window["l2e"]:
-            m["l2e_loss"] = float(np.mean(window["l2e"]))
-        if window["gn"] and self.cfg.logging.log_grad_norm:
-            m["grad_norm"] = float(np.mean(window["gn"]))
+        if window.l2e:
+            m["l2e_loss"] = float(np.mean(window.l2e))
+        if window.gn and self.cfg.logging.log_grad_norm:
+            m["grad_norm"] = float(np.mean(window.gn))
         m.update(wall_clock_timings(self.engine))       # wall-clock-breakdown: the last step's timers
         if self.cfg.precision_name == "fp16":
             m["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
@@ -436,86 +445,36 @@ class Trainer:
                 m[f"l2e_train/layer{layer}/{k}"] = v
         self.monitor.log("train", self.iteration, m)
 
-    def _log_valid(self, res: TrainResult) -> None:
-        loss = self.evaluate("valid")
-        if loss is None:
+    def _validate(self, res: TrainResult) -> None:
+        rec = self.validator.run(self.iteration)
+        if rec is None:
             return
-        res.valid_losses.append((self.iteration, loss))
-        ppl = math.exp(loss) if loss < 50 else float("inf")
-        rec = {"lm_loss": loss, "ppl": ppl}
-        line = f"step {self.iteration}: valid loss {loss:.4f} (ppl {ppl:.2f})"
-        t0 = time.perf_counter()
-        heldout = self.measure_heldout()
-        if heldout is not None:
-            from ..l2e import heldout as H
-            rec.update(H.flat_metrics(heldout))
-            rec["ms_heldout/tokens"] = self.heldout_tokens.numel()
-            rec["ms_heldout/time_s"] = time.perf_counter() - t0
-            res.heldout_metrics = {i: r["metrics"] for i, r in heldout.items()}
-            res.heldout_history.append((self.iteration, res.heldout_metrics))
-            self.monitor.log("ms_heldout_hist", self.iteration,
-                             {"edges": H.PHI_EDGES, **{f"layer{i}": r["hist"] for i, r in heldout.items()}})
-            level = (self.cfg.l2e.l2e_reference_levels or [5.0])[0]
-            inhibited = {i.layer_index for i in self.inhibitors}
-            line += f" | held-out phi>{level:g}: " + " ".join(
-                f"L{i}{'*' if i in inhibited else ''} {r['metrics'].get(f'frac_phi_gt_{level:g}', math.nan):.2e}"
-                for i, r in sorted(heldout.items()))
-        self.monitor.log("valid", self.iteration, rec)
-        self.monitor.print(line)
+        res.valid_losses.append((rec.iteration, rec.loss))
+        if self.heldout_tokens is not None:
+            res.heldout_metrics = rec.heldout
+            res.heldout_history.append((rec.iteration, rec.heldout))
 
-    # ---------------------------------------------------------------- held-out monosemanticity
-    def _heldout_layers(self) -> list:
-        """The layers ms-heldout-layers names (a ConfigError naming the key when it names none)."""
-        from ..l2e import heldout as H
-        cfg = self.cfg
-        try:
-            return H.resolve_layers(cfg.l2e.ms_heldout_layers, cfg.model.num_layers, cfg.inhibited_layers())
-        except H.HeldoutError as err:
-            raise ConfigError(f"{cfg.source_of('ms_heldout_layers')}: {err}") from None
 
-    def _heldout_tokens(self) -> Optional[torch.Tensor]:
-        """The fixed held-out token set (valid split, document order), or None when off or without valid data."""
-        from ..l2e import heldout as H
-        cfg = self.cfg
-        n = cfg.l2e.ms_heldout_tokens
-        if n == 0:
-            return None
-        ds = self.datasets.get("valid") if self.datasets else None
-        try:
-            if ds is None or len(ds) == 0:
-                if n is not None:
-                    raise H.HeldoutError(f"ms-heldout-tokens: {n} held-out tokens requested but there is no valid "
-                                         "split; give valid data or set ms-heldout-tokens to 0")
-                return None
-            return H.heldout_tokens(ds, n)
-        except H.HeldoutError as err:
-            raise ConfigError(f"{cfg.source_of('ms_heldout_tokens')}: {err}") from None
+@dataclass
+class StepTimer:
+    """Wall-clock time of the timed steps: every step but the first of a run (warm-up), unless it is the only one."""
+    start_iteration: int
+    train_iters: int
+    steps: int = 0
+    total: float = 0.0
 
-    @torch.no_grad()
-    def measure_heldout(self) -> Optional[dict]:
-        """ms_heldout metrics of every measured layer on the fixed set (neox_l2e.l2e.heldout); every rank calls it
-        (the forwards hold the TP collectives). None when the measurement is off."""
-        if self.heldout_tokens is None:
-            return None
-        from ..l2e import heldout as H
-        blocks = self.module.gpt_neox.layers
-        mlps = {i: blocks[i].mlp for i in self.heldout_layers}
-        running = {}
-        for inh in self.inhibitors:
-            if inh.layer_index in mlps and float(inh.count.reshape(-1)[:1].sum()) >= 2:
-                running[inh.layer_index] = H.running_variance(inh)
-        self.engine.eval()
-        try:
-            return H.measure(self.engine, mlps, self.heldout_tokens, self.cfg.model.seq_length,
-                             self.cfg.training.train_micro_batch_size_per_gpu, self.cfg.l2e.l2e_reference_levels or [],
-                             ps=self.ps, running_vars=running, device=self.ps.device)
-        finally:
-            self.engine.train()
+    def add(self, iteration: int, dt: float) -> None:
+        """``iteration``: the step count after the step that took ``dt`` seconds."""
+        if iteration > self.start_iteration + 1 or self.train_iters - self.start_iteration == 1:
+            self.steps += 1
+            self.total += dt
+
+    def mean_or(self, dt: float) -> float:
+        return self.total / self.steps if self.steps else dt
 
 
 def train(cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None,
-          loss_hook: Optional[Callable] = None, quiet: bool = False, stream=None) -> TrainResult:
+          quiet: bool = False, stream=None) -> TrainResult:
     """Build everything from the config and train; returns a TrainResult (every rank)."""
-    trainer = Trainer(cfg, datasets=datasets, vocab_size=vocab_size, ps=ps, loss_hook=loss_hook, quiet=quiet,
-                      stream=stream)
+    trainer = Trainer(cfg, datasets=datasets, vocab_size=vocab_size, ps=ps, quiet=quiet, stream=stream)
     return trainer.train()

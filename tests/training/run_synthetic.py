@@ -3,8 +3,9 @@
     python tests/training/run_synthetic.py key=value ...      (also under torchrun / with RANK, WORLD_SIZE set)
     python deepy.py --num_gpus 2 tests/training/run_synthetic.py configs/local/tiny.yml key=value ...
 
-Prints ``RESULT <json>`` on rank 0 at the end. DIE_AT=<iteration>@<rank> makes that rank exit abruptly
-inside that step (a crashed rank). Errors are reported like train.py: one line, exit 2.
+Prints ``RESULT <json>`` on rank 0 at the end. Faults from the environment (train_common.install_faults_from_env):
+DIE_AT=<iteration>@<rank> makes that rank exit abruptly inside that step (a crashed rank), TEST_NAN_STEPS and
+TEST_KILL_IN_SAVE. Errors are reported like train.py: one line, exit 2.
 """
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
-from train_common import datasets, tiny_cfg  # noqa: E402
+from train_common import datasets, install_faults_from_env, tiny_cfg  # noqa: E402
 
 
 def main():
@@ -22,15 +23,8 @@ def main():
     from neox_l2e.training import CheckpointError, TrainingError
     from neox_l2e.training.loop import train
 
-    die = os.environ.get("DIE_AT")
     rank = int(os.environ.get("RANK", "0"))
-
-    def hook(it, loss):
-        if die:
-            at, who = (int(x) for x in die.split("@"))
-            if it == at and who == rank:
-                os._exit(17)
-        return loss
+    install_faults_from_env(rank)
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     try:
@@ -40,7 +34,7 @@ def main():
             cfg = build_config(json.loads(base64.b64decode(argv[1])), {})
         else:
             cfg = tiny_cfg(**dict(parse_override(a) for a in argv if "=" in a and not a.endswith(".yml")))
-        r = train(cfg, datasets=datasets(), loss_hook=hook)
+        r = train(cfg, datasets=datasets())
     except (ConfigError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from train_common import datasets, tiny_cfg
+from train_common import datasets, inject_loss, tiny_cfg
 
 from neox_l2e.config import load_config
 from neox_l2e.training.loop import train
@@ -25,8 +25,8 @@ def run(tmp_path_factory):
     cfg = tiny_cfg(train_iters=3, log_dir=str(out), l2e_enabled=True, l2e_min_samples=8, wall_clock_breakdown=True)
     stream = io.StringIO()
     # step 2 gets a NaN loss: skipped, and its record holds non-finite values
-    res = train(cfg, datasets=datasets(64, 8), stream=stream,
-                loss_hook=lambda it, loss: loss + float("nan") if it == 1 else loss)
+    with inject_loss(lambda it, loss: loss + float("nan") if it == 1 else loss):
+        res = train(cfg, datasets=datasets(64, 8), stream=stream)
     return cfg, res, out, stream.getvalue()
 
 

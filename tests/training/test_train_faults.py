@@ -30,7 +30,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     from neox_l2e.checkpoint import latest_tag, list_tags, read_model_states
     save = tmp_path / "ck"
     p = subprocess.run([PY, RUN, f"save={save}", "checkpoint_factor=3", "train_iters=9", "lr_decay_iters=9"],
-                       env=_env(NEOX_L2E_TEST_KILL_IN_SAVE=6), capture_output=True, text=True, timeout=300)
+                       env=_env(TEST_KILL_IN_SAVE=6), capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert latest_tag(save) == "global_step3"
     assert list_tags(save) == ["global_step3"]
@@ -211,8 +211,9 @@ def test_train_py_exits_non_zero_when_the_run_ends_non_finite(tmp_path):
     train = write_indexed_dataset(tmp_path / "train", docs, vocab_size=64)
     data = tmp_path / "data.yml"
     data.write_text(f"train-data-paths: ['{train}']\n")
-    p = subprocess.run([PY, str(REPO / "train.py"), str(REPO / "configs/local/tiny.yml"), str(data), "train-iters=2"],
-                       env=_env(NEOX_L2E_TEST_NAN_STEPS="1"), capture_output=True, text=True, timeout=300,
+    p = subprocess.run([PY, str(Path(__file__).resolve().parent / "run_train_py.py"),
+                        str(REPO / "configs/local/tiny.yml"), str(data), "train-iters=2"],
+                       env=_env(TEST_NAN_STEPS="1"), capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)
     lines = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert p.returncode == 1 and len(lines) == 1, p.stderr[-3000:]

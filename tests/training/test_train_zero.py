@@ -58,38 +58,38 @@ def _nan_run(rank, tmp, ds):
     """Stage 2, NaN injected on rank 1 only at iteration 1: both ranks skip; weights and Adam state unchanged."""
     from neox_l2e.training.faults import TrainingError
     from neox_l2e.training.loop import Trainer
-    from train_common import full_state, tiny_cfg
+    from train_common import full_state, inject_loss, tiny_cfg
 
     def hook(it, loss):
         return loss * float("nan") if (it == 1 and rank == 1) else loss
 
-    tr = Trainer(tiny_cfg(zero_optimization={"stage": 2}, train_iters=4), datasets=ds, quiet=True, loss_hook=hook)
-    tr.train_step()
-    before = full_state(tr)
-    adam_steps = [int(s["step"]) for s in tr.optimizer.state.values()]
-    lr_iters = tr.scheduler.num_iters
-    s = tr.train_step()
-    after = full_state(tr)
-    out = {"bad": s["bad"], "applied": s["applied"],
-           "unchanged": all(torch.equal(before[k], after[k]) for k in before),
-           "adam_unchanged": adam_steps == [int(s["step"]) for s in tr.optimizer.state.values()],
-           "lr_unchanged": lr_iters == tr.scheduler.num_iters, "iteration": tr.iteration}
-    s = tr.train_step()
-    out["next_applied"] = s["applied"]
-    out["changed_after"] = not all(torch.equal(after[k], v) for k, v in full_state(tr).items())
-    # through the loop: the skipped step is counted in the result (and logged as NaN)
-    res = Trainer(tiny_cfg(zero_optimization={"stage": 2}, train_iters=3), datasets=ds, quiet=True,
-                  loss_hook=hook).train()
+    with inject_loss(hook):
+        tr = Trainer(tiny_cfg(zero_optimization={"stage": 2}, train_iters=4), datasets=ds, quiet=True)
+        tr.train_step()
+        before = full_state(tr)
+        adam_steps = [int(s["step"]) for s in tr.optimizer.state.values()]
+        lr_iters = tr.scheduler.num_iters
+        s = tr.train_step()
+        after = full_state(tr)
+        out = {"bad": s.bad, "applied": s.applied,
+               "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+               "adam_unchanged": adam_steps == [int(s["step"]) for s in tr.optimizer.state.values()],
+               "lr_unchanged": lr_iters == tr.scheduler.num_iters, "iteration": tr.iteration}
+        s = tr.train_step()
+        out["next_applied"] = s.applied
+        out["changed_after"] = not all(torch.equal(after[k], v) for k, v in full_state(tr).items())
+        # through the loop: the skipped step is counted in the result (and logged as NaN)
+        res = Trainer(tiny_cfg(zero_optimization={"stage": 2}, train_iters=3), datasets=ds, quiet=True).train()
     out["result_skipped"] = res.skipped_steps
     out["result_losses"] = [l for _, l in res.train_losses]
     # too many consecutive bad steps stop training on every rank
-    tr2 = Trainer(tiny_cfg(train_iters=10, max_bad_steps=2), datasets=ds, quiet=True,
-                  loss_hook=lambda it, loss: loss * float("inf") if it >= 2 and rank == 0 else loss)
-    try:
-        tr2.train()
-        out["stopped"] = None
-    except TrainingError as e:
-        out["stopped"] = str(e)
+    with inject_loss(lambda it, loss: loss * float("inf") if it >= 2 and rank == 0 else loss):
+        tr2 = Trainer(tiny_cfg(train_iters=10, max_bad_steps=2), datasets=ds, quiet=True)
+        try:
+            tr2.train()
+            out["stopped"] = None
+        except TrainingError as e:
+            out["stopped"] = str(e)
     out["stopped_at"] = tr2.iteration
     return out
 
