@@ -14,6 +14,7 @@ the resolved config then carries master-addr (default: the hostfile's first host
 include / exclude) and master-port,
 which the ranks use unless MASTER_ADDR / MASTER_PORT are exported. See docs/training.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,6 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-
 
 # DeepSpeed runners that start the ranks with srun / mpirun and export no MASTER_ADDR / MASTER_PORT to them; the
 # ranks map SLURM_* / OMPI_COMM_WORLD_* / MV2_COMM_WORLD_* themselves (neox_l2e.parallel.launch_info)
@@ -39,17 +39,27 @@ def parse_args(argv):
     p.add_argument("--num_nodes", "--num-nodes", type=int, help="nodes to use (-1: all in the hostfile)")
     p.add_argument("--include", help="DeepSpeed --include filter")
     p.add_argument("--exclude", help="DeepSpeed --exclude filter")
-    p.add_argument("--master_port", "--master-port", type=int,
-                   help="rendezvous port of rank 0 (default: the config's master-port, 29500)")
-    p.add_argument("--master_addr", "--master-addr",
-                   help="rendezvous address, the host of rank 0 (default: the config's master-addr; else the "
-                        "DeepSpeed launcher picks the first host)")
-    p.add_argument("--launcher", help="multi-node launcher (with a hostfile): pdsh, openmpi, mvapich, mpich, impi, slurm")
+    p.add_argument(
+        "--master_port",
+        "--master-port",
+        type=int,
+        help="rendezvous port of rank 0 (default: the config's master-port, 29500)",
+    )
+    p.add_argument(
+        "--master_addr",
+        "--master-addr",
+        help="rendezvous address, the host of rank 0 (default: the config's master-addr; else the "
+        "DeepSpeed launcher picks the first host)",
+    )
+    p.add_argument(
+        "--launcher", help="multi-node launcher (with a hostfile): pdsh, openmpi, mvapich, mpich, impi, slurm"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     p.add_argument("args", nargs=argparse.REMAINDER, help="[train.py] CONFIG.yml ... [key=value ...]")
     args, unknown = p.parse_known_args(argv)
     from neox_l2e.config.loader import flag_hint
-    hint = flag_hint(unknown + list(args.args))   # --train-iters 5 where train-iters=5 was meant
+
+    hint = flag_hint(unknown + list(args.args))  # --train-iters 5 where train-iters=5 was meant
     if hint:
         p.error(hint)
     if unknown:
@@ -59,6 +69,7 @@ def parse_args(argv):
 
 def read_hostfile(path) -> dict:
     from neox_l2e.config import ConfigError
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: hostfile not found")
@@ -80,8 +91,10 @@ def first_active_host(hosts: dict, include, exclude) -> str:
     """The first hostfile host left after DeepSpeed's --include / --exclude filtering (where its runner puts rank 0)."""
     if not include and not exclude:
         return next(iter(hosts))
-    from neox_l2e.config import ConfigError
     from deepspeed.launcher.runner import parse_inclusion_exclusion
+
+    from neox_l2e.config import ConfigError
+
     try:
         active = parse_inclusion_exclusion(hosts, include or "", exclude or "")
     except ValueError as e:
@@ -94,6 +107,7 @@ def first_active_host(hosts: dict, include, exclude) -> str:
 def local_devices() -> int:
     try:
         import torch
+
         if torch.cuda.is_available():
             return torch.cuda.device_count()
     except ImportError:
@@ -104,6 +118,7 @@ def local_devices() -> int:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from neox_l2e.config import ConfigError, load_config, parse_override
+
     try:
         rest = list(args.args)
         script = "train.py"
@@ -157,8 +172,11 @@ def main(argv=None) -> int:
         cmd += ["--num_gpus", str(world)]
     if num_gpus and hostfile:
         cmd += ["--num_gpus", str(num_gpus)]
-    for flag, value in (("--include", args.include or p.include), ("--exclude", args.exclude or p.exclude),
-                        ("--master_addr", master_addr)):
+    for flag, value in (
+        ("--include", args.include or p.include),
+        ("--exclude", args.exclude or p.exclude),
+        ("--master_addr", master_addr),
+    ):
         if value:
             cmd += [flag, str(value)]
     cmd += ["--master_port", str(master_port)]

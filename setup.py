@@ -5,6 +5,7 @@ The top-level kernels/ folder is installed as the namespaced package ``neox_l2e.
 (kernels/csrc) is built through pybind11; if it cannot be compiled the numpy implementation,
 which gives identical arrays, is used instead.
 """
+
 import sys
 
 from setuptools import find_packages, setup
@@ -12,8 +13,12 @@ from setuptools.command.build_ext import build_ext
 
 try:
     from pybind11.setup_helpers import Pybind11Extension
-    ext_modules = [Pybind11Extension("neox_l2e.kernels._sample_index", ["kernels/csrc/sample_index.cpp"],
-                                     cxx_std=17, extra_compile_args=["-O3"])]
+
+    ext_modules = [
+        Pybind11Extension(
+            "neox_l2e.kernels._sample_index", ["kernels/csrc/sample_index.cpp"], cxx_std=17, extra_compile_args=["-O3"]
+        )
+    ]
 except ImportError:  # pybind11 missing: the numpy fallback is used
     ext_modules = []
 
@@ -47,6 +52,14 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
     # DeepSpeed: the range the test suite ran with (tools/install.sh installs the same)
-    install_requires=["torch", "deepspeed>=0.19.8,<0.20", "numpy", "pyyaml", "tqdm", "safetensors", "sentencepiece",
-                      "transformers"],
+    install_requires=[
+        "torch",
+        "deepspeed>=0.19.8,<0.20",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "safetensors",
+        "sentencepiece",
+        "transformers",
+    ],
 )

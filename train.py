@@ -11,6 +11,7 @@ last step or final validation loss is NaN/inf exits with 1; an interrupted run (
 130 after saving a checkpoint when save-on-interrupt is on.
 See docs/training.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,19 +20,24 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")   # a dead peer raises instead of hanging
+os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer raises instead of hanging
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Train from NeoX yml configs (see docs/training.md).")
-    p.add_argument("configs", nargs="*", help="yml files (merged; a key in two files is an error) and key=value "
-                   "overrides (win over the files; a dotted key sets one entry of a mapping: zero_optimization.stage=1)")
+    p.add_argument(
+        "configs",
+        nargs="*",
+        help="yml files (merged; a key in two files is an error) and key=value "
+        "overrides (win over the files; a dotted key sets one entry of a mapping: zero_optimization.stage=1)",
+    )
     p.add_argument("--config-b64", help="the resolved config as base64 JSON (set by deepy.py)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed launcher
     args, unknown = p.parse_known_args(argv)
     if unknown:
         from neox_l2e.config.loader import flag_hint
+
         hint = flag_hint(unknown)
         p.error(hint or f"unrecognized arguments: {' '.join(unknown)}")
     return args
@@ -40,6 +46,7 @@ def parse_args(argv):
 def load(args):
     from neox_l2e.config import ConfigError, build_config, load_config, parse_override
     from neox_l2e.config.loader import apply_overrides
+
     files = [c for c in args.configs if "=" not in c]
     overrides = dict(parse_override(c) for c in args.configs if "=" in c)
     if args.config_b64:
@@ -54,6 +61,7 @@ def load(args):
 
 def user_errors():
     from neox_l2e.errors import NeoXL2EError
+
     return (NeoXL2EError,)
 
 
@@ -64,6 +72,7 @@ def main(argv=None) -> int:
     try:
         cfg = load(args)
         from neox_l2e.training.loop import train
+
         result = train(cfg)
     except errors as e:
         if rank == 0 or not _is_config_error(e):
@@ -75,6 +84,7 @@ def main(argv=None) -> int:
         return 130
     except RuntimeError as e:
         from neox_l2e.parallel import collective_failure_message, is_collective_failure
+
         if not is_collective_failure(e):
             raise
         print(f"error: {collective_failure_message(e, rank)}", file=sys.stderr, flush=True)
@@ -84,6 +94,7 @@ def main(argv=None) -> int:
     if result.interrupted:
         return 130
     from neox_l2e.training.faults import nonfinite_end
+
     problem = nonfinite_end(result)
     if problem:
         if rank == 0:
@@ -97,6 +108,7 @@ def _rank() -> int:
     SLURM_PROCID, mpirun's OMPI_/MV2_COMM_WORLD_RANK): only rank 0 prints config errors."""
     try:
         from neox_l2e.parallel import launch_info
+
         return launch_info().rank
     except Exception:  # noqa: BLE001 - a malformed launch is reported by train() itself
         return 0
@@ -106,11 +118,13 @@ def _is_config_error(e) -> bool:
     """Config errors are the same on every rank: rank 0 prints them. Other errors (a launch error, e.g. no
     MASTER_ADDR on the ranks of a remote node, a bad file) may hit some ranks only: every rank prints its own."""
     from neox_l2e.errors import ConfigError
+
     return isinstance(e, ConfigError)
 
 
 def _shutdown():
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()

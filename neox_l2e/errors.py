@@ -14,6 +14,7 @@ naming the file / key and what to do; the command-line tools print it as ``error
 The second base says the kind: bad input (ValueError) or a state of the run / the files (RuntimeError), so
 code that catches the builtin kinds keeps working.
 """
+
 from __future__ import annotations
 
 

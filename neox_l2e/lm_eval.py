@@ -8,6 +8,7 @@ or a Hugging Face folder), tokenizer, tag, dtype, max_length, batch_size, device
 only in its own registry (no plugin entry points), so this module imports the adapter, which registers it,
 and then runs lm-eval's CLI. Set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 to keep it offline.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,10 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    import neox_l2e.analysis.lm_adapter  # noqa: F401  (registers the "neox_l2e" model)
     from lm_eval.__main__ import cli_evaluate
+
+    import neox_l2e.analysis.lm_adapter  # noqa: F401  (registers the "neox_l2e" model)
+
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
     cli_evaluate()

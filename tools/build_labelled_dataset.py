@@ -8,13 +8,11 @@ scripts found in /usr/bin, /bin, ...), perl (Perl modules), english (the Shakesp
     python tools/build_labelled_dataset.py data/labelled/code_en.jsonl
     python tools/build_labelled_dataset.py out.jsonl --docs-per-label 50 --labels python,c,english
 """
+
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from neox_l2e.analysis.cli import parser, run_main  # noqa: E402
 
@@ -29,6 +27,7 @@ def main(argv):
     args = p.parse_args(argv)
     from neox_l2e.analysis.common import AnalysisError
     from neox_l2e.analysis.labelled import build_code_and_english, default_sources, write_jsonl
+
     if args.docs_per_label < 1 or args.chars_per_doc < 50:
         raise AnalysisError("--docs-per-label must be >= 1 and --chars-per-doc >= 50")
     labels = [x for x in args.labels.split(",") if x] if args.labels else None

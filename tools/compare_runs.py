@@ -11,12 +11,10 @@ Eval scores come from tools/evaluate.py JSON files in the run folder (eval*.json
     python tools/compare_runs.py base=runs/baseline l2e=runs/l2e --eval l2e=runs/eval/l2e.json
 Writes OUT.png and OUT.md; prints the table.
 """
+
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from neox_l2e.analysis.cli import parser, run_main, split_named  # noqa: E402
 
@@ -25,16 +23,20 @@ def main(argv):
     p = parser(__doc__)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder or metrics.jsonl; NAME=PATH")
     p.add_argument("--eval", action="append", default=[], metavar="NAME=FILE", help="tools/evaluate.py JSON for a run")
-    p.add_argument("--l2e-metrics", default="heldout/frac_phi_gt_5,heldout/kurtosis_median,frac_selected",
-                   help="metrics to plot and tabulate, mean over layers: heldout/NAME = ms_heldout/ (fixed held-out set, "
-                        "baseline included), NAME = l2e_train/ (running statistics) (default "
-                        "heldout/frac_phi_gt_5,heldout/kurtosis_median,frac_selected)")
+    p.add_argument(
+        "--l2e-metrics",
+        default="heldout/frac_phi_gt_5,heldout/kurtosis_median,frac_selected",
+        help="metrics to plot and tabulate, mean over layers: heldout/NAME = ms_heldout/ (fixed held-out set, "
+        "baseline included), NAME = l2e_train/ (running statistics) (default "
+        "heldout/frac_phi_gt_5,heldout/kurtosis_median,frac_selected)",
+    )
     p.add_argument("--out", default="runs/compare", help="output path without extension (default runs/compare)")
     args = p.parse_args(argv)
     from pathlib import Path
 
     from neox_l2e.analysis.common import AnalysisError
     from neox_l2e.analysis.runs import plot_runs, read_eval_file, read_run, select_evals, summary_table
+
     runs = []
     for spec in args.runs:
         name, path = split_named(spec)

@@ -12,30 +12,34 @@ to continue from it. Export merges tensor-parallel shards, drops the L2E buffers
 config.json (hidden_act says which GELU the run used), model.safetensors, and copies the run's
 tokenizer file when there is one.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from neox_l2e.config import build_config, config_from_checkpoint_dict  # noqa: E402
 from neox_l2e.errors import InteropError, NeoXL2EError  # noqa: E402
+from neox_l2e.interop.hf import (
+    check_export_dir,
+    hf_state_to_ours,
+    neox_keys_from_hf,
+    read_hf_dir,  # noqa: E402
+    write_hf_dir,
+)
 from neox_l2e.l2e.keys import is_l2e_state_key  # noqa: E402
-from neox_l2e.interop.hf import (check_export_dir, hf_state_to_ours, neox_keys_from_hf, read_hf_dir,  # noqa: E402
-                                 write_hf_dir)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    from neox_l2e.checkpoint import write_weights_checkpoint
     from neox_l2e.model import GPTNeoX
     from neox_l2e.parallel import ParallelState
-    from neox_l2e.checkpoint import write_weights_checkpoint
 
     if out_dir.exists() and not out_dir.is_dir():
         raise InteropError(f"{out_dir}: exists and is a file; choose a folder name for the checkpoint")
@@ -45,26 +49,31 @@ def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     keys = neox_keys_from_hf(hf, str(hf_dir / "config.json"))
     cfg = build_config(keys, {k: str(hf_dir / "config.json") for k in keys})
     model = GPTNeoX(cfg, ParallelState.single(torch.device("meta")), init=False)
-    expected = {k: v.shape for k, v in model.state_dict().items()
-                if k.endswith((".weight", ".bias")) and not is_l2e_state_key(k)}
+    expected = {
+        k: v.shape
+        for k, v in model.state_dict().items()
+        if k.endswith((".weight", ".bias")) and not is_l2e_state_key(k)
+    }
     weights = hf_state_to_ours(state, expected, str(hf_dir))
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InteropError(f"{out_dir}: exists and is not empty; pass --overwrite or choose another folder")
     write_weights_checkpoint(out_dir, cfg, [weights], tag="global_step0")
     model_keys = {k.replace("_", "-"): v for k, v in keys.items()}
-    (out_dir / "model.yml").write_text(f"# model keys read from {hf_dir.name}/config.json\n"
-                                       + yaml.safe_dump(model_keys, sort_keys=False))
+    (out_dir / "model.yml").write_text(
+        f"# model keys read from {hf_dir.name}/config.json\n" + yaml.safe_dump(model_keys, sort_keys=False)
+    )
     return out_dir
 
 
-def export_hf(ckpt_dir: Path, out_dir: Path, tag=None, dtype=None, overwrite: bool = False,
-              verify: bool = True) -> Path:
+def export_hf(
+    ckpt_dir: Path, out_dir: Path, tag=None, dtype=None, overwrite: bool = False, verify: bool = True
+) -> Path:
     from neox_l2e.checkpoint import CheckpointError, latest_tag, read_model_states
     from neox_l2e.checkpoint.tp_states import merge_tp_states
 
     if tag is None and latest_tag(ckpt_dir) is None:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint (no 'latest' file); pass a tag or a folder with a checkpoint")
-    check_export_dir(out_dir, overwrite, protect=(ckpt_dir,))       # before reading the weights
+    check_export_dir(out_dir, overwrite, protect=(ckpt_dir,))  # before reading the weights
     cfg_dict, states, _client = read_model_states(ckpt_dir, tag, verify=verify)
     cfg = config_from_checkpoint_dict(cfg_dict)
     full = merge_tp_states(states, cfg) if len(states) > 1 else states[0]
@@ -75,10 +84,21 @@ def export_hf(ckpt_dir: Path, out_dir: Path, tag=None, dtype=None, overwrite: bo
         if Path(cfg.data.vocab_file).is_file():
             tokenizer_files = [cfg.data.vocab_file]
         else:
-            print(f"note: the run's tokenizer {cfg.data.vocab_file} (vocab-file) is not found from here, so the export "
-                  "has none; run from the training folder, or copy the tokenizer into the export", file=sys.stderr)
-    return write_hf_dir(out_dir, cfg, full, vocab, tokenizer_files=tokenizer_files, dtype=dtype, overwrite=overwrite,
-                        protect=(ckpt_dir,))
+            print(
+                f"note: the run's tokenizer {cfg.data.vocab_file} (vocab-file) is not found from here, so the export "
+                "has none; run from the training folder, or copy the tokenizer into the export",
+                file=sys.stderr,
+            )
+    return write_hf_dir(
+        out_dir,
+        cfg,
+        full,
+        vocab,
+        tokenizer_files=tokenizer_files,
+        dtype=dtype,
+        overwrite=overwrite,
+        protect=(ckpt_dir,),
+    )
 
 
 def main(argv=None) -> int:
@@ -93,18 +113,25 @@ def main(argv=None) -> int:
     exp.add_argument("out_dir", type=Path)
     exp.add_argument("--tag", default=None, help="checkpoint tag (default: the one `latest` names)")
     exp.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as saved)")
-    exp.add_argument("--overwrite", action="store_true",
-                     help="replace a previous export in out_dir (never other files, never the checkpoint)")
-    exp.add_argument("--no-verify", action="store_true",
-                     help="do not check the checkpoint files against its manifest (size and sha256)")
+    exp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous export in out_dir (never other files, never the checkpoint)",
+    )
+    exp.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not check the checkpoint files against its manifest (size and sha256)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
             out = import_hf(args.hf_dir, args.out_dir, args.overwrite)
             print(f"wrote {out} (train with load: {out} and finetune: true)")
         else:
-            out = export_hf(args.ckpt_dir, args.out_dir, args.tag, DTYPES.get(args.dtype), args.overwrite,
-                            verify=not args.no_verify)
+            out = export_hf(
+                args.ckpt_dir, args.out_dir, args.tag, DTYPES.get(args.dtype), args.overwrite, verify=not args.no_verify
+            )
             print(f"wrote {out} (GPTNeoXForCausalLM.from_pretrained('{out}'))")
     except (NeoXL2EError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,19 +21,18 @@ how many were, per task and shot count.
 Writes OUT.json (all results) and OUT.md (the table), with --log_samples OUT.samples/ (one jsonl of lm-eval's
 per-example records per model, shot count and task); prints the table.
 """
+
 from __future__ import annotations
 
-import os
 import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from neox_l2e.analysis.cli import parser, resolve_device_dtype, run_main, split_named  # noqa: E402
 
 
 def _hf_tokenizer_loads(path) -> bool:
     from pathlib import Path
+
     p = Path(path)
     return p.is_dir() and (p / "config.json").is_file() and (p / "tokenizer_config.json").is_file()
 
@@ -52,6 +51,7 @@ def write_jsonl_records(rows, path) -> None:
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x if isinstance(x, (str, int, float, bool)) or x is None else str(x)
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w", encoding="utf-8") as f:
@@ -61,38 +61,71 @@ def write_jsonl_records(rows, path) -> None:
 
 def main(argv):
     p = parser(__doc__)
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="our checkpoint folder or a HF folder; NAME=PATH")
-    p.add_argument("--tasks", default="tiny_shakespeare",
-                   help="comma-separated: local tasks (arc_easy, ..., tiny_shakespeare, 'paper' = the six of the "
-                        "paper), task YAML paths, or task names from --include_path (default tiny_shakespeare)")
-    p.add_argument("--include_path", "--include-path", action="append", default=[], metavar="DIR",
-                   help="a folder of harness task yamls whose tasks --tasks may name (repeatable)")
-    p.add_argument("--log_samples", "--log-samples", action="store_true",
-                   help="also write lm-eval's per-example records (prompts, answers, scores) to OUT.samples/")
+    p.add_argument(
+        "checkpoints", nargs="+", metavar="CHECKPOINT", help="our checkpoint folder or a HF folder; NAME=PATH"
+    )
+    p.add_argument(
+        "--tasks",
+        default="tiny_shakespeare",
+        help="comma-separated: local tasks (arc_easy, ..., tiny_shakespeare, 'paper' = the six of the "
+        "paper), task YAML paths, or task names from --include_path (default tiny_shakespeare)",
+    )
+    p.add_argument(
+        "--include_path",
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of harness task yamls whose tasks --tasks may name (repeatable)",
+    )
+    p.add_argument(
+        "--log_samples",
+        "--log-samples",
+        action="store_true",
+        help="also write lm-eval's per-example records (prompts, answers, scores) to OUT.samples/",
+    )
     p.add_argument("--data-dir", default="data/eval", help="folder with <task>.jsonl files (default data/eval)")
     p.add_argument("--task-file", action="append", default=[], metavar="TASK=FILE", help="a task's jsonl (repeatable)")
     p.add_argument("--shots", default="0", help="comma-separated few-shot counts (default 0; the paper: 0,5)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction")
     p.add_argument("--backend", default="auto", choices=("auto", "adapter", "hf"))
-    p.add_argument("--tokenizer", default=None, help="tokenizer file or folder for the adapter (default: the checkpoint's)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer file or folder for the adapter (default: the checkpoint's)"
+    )
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="requests scored per forward pass (default 8); lower it if the GPU runs out of memory")
-    p.add_argument("--device", default="auto",
-                   help="auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="requests scored per forward pass (default 8); lower it if the GPU runs out of memory",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1 ... (default auto)",
+    )
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
     p.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="for the stderr of non-mean metrics")
     p.add_argument("--tiny-size", type=int, default=60, help="examples in the tiny_shakespeare set when built")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/eval/results", help="output path without extension (default runs/eval/results)")
+    p.add_argument(
+        "--out", default="runs/eval/results", help="output path without extension (default runs/eval/results)"
+    )
     args = p.parse_args(argv)
 
     from pathlib import Path
 
     from neox_l2e.analysis.common import AnalysisError
-    from neox_l2e.analysis.evaluation import (build_lm, build_tiny_shakespeare, evaluate, resolve_tasks, results_table,
-                                              split_task_specs, truncation_warnings)
+    from neox_l2e.analysis.evaluation import (
+        build_lm,
+        build_tiny_shakespeare,
+        evaluate,
+        resolve_tasks,
+        results_table,
+        split_task_specs,
+        truncation_warnings,
+    )
     from neox_l2e.analysis.loading import detect_layout
     from neox_l2e.analysis.report import write_json
 
@@ -126,24 +159,43 @@ def main(argv):
             backend = "hf" if layout == "hf" and _hf_tokenizer_loads(path) and not args.tokenizer else "adapter"
         if backend == "hf":
             if layout != "hf":
-                raise AnalysisError(f"{path}: --backend hf needs a Hugging Face folder (export ours with "
-                                    "tools/convert_hf.py export)")
-            lm = ("hf", {"pretrained": str(Path(path).resolve()), "dtype": str(dtype).replace("torch.", ""),
-                         **({"max_length": args.max_length} if args.max_length else {})})
+                raise AnalysisError(
+                    f"{path}: --backend hf needs a Hugging Face folder (export ours with tools/convert_hf.py export)"
+                )
+            lm = (
+                "hf",
+                {
+                    "pretrained": str(Path(path).resolve()),
+                    "dtype": str(dtype).replace("torch.", ""),
+                    **({"max_length": args.max_length} if args.max_length else {}),
+                },
+            )
             label = name or Path(path).name
         else:
             from neox_l2e.analysis.lm_adapter import NeoXL2ELM
             from neox_l2e.analysis.loading import load_model
+
             loaded = load_model(path, device=device, dtype=dtype, tokenizer=args.tokenizer, tag=args.tag, name=name)
             lm = NeoXL2ELM(loaded.model, loaded.tokenizer, batch_size=args.batch_size, max_length=args.max_length)
             label = loaded.name
         lm = build_lm(lm, args.batch_size, str(device))
         for k in shots:
             t0 = time.time()
-            res = evaluate(lm, tasks, num_fewshot=k, data_dir=args.data_dir, files=files, limit=limit,
-                           batch_size=args.batch_size, device=str(device), bootstrap_iters=args.bootstrap_iters,
-                           seed=args.seed, extra_tasks=extra_tasks, include_paths=args.include_path,
-                           log_samples=args.log_samples)
+            res = evaluate(
+                lm,
+                tasks,
+                num_fewshot=k,
+                data_dir=args.data_dir,
+                files=files,
+                limit=limit,
+                batch_size=args.batch_size,
+                device=str(device),
+                bootstrap_iters=args.bootstrap_iters,
+                seed=args.seed,
+                extra_tasks=extra_tasks,
+                include_paths=args.include_path,
+                log_samples=args.log_samples,
+            )
             res.update(model=label, checkpoint=str(path), backend=backend, seconds=round(time.time() - t0, 2))
             for line in truncation_warnings(res, label):
                 print(line, file=sys.stderr)

@@ -10,15 +10,21 @@ Same streaming activation code as tools/ms_scan.py (neox_l2e.analysis.scan).
     python tools/fkr.py path/to/checkpoint --data data/labelled/code_en.jsonl --k 0.5,1,2,3,5 --out runs/fkr
 Writes OUT/fkr.json, OUT/fkr.md and OUT/fkr.png; prints the tables.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from neox_l2e.analysis.cli import (add_data_args, add_model_args, add_scan_args, parser, run_main,  # noqa: E402
-                                   scan_checkpoints, scan_options)
+from neox_l2e.analysis.cli import (
+    add_data_args,
+    add_model_args,
+    add_scan_args,
+    parser,
+    run_main,  # noqa: E402
+    scan_checkpoints,
+    scan_options,
+)
 
 
 def main(argv):
@@ -30,16 +36,30 @@ def main(argv):
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     from neox_l2e.analysis.report import fkr_table, write_json
+
     opts = scan_options(args, neuron_sample=1, ks_tokens=0, compute_ks=False)
     (r,) = scan_checkpoints(args, opts)
     os.makedirs(args.out, exist_ok=True)
-    report = {"model": r.name, "path": r.path, "num_parameters": r.num_parameters, "data": args.data,
-              "labels": r.label_names, "tokens_per_label": r.tokens_per_label, "k_percent": [float(k) for k in opts.fkr_ks],
-              "default_mode": opts.fkr_modes[0],
-              "layers": [{"layer": l.layer, "num_neurons": l.num_neurons,
-                          "fkr": {m: {str(k): v for k, v in d.items()} for m, d in l.fkr.items()},
-                          "kills": {m: {str(k): v for k, v in d.items()} for m, d in l.kills.items()},
-                          "tau_global": {str(k): v for k, v in l.tau.items()}} for l in r.layers]}
+    report = {
+        "model": r.name,
+        "path": r.path,
+        "num_parameters": r.num_parameters,
+        "data": args.data,
+        "labels": r.label_names,
+        "tokens_per_label": r.tokens_per_label,
+        "k_percent": [float(k) for k in opts.fkr_ks],
+        "default_mode": opts.fkr_modes[0],
+        "layers": [
+            {
+                "layer": l.layer,
+                "num_neurons": l.num_neurons,
+                "fkr": {m: {str(k): v for k, v in d.items()} for m, d in l.fkr.items()},
+                "kills": {m: {str(k): v for k, v in d.items()} for m, d in l.kills.items()},
+                "tau_global": {str(k): v for k, v in l.tau.items()},
+            }
+            for l in r.layers
+        ],
+    }
     files = [str(write_json(report, os.path.join(args.out, "fkr.json")))]
     lines = []
     for mode in opts.fkr_modes:
@@ -49,6 +69,7 @@ def main(argv):
     files.append(os.path.join(args.out, "fkr.md"))
     if not args.no_plot:
         from neox_l2e.analysis.plots import plot_fkr
+
         files.append(str(plot_fkr([r], os.path.join(args.out, "fkr.png"), opts.fkr_modes)))
     print("\n".join(lines))
     print(f"wrote {', '.join(files)}")

@@ -21,6 +21,7 @@ summary.json. The whole-model step overhead is not measured here (tools/bench_st
 Without a CUDA device it prints one line saying so and exits 0 (the CPU checks are the test suite and the
 ahead-of-time compile: python -m neox_l2e.kernels.l2e_mlp.aot_check).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["70m", "410m", "2.8b", "6.9b", "12b"]
 # per-step ceilings (seconds); each is also cut to what is left of the budget
-STEP_TIMEOUT = {"env": 90, "tests": 210, "bench:70m": 40, "bench:410m": 40, "bench:2.8b": 50, "bench:6.9b": 60,
-                "bench:12b": 70}
+STEP_TIMEOUT = {
+    "env": 90,
+    "tests": 210,
+    "bench:70m": 40,
+    "bench:410m": 40,
+    "bench:2.8b": 50,
+    "bench:6.9b": 60,
+    "bench:12b": 70,
+}
 
-ENV_SNIPPET = r'''
+ENV_SNIPPET = r"""
 import math, torch, triton
 from neox_l2e.kernels.l2e_mlp import fused_up_gelu_l2e, l2e_mlp_reference, interpreter_enabled
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
@@ -59,12 +67,13 @@ for mode in ("split", "fused-gemm"):
     print(f"{mode}: n_sel {int(n)} (reference {int(rn)}), max |z - reference| {dz:.3g}")
     assert abs(int(n) - int(rn)) <= 2 and dz < 0.05
 print("env ok")
-'''
+"""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="gpu_check_out", help="output folder (created)")
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-time budget of all steps together")
     p.add_argument("--shapes", default=",".join(SHAPES), help="bench shapes, in order (70m,410m,2.8b,6.9b,12b)")
@@ -103,8 +112,9 @@ class Runner:
         t = time.monotonic()
         with open(self.out / log, "w") as f:
             try:
-                rc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                    timeout=timeout).returncode
+                rc = subprocess.run(
+                    cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+                ).returncode
                 status = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
                 status = f"timed out after {timeout:.0f} s"
@@ -142,37 +152,68 @@ def report(out: Path, rows: list, bench) -> list:
         wr = csv.writer(f)
         wr.writerow(cols)
         for r in rows:
-            wr.writerow(["" if r.get(c if c != "pass" else "pass_") is None else r.get(c if c != "pass" else "pass_")
-                         for c in cols])
-    lines = ["| shape | pass | variant | ms | TFLOP/s | x_floor | vs_torch | note |",
-             "|---|---|---|---|---|---|---|---|"]
+            wr.writerow(
+                [
+                    "" if r.get(c if c != "pass" else "pass_") is None else r.get(c if c != "pass" else "pass_")
+                    for c in cols
+                ]
+            )
+    lines = [
+        "| shape | pass | variant | ms | TFLOP/s | x_floor | vs_torch | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append("| " + " | ".join([r["shape"], r["pass_"], r["variant"], bench.fmt(r["ms"], ".3f"),
-                                        bench.fmt(r["tflops"], ".1f"), bench.fmt(r["x_floor"], ".3f"),
-                                        bench.fmt(r["vs_torch"], ".2f"), r.get("note", "")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["shape"],
+                    r["pass_"],
+                    r["variant"],
+                    bench.fmt(r["ms"], ".3f"),
+                    bench.fmt(r["tflops"], ".1f"),
+                    bench.fmt(r["x_floor"], ".3f"),
+                    bench.fmt(r["vs_torch"], ".2f"),
+                    r.get("note", ""),
+                ]
+            )
+            + " |"
+        )
     goals = bench.goal_lines(rows)
     by = {(r["shape"], r["variant"], r["pass_"]): r for r in rows if r["ms"] is not None}
     for shape in dict.fromkeys(r["shape"] for r in rows):
         r = by.get((shape, "fused:split", "bwd"))
         if r and r["x_floor"]:
-            goals.append(f"info {shape} fused:split bwd: {r['x_floor']:.3f}x floor backward, "
-                         f"{r['vs_torch'] or float('nan'):.2f}x faster than torch-l2e backward")
+            goals.append(
+                f"info {shape} fused:split bwd: {r['x_floor']:.3f}x floor backward, "
+                f"{r['vs_torch'] or float('nan'):.2f}x faster than torch-l2e backward"
+            )
     r = by.get(("6.9b", "fused:split", "fwd"))
     if r and r["vs_torch"]:
-        goals.append(f"goal 6.9b fused:split fwd >= 3x faster than torch-l2e (estimate in docs/kernels.md): "
-                     f"{r['vs_torch']:.2f}x: {'MET' if r['vs_torch'] >= 3 else 'NOT MET'}")
+        goals.append(
+            f"goal 6.9b fused:split fwd >= 3x faster than torch-l2e (estimate in docs/kernels.md): "
+            f"{r['vs_torch']:.2f}x: {'MET' if r['vs_torch'] >= 3 else 'NOT MET'}"
+        )
     device = rows[0].get("device", "")
-    (out / "gpu_check.md").write_text(f"device: {device}; dtype {rows[0].get('dtype')}; T = {rows[0].get('T')}\n\n"
-                                      + "\n".join(lines) + "\n\n" + "\n".join(goals) + "\n")
+    (out / "gpu_check.md").write_text(
+        f"device: {device}; dtype {rows[0].get('dtype')}; T = {rows[0].get('T')}\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + "\n".join(goals)
+        + "\n"
+    )
     return goals
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
+
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check or time on "
-              "this machine (CPU checks: pytest tests/kernels; python -m neox_l2e.kernels.l2e_mlp.aot_check)")
+        print(
+            "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check or time on "
+            "this machine (CPU checks: pytest tests/kernels; python -m neox_l2e.kernels.l2e_mlp.aot_check)"
+        )
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,21 +221,59 @@ def main(argv=None) -> int:
     py = sys.executable
     run.step("env", [py, "-c", ENV_SNIPPET], "env.log")
     if not args.skip_tests:
-        run.step("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/kernels", "-p", "no:cacheprovider",
-                           f"--junitxml={out / 'tests.xml'}"], "tests.log")
+        run.step(
+            "tests",
+            [
+                py,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "gpu",
+                "tests/kernels",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={out / 'tests.xml'}",
+            ],
+            "tests.log",
+        )
     csvs = []
     for shape in [s for s in args.shapes.split(",") if s]:
         path = out / f"bench_{shape}.csv"
         csvs.append(path)
-        run.step(f"bench:{shape}", [py, "tools/bench_kernels.py", "--shapes", shape, "--tokens", str(args.tokens),
-                                    "--dtype", args.dtype, "--rounds", "2", "--no-compile", "--preact", "both",
-                                    "--warmup", "10", "--rep", "40", "--csv", str(path)], f"bench_{shape}.log")
+        run.step(
+            f"bench:{shape}",
+            [
+                py,
+                "tools/bench_kernels.py",
+                "--shapes",
+                shape,
+                "--tokens",
+                str(args.tokens),
+                "--dtype",
+                args.dtype,
+                "--rounds",
+                "2",
+                "--no-compile",
+                "--preact",
+                "both",
+                "--warmup",
+                "10",
+                "--rep",
+                "40",
+                "--csv",
+                str(path),
+            ],
+            f"bench_{shape}.log",
+        )
     bench = _bench_module()
     for line in report(out, _read_rows(csvs), bench):
         print(line)
     steps = run.summary["steps"]
-    print(f"[gpu_check] {sum(s['status'] == 'ok' for s in steps.values())}/{len(steps)} steps ok in "
-          f"{run.budget - run.left():.0f} s; results in {out}/ (gpu_check.md, gpu_check.csv, summary.json)")
+    print(
+        f"[gpu_check] {sum(s['status'] == 'ok' for s in steps.values())}/{len(steps)} steps ok in "
+        f"{run.budget - run.left():.0f} s; results in {out}/ (gpu_check.md, gpu_check.csv, summary.json)"
+    )
     return 0 if all(s["status"] == "ok" for s in steps.values()) else 1
 
 

@@ -11,6 +11,7 @@ Each run goes to OUT/lambda_<value>/ (metrics.jsonl, train.log); OUT/sweep.md, s
 hold the comparison. The phi fractions and the selected fraction are the means over the inhibited
 layers and over the last --tail of the logged windows; the validation loss is the last evaluation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 METRICS = ("frac_selected", "frac_phi_gt_5", "frac_phi_gt_10", "frac_phi_gt_25", "phi_mean_all", "tau")
 
@@ -30,10 +30,15 @@ METRICS = ("frac_selected", "frac_phi_gt_5", "frac_phi_gt_10", "frac_phi_gt_25",
 def corpus_overrides(data_root, vocab_size: int = 8000) -> Dict[str, object]:
     """The default corpus (prepared once under data_root) as config overrides."""
     from neox_l2e.data import prepare_default_corpus
+
     corpus = prepare_default_corpus(root=data_root, vocab_size=vocab_size)
     tok = str(corpus["tokenizer"])
-    return {"train_data_paths": [str(corpus["train_prefix"])], "valid_data_paths": [str(corpus["valid_prefix"])],
-            "vocab_file": tok, "tokenizer_type": "HFTokenizer" if tok.endswith(".json") else "SPMTokenizer"}
+    return {
+        "train_data_paths": [str(corpus["train_prefix"])],
+        "valid_data_paths": [str(corpus["valid_prefix"])],
+        "vocab_file": tok,
+        "tokenizer_type": "HFTokenizer" if tok.endswith(".json") else "SPMTokenizer",
+    }
 
 
 def _arg(key: str, value) -> str:
@@ -49,22 +54,34 @@ def train_one(configs: Sequence[str], overrides: Dict[str, object], out: Path) -
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if r.returncode != 0:
         tail = (out / "train.log").read_text().strip().splitlines()[-1:]
-        raise RuntimeError(f"{out}: training failed (exit {r.returncode}): {tail[0] if tail else ''} "
-                           f"(whole log: {out / 'train.log'})")
+        raise RuntimeError(
+            f"{out}: training failed (exit {r.returncode}): {tail[0] if tail else ''} (whole log: {out / 'train.log'})"
+        )
 
 
 def summarize(run_dir: Path, lam: float, tail: float) -> dict:
     from neox_l2e.analysis.runs import layer_mean, read_run, tail_mean
+
     run = read_run(run_dir, name=f"lambda={lam:g}")
-    row = {"lambda": lam, "valid_loss": run.valid_loss[1][-1] if run.valid_loss[1] else None,
-           "train_loss": tail_mean(run.train_loss, tail), "layers": sorted({l for m in run.l2e.values() for l in m})}
+    row = {
+        "lambda": lam,
+        "valid_loss": run.valid_loss[1][-1] if run.valid_loss[1] else None,
+        "train_loss": tail_mean(run.train_loss, tail),
+        "layers": sorted({l for m in run.l2e.values() for l in m}),
+    }
     for m in METRICS:
         row[m] = tail_mean(layer_mean(run, m), tail)
     return row
 
 
-def sweep(configs: Sequence[str], lambdas: Sequence[float], out, overrides: Optional[dict] = None,
-          tail: float = 0.25, log=print) -> List[dict]:
+def sweep(
+    configs: Sequence[str],
+    lambdas: Sequence[float],
+    out,
+    overrides: Optional[dict] = None,
+    tail: float = 0.25,
+    log=print,
+) -> List[dict]:
     """Train one run per lambda (baseline first) and return one summary row per run."""
     out = Path(out)
     rows = []
@@ -95,29 +112,50 @@ def relative(rows: List[dict]) -> List[dict]:
 def table(rows: List[dict]) -> List[str]:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
+
     head = ["lambda", "valid loss", "vs lambda=0", "frac selected", "phi>5", "phi>10", "phi>25", "mean phi", "tau"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([
-            f"{r['lambda']:g}", f(r["valid_loss"], ".4f"), f(r.get("valid_loss_change_pct"), "+.2f") + " %",
-            f(r["frac_selected"], ".4f"),
-            *(f(r[m], ".2e") + (f" ({r[m + '_ratio']:.2g}x)" if r.get(m + "_ratio") is not None else "")
-              for m in METRICS[1:4]),
-            f(r["phi_mean_all"], ".3f"), f(r["tau"], ".3g")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{r['lambda']:g}",
+                    f(r["valid_loss"], ".4f"),
+                    f(r.get("valid_loss_change_pct"), "+.2f") + " %",
+                    f(r["frac_selected"], ".4f"),
+                    *(
+                        f(r[m], ".2e") + (f" ({r[m + '_ratio']:.2g}x)" if r.get(m + "_ratio") is not None else "")
+                        for m in METRICS[1:4]
+                    ),
+                    f(r["phi_mean_all"], ".3f"),
+                    f(r["tau"], ".3g"),
+                ]
+            )
+            + " |"
+        )
     return lines
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value config overrides (all runs)")
-    p.add_argument("--config", nargs="+", metavar="YML", default=[str(ROOT / "configs/local/demo.yml")],
-                   help="yml files merged in order, as train.py does; each run overrides l2e-enabled=true and its "
-                        "l2e-lambda, the other L2E keys come from the files (default: configs/local/demo.yml, "
-                        "with the L2E defaults mid2, p = 2%%)")
+    p.add_argument(
+        "--config",
+        nargs="+",
+        metavar="YML",
+        default=[str(ROOT / "configs/local/demo.yml")],
+        help="yml files merged in order, as train.py does; each run overrides l2e-enabled=true and its "
+        "l2e-lambda, the other L2E keys come from the files (default: configs/local/demo.yml, "
+        "with the L2E defaults mid2, p = 2%%)",
+    )
     p.add_argument("--lambdas", default="0,0.01,0.03,0.1,0.3,1", help="comma-separated; include 0 (the baseline)")
-    p.add_argument("--out", default=str(ROOT / "runs/lambda-sweep"),
-                   help="sweep folder: one run folder per lambda, sweep.json, the comparison table and plots "
-                        "(default: runs/lambda-sweep)")
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "runs/lambda-sweep"),
+        help="sweep folder: one run folder per lambda, sweep.json, the comparison table and plots "
+        "(default: runs/lambda-sweep)",
+    )
     p.add_argument("--data-root", default=str(ROOT / "data/shakespeare"), help="where the default corpus is prepared")
     p.add_argument("--no-corpus", action="store_true", help="use the data paths of the configs as they are")
     p.add_argument("--tail", type=float, default=0.25, help="fraction of the last logged windows averaged")
@@ -127,6 +165,7 @@ def main(argv=None) -> int:
     args.config = [c for c in args.config if "=" not in c] or p.get_default("config")
     from neox_l2e.analysis.runs import plot_runs, read_run
     from neox_l2e.config import ConfigError, parse_override
+
     try:
         lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
     except ValueError:
@@ -141,8 +180,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     lines = table(rows)
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    (out / "sweep.json").write_text(json.dumps({"configs": args.config, "overrides": args.overrides,
-                                                "tail": args.tail, "rows": rows}, indent=2))
+    (out / "sweep.json").write_text(
+        json.dumps({"configs": args.config, "overrides": args.overrides, "tail": args.tail, "rows": rows}, indent=2)
+    )
     runs = [read_run(out / f"lambda_{r['lambda']:g}", name=f"lambda={r['lambda']:g}") for r in rows]
     plot_runs(runs, out / "sweep.png", l2e_metrics=("frac_phi_gt_5", "frac_phi_gt_10"))
     print("\n".join(lines))

@@ -12,15 +12,21 @@ Writes OUT/report.json, OUT/layers.csv, OUT/neurons.csv, OUT/fkr.md and OUT/{lay
     python tools/ms_scan.py 70m=path/to/pythia-70m 410m=path/to/pythia-410m \\
         --data data/labelled/code_en.jsonl --out runs/ms_scan
 """
+
 from __future__ import annotations
 
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from neox_l2e.analysis.cli import (add_data_args, add_model_args, add_scan_args, parser, run_main,  # noqa: E402
-                                   scan_checkpoints, scan_options)
+from neox_l2e.analysis.cli import (
+    add_data_args,
+    add_model_args,
+    add_scan_args,
+    parser,
+    run_main,  # noqa: E402
+    scan_checkpoints,
+    scan_options,
+)
 
 
 def main(argv):
@@ -28,13 +34,16 @@ def main(argv):
     add_model_args(p, many=True)
     add_data_args(p)
     add_scan_args(p)
-    p.add_argument("--neuron-sample", type=int, default=1000, help="random neurons per layer (default 1000, the paper's)")
+    p.add_argument(
+        "--neuron-sample", type=int, default=1000, help="random neurons per layer (default 1000, the paper's)"
+    )
     p.add_argument("--ks-tokens", type=int, default=4000, help="token subsample for the K-S test (default 4000)")
     p.add_argument("--no-ks", action="store_true", help="skip the K-S test")
     p.add_argument("--out", default="runs/ms_scan", help="output folder (default runs/ms_scan)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     from neox_l2e.analysis.report import fkr_table, write_scan_report
+
     opts = scan_options(args, args.neuron_sample, args.ks_tokens, not args.no_ks)
     results = scan_checkpoints(args, opts)
     files = write_scan_report(results, args.out, extra={"data": args.data})
@@ -45,6 +54,7 @@ def main(argv):
         f.write("\n".join(lines))
     if not args.no_plots:
         from neox_l2e.analysis.plots import plot_all
+
         files.update(plot_all(results, args.out))
     print("| model | layer | mean phi_l* | mean phi_-l* | mean K-S | FKR@2% per-token |")
     print("|---|---|---|---|---|---|")
@@ -53,8 +63,10 @@ def main(argv):
             s = l.summary(r.label_names)
             ks = s.get("mean_ks_stat_sample")
             f2 = l.fkr.get("per-token", {}).get(2.0)
-            print(f"| {r.name} | {l.layer} | {s['mean_phi_lstar_sample']:.3f} | {s['mean_phi_not_lstar_sample']:.3f} | "
-                  f"{'-' if ks is None else f'{ks:.3f}'} | {'-' if f2 is None else f'{100 * f2:.1f}%'} |")
+            print(
+                f"| {r.name} | {l.layer} | {s['mean_phi_lstar_sample']:.3f} | {s['mean_phi_not_lstar_sample']:.3f} | "
+                f"{'-' if ks is None else f'{ks:.3f}'} | {'-' if f2 is None else f'{100 * f2:.1f}%'} |"
+            )
     print(f"wrote {', '.join(files.values())}")
     return 0
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Prepare the default Shakespeare corpus (tokenizer + train/valid .bin/.idx); reused when already there.
 
-    python tools/prepare_corpus.py [--root data/shakespeare] [--vocab-size 8000] [--force]
+python tools/prepare_corpus.py [--root data/shakespeare] [--vocab-size 8000] [--force]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even if prepared")
     args = p.parse_args(argv)
     from neox_l2e.data import DataError, prepare_default_corpus
+
     try:
         paths = prepare_default_corpus(args.root, vocab_size=args.vocab_size, force=args.force)
     except DataError as e:

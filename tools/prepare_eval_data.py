@@ -15,23 +15,27 @@ Inputs: .jsonl, .json, .parquet (pyarrow), .csv (MMLU's original files), .txt (L
 folder of them. docs/analysis.md lists the layouts each task accepts. Writes OUT_DIR/TASK.jsonl (and
 TASK.fewshot.jsonl with --fewshot) and prints the count.
 """
+
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from neox_l2e.analysis.cli import parser, run_main  # noqa: E402
 
 
 def main(argv):
     from neox_l2e.analysis.eval_data import CONVERTERS
+
     p = parser(__doc__)
     p.add_argument("task", choices=sorted(CONVERTERS), help="the local task to write")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="the task's test (or validation) file(s) or folder")
-    p.add_argument("--fewshot", nargs="+", default=None, metavar="INPUT",
-                   help="file(s) for the few-shot pool (MMLU: the dev split; others: the train split)")
+    p.add_argument(
+        "--fewshot",
+        nargs="+",
+        default=None,
+        metavar="INPUT",
+        help="file(s) for the few-shot pool (MMLU: the dev split; others: the train split)",
+    )
     p.add_argument("--labels", default=None, help="PIQA's labels file (valid-labels.lst) for inputs without labels")
     p.add_argument("--fewshot-labels", default=None, help="the labels file of the --fewshot inputs (PIQA)")
     p.add_argument("--out-dir", default="data/eval", help="folder to write TASK.jsonl into (default data/eval)")
@@ -40,11 +44,12 @@ def main(argv):
 
     from neox_l2e.analysis.eval_data import convert, write_rows
     from neox_l2e.analysis.evaluation import TASKS, _check_jsonl
+
     out = Path(args.out_dir)
     jobs = [(args.inputs, args.labels, out / f"{args.task}.jsonl")]
     if args.fewshot:
         jobs.append((args.fewshot, args.fewshot_labels, out / f"{args.task}.fewshot.jsonl"))
-    converted = [(convert(args.task, inputs, labels), path) for inputs, labels, path in jobs]   # all read first
+    converted = [(convert(args.task, inputs, labels), path) for inputs, labels, path in jobs]  # all read first
     for rows, path in converted:
         write_rows(rows, path)
         n = _check_jsonl(path, TASKS[args.task][2])

@@ -12,25 +12,33 @@ are refused. The EOD token is appended to every document; tokens are uint16 when
 65500, else int32. Existing output is kept unless --overwrite (checked for every key before any work);
 outputs are written under temporary names and renamed at the end, so an error leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import argparse
 import glob
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="input files or glob patterns (.jsonl[.gz] or text)")
     p.add_argument("--output-prefix", required=True, help="output PREFIX (writes PREFIX_<key>_document.bin/.idx)")
-    p.add_argument("--jsonl-keys", "--jsonl-key", dest="jsonl_keys", nargs="+", default=["text"],
-                   help="JSON field(s) holding the text; one output dataset per key")
-    p.add_argument("--tokenizer-type", default=None, choices=["HFTokenizer", "SPMTokenizer"],
-                   help="default: HFTokenizer for a .json vocab file, else SPMTokenizer")
+    p.add_argument(
+        "--jsonl-keys",
+        "--jsonl-key",
+        dest="jsonl_keys",
+        nargs="+",
+        default=["text"],
+        help="JSON field(s) holding the text; one output dataset per key",
+    )
+    p.add_argument(
+        "--tokenizer-type",
+        default=None,
+        choices=["HFTokenizer", "SPMTokenizer"],
+        help="default: HFTokenizer for a .json vocab file, else SPMTokenizer",
+    )
     p.add_argument("--vocab-file", required=True, help="SentencePiece .model or tokenizers .json")
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
@@ -43,14 +51,22 @@ def main(argv=None) -> int:
     from neox_l2e.data import DataError
     from neox_l2e.data.preprocess import preprocess
     from neox_l2e.data.tokenizer import infer_tokenizer_type
+
     inputs = []
     for pattern in args.input:
         matches = sorted(glob.glob(pattern))
         inputs += matches if matches else [pattern]  # a missing file is reported by preprocess
     try:
-        r = preprocess(inputs, args.output_prefix, args.tokenizer_type or infer_tokenizer_type(args.vocab_file),
-                       args.vocab_file, json_keys=args.jsonl_keys, workers=args.workers, overwrite=args.overwrite,
-                       progress=not args.no_progress)
+        r = preprocess(
+            inputs,
+            args.output_prefix,
+            args.tokenizer_type or infer_tokenizer_type(args.vocab_file),
+            args.vocab_file,
+            json_keys=args.jsonl_keys,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ normalisation, whitespace kept as is, no dummy prefix, byte fallback, so decode(
 (id 3) is the end-of-document token.
 Inputs: plain text files, or .jsonl[.gz] (text under --jsonl-key).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,6 @@ import glob
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
@@ -31,18 +30,25 @@ def main(argv=None) -> int:
     if not args.overwrite:
         for suffix in (".model", ".vocab"):
             if Path(args.model_prefix + suffix).exists():
-                print(f"error: {args.model_prefix + suffix}: output exists; pass --overwrite to replace it",
-                      file=sys.stderr)
+                print(
+                    f"error: {args.model_prefix + suffix}: output exists; pass --overwrite to replace it",
+                    file=sys.stderr,
+                )
                 return 2
     from neox_l2e.data import DataError, SPMTokenizer, train_sentencepiece
     from neox_l2e.data.preprocess import iter_documents
+
     inputs = []
     for pattern in args.input:
         inputs += sorted(glob.glob(pattern)) or [pattern]
     t0 = time.time()
     try:
-        model = train_sentencepiece(iter_documents(inputs, args.jsonl_key), args.model_prefix,
-                                    vocab_size=args.vocab_size, model_type=args.model_type)
+        model = train_sentencepiece(
+            iter_documents(inputs, args.jsonl_key),
+            args.model_prefix,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+        )
         tok = SPMTokenizer(model)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,8 +10,27 @@ loss_sum's gradient off x (W and b still get it). Under autocast x, W, b are cas
 Design: docs/kernels.md.
 Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors (slow; tests only).
 """
-from .ops import (FusedUpGeluL2E, GPU_CONFIG, INTERPRET_CONFIG, KernelConfig, default_config,  # noqa: F401
-                  fused_up_gelu_l2e, interpreter_enabled, triton_usable)
-from .reference import l2e_mlp_reference  # noqa: F401
 
-__all__ = ["fused_up_gelu_l2e", "l2e_mlp_reference", "KernelConfig", "FusedUpGeluL2E"]
+from .ops import (
+    GPU_CONFIG,
+    INTERPRET_CONFIG,
+    FusedUpGeluL2E,
+    KernelConfig,
+    default_config,
+    fused_up_gelu_l2e,
+    interpreter_enabled,
+    triton_usable,
+)
+from .reference import l2e_mlp_reference
+
+__all__ = [
+    "fused_up_gelu_l2e",
+    "l2e_mlp_reference",
+    "KernelConfig",
+    "FusedUpGeluL2E",
+    "default_config",
+    "GPU_CONFIG",
+    "INTERPRET_CONFIG",
+    "interpreter_enabled",
+    "triton_usable",
+]

@@ -10,6 +10,7 @@ Partials layout (P = cdiv(T, BLOCK_M) row blocks, Q = cdiv(N, BLOCK_N) column bl
     ploss[P, Q]             fp32   sum over the tile's selected entries of log((z - mean)^2 + eps)
 Row block p has min(BLOCK_M, T - p * BLOCK_M) rows; that count is implied, never stored.
 """
+
 from __future__ import annotations
 
 import triton
@@ -85,11 +86,31 @@ def _bounds_mask(idx, bound, SIZE: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
-                  z_ptr, mean_ptr, inv_var_ptr, tau, eps,
-                  pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
-                  APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, FAST_LOG: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
+def _l2e_epilogue(
+    u,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    pid_m,
+    pid_n,
+    M,
+    N,
+    num_pid_n,
+    z_ptr,
+    mean_ptr,
+    inv_var_ptr,
+    tau,
+    eps,
+    pmean_ptr,
+    pm2_ptr,
+    psel_ptr,
+    ploss_ptr,
+    APPROX_TANH: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """From the fp32 pre-activation tile ``u`` (bias included): store z, then the tile's L2E partials."""
     mask2 = row_mask[:, None] & col_mask[None, :]
     z = _gelu(u, APPROX_TANH)
@@ -119,13 +140,28 @@ def _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid
 
 
 @triton.jit
-def _split_fwd_kernel(u_ptr, z_ptr, mean_ptr, inv_var_ptr,
-                      pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
-                      M, N, tau, eps,
-                      APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr,
-                      FAST_LOG: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """"split" mode: u = x W^T + b (cuBLAS addmm, [M, N] contiguous, x.dtype: F.linear's bits) is read
+def _split_fwd_kernel(
+    u_ptr,
+    z_ptr,
+    mean_ptr,
+    inv_var_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    psel_ptr,
+    ploss_ptr,
+    M,
+    N,
+    tau,
+    eps,
+    APPROX_TANH: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """ "split" mode: u = x W^T + b (cuBLAS addmm, [M, N] contiguous, x.dtype: F.linear's bits) is read
     once; GELU, z and the L2E partials in one pass."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -137,21 +173,72 @@ def _split_fwd_kernel(u_ptr, z_ptr, mean_ptr, inv_var_ptr,
     mask2 = row_mask[:, None] & col_mask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     u = tl.load(u_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
-    _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
-                  z_ptr, mean_ptr, inv_var_ptr, tau, eps, pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
-                  APPROX_TANH, BF16_RNE, FAST_LOG, BLOCK_M)
+    _l2e_epilogue(
+        u,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        pid_m,
+        pid_n,
+        M,
+        N,
+        num_pid_n,
+        z_ptr,
+        mean_ptr,
+        inv_var_ptr,
+        tau,
+        eps,
+        pmean_ptr,
+        pm2_ptr,
+        psel_ptr,
+        ploss_ptr,
+        APPROX_TANH,
+        BF16_RNE,
+        FAST_LOG,
+        BLOCK_M,
+    )
 
 
 @triton.jit
-def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr,
-                     pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
-                     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, tau, eps,
-                     HAS_BIAS: tl.constexpr, SAVE_U: tl.constexpr, EPILOGUE: tl.constexpr,
-                     APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                     FAST_LOG: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """"fused-gemm" mode: u = x W^T + b with fp32 accumulation, the bias added to the accumulator and
+def _gemm_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    u_ptr,
+    z_ptr,
+    mean_ptr,
+    inv_var_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    psel_ptr,
+    ploss_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    tau,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    SAVE_U: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    APPROX_TANH: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """ "fused-gemm" mode: u = x W^T + b with fp32 accumulation, the bias added to the accumulator and
     the sum rounded once to x.dtype (the pre-activation of "split" and of F.linear), optionally stored
     (SAVE_U), then the L2E epilogue (EPILOGUE=False only recomputes u)."""
     pid = tl.program_id(0)
@@ -193,16 +280,53 @@ def _gemm_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, mean_ptr, inv_var_ptr
         tl.store(u_ptr + offs, u_lin, mask=row_mask[:, None] & col_mask[None, :])
     if EPILOGUE:
         u = u_lin.to(tl.float32)
-        _l2e_epilogue(u, rows, cols, row_mask, col_mask, pid_m, pid_n, M, N, num_pid_n,
-                      z_ptr, mean_ptr, inv_var_ptr, tau, eps, pmean_ptr, pm2_ptr, psel_ptr, ploss_ptr,
-                      APPROX_TANH, BF16_RNE, FAST_LOG, BLOCK_M)
+        _l2e_epilogue(
+            u,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            pid_m,
+            pid_n,
+            M,
+            N,
+            num_pid_n,
+            z_ptr,
+            mean_ptr,
+            inv_var_ptr,
+            tau,
+            eps,
+            pmean_ptr,
+            pm2_ptr,
+            psel_ptr,
+            ploss_ptr,
+            APPROX_TANH,
+            BF16_RNE,
+            FAST_LOG,
+            BLOCK_M,
+        )
 
 
 @triton.jit
-def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, psel_ptr, ploss_ptr,
-                          n_sel_out_ptr, loss_out_ptr, count_out_ptr, M, N, P, R,
-                          BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
+def _merge_moments_kernel(
+    pmean_ptr,
+    pm2_ptr,
+    mean_out_ptr,
+    m2_out_ptr,
+    psel_ptr,
+    ploss_ptr,
+    n_sel_out_ptr,
+    loss_out_ptr,
+    count_out_ptr,
+    M,
+    N,
+    P,
+    R,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """Merge the P row-block partials of each column: the multi-way form of Chan's merge,
         mean = sum_p c_p mean_p / n,    M2 = sum_p M2_p + sum_p c_p (mean_p - mean)^2,
     which equals the left fold of pairwise merges in exact arithmetic, uses only non-negative terms
@@ -251,11 +375,32 @@ def _merge_moments_kernel(pmean_ptr, pm2_ptr, mean_out_ptr, m2_out_ptr, psel_ptr
 
 
 @triton.jit
-def _bwd_kernel(u_ptr, dz_ptr, g_ptr, mean_ptr, inv_var_ptr, du_ptr, du_lm_ptr, pdb_ptr,
-                M, N, stride_dzm, stride_dzn, tau, eps,
-                NEED_DB: tl.constexpr, HAS_DZ: tl.constexpr, HAS_G: tl.constexpr, STORE_DU_LM: tl.constexpr,
-                APPROX_TANH: tl.constexpr, BF16_RNE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_kernel(
+    u_ptr,
+    dz_ptr,
+    g_ptr,
+    mean_ptr,
+    inv_var_ptr,
+    du_ptr,
+    du_lm_ptr,
+    pdb_ptr,
+    M,
+    N,
+    stride_dzm,
+    stride_dzn,
+    tau,
+    eps,
+    NEED_DB: tl.constexpr,
+    HAS_DZ: tl.constexpr,
+    HAS_G: tl.constexpr,
+    STORE_DU_LM: tl.constexpr,
+    APPROX_TANH: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dL/du = (dL/dz + g * selected * 2 (z - mean) / ((z - mean)^2 + eps)) * GELU'(u), with z and the
     selection recomputed from the saved pre-activation (bitwise the forward's), plus per-row-block
     column sums of dL/du (fp32) for the bias gradient when NEED_DB. u is the saved pre-activation, bias

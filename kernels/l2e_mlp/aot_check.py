@@ -26,6 +26,7 @@ a coverage gap.
 It says nothing about speed. Must run with TRITON_INTERPRET unset (the kernels are then compiled, not
 interpreted); the script clears it itself when run as a module, before triton is imported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,20 +69,23 @@ class Scenario:
 @dataclass
 class Variant:
     """One unique compile: a recorded launch, the scenario that first produced it, the JIT's specialisation."""
+
     launch: object
     scenario: Scenario
     key: tuple
 
 
 def scenarios(dtypes=DTYPES, approx=tuple(APPROX), shapes=tuple(SHAPES), layouts=LAYOUTS):
-    for d, a, mode, bias, save, lay, shp in itertools.product(dtypes, approx, ("split", "fused-gemm"), (True, False),
-                                                              (True, False), layouts, shapes):
+    for d, a, mode, bias, save, lay, shp in itertools.product(
+        dtypes, approx, ("split", "fused-gemm"), (True, False), (True, False), layouts, shapes
+    ):
         yield Scenario(d, a, mode, bias, save, lay, shp)
 
 
 @contextlib.contextmanager
 def _tf32(allow: bool):
     import torch
+
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allow
     try:
@@ -95,13 +99,18 @@ def record(sc: Scenario, cfg) -> list:
     import torch
 
     from . import ops
+
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-tf32": torch.float32}[sc.dtype]
     T, h, N = SHAPES[sc.shape]
     strided = sc.layout == "strided"
 
     def mat(r, c, dtype=dt):  # [r, c], or the transposed view of a [c, r] tensor (non-unit column stride)
-        return torch.empty((c, r), dtype=dtype, device="meta").t() if strided else \
-            torch.empty((r, c), dtype=dtype, device="meta")
+        return (
+            torch.empty((c, r), dtype=dtype, device="meta").t()
+            if strided
+            else torch.empty((r, c), dtype=dtype, device="meta")
+        )
+
     mean = torch.empty((N,), dtype=torch.float32, device="meta")
     inv_var = torch.empty((N,), dtype=torch.float32, device="meta")
     cfg = replace(cfg, save_preact=sc.save_preact)
@@ -109,8 +118,9 @@ def record(sc: Scenario, cfg) -> list:
         for grads, to_input in itertools.product(GRADS, (True, False)):
             x, w = mat(T, h).requires_grad_(), mat(N, h).requires_grad_()
             b = torch.empty((N,), dtype=dt, device="meta").requires_grad_() if sc.bias else None
-            z, loss, _, _ = ops._apply_kernels(x, w, b, mean, inv_var, 1.0, 1e-6, APPROX[sc.approx], sc.mode, cfg,
-                                               l2e_grad_to_input=to_input)
+            z, loss, _, _ = ops._apply_kernels(
+                x, w, b, mean, inv_var, 1.0, 1e-6, APPROX[sc.approx], sc.mode, cfg, l2e_grad_to_input=to_input
+            )
             outs, gs = [], []
             if "dz" in grads:
                 outs.append(z)
@@ -123,26 +133,33 @@ def record(sc: Scenario, cfg) -> list:
 
 
 def _unfiltered(dtypes, approx, shapes, layouts) -> bool:
-    return (set(dtypes), set(approx), set(shapes), set(layouts)) == (set(DTYPES), set(APPROX), set(SHAPES),
-                                                                     set(LAYOUTS))
+    return (set(dtypes), set(approx), set(shapes), set(layouts)) == (
+        set(DTYPES),
+        set(APPROX),
+        set(SHAPES),
+        set(LAYOUTS),
+    )
 
 
 def _binder(kernel_name: str, backend):
     from triton.runtime.jit import create_function_from_signature
 
     from . import _triton as K
+
     fn = getattr(K, kernel_name)
     return fn, create_function_from_signature(fn.signature, fn.params, backend)
 
 
-def collect(arch: int = 90, dtypes=DTYPES, approx=tuple(APPROX), shapes=tuple(SHAPES), layouts=LAYOUTS
-            ) -> Tuple[List[Variant], List[str]]:
+def collect(
+    arch: int = 90, dtypes=DTYPES, approx=tuple(APPROX), shapes=tuple(SHAPES), layouts=LAYOUTS
+) -> Tuple[List[Variant], List[str]]:
     """Record every scenario's launches and keep one per JIT specialisation; also return coverage problems
     (checked only when no axis is filtered: then every boolean flag must be reached both ways)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
     from .ops import GPU_CONFIG
+
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binders: Dict[str, tuple] = {}
     variants: Dict[tuple, Variant] = {}
@@ -163,8 +180,10 @@ def collect(arch: int = 90, dtypes=DTYPES, approx=tuple(APPROX), shapes=tuple(SH
     for kernel, flags in sorted(seen.items()) if full else ():  # a filtered run cannot reach every value
         for flag, vals in sorted(flags.items()):
             if len(vals) < 2 and flag not in CONSTANT_FLAGS:
-                problems.append(f"{kernel}: flag {flag} is always {next(iter(vals))} in the recorded launches "
-                                "(add a scenario that reaches the other value, or list it in CONSTANT_FLAGS)")
+                problems.append(
+                    f"{kernel}: flag {flag} is always {next(iter(vals))} in the recorded launches "
+                    "(add a scenario that reaches the other value, or list it in CONSTANT_FLAGS)"
+                )
     return list(variants.values()), problems
 
 
@@ -196,26 +215,38 @@ def describe(v: Variant) -> str:
 
 def _arg_names(v: Variant) -> list:
     from . import _triton as K
+
     return list(getattr(K, v.launch.kernel).arg_names)
 
 
-def check(arch: int = 90, dtypes=DTYPES, approx=tuple(APPROX), shapes=tuple(SHAPES), layouts=LAYOUTS,
-          verbose: bool = True, list_only: bool = False) -> list:
+def check(
+    arch: int = 90,
+    dtypes=DTYPES,
+    approx=tuple(APPROX),
+    shapes=tuple(SHAPES),
+    layouts=LAYOUTS,
+    verbose: bool = True,
+    list_only: bool = False,
+) -> list:
     """Record, compile and check everything; return a list of problems (empty when all is well)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
     from . import _triton as K
-    from .ops import GPU_CONFIG
 
-    if getattr(K._gemm_fwd_kernel, "arg_names", None) is None or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if getattr(K._gemm_fwd_kernel, "arg_names", None) is None or os.environ.get("TRITON_INTERPRET", "0") not in (
+        "",
+        "0",
+    ):
         raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted functions; unset it first")
     variants, problems = collect(arch, dtypes, approx, shapes, layouts)
     notes: List[str] = []
     if verbose:
-        print(f"{len(variants)} unique kernel variants recorded from the host code"
-              + ("" if _unfiltered(dtypes, approx, shapes, layouts) else " (filtered: flag coverage not checked)"))
+        print(
+            f"{len(variants)} unique kernel variants recorded from the host code"
+            + ("" if _unfiltered(dtypes, approx, shapes, layouts) else " (filtered: flag coverage not checked)")
+        )
     if list_only:
         for v in variants:
             print(describe(v))
@@ -246,9 +277,12 @@ def check(arch: int = 90, dtypes=DTYPES, approx=tuple(APPROX), shapes=tuple(SHAP
             multibuf = bool(re.search(r"memdesc<[2-9]x\d+x\d+x", kern.asm["ttgir"]))
             label = describe(v)
             if verbose:
-                print(f"{label:<86} regs {regs:>3} stack {stack:>3} B smem {kern.metadata.shared:>6} B"
-                      + f" SASS {n_sass:>5}{per_elem}"
-                      + (f" pipelined {multibuf}" if ln.kernel == "_gemm_fwd_kernel" else ""), flush=True)
+                print(
+                    f"{label:<86} regs {regs:>3} stack {stack:>3} B smem {kern.metadata.shared:>6} B"
+                    + f" SASS {n_sass:>5}{per_elem}"
+                    + (f" pipelined {multibuf}" if ln.kernel == "_gemm_fwd_kernel" else ""),
+                    flush=True,
+                )
             if stack > MAX_STACK_BYTES:
                 problems.append(f"{label}: {stack} B stack frame (register spills)")
             if ln.kernel == "_gemm_fwd_kernel" and ln.options.get("num_stages", 1) > 1 and not multibuf:
@@ -275,13 +309,19 @@ def main(argv=None) -> int:
 
     def split(s):
         return tuple(t for t in s.split(",") if t)
-    for name, vals, allowed in (("--dtypes", split(args.dtypes), DTYPES), ("--approx", split(args.approx), APPROX),
-                                ("--shapes", split(args.shapes), SHAPES), ("--layouts", split(args.layouts), LAYOUTS)):
+
+    for name, vals, allowed in (
+        ("--dtypes", split(args.dtypes), DTYPES),
+        ("--approx", split(args.approx), APPROX),
+        ("--shapes", split(args.shapes), SHAPES),
+        ("--layouts", split(args.layouts), LAYOUTS),
+    ):
         bad = [v for v in vals if v not in allowed]
         if bad:
             ap.error(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
-    problems = check(args.arch, split(args.dtypes), split(args.approx), split(args.shapes), split(args.layouts),
-                     list_only=args.list)
+    problems = check(
+        args.arch, split(args.dtypes), split(args.approx), split(args.shapes), split(args.layouts), list_only=args.list
+    )
     for p in problems:
         print("PROBLEM:", p)
     print("ok" if not problems else f"{len(problems)} problem(s)")

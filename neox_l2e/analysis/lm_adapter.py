@@ -14,13 +14,14 @@ and log-probabilities are taken over the tokenizer's vocabulary (padded vocabula
 Generation is greedy and recomputes the full forward per token (the model keeps no KV cache): fine for the
 short answers of the tasks here.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import lm_eval.models  # noqa: F401  (the built-in models first: the registry imports them only while it is empty)
 import torch
 import torch.nn.functional as F
-import lm_eval.models  # noqa: F401  (the built-in models first: the registry imports them only while it is empty)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -39,15 +40,28 @@ def _batch_size(value) -> int:
 
 @register_model("neox_l2e")
 class NeoXL2ELM(LM):
-    def __init__(self, model=None, tokenizer=None, checkpoint: Optional[str] = None, tokenizer_path: Optional[str] = None,
-                 batch_size: int = 8, max_length: Optional[int] = None, device: str = "auto", dtype: Optional[str] = None,
-                 max_gen_toks: int = 64, tag: Optional[str] = None, **_ignored):
+    def __init__(
+        self,
+        model=None,
+        tokenizer=None,
+        checkpoint: Optional[str] = None,
+        tokenizer_path: Optional[str] = None,
+        batch_size: int = 8,
+        max_length: Optional[int] = None,
+        device: str = "auto",
+        dtype: Optional[str] = None,
+        max_gen_toks: int = 64,
+        tag: Optional[str] = None,
+        **_ignored,
+    ):
         super().__init__()
         from .common import parse_dtype, pick_device
+
         if model is None:
             if checkpoint is None:
                 raise AnalysisError("NeoXL2ELM needs a model or checkpoint=PATH")
             from .loading import load_model
+
             dev = pick_device(device)
             dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
             loaded = load_model(checkpoint, device=dev, dtype=dt, tokenizer=tokenizer_path, tag=tag)
@@ -74,6 +88,7 @@ class NeoXL2ELM(LM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "NeoXL2ELM":
         from lm_eval.utils import simple_parse_args_string
+
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
@@ -100,11 +115,11 @@ class NeoXL2ELM(LM):
         width = max(len(x) for x in inputs)
         batch = torch.full((len(inputs), width), self.tok.eod, dtype=torch.long)
         for i, x in enumerate(inputs):
-            batch[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+            batch[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         with torch.inference_mode():
             out = self.model(batch.to(self._device))
             logits = self.model.full_logits(out.logits) if hasattr(self.model, "full_logits") else out.logits
-        return F.log_softmax(logits[..., :self.vocab_limit].float(), dim=-1)
+        return F.log_softmax(logits[..., : self.vocab_limit].float(), dim=-1)
 
     def _encode_pair(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
         n_spaces = len(context) - len(context.rstrip())
@@ -113,8 +128,8 @@ class NeoXL2ELM(LM):
             context = context[:-n_spaces]
         whole = self.tok.encode(context + continuation)
         ctx = self.tok.encode(context)
-        if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
-            return ctx, whole[len(ctx):]
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            return ctx, whole[len(ctx) :]
         return ctx, self.tok.encode(continuation)
 
     def _score(self, pairs: Sequence[Tuple[List[int], List[int]]], desc: str) -> List[Tuple[float, bool]]:
@@ -122,23 +137,24 @@ class NeoXL2ELM(LM):
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         results: List[Optional[Tuple[float, bool]]] = [None] * len(pairs)
         from tqdm.auto import tqdm
+
         for s in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=len(order) < 64, leave=False):
-            idx = order[s:s + self.batch_size]
+            idx = order[s : s + self.batch_size]
             inputs, spans = [], []
             for i in idx:
                 ctx, cont = pairs[i]
                 if not cont:
                     raise AnalysisError("empty continuation in a loglikelihood request")
                 full = (ctx or [self.tok.eod]) + cont
-                full = full[-(self.max_length + 1):]
+                full = full[-(self.max_length + 1) :]
                 inp = full[:-1]
                 inputs.append(inp)
-                n = min(len(cont), len(inp))          # a continuation longer than the window: its last tokens
+                n = min(len(cont), len(inp))  # a continuation longer than the window: its last tokens
                 spans.append((len(inp) - n, cont[-n:]))
             lp = self._logprobs(inputs)
             for row, i in enumerate(idx):
                 start, cont = spans[row]
-                part = lp[row, start:start + len(cont)]                              # [n, V]
+                part = lp[row, start : start + len(cont)]  # [n, V]
                 target = torch.tensor(cont, device=part.device)
                 ll = part.gather(1, target[:, None]).sum().item()
                 greedy = bool((part.argmax(-1) == target).all())
@@ -154,12 +170,17 @@ class NeoXL2ELM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
         out = []
         for r in requests:
             (text,) = r.args[:1]
             toks = self.tok.encode(text)
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=toks, prefix_token=self.tok.eod, max_seq_len=self.max_length, context_len=1)]
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=toks, prefix_token=self.tok.eod, max_seq_len=self.max_length, context_len=1
+                )
+            ]
             total = sum(ll for ll, _ in self._score(windows, "rolling")) if windows else 0.0
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)
@@ -174,12 +195,12 @@ class NeoXL2ELM(LM):
             if isinstance(until, str):
                 until = [until]
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            keep = max(1, self.max_length - max_new)              # room for the answer in the window
+            keep = max(1, self.max_length - max_new)  # room for the answer in the window
             toks = (self.tok.encode(context) or [self.tok.eod])[-keep:]
             gen: List[int] = []
             text = ""
             for _ in range(max_new):
-                window = (toks + gen)[-self.max_length:]
+                window = (toks + gen)[-self.max_length :]
                 nxt = int(self._logprobs([window])[0, -1].argmax())
                 if nxt == self.tok.eod:
                     break

@@ -1,14 +1,15 @@
 """The figures (matplotlib, Agg backend; files only), after the paper's figures 3-6:
 
-    layerwise_phi.png   mean phi_l* of the sampled neurons per layer (x: relative depth), one line per run in its
-                        own colour (legend: name and size), the mean phi_-l* dashed; layers L2E inhibited in the
-                        run drawn as large hollow squares
-    ks.png              mean K-S statistic per layer, same colours and marks
-    histograms.png      per model: histogram of log10 phi_l* and log10 phi_-l* of the sampled neurons, and of
-                        the K-S statistics
-    fkr.png             FKR vs k per layer (one panel per model and tau_k reading, shared y-axis), with the
-                        FKR of random kills (chance) dashed
+layerwise_phi.png   mean phi_l* of the sampled neurons per layer (x: relative depth), one line per run in its
+                    own colour (legend: name and size), the mean phi_-l* dashed; layers L2E inhibited in the
+                    run drawn as large hollow squares
+ks.png              mean K-S statistic per layer, same colours and marks
+histograms.png      per model: histogram of log10 phi_l* and log10 phi_-l* of the sampled neurons, and of
+                    the K-S statistics
+fkr.png             FKR vs k per layer (one panel per model and tau_k reading, shared y-axis), with the
+                    FKR of random kills (chance) dashed
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,14 +20,17 @@ import numpy as np
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+
     return plt
 
 
 def run_colours(names: Sequence[str]) -> Dict[str, tuple]:
     """One distinct colour per run, in the given order (tab10, then tab20 beyond 10 runs)."""
     import matplotlib
+
     cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
     return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
 
@@ -61,6 +65,7 @@ def _inhibited_legend(ax, any_marked: bool) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if any_marked:
         from matplotlib.lines import Line2D
+
         handles.append(Line2D([], [], ls="none", marker="s", ms=10, mfc="none", mec="0.3", mew=1.6))
         labels.append("layer inhibited by L2E")
     ax.legend(handles, labels, fontsize=8)
@@ -119,8 +124,11 @@ def plot_histograms(results, path) -> Path:
     for row, r in enumerate(results):
         own = np.concatenate([l.phi_lstar[l.sample].numpy() for l in r.layers])
         other = np.concatenate([l.phi_not_lstar[l.sample].numpy() for l in r.layers])
-        bins = np.linspace(min(np.log10(own.clip(1e-6)).min(), np.log10(other.clip(1e-6)).min()),
-                           max(np.log10(own.clip(1e-6)).max(), np.log10(other.clip(1e-6)).max()) + 1e-6, 40)
+        bins = np.linspace(
+            min(np.log10(own.clip(1e-6)).min(), np.log10(other.clip(1e-6)).min()),
+            max(np.log10(own.clip(1e-6)).max(), np.log10(other.clip(1e-6)).max()) + 1e-6,
+            40,
+        )
         ax = axes[row, 0]
         ax.hist(np.log10(other.clip(1e-6)), bins=bins, alpha=0.6, label="phi_-l*")
         ax.hist(np.log10(own.clip(1e-6)), bins=bins, alpha=0.6, label="phi_l*")
@@ -144,8 +152,7 @@ def plot_fkr(results, path, modes: Sequence[str] = ("per-token", "global")) -> P
     plt = _plt()
     modes = [m for m in modes if any(m in l.fkr for r in results for l in r.layers)] or ["per-token"]
     rs = list(results)
-    fig, axes = plt.subplots(len(rs), len(modes), figsize=(5 * len(modes), 3.4 * len(rs)), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(len(rs), len(modes), figsize=(5 * len(modes), 3.4 * len(rs)), squeeze=False, sharey=True)
     cmap = __import__("matplotlib").colormaps["plasma"]
     for i, r in enumerate(rs):
         chance = [r.chance_fkr(l) for l in r.layers] if hasattr(r, "chance_fkr") else []
@@ -157,11 +164,22 @@ def plot_fkr(results, path, modes: Sequence[str] = ("per-token", "global")) -> P
                     continue
                 ks = sorted(d)
                 inh = l.layer in set(getattr(r, "inhibited_layers", None) or [])
-                ax.plot(list(ks), [100 * d[k] for k in ks], "s-" if inh else "o-", ms=4 if inh else 3,
-                        color=cmap(0.85 * _depth(r, l)), label=f"layer {l.layer}" + (" (L2E)" if inh else ""))
+                ax.plot(
+                    list(ks),
+                    [100 * d[k] for k in ks],
+                    "s-" if inh else "o-",
+                    ms=4 if inh else 3,
+                    color=cmap(0.85 * _depth(r, l)),
+                    label=f"layer {l.layer}" + (" (L2E)" if inh else ""),
+                )
             if chance:
-                ax.axhline(100 * float(np.mean(chance)), color="0.35", ls="--", lw=1.2,
-                           label=f"chance ({100 * float(np.mean(chance)):.0f}%: random kills)")
+                ax.axhline(
+                    100 * float(np.mean(chance)),
+                    color="0.35",
+                    ls="--",
+                    lw=1.2,
+                    label=f"chance ({100 * float(np.mean(chance)):.0f}%: random kills)",
+                )
             ax.set_xscale("log")
             ks_all = sorted({k for l in r.layers for k in l.fkr.get(m, {})})
             if ks_all:
@@ -189,7 +207,9 @@ def _save(fig, path) -> Path:
 
 def plot_all(results, out_dir) -> Dict[str, str]:
     out = Path(out_dir)
-    return {"layerwise_phi": str(plot_layerwise(results, out / "layerwise_phi.png")),
-            "ks": str(plot_ks(results, out / "ks.png")),
-            "histograms": str(plot_histograms(results, out / "histograms.png")),
-            "fkr": str(plot_fkr(results, out / "fkr.png"))}
+    return {
+        "layerwise_phi": str(plot_layerwise(results, out / "layerwise_phi.png")),
+        "ks": str(plot_ks(results, out / "ks.png")),
+        "histograms": str(plot_histograms(results, out / "histograms.png")),
+        "fkr": str(plot_fkr(results, out / "fkr.png")),
+    }

@@ -16,6 +16,7 @@ Eval scores: tools/evaluate.py JSON files (``{"runs": [...]}``, one record per m
 its ``model``) found in the run folder (eval*.json, eval/*.json) or given explicitly; ``select_evals`` keeps the
 records of the run's own model.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,11 +39,11 @@ class Run:
     train_loss: Series = field(default_factory=lambda: ([], []))
     lr: Series = field(default_factory=lambda: ([], []))
     valid_loss: Series = field(default_factory=lambda: ([], []))
-    l2e: Dict[str, Dict[int, Series]] = field(default_factory=dict)     # metric -> layer -> series
+    l2e: Dict[str, Dict[int, Series]] = field(default_factory=dict)  # metric -> layer -> series
     heldout: Dict[str, Dict[int, Series]] = field(default_factory=dict)  # ms_heldout metric -> layer -> series
-    heldout_hist: Optional[dict] = None                                  # last {"iteration", "edges", layer: counts}
+    heldout_hist: Optional[dict] = None  # last {"iteration", "edges", layer: counts}
     inhibited_layers: List[int] = field(default_factory=list)
-    evals: List[dict] = field(default_factory=list)                      # tools/evaluate.py run records
+    evals: List[dict] = field(default_factory=list)  # tools/evaluate.py run records
     skipped_lines: int = 0
 
 
@@ -108,8 +109,11 @@ def read_run(path, name: Optional[str] = None) -> Run:
                 run.inhibited_layers = [int(i) for i in rec.get("l2e_layers") or []]
                 continue
             if kind == "ms_heldout_hist":
-                run.heldout_hist = {"iteration": step, "edges": rec.get("edges"),
-                                    **{int(k[5:]): v for k, v in rec.items() if k.startswith("layer")}}
+                run.heldout_hist = {
+                    "iteration": step,
+                    "edges": rec.get("edges"),
+                    **{int(k[5:]): v for k, v in rec.items() if k.startswith("layer")},
+                }
                 continue
             if kind == "valid":
                 _add(run.valid_loss, step, rec.get("loss", rec.get("lm_loss", rec.get("valid/loss"))))
@@ -117,12 +121,16 @@ def read_run(path, name: Optional[str] = None) -> Run:
                     lm = l2e_metric_key(str(k))
                     if lm and lm[1].startswith("heldout/"):
                         layer, metric = lm
-                        _add(run.heldout.setdefault(metric[len("heldout/"):], {}).setdefault(layer, ([], [])), step, v)
+                        _add(run.heldout.setdefault(metric[len("heldout/") :], {}).setdefault(layer, ([], [])), step, v)
                         _add(run.l2e.setdefault(metric, {}).setdefault(layer, ([], [])), step, v)
                 continue
             if kind not in (None, "train"):
                 continue
-            _add(run.train_loss, step, rec.get("loss", rec.get("lm_loss", rec.get("train/loss", rec.get("train/lm_loss")))))
+            _add(
+                run.train_loss,
+                step,
+                rec.get("loss", rec.get("lm_loss", rec.get("train/loss", rec.get("train/lm_loss")))),
+            )
             _add(run.lr, step, rec.get("lr", rec.get("train/lr")))
             _add(run.valid_loss, step, rec.get("valid/loss", rec.get("valid/lm_loss")))
             for k, v in rec.items():
@@ -144,7 +152,7 @@ def read_eval_file(path) -> List[dict]:
         raise AnalysisError(f"{p}: not an evaluation JSON ({e})") from None
     runs = obj.get("runs") if isinstance(obj, dict) else None
     if not isinstance(runs, list):
-        raise AnalysisError(f"{p}: expected tools/evaluate.py output ({{\"runs\": [...]}})")
+        raise AnalysisError(f'{p}: expected tools/evaluate.py output ({{"runs": [...]}})')
     return [r for r in runs if isinstance(r, dict) and isinstance(r.get("results"), dict)]
 
 
@@ -158,8 +166,10 @@ def select_evals(records: Sequence[dict], run_name: str, source) -> List[dict]:
         return own
     if len(models) <= 1:
         return list(records)
-    raise AnalysisError(f"{source}: results for models {', '.join(models)}, none named {run_name!r}; name the run "
-                        f"after its model (MODEL=PATH) or --eval MODEL=FILE with that model's name")
+    raise AnalysisError(
+        f"{source}: results for models {', '.join(models)}, none named {run_name!r}; name the run "
+        f"after its model (MODEL=PATH) or --eval MODEL=FILE with that model's name"
+    )
 
 
 # chance accuracy of tasks whose every question has the same number of choices (older evaluate.py files,
@@ -167,8 +177,9 @@ def select_evals(records: Sequence[dict], run_name: str, source) -> List[dict]:
 KNOWN_CHANCE = {"mmlu": 0.25, "sciq": 0.25, "piqa": 0.5}
 
 
-def eval_entries(run: Run, metric_order=("acc_norm", "acc")
-                 ) -> Dict[str, Tuple[float, Optional[float], Optional[float]]]:
+def eval_entries(
+    run: Run, metric_order=("acc_norm", "acc")
+) -> Dict[str, Tuple[float, Optional[float], Optional[float]]]:
     """{"task metric (n-shot)": (score, stderr or None, chance accuracy or None)} using the first metric present
     per task (acc_norm before acc)."""
     out = {}
@@ -229,14 +240,21 @@ def layer_mean(run: Run, metric: str) -> Series:
 
 def summary_table(runs: Sequence[Run], l2e_metrics=("frac_selected", "frac_phi_gt_5")) -> List[str]:
     tasks = sorted({k for r in runs for k in eval_scores(r)})
-    head = ["run", "steps", "train loss (last 10%)", "valid loss (last)", "valid loss (min)"] + \
-           [f"{m} (mean of layers, last 10%)" for m in l2e_metrics] + tasks
+    head = (
+        ["run", "steps", "train loss (last 10%)", "valid loss (last)", "valid loss (min)"]
+        + [f"{m} (mean of layers, last 10%)" for m in l2e_metrics]
+        + tasks
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         entries = eval_entries(r)
-        cells = [r.name, str(int(max(r.train_loss[0] or r.valid_loss[0] or [0]))), fmt(tail_mean(r.train_loss)),
-                 fmt(r.valid_loss[1][-1] if r.valid_loss[1] else None),
-                 fmt(min(r.valid_loss[1]) if r.valid_loss[1] else None)]
+        cells = [
+            r.name,
+            str(int(max(r.train_loss[0] or r.valid_loss[0] or [0]))),
+            fmt(tail_mean(r.train_loss)),
+            fmt(r.valid_loss[1][-1] if r.valid_loss[1] else None),
+            fmt(min(r.valid_loss[1]) if r.valid_loss[1] else None),
+        ]
         cells += [fmt(tail_mean(layer_mean(r, m))) for m in l2e_metrics]
         for t in tasks:
             v, se, _ = entries.get(t, (None, None, None))
@@ -253,13 +271,16 @@ def _smooth(ys: List[float], window: int) -> List[float]:
     pre = [0.0]
     for y in ys:
         pre.append(pre[-1] + y)
-    return [(pre[min(len(ys), i + h + 1)] - pre[max(0, i - h)]) / (min(len(ys), i + h + 1) - max(0, i - h))
-            for i in range(len(ys))]
+    return [
+        (pre[min(len(ys), i + h + 1)] - pre[max(0, i - h)]) / (min(len(ys), i + h + 1) - max(0, i - h))
+        for i in range(len(ys))
+    ]
 
 
 def plot_runs(runs: Sequence[Run], path, l2e_metrics=("frac_selected", "frac_phi_gt_5")) -> Path:
     """``runs_figure`` written to ``path`` (PNG)."""
     import matplotlib.pyplot as plt
+
     fig = runs_figure(runs, l2e_metrics)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -273,10 +294,12 @@ def runs_figure(runs: Sequence[Run], l2e_metrics=("frac_selected", "frac_phi_gt_
     layer at the end of the run (log scale: the fractions are small); eval scores with lm-eval's stderr as
     error bars and the chance accuracy."""
     import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     from .plots import run_colours
+
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     colours = run_colours([r.name for r in runs])
     ax = axes[0, 0]
@@ -330,20 +353,35 @@ def runs_figure(runs: Sequence[Run], l2e_metrics=("frac_selected", "frac_phi_gt_
             xs = [t + i * width for t in range(len(tasks)) if tasks[t] in e]
             vals = [e[tasks[t]] for t in range(len(tasks)) if tasks[t] in e]
             if xs:
-                ax.bar(xs, [v[0] for v in vals], width, color=colours[r.name], label=r.name,
-                       yerr=[v[1] or 0.0 for v in vals], capsize=3, error_kw={"elinewidth": 1})
+                ax.bar(
+                    xs,
+                    [v[0] for v in vals],
+                    width,
+                    color=colours[r.name],
+                    label=r.name,
+                    yerr=[v[1] or 0.0 for v in vals],
+                    capsize=3,
+                    error_kw={"elinewidth": 1},
+                )
         labelled = False
         for t, task in enumerate(tasks):
             chance = next((e[task][2] for e in entries.values() if task in e and e[task][2] is not None), None)
             if chance is not None:
-                ax.hlines(chance, t - width / 2 - 0.05, t + 0.8 - width / 2 + 0.05, colors="0.2", linestyles="--",
-                          lw=1.2, label=None if labelled else "chance")
+                ax.hlines(
+                    chance,
+                    t - width / 2 - 0.05,
+                    t + 0.8 - width / 2 + 0.05,
+                    colors="0.2",
+                    linestyles="--",
+                    lw=1.2,
+                    label=None if labelled else "chance",
+                )
                 labelled = True
         ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))])
         ax.set_xticklabels(tasks, rotation=20, ha="right", fontsize=7)
         ax.set_ylabel("score (error bars: lm-eval's stderr)")
         top = max(v[0] + (v[1] or 0.0) for e in entries.values() for v in e.values())
-        ax.set_ylim(0, max(top, 0.01) * 1.3)                                 # room for the legend above the bars
+        ax.set_ylim(0, max(top, 0.01) * 1.3)  # room for the legend above the bars
         ax.legend(fontsize=8, loc="upper center", ncol=min(len(runs) + 1, 4))
     else:
         ax.text(0.5, 0.5, "no eval results (tools/evaluate.py --out RUN/eval)", ha="center", transform=ax.transAxes)

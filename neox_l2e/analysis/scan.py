@@ -22,6 +22,7 @@ k is a percentage of the layer's neurons in both readings (K = round(k/100 N), o
 Every formula (phi, the per-label sums and means, l*, tau_k, kill counts, the neuron sample) is
 neox_l2e.l2e.fkr's; this module only streams them over batches and layers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,16 +38,16 @@ from .common import AnalysisError
 from .labelled import LabelledTokens
 
 FKR_MODES = ("per-token", "global")
-DEFAULT_KS = tuple(L2EConfig().l2e_fkr_k)       # percents: the l2e-fkr-k default (one source of truth)
+DEFAULT_KS = tuple(L2EConfig().l2e_fkr_k)  # percents: the l2e-fkr-k default (one source of truth)
 
 
 @dataclass
 class ScanOptions:
-    batch_size: int = 8                       # windows per forward
-    layers: Optional[Sequence[int]] = None    # default: all layers
-    neuron_sample: int = 1000                 # neurons per layer for the mean phi_l* and the K-S test (paper: 1,000)
-    ks_tokens: int = 4000                     # token subsample kept for the K-S test
-    fkr_ks: Sequence[float] = DEFAULT_KS      # k in percent (of the layer's neurons; of N x T pairs for global)
+    batch_size: int = 8  # windows per forward
+    layers: Optional[Sequence[int]] = None  # default: all layers
+    neuron_sample: int = 1000  # neurons per layer for the mean phi_l* and the K-S test (paper: 1,000)
+    ks_tokens: int = 4000  # token subsample kept for the K-S test
+    fkr_ks: Sequence[float] = DEFAULT_KS  # k in percent (of the layer's neurons; of N x T pairs for global)
     fkr_modes: Sequence[str] = FKR_MODES
     compute_ks: bool = True
     seed: int = 0
@@ -72,17 +73,17 @@ class ScanOptions:
 class LayerResult:
     layer: int
     num_neurons: int
-    phi_l: torch.Tensor              # [C, N] mean phi over tokens with label l
-    phi_not_l: torch.Tensor          # [C, N] mean phi over the other tokens
-    l_star: torch.Tensor             # [N]
-    sample: torch.Tensor             # [M] sampled neuron indices (seeded)
+    phi_l: torch.Tensor  # [C, N] mean phi over tokens with label l
+    phi_not_l: torch.Tensor  # [C, N] mean phi over the other tokens
+    l_star: torch.Tensor  # [N]
+    sample: torch.Tensor  # [M] sampled neuron indices (seeded)
     ks_stat: Optional[torch.Tensor]  # [M] K-S statistic of the sampled neurons (None when off)
     ks_pvalue: Optional[torch.Tensor]
-    mean: torch.Tensor               # [N] dataset mean of z
-    var: torch.Tensor                # [N] dataset variance of z (unbiased)
-    fkr: Dict[str, Dict[float, float]] = field(default_factory=dict)     # mode -> k -> FKR
-    kills: Dict[str, Dict[float, int]] = field(default_factory=dict)     # mode -> k -> number of kills
-    tau: Dict[float, float] = field(default_factory=dict)                # global tau_k
+    mean: torch.Tensor  # [N] dataset mean of z
+    var: torch.Tensor  # [N] dataset variance of z (unbiased)
+    fkr: Dict[str, Dict[float, float]] = field(default_factory=dict)  # mode -> k -> FKR
+    kills: Dict[str, Dict[float, int]] = field(default_factory=dict)  # mode -> k -> number of kills
+    tau: Dict[float, float] = field(default_factory=dict)  # global tau_k
 
     @property
     def phi_lstar(self) -> torch.Tensor:
@@ -124,13 +125,20 @@ class ScanResult:
     layers: List[LayerResult]
     options: dict
     path: str = ""
-    inhibited_layers: List[int] = field(default_factory=list)   # L2E's layers in the run (empty: none/unknown)
+    inhibited_layers: List[int] = field(default_factory=list)  # L2E's layers in the run (empty: none/unknown)
 
     def summary(self) -> dict:
-        return {"name": self.name, "path": self.path, "num_parameters": self.num_parameters,
-                "num_layers": self.num_layers, "labels": self.label_names, "tokens_per_label": self.tokens_per_label,
-                "inhibited_layers": list(self.inhibited_layers), "options": self.options,
-                "layers": [l.summary(self.label_names) for l in self.layers]}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "num_parameters": self.num_parameters,
+            "num_layers": self.num_layers,
+            "labels": self.label_names,
+            "tokens_per_label": self.tokens_per_label,
+            "inhibited_layers": list(self.inhibited_layers),
+            "options": self.options,
+            "layers": [l.summary(self.label_names) for l in self.layers],
+        }
 
     def chance_fkr(self, layer: "LayerResult") -> float:
         """The FKR of kills that hit random tokens: 1 - the mean over neurons of the share of tokens labelled
@@ -148,15 +156,22 @@ class _Stop(Exception):
     """Raised from the last needed layer's hook: the rest of the forward (and the logits) is skipped."""
 
 
-def forward_mlp_activations(model, data: LabelledTokens, layers: Sequence[int], batch_size: int,
-                            handler: Callable, desc: str = "", progress: bool = False) -> None:
+def forward_mlp_activations(
+    model,
+    data: LabelledTokens,
+    layers: Sequence[int],
+    batch_size: int,
+    handler: Callable,
+    desc: str = "",
+    progress: bool = False,
+) -> None:
     """Run the model over ``data`` in batches; call ``handler(layer, z [T, N], labels [T], token_index [T])``
     for every layer in ``layers`` with the valid (non-padding) tokens of the batch. ``token_index`` numbers
     the dataset's valid tokens 0..num_tokens-1 in window order."""
     blocks = model.gpt_neox.layers
     last = max(layers)
     device = next(model.parameters()).device
-    first_index = torch.cumsum(data.valid.sum(1), 0) - data.valid.sum(1)      # index of each window's first token
+    first_index = torch.cumsum(data.valid.sum(1), 0) - data.valid.sum(1)  # index of each window's first token
     state = {}
 
     def hook_for(i):
@@ -165,6 +180,7 @@ def forward_mlp_activations(model, data: LabelledTokens, layers: Sequence[int], 
             handler(i, z, state["labels"], state["index"])
             if i == last:
                 raise _Stop
+
         return capture
 
     want = set(layers)
@@ -174,6 +190,7 @@ def forward_mlp_activations(model, data: LabelledTokens, layers: Sequence[int], 
         it = range(0, data.tokens.shape[0], batch_size)
         if progress:
             from tqdm.auto import tqdm
+
             it = tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
         with torch.inference_mode():
             for s in it:
@@ -198,8 +215,16 @@ def forward_mlp_activations(model, data: LabelledTokens, layers: Sequence[int], 
 
 
 class _LayerAccumulator:
-    def __init__(self, n: int, num_labels: int, total_tokens: int, opts: ScanOptions, device, layer: int,
-                 ks_token_mask: Optional[torch.Tensor]):
+    def __init__(
+        self,
+        n: int,
+        num_labels: int,
+        total_tokens: int,
+        opts: ScanOptions,
+        device,
+        layer: int,
+        ks_token_mask: Optional[torch.Tensor],
+    ):
         self.n, self.C, self.T = n, num_labels, total_tokens
         self.moments = None
         self.sample = fkrlib.sample_neurons(n, opts.neuron_sample, seed=opts.seed * 1009 + layer)
@@ -227,7 +252,7 @@ class _LayerAccumulator:
 
     # pass 2: per-label sums of phi, K-S subsample, the global reading's histogram
     def add_phi(self, z, labels, index):
-        phi = fkrlib.dataset_phi(z, self.mean, self.var)                           # [T, N] fp32
+        phi = fkrlib.dataset_phi(z, self.mean, self.var)  # [T, N] fp32
         s, c = fkrlib.label_phi_sums(phi, labels, self.C)
         self.sums = (s, c) if self.sums is None else (self.sums[0] + s, self.sums[1] + c)
         if self.ks_token_mask is not None:
@@ -255,7 +280,7 @@ class _LayerAccumulator:
             ranks = {k: min(fkrlib.kills_for(k, phi.shape[1]), phi.shape[1]) for k in self.ks}
             top = torch.topk(phi, max(ranks.values()), dim=1).values
             for k in self.ks:
-                tau = top[:, ranks[k] - 1:ranks[k]]
+                tau = top[:, ranks[k] - 1 : ranks[k]]
                 kills, false = fkrlib.kill_counts(phi, labels, self.lstar, tau)
                 acc = self.counts["per-token"][k]
                 acc[0] += kills
@@ -270,12 +295,22 @@ class _LayerAccumulator:
                 self.counts["global"][k] = [kills, false]
 
     def result(self, layer: int) -> LayerResult:
-        res = LayerResult(layer=layer, num_neurons=self.n, phi_l=self.phi_l.float().cpu(),
-                          phi_not_l=self.phi_not_l.float().cpu(), l_star=self.lstar.cpu(), sample=self.sample,
-                          ks_stat=None, ks_pvalue=None, mean=self.mean.float().cpu(), var=self.var.float().cpu())
+        res = LayerResult(
+            layer=layer,
+            num_neurons=self.n,
+            phi_l=self.phi_l.float().cpu(),
+            phi_not_l=self.phi_not_l.float().cpu(),
+            l_star=self.lstar.cpu(),
+            sample=self.sample,
+            ks_stat=None,
+            ks_pvalue=None,
+            mean=self.mean.float().cpu(),
+            var=self.var.float().cpu(),
+        )
         if self.ks_phi:
-            res.ks_stat, res.ks_pvalue = ks_statistics(torch.cat(self.ks_phi), torch.cat(self.ks_lab),
-                                                       res.l_star[self.sample])
+            res.ks_stat, res.ks_pvalue = ks_statistics(
+                torch.cat(self.ks_phi), torch.cat(self.ks_lab), res.l_star[self.sample]
+            )
         for m in self.modes:
             res.fkr[m] = {k: fkrlib.FKRResult(k, m, *self.counts[m][k]).fkr for k in self.ks}
             res.kills[m] = {k: self.counts[m][k][0] for k in self.ks}
@@ -287,19 +322,21 @@ def ks_statistics(phi: torch.Tensor, labels: torch.Tensor, l_star: torch.Tensor)
     """K-S statistic and p-value per column (scipy.stats.ks_2samp): phi[:, m] on tokens of label l_star[m]
     vs phi[:, m] on all tokens."""
     from scipy.stats import ks_2samp
+
     phi_np, lab_np = phi.double().numpy(), labels.numpy()
     stats, pvals = np.full(phi.shape[1], np.nan), np.full(phi.shape[1], np.nan)
     for m in range(phi.shape[1]):
         own = phi_np[lab_np == int(l_star[m]), m]
         if own.size == 0:
             continue
-        r = ks_2samp(own, phi_np[:, m], method="asymp")   # the exact p-value is slow for thousands of samples
+        r = ks_2samp(own, phi_np[:, m], method="asymp")  # the exact p-value is slow for thousands of samples
         stats[m], pvals[m] = r.statistic, r.pvalue
     return torch.from_numpy(stats).float(), torch.from_numpy(pvals).float()
 
 
-def scan_model(model, data: LabelledTokens, opts: Optional[ScanOptions] = None, name: str = "model",
-               path: str = "") -> ScanResult:
+def scan_model(
+    model, data: LabelledTokens, opts: Optional[ScanOptions] = None, name: str = "model", path: str = ""
+) -> ScanResult:
     """Both passes over ``data`` for one model; see the module docstring."""
     opts = opts or ScanOptions()
     blocks = model.gpt_neox.layers
@@ -310,31 +347,66 @@ def scan_model(model, data: LabelledTokens, opts: Optional[ScanOptions] = None, 
     gen = torch.Generator().manual_seed(opts.seed)
     ks_mask = None
     if opts.compute_ks:
-        pick = torch.randperm(T, generator=gen)[:min(opts.ks_tokens, T)]
+        pick = torch.randperm(T, generator=gen)[: min(opts.ks_tokens, T)]
         ks_mask = torch.zeros(T, dtype=torch.bool)
         ks_mask[pick] = True
         ks_mask = ks_mask.to(device)
     acc = {i: _LayerAccumulator(n, C, T, opts, device, i, ks_mask) for i in layers}
     passes = 3 if opts.fkr_modes else 2
-    forward_mlp_activations(model, data, layers, opts.batch_size, lambda i, z, lab, idx: acc[i].add_moments(z),
-                            desc=f"{name} pass 1/{passes} (mean, var)", progress=opts.progress)
+    forward_mlp_activations(
+        model,
+        data,
+        layers,
+        opts.batch_size,
+        lambda i, z, lab, idx: acc[i].add_moments(z),
+        desc=f"{name} pass 1/{passes} (mean, var)",
+        progress=opts.progress,
+    )
     for a in acc.values():
         a.finish_moments()
-    forward_mlp_activations(model, data, layers, opts.batch_size, lambda i, z, lab, idx: acc[i].add_phi(z, lab, idx),
-                            desc=f"{name} pass 2/{passes} (phi per label)", progress=opts.progress)
+    forward_mlp_activations(
+        model,
+        data,
+        layers,
+        opts.batch_size,
+        lambda i, z, lab, idx: acc[i].add_phi(z, lab, idx),
+        desc=f"{name} pass 2/{passes} (phi per label)",
+        progress=opts.progress,
+    )
     for a in acc.values():
         a.finish_phi()
     if opts.fkr_modes:
-        forward_mlp_activations(model, data, layers, opts.batch_size,
-                                lambda i, z, lab, idx: acc[i].add_kills(z, lab, idx),
-                                desc=f"{name} pass 3/3 (FKR)", progress=opts.progress)
+        forward_mlp_activations(
+            model,
+            data,
+            layers,
+            opts.batch_size,
+            lambda i, z, lab, idx: acc[i].add_kills(z, lab, idx),
+            desc=f"{name} pass 3/3 (FKR)",
+            progress=opts.progress,
+        )
         for a in acc.values():
             a.finish_kills()
     results = [acc[i].result(i) for i in layers]
-    num_params = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
-    return ScanResult(name=name, num_parameters=int(num_params), num_layers=len(blocks), label_names=data.label_names,
-                      tokens_per_label=data.tokens_per_label(), layers=results, path=path,
-                      options={"batch_size": opts.batch_size, "neuron_sample": opts.neuron_sample,
-                               "ks_tokens": opts.ks_tokens if opts.compute_ks else 0,
-                               "fkr_k_percent": [float(k) for k in opts.fkr_ks], "fkr_modes": list(opts.fkr_modes),
-                               "seed": opts.seed, "num_tokens": T, "stats": "dataset mean and unbiased variance per neuron"})
+    num_params = (
+        model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
+    )
+    return ScanResult(
+        name=name,
+        num_parameters=int(num_params),
+        num_layers=len(blocks),
+        label_names=data.label_names,
+        tokens_per_label=data.tokens_per_label(),
+        layers=results,
+        path=path,
+        options={
+            "batch_size": opts.batch_size,
+            "neuron_sample": opts.neuron_sample,
+            "ks_tokens": opts.ks_tokens if opts.compute_ks else 0,
+            "fkr_k_percent": [float(k) for k in opts.fkr_ks],
+            "fkr_modes": list(opts.fkr_modes),
+            "seed": opts.seed,
+            "num_tokens": T,
+            "stats": "dataset mean and unbiased variance per neuron",
+        },
+    )

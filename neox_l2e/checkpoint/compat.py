@@ -11,30 +11,77 @@ anything is built:
 * not compared: the run's bookkeeping (train-iters, save / load, logging, the launch; the TP / DP / ZeRO
   layout has its own check, ``check_resume_layout``).
 """
+
 from __future__ import annotations
 
 from typing import List, Mapping, Tuple
 
-MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
-              "make_vocab_size_divisible_by", "pos_emb", "rotary_pct", "rotary_emb_base", "gpt_j_residual",
-              "gpt_j_tied", "no_weight_tying", "norm", "layernorm_epsilon", "activation", "bias_gelu_fusion",
-              "output_layer_parallelism", "attention_config", "use_bias_in_attn_linear", "use_bias_in_norms")
+MODEL_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "pos_emb",
+    "rotary_pct",
+    "rotary_emb_base",
+    "gpt_j_residual",
+    "gpt_j_tied",
+    "no_weight_tying",
+    "norm",
+    "layernorm_epsilon",
+    "activation",
+    "bias_gelu_fusion",
+    "output_layer_parallelism",
+    "attention_config",
+    "use_bias_in_attn_linear",
+    "use_bias_in_norms",
+)
 L2E_SET_KEYS = ("l2e_enabled", "l2e_method", "l2e_layers")
 WARN_KEYS = (
     # L2E
-    "l2e_ratio", "l2e_lambda", "l2e_eta", "l2e_tau_init", "l2e_decay", "l2e_min_samples", "l2e_warmup_steps",
+    "l2e_ratio",
+    "l2e_lambda",
+    "l2e_eta",
+    "l2e_tau_init",
+    "l2e_decay",
+    "l2e_min_samples",
+    "l2e_warmup_steps",
     "l2e_eps",
     # data
-    "data_path", "train_data_paths", "valid_data_paths", "test_data_paths", "train_data_weights",
-    "valid_data_weights", "test_data_weights", "split", "tokenizer_type", "vocab_file", "seq_length",
+    "data_path",
+    "train_data_paths",
+    "valid_data_paths",
+    "test_data_paths",
+    "train_data_weights",
+    "valid_data_weights",
+    "test_data_weights",
+    "split",
+    "tokenizer_type",
+    "vocab_file",
+    "seq_length",
     "max_position_embeddings",
     # batch
-    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "seed",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "seed",
     # model regularisation (no shape or function change at inference)
-    "hidden_dropout", "attention_dropout",
+    "hidden_dropout",
+    "attention_dropout",
     # optimizer
-    "optimizer", "lr", "min_lr", "weight_decay", "lr_decay_style", "lr_decay_iters", "warmup", "gradient_clipping",
-    "precision", "fp16", "bf16",
+    "optimizer",
+    "lr",
+    "min_lr",
+    "weight_decay",
+    "lr_decay_style",
+    "lr_decay_iters",
+    "warmup",
+    "gradient_clipping",
+    "precision",
+    "fp16",
+    "bf16",
 )
 
 
@@ -53,6 +100,7 @@ def _l2e_layers(d: Mapping) -> tuple:
         return ()
     try:
         from ..config.loader import resolve_layers
+
         return tuple(resolve_layers(d.get("l2e_layers"), int(d.get("num_layers"))))
     except Exception:  # noqa: BLE001 - an unresolvable value compares as given
         return (repr(d.get("l2e_layers")),)
@@ -66,7 +114,7 @@ def config_changes(saved: Mapping, new: Mapping) -> Tuple[List[str], List[str]]:
             if k == "intermediate_size" and _ffn(saved) == _ffn(new):
                 continue
             if k == "vocab_size" and (saved.get(k) is None or new.get(k) is None):
-                continue                       # taken from the tokenizer at run time: the shapes check it
+                continue  # taken from the tokenizer at run time: the shapes check it
             refused.append(f"{_key(k)} {_short(saved.get(k))} -> {_short(new.get(k))}")
     a, b = _l2e_layers(saved), _l2e_layers(new)
     if a != b:

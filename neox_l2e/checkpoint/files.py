@@ -10,6 +10,7 @@ that needs anything else is refused with one ``CheckpointError`` line.
 ``manifest.json`` (in each ``global_stepN`` folder) holds the size and sha256 of every other file of the
 folder; ``verify_manifest`` checks it before a file is read.
 """
+
 from __future__ import annotations
 
 import errno
@@ -105,8 +106,10 @@ def latest_tag(save_dir) -> Optional[str]:
     present = step_folders(d)
     if not present:
         if tag:
-            raise CheckpointError(f"{d / 'latest'}: names {tag[:60]!r}, which is not a checkpoint folder here, and "
-                                  "there is none; point it at a checkpoint or remove it to start from scratch")
+            raise CheckpointError(
+                f"{d / 'latest'}: names {tag[:60]!r}, which is not a checkpoint folder here, and "
+                "there is none; point it at a checkpoint or remove it to start from scratch"
+            )
         return None
     there = ", ".join(present[-5:]) + (f" (and {len(present) - 5} more)" if len(present) > 5 else "")
     if tag is None:
@@ -115,8 +118,10 @@ def latest_tag(save_dir) -> Optional[str]:
         what = "is empty"
     else:
         what = f"names {tag[:60]!r}, which is not a checkpoint folder here"
-    raise CheckpointError(f"{d / 'latest'}: {what} but {d} holds {there}; write the tag to resume from into it "
-                          f"(e.g. echo {present[-1]} > {d / 'latest'}) or load another folder")
+    raise CheckpointError(
+        f"{d / 'latest'}: {what} but {d} holds {there}; write the tag to resume from into it "
+        f"(e.g. echo {present[-1]} > {d / 'latest'}) or load another folder"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +131,7 @@ def latest_tag(save_dir) -> Optional[str]:
 def _allowed_types() -> list:
     """The non-tensor types a checkpoint written by this project (with DeepSpeed) holds."""
     import numpy as np
+
     types = [np.ndarray, np.dtype]
     multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
     types.append(multiarray._reconstruct)
@@ -135,14 +141,17 @@ def _allowed_types() -> list:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
+
         types += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    except ImportError:           # readers without DeepSpeed: its optimizer files are then refused
+    except ImportError:  # readers without DeepSpeed: its optimizer files are then refused
         pass
     return types
 
 
-ALLOWED_TYPES_DOC = ("tensors, numbers, strings, lists / dicts / tuples, numpy arrays, DeepSpeed's LossScaler / "
-                     "DynamicLossScaler / ZeroStageEnum / fragment_address")
+ALLOWED_TYPES_DOC = (
+    "tensors, numbers, strings, lists / dicts / tuples, numpy arrays, DeepSpeed's LossScaler / "
+    "DynamicLossScaler / ZeroStageEnum / fragment_address"
+)
 
 
 def torch_load(path, mmap: bool = False, map_location="cpu"):
@@ -153,11 +162,14 @@ def torch_load(path, mmap: bool = False, map_location="cpu"):
         with torch.serialization.safe_globals(_allowed_types()):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        m = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand|unsupported global:?)\s*([^\s]+)", str(e),
-                      re.IGNORECASE)
+        m = re.search(
+            r"(?:Unsupported global: GLOBAL|Unsupported operand|unsupported global:?)\s*([^\s]+)", str(e), re.IGNORECASE
+        )
         what = f" ({m.group(1).rstrip('.,')})" if m else ""
-        raise CheckpointError(f"{path}: refused: it needs a type outside the checkpoint allow-list{what}, so loading "
-                              "it could run code; only checkpoints written by neox-l2e / DeepSpeed load") from None
+        raise CheckpointError(
+            f"{path}: refused: it needs a type outside the checkpoint allow-list{what}, so loading "
+            "it could run code; only checkpoints written by neox-l2e / DeepSpeed load"
+        ) from None
     except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError) as e:
         if mmap and isinstance(e, RuntimeError) and "zip" in str(e).lower():
             return torch_load(path, mmap=False, map_location=map_location)
@@ -239,8 +251,9 @@ def _hash_file(path: Path, sync: bool = False) -> tuple:
 
 def manifest_names(folder) -> List[str]:
     """The files of a checkpoint folder the manifest lists: all but itself and hidden files, sorted."""
-    return sorted(p.name for p in Path(folder).iterdir()
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    return sorted(
+        p.name for p in Path(folder).iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    )
 
 
 def hash_entries(folder, names: Iterable[str]) -> dict:
@@ -271,16 +284,18 @@ def read_manifest(folder) -> Optional[dict]:
     try:
         data = json.loads(p.read_text())
         files = data["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, dict) and "size" in v and "sha256" in v
-                                                  for v in files.values()):
+        if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and "size" in v and "sha256" in v for v in files.values()
+        ):
             raise ValueError("bad entries")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{p}: unreadable manifest ({str(e)[:100]}); the checkpoint cannot be verified") from None
     return files
 
 
-def verify_manifest(folder, names: Optional[Iterable[str]] = None, verify: bool = True,
-                    log: Optional[Callable[[str], None]] = None) -> List[str]:
+def verify_manifest(
+    folder, names: Optional[Iterable[str]] = None, verify: bool = True, log: Optional[Callable[[str], None]] = None
+) -> List[str]:
     """Check size and sha256 of the given files of folder (default: every file the manifest lists).
 
     Raises CheckpointError naming the first bad file. Without a manifest (a checkpoint written before manifests)
@@ -296,23 +311,27 @@ def verify_manifest(folder, names: Optional[Iterable[str]] = None, verify: bool 
     if not verify:
         if log:
             size = sum(files[n]["size"] for n in wanted if n in files)
-            log(f"note: checkpoint-verify is off: not checking size and sha256 of {len(wanted)} file(s) "
-                f"({size / 2**30:.2f} GiB) of {folder}")
+            log(
+                f"note: checkpoint-verify is off: not checking size and sha256 of {len(wanted)} file(s) "
+                f"({size / 2**30:.2f} GiB) of {folder}"
+            )
         return []
     for name in wanted:
         p = folder / name
         if name not in files:
             if not p.exists():
-                continue            # not part of this checkpoint (the caller says what is missing)
-            raise CheckpointError(f"{p}: not listed in {folder / MANIFEST}; the checkpoint was changed after it was "
-                                  "saved")
+                continue  # not part of this checkpoint (the caller says what is missing)
+            raise CheckpointError(
+                f"{p}: not listed in {folder / MANIFEST}; the checkpoint was changed after it was saved"
+            )
         if not p.is_file():
             raise CheckpointError(f"{p}: missing (listed in {MANIFEST}); the checkpoint is incomplete")
         want = files[name]
         if p.stat().st_size != int(want["size"]):
-            raise CheckpointError(f"{p}: corrupted: {p.stat().st_size} bytes, the manifest says {want['size']}; "
-                                  "resume from an earlier checkpoint")
+            raise CheckpointError(
+                f"{p}: corrupted: {p.stat().st_size} bytes, the manifest says {want['size']}; "
+                "resume from an earlier checkpoint"
+            )
         if _hash_file(p)[1] != want["sha256"]:
-            raise CheckpointError(f"{p}: corrupted: sha256 differs from {MANIFEST}; resume from an earlier "
-                                  "checkpoint")
+            raise CheckpointError(f"{p}: corrupted: sha256 differs from {MANIFEST}; resume from an earlier checkpoint")
     return wanted

@@ -23,6 +23,7 @@ Readers (no DeepSpeed, no process group): ``latest_tag``, ``list_tags``, ``read_
 writer for importers: ``write_weights_checkpoint`` (a weights-only checkpoint that train.py loads
 with ``finetune: true``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,12 +38,26 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .files import (FORMAT_VERSION, TMP_PREFIX, hash_entries, latest_tag, list_tags, manifest_names,
-                    model_states_name, read_latest, rng_name, step_of, tag_for, torch_load, verify_manifest,
-                    write_latest, write_manifest)
+from ..l2e.keys import is_l2e_state_key
+from .files import (
+    FORMAT_VERSION,
+    TMP_PREFIX,
+    hash_entries,
+    latest_tag,
+    list_tags,
+    manifest_names,
+    model_states_name,
+    read_latest,
+    rng_name,
+    step_of,
+    tag_for,
+    torch_load,
+    verify_manifest,
+    write_latest,
+    write_manifest,
+)
 from .layout import check_resume_config, check_resume_layout, saved_meta
 from .lock import SaveLock
-from ..l2e.keys import is_l2e_state_key
 
 
 def _note(msg: str) -> None:
@@ -53,8 +68,9 @@ def _note(msg: str) -> None:
 # readers
 
 
-def read_model_states(save_dir, tag: Optional[str] = None, verify: bool = True,
-                      log: Optional[Callable[[str], None]] = _note) -> tuple:
+def read_model_states(
+    save_dir, tag: Optional[str] = None, verify: bool = True, log: Optional[Callable[[str], None]] = _note
+) -> tuple:
     """(cfg_dict, [state_dict per TP rank], client_state of TP rank 0) of a checkpoint (default: latest).
 
     cfg_dict is the resolved config saved with the run (``cfg.to_dict()``); rebuild it with
@@ -87,8 +103,13 @@ def read_model_states(save_dir, tag: Optional[str] = None, verify: bool = True,
     return cfg_dict, states, client
 
 
-def write_weights_checkpoint(save_dir, cfg, state_dicts_per_tp_rank: Sequence[dict], tag: str = "global_step0",
-                             client_state: Optional[dict] = None) -> Path:
+def write_weights_checkpoint(
+    save_dir,
+    cfg,
+    state_dicts_per_tp_rank: Sequence[dict],
+    tag: str = "global_step0",
+    client_state: Optional[dict] = None,
+) -> Path:
     """A weights-only checkpoint (no optimizer) in the same layout; train.py starts from it with finetune: true.
 
     ``state_dicts_per_tp_rank[r]`` is the model state_dict of TP rank r (one entry for TP 1).
@@ -99,9 +120,16 @@ def write_weights_checkpoint(save_dir, cfg, state_dicts_per_tp_rank: Sequence[di
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    base = {"neox_config": cfg.to_dict(), "iteration": step_of(tag) or 0, "consumed_train_samples": 0,
-            "neox_l2e_format": FORMAT_VERSION, "weights_only": True, "tp": len(state_dicts_per_tp_rank),
-            "dp_world_size": 1, "mp_world_size": len(state_dicts_per_tp_rank)}
+    base = {
+        "neox_config": cfg.to_dict(),
+        "iteration": step_of(tag) or 0,
+        "consumed_train_samples": 0,
+        "neox_l2e_format": FORMAT_VERSION,
+        "weights_only": True,
+        "tp": len(state_dicts_per_tp_rank),
+        "dp_world_size": 1,
+        "mp_world_size": len(state_dicts_per_tp_rank),
+    }
     base.update(client_state or {})
     for r, sd in enumerate(state_dicts_per_tp_rank):
         entry = dict(base)
@@ -147,6 +175,7 @@ def set_rng_state(state: dict, ps=None) -> None:
 def agree(ok: bool, ps) -> bool:
     """True when ``ok`` holds on every rank (an all-reduce when several ranks run), so that all raise together."""
     import torch.distributed as dist
+
     if ps is None or getattr(ps, "world_size", 1) <= 1 or not dist.is_initialized():
         return ok
     flag = torch.tensor([0.0 if ok else 1.0], device=getattr(ps, "device", "cpu"))
@@ -164,6 +193,7 @@ def _raise_together(err: Optional[CheckpointError], ps, what: str) -> None:
 def _gather_dicts(part: dict, ps) -> dict:
     """The union of every rank's dict (all_gather_object when several ranks run)."""
     import torch.distributed as dist
+
     if ps is None or getattr(ps, "world_size", 1) <= 1 or not dist.is_initialized():
         return dict(part)
     parts = [None] * ps.world_size
@@ -193,7 +223,7 @@ def acquire_save_lock(save_dir, ps=None) -> Optional[SaveLock]:
 def commit_folder(save_dir: Path, tmp: Path, tag: str) -> None:
     """Rename a finished temp folder to save_dir/tag (replacing a stale folder of that name)."""
     final = save_dir / tag
-    if final.exists():            # a stale folder of that name (not `latest`, see save_checkpoint)
+    if final.exists():  # a stale folder of that name (not `latest`, see save_checkpoint)
         trash = save_dir / f"{TMP_PREFIX}old-{tag}-{os.getpid()}"
         os.replace(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -216,8 +246,9 @@ def nonfinite_tensors(module) -> list:
     return bad
 
 
-def save_checkpoint(engine, save_dir, iteration: int, client_state: dict, ps,
-                    keep_last_n: Optional[int] = None) -> Optional[str]:
+def save_checkpoint(
+    engine, save_dir, iteration: int, client_state: dict, ps, keep_last_n: Optional[int] = None
+) -> Optional[str]:
     """Save a complete, resumable checkpoint of `engine` as global_step{iteration}; every rank calls this.
 
     Returns the tag, or None when that tag is already the latest checkpoint (nothing to do). Weights holding
@@ -230,9 +261,11 @@ def save_checkpoint(engine, save_dir, iteration: int, client_state: dict, ps,
     bad = nonfinite_tensors(engine.module)
     err = None
     if bad:
-        err = CheckpointError(f"step {iteration}: the weights hold NaN/inf ({', '.join(bad[:3])}"
-                              f"{' ...' if len(bad) > 3 else ''}); not saving {d / tag} (the previous checkpoint "
-                              f"stays latest: {read_latest(d) or 'none'})")
+        err = CheckpointError(
+            f"step {iteration}: the weights hold NaN/inf ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}); not saving {d / tag} (the previous checkpoint "
+            f"stays latest: {read_latest(d) or 'none'})"
+        )
     _raise_together(err, ps, f"step {iteration}: the weights hold NaN/inf; not saving {d / tag}")
     tmp_tag = TMP_PREFIX + tag
     if ps.is_main:
@@ -256,7 +289,7 @@ def save_checkpoint(engine, save_dir, iteration: int, client_state: dict, ps,
     ps.barrier()
     # every rank hashes a share of the files; rank 0 writes the manifest
     names = manifest_names(d / tmp_tag)
-    entries = _gather_dicts(hash_entries(d / tmp_tag, names[ps.rank::ps.world_size]), ps)
+    entries = _gather_dicts(hash_entries(d / tmp_tag, names[ps.rank :: ps.world_size]), ps)
     if ps.is_main:
         write_manifest(d / tmp_tag, entries)
         commit_folder(d, d / tmp_tag, tag)
@@ -321,16 +354,28 @@ def check_resume(cfg, load_dir, tag: str, ps, log: Optional[Callable[[str], None
     log = log if log is not None else (_note if getattr(ps, "is_main", True) else None)
     err, warnings, meta = None, [], None
     try:
-        verify_manifest(folder, rank_files(folder, ps, weights_only=t.finetune),
-                        verify=getattr(t, "checkpoint_verify", True), log=log)
+        verify_manifest(
+            folder,
+            rank_files(folder, ps, weights_only=t.finetune),
+            verify=getattr(t, "checkpoint_verify", True),
+            log=log,
+        )
         meta = saved_meta(folder)
     except CheckpointError as e:
         err = e
     _raise_together(err, ps, str(folder))
     if not t.finetune:
         warnings = check_resume_config(folder, meta[3], cfg.to_dict(), log=log)
-    check_resume_layout(load_dir, tag, ps.tp, ps.dp, cfg.zero_stage, load_optimizer=not t.no_load_optim,
-                        weights_only=t.finetune, meta=meta)
+    check_resume_layout(
+        load_dir,
+        tag,
+        ps.tp,
+        ps.dp,
+        cfg.zero_stage,
+        load_optimizer=not t.no_load_optim,
+        weights_only=t.finetune,
+        meta=meta,
+    )
     return warnings
 
 
@@ -360,8 +405,15 @@ def _load_buffers_only(src, dst):
             own[k].copy_(v)
 
 
-def load_checkpoint(engine, load_dir, ps, load_optimizer: bool = True, tag: Optional[str] = None,
-                    layout_checked: bool = False, verify: bool = True) -> dict:
+def load_checkpoint(
+    engine,
+    load_dir,
+    ps,
+    load_optimizer: bool = True,
+    tag: Optional[str] = None,
+    layout_checked: bool = False,
+    verify: bool = True,
+) -> dict:
     """Resume engine (model, optimizer, loss scale) and this rank's RNG; returns the client state.
 
     Every file is read with weights_only=True (safe_engine_loads). Unless ``layout_checked`` (the caller ran
@@ -378,16 +430,22 @@ def load_checkpoint(engine, load_dir, ps, load_optimizer: bool = True, tag: Opti
         check_resume_layout(d, tag, ps.tp, ps.dp, int(engine.zero_optimization_stage()), load_optimizer)
     custom = _load_buffers_only if _zero3(engine) else None
     with safe_engine_loads(engine):
-        path, client = engine.load_checkpoint(str(d), tag=tag, load_optimizer_states=load_optimizer,
-                                              load_lr_scheduler_states=False, custom_load_fn=custom)
+        path, client = engine.load_checkpoint(
+            str(d), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=False, custom_load_fn=custom
+        )
     if path is None:
         raise CheckpointError(f"{d / tag}: DeepSpeed could not load the checkpoint")
     client = dict(client or {})
     rng = d / tag / rng_name(ps.rank)
-    reseeded = "resharded_from" in client           # the resharding tool restarts the RNGs (from the seed)
-    err = None if rng.is_file() or reseeded else CheckpointError(
-        f"{rng}: missing; the checkpoint has no RNG state for rank {ps.rank} (saved with fewer ranks? re-shard "
-        "it with tools/reshard_checkpoint.py, or resume from another checkpoint)")
+    reseeded = "resharded_from" in client  # the resharding tool restarts the RNGs (from the seed)
+    err = (
+        None
+        if rng.is_file() or reseeded
+        else CheckpointError(
+            f"{rng}: missing; the checkpoint has no RNG state for rank {ps.rank} (saved with fewer ranks? re-shard "
+            "it with tools/reshard_checkpoint.py, or resume from another checkpoint)"
+        )
+    )
     _raise_together(err, ps, f"{d / tag}")
     if rng.is_file():
         set_rng_state(torch_load(rng), ps)
@@ -395,8 +453,9 @@ def load_checkpoint(engine, load_dir, ps, load_optimizer: bool = True, tag: Opti
     return client
 
 
-def load_weights_into(model, load_dir, tp_rank: int = 0, tag: Optional[str] = None, strict: bool = True,
-                      verify: bool = False) -> dict:
+def load_weights_into(
+    model, load_dir, tp_rank: int = 0, tag: Optional[str] = None, strict: bool = True, verify: bool = False
+) -> dict:
     """finetune: copy the weights (and buffers) of TP rank tp_rank of a checkpoint into an unwrapped model.
 
     The file is read safely (torch_load) but not checked against the manifest unless ``verify``: the Trainer
@@ -407,8 +466,10 @@ def load_weights_into(model, load_dir, tp_rank: int = 0, tag: Optional[str] = No
         raise CheckpointError(f"{d}: no checkpoint to load (no 'latest' file)")
     path = d / tag / model_states_name(tp_rank)
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing; the checkpoint has fewer TP ranks than this run "
-                              "(re-shard it to this model-parallel-size)")
+        raise CheckpointError(
+            f"{path}: missing; the checkpoint has fewer TP ranks than this run "
+            "(re-shard it to this model-parallel-size)"
+        )
     verify_manifest(d / tag, [path.name], verify=verify)
     sd = torch_load(path)
     module = sd["module"]
@@ -419,8 +480,9 @@ def load_weights_into(model, load_dir, tp_rank: int = 0, tag: Optional[str] = No
     for k, v in module.items():
         if k in own:
             if tuple(own[k].shape) != tuple(v.shape):
-                raise CheckpointError(f"{path}: '{k}' has shape {tuple(v.shape)}, the model expects "
-                                      f"{tuple(own[k].shape)}")
+                raise CheckpointError(
+                    f"{path}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
+                )
             with torch.no_grad():
                 own[k].copy_(v.to(own[k].dtype))
     return {k: v for k, v in sd.items() if k != "module"}

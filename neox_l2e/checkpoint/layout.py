@@ -1,4 +1,5 @@
 """What a checkpoint was saved with (TP, DP, ZeRO stage, config) and whether this run can resume it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,11 +31,11 @@ def saved_meta(folder) -> tuple:
         tp = sum(1 for _ in folder.glob("mp_rank_*_model_states.pt"))
     if dp is None:
         dp = sum(1 for _ in folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")) or 1
-    if stage is None:                    # no saved config: DeepSpeed's files tell ZeRO-3 and ZeRO 1 / 2 apart
+    if stage is None:  # no saved config: DeepSpeed's files tell ZeRO-3 and ZeRO 1 / 2 apart
         if any(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
             stage = 3
         elif any(folder.glob("zero_pp_rank_*_optim_states.pt")):
-            stage = 1                    # 1 or 2: the same optimizer files (bf16_zero_pp_rank_*: ZeRO 0 with bf16)
+            stage = 1  # 1 or 2: the same optimizer files (bf16_zero_pp_rank_*: ZeRO 0 with bf16)
     return int(tp), int(dp), stage, neox
 
 
@@ -50,8 +51,16 @@ def _same_optimizer_format(a: int, b: int) -> bool:
     return a == b or {a, b} <= {1, 2}
 
 
-def check_resume_layout(load_dir, tag: str, tp: int, dp: int, zero_stage: int, load_optimizer: bool = True,
-                        weights_only: bool = False, meta: Optional[tuple] = None) -> None:
+def check_resume_layout(
+    load_dir,
+    tag: str,
+    tp: int,
+    dp: int,
+    zero_stage: int,
+    load_optimizer: bool = True,
+    weights_only: bool = False,
+    meta: Optional[tuple] = None,
+) -> None:
     """Raise a one-line CheckpointError when this run (TP=tp x DP=dp, ZeRO zero_stage) cannot resume the
     checkpoint as it was saved, naming the fix.
 
@@ -67,45 +76,60 @@ def check_resume_layout(load_dir, tag: str, tp: int, dp: int, zero_stage: int, l
     saved_tp, saved_dp, saved_stage = (meta or saved_meta(folder))[:3]
     if not weights_only and saved_tp == tp and saved_stage is not None and saved_stage != zero_stage:
         if zero_stage == 3:
-            raise CheckpointError(f"{folder}: saved with ZeRO-{saved_stage}, this run uses ZeRO-3, which cannot "
-                                  f"load it; resume with ZeRO-{saved_stage}, or take only the weights with "
-                                  "finetune: true")
+            raise CheckpointError(
+                f"{folder}: saved with ZeRO-{saved_stage}, this run uses ZeRO-3, which cannot "
+                f"load it; resume with ZeRO-{saved_stage}, or take only the weights with "
+                "finetune: true"
+            )
         if load_optimizer and not _same_optimizer_format(saved_stage, zero_stage):
-            raise CheckpointError(f"{folder}: saved with ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}; DeepSpeed "
-                                  f"cannot load a ZeRO-{saved_stage} optimizer state into ZeRO-{zero_stage}: resume "
-                                  f"with ZeRO-{saved_stage}, or without the optimizer state (no-load-optim: true)")
+            raise CheckpointError(
+                f"{folder}: saved with ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}; DeepSpeed "
+                f"cannot load a ZeRO-{saved_stage} optimizer state into ZeRO-{zero_stage}: resume "
+                f"with ZeRO-{saved_stage}, or without the optimizer state (no-load-optim: true)"
+            )
     stages = {zero_stage} if saved_stage is None else {zero_stage, saved_stage}
-    dp_ok = (weights_only or saved_dp == dp
-             or (3 not in stages and (not load_optimizer or stages == {0})))
+    dp_ok = weights_only or saved_dp == dp or (3 not in stages and (not load_optimizer or stages == {0}))
     if saved_tp == tp and dp_ok:
         return
     saved = f"TP={saved_tp} x DP={saved_dp}"
     run = f"TP={tp} x DP={dp}"
     if weights_only:
-        raise CheckpointError(f"{folder}: saved with TP={saved_tp}, this run has TP={tp}; re-shard it first: "
-                              f"python tools/reshard_checkpoint.py {load_dir} OUT --tp {tp} --dp {dp}, then load OUT")
+        raise CheckpointError(
+            f"{folder}: saved with TP={saved_tp}, this run has TP={tp}; re-shard it first: "
+            f"python tools/reshard_checkpoint.py {load_dir} OUT --tp {tp} --dp {dp}, then load OUT"
+        )
     if saved_tp == tp and 3 in stages:
-        raise CheckpointError(f"{folder}: saved as {saved}, this run is {run}; ZeRO-3 cannot change the DP size (its "
-                              "weights and optimizer state are partitioned by DP rank, and tools/reshard_checkpoint.py "
-                              f"does not handle ZeRO-3); resume with DP={saved_dp}, or take only the weights with "
-                              "finetune: true")
-    why = ("tensors are split by TP rank" if saved_tp != tp
-           else f"ZeRO-{zero_stage} partitions the optimizer state by DP rank")
-    raise CheckpointError(f"{folder}: saved as {saved}, this run is {run} ({why}); re-shard it first: "
-                          f"python tools/reshard_checkpoint.py {load_dir} OUT --tp {tp} --dp {dp}, then load OUT"
-                          + ("" if saved_tp != tp else ", or resume without the optimizer state (no-load-optim: true)"))
+        raise CheckpointError(
+            f"{folder}: saved as {saved}, this run is {run}; ZeRO-3 cannot change the DP size (its "
+            "weights and optimizer state are partitioned by DP rank, and tools/reshard_checkpoint.py "
+            f"does not handle ZeRO-3); resume with DP={saved_dp}, or take only the weights with "
+            "finetune: true"
+        )
+    why = (
+        "tensors are split by TP rank"
+        if saved_tp != tp
+        else f"ZeRO-{zero_stage} partitions the optimizer state by DP rank"
+    )
+    raise CheckpointError(
+        f"{folder}: saved as {saved}, this run is {run} ({why}); re-shard it first: "
+        f"python tools/reshard_checkpoint.py {load_dir} OUT --tp {tp} --dp {dp}, then load OUT"
+        + ("" if saved_tp != tp else ", or resume without the optimizer state (no-load-optim: true)")
+    )
 
 
 def check_resume_config(folder, saved_cfg: Optional[dict], new_cfg: dict, log=None) -> list:
     """Refuse (one CheckpointError line naming the keys) a resume whose config changes the model; return the
     warning lines for allowed changes (L2E, data, batch, optimizer), printed through ``log`` when given."""
     from .compat import config_changes
+
     if saved_cfg is None:
         return []
     refused, warned = config_changes(saved_cfg, new_cfg)
     if refused:
-        raise CheckpointError(f"{folder}: this config changes the model of the checkpoint ({'; '.join(refused)}); "
-                              "resume with the saved values, or start a new run from its weights with finetune: true")
+        raise CheckpointError(
+            f"{folder}: this config changes the model of the checkpoint ({'; '.join(refused)}); "
+            "resume with the saved values, or start a new run from its weights with finetune: true"
+        )
     lines = []
     if warned:
         lines.append(f"warning: resuming {folder} with a changed config: {'; '.join(warned)}")

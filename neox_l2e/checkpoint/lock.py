@@ -5,6 +5,7 @@ died is taken over when it is stale: written on this host by a pid that no longe
 host cannot be checked: the message names it, and deleting the file releases it). The lock is released when the
 process exits (or by ``release``).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -25,7 +26,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:          # another user's live process
+    except PermissionError:  # another user's live process
         return True
     except OSError:
         return False
@@ -62,7 +63,8 @@ class SaveLock:
                 raise CheckpointError(
                     f"{d}: another job (host {owner.get('host')}, pid {owner.get('pid')}, started "
                     f"{owner.get('started')}) is saving into this folder ({lock.path}); use another save folder, or "
-                    f"delete {lock.path} if that job is dead") from None
+                    f"delete {lock.path} if that job is dead"
+                ) from None
             except OSError as e:
                 raise CheckpointError(f"{lock.path}: cannot create the lock file ({e.strerror or e})") from None
             with os.fdopen(fd, "w") as f:

@@ -22,6 +22,7 @@ Restarted:
     the optimizer starts fresh and the report says so.
 ZeRO-3 with TP is refused by the config; a ZeRO-3 (TP=1) source is not supported.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,13 +36,22 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import ReshardError
-from .files import (TMP_PREFIX, latest_tag, model_states_name, torch_load, verify_manifest, write_latest,
-                    write_manifest, zero_optim_name, zero_prefix)
+from .files import (
+    TMP_PREFIX,
+    latest_tag,
+    model_states_name,
+    torch_load,
+    verify_manifest,
+    write_latest,
+    write_manifest,
+    zero_optim_name,
+    zero_prefix,
+)
 from .layout import saved_layout
 from .tp_states import merge_tp_states, split_tp_state
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
-ZERO_ALIGNMENT = 2            # DeepSpeed ZeRO-1/2: flat groups are padded to a multiple of 2 x DP
+ZERO_ALIGNMENT = 2  # DeepSpeed ZeRO-1/2: flat groups are padded to a multiple of 2 x DP
 
 __all__ = ["ReshardError", "reshard_checkpoint"]
 
@@ -75,20 +85,30 @@ def _zero_per_param(folder: Path, tp_rank: int, dp: int) -> tuple:
                 if frag is None:
                     continue
                 start, numel = frag.start, frag.numel
-                parts["fp32"].append(sd["single_partition_of_fp32_groups"][g][start:start + numel])
+                parts["fp32"].append(sd["single_partition_of_fp32_groups"][g][start : start + numel])
                 st = sd["base_optimizer_state"]["state"].get(g, {})
                 for k in OPTIM_KEYS:
                     if k in st:
-                        parts[k].append(st[k][start:start + numel])
+                        parts[k].append(st[k][start : start + numel])
             per_param[name] = {k: torch.cat(v) for k, v in parts.items() if v}
     step = None
     for st in base["state"].values():
         if "step" in st:
             step = st["step"]
             break
-    template = {k: v for k, v in first.items() if k not in ("base_optimizer_state", "single_partition_of_fp32_groups",
-                                                             "param_slice_mappings", "group_paddings",
-                                                             "param_alignment_paddings", "partition_count")}
+    template = {
+        k: v
+        for k, v in first.items()
+        if k
+        not in (
+            "base_optimizer_state",
+            "single_partition_of_fp32_groups",
+            "param_slice_mappings",
+            "group_paddings",
+            "param_alignment_paddings",
+            "partition_count",
+        )
+    }
     template["param_groups"] = base["param_groups"]
     template["step"] = step
     return per_param, template
@@ -119,6 +139,7 @@ def _group_names(cfg, vocab_size, tp) -> List[List[str]]:
     from ..model.gpt_neox import GPTNeoX
     from ..parallel.state import ParallelState
     from ..training.engine import param_groups
+
     model = GPTNeoX(cfg, ParallelState.layout(tp, 0, device="meta"), vocab_size=vocab_size, init=False)
     names = {id(p): n for n, p in model.named_parameters()}
     return [[names[id(p)] for p in g["params"]] for g in param_groups(model, cfg.optimizer.weight_decay)]
@@ -143,12 +164,13 @@ def _zero_shards(per_param: dict, group_names: List[List[str]], dp: int, templat
             off = 0
             for n in names:
                 t = per_param[n][k].reshape(-1).float()
-                flat[off:off + t.numel()] = t
+                flat[off : off + t.numel()] = t
                 off += t.numel()
             flats[k].append(flat)
         paddings.append([aligned - total if r == dp - 1 else 0 for r in range(dp)])
         # fragment addresses of each parameter inside each partition
         from deepspeed.utils.tensor_fragment import fragment_address
+
         for r in range(dp):
             lo, hi = r * part, (r + 1) * part
             mapping, off = OrderedDict(), 0
@@ -171,7 +193,9 @@ def _zero_shards(per_param: dict, group_names: List[List[str]], dp: int, templat
             state[g] = st
         sd["base_optimizer_state"] = {"state": state, "param_groups": copy.deepcopy(template["param_groups"])}
         sd["single_partition_of_fp32_groups"] = [
-            flats["fp32"][g][r * sizes[g]:(r + 1) * sizes[g] - paddings[g][r]].clone() for g in range(len(group_names))]
+            flats["fp32"][g][r * sizes[g] : (r + 1) * sizes[g] - paddings[g][r]].clone()
+            for g in range(len(group_names))
+        ]
         sd["group_paddings"] = [paddings[g][r] for g in range(len(group_names))]
         sd["param_alignment_paddings"] = [[0] * len(names) for names in group_names]
         sd["partition_count"] = [dp] * len(group_names)
@@ -181,22 +205,35 @@ def _zero_shards(per_param: dict, group_names: List[List[str]], dp: int, templat
 
 
 def _split_named(per_param_by_rank: List[dict], cfg, tp: int, key: str, vocab_size) -> List[dict]:
-    merged = merge_tp_states([{n: d[key] for n, d in pp.items() if key in d} for pp in per_param_by_rank], cfg,
-                             vocab_size, check_replicated=False)
+    merged = merge_tp_states(
+        [{n: d[key] for n, d in pp.items() if key in d} for pp in per_param_by_rank],
+        cfg,
+        vocab_size,
+        check_replicated=False,
+    )
     return split_tp_state(merged, cfg, tp, vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optional[str] = None,
-                       carry_optimizer: bool = True, verify: bool = True, log=None) -> dict:
+def reshard_checkpoint(
+    src,
+    dst,
+    tp: int,
+    dp: Optional[int] = None,
+    tag: Optional[str] = None,
+    carry_optimizer: bool = True,
+    verify: bool = True,
+    log=None,
+) -> dict:
     """Write ``dst/<tag>`` (and ``dst/latest``) for TP=tp x DP=dp from the checkpoint ``src/<tag>``.
 
     Returns a report: {"tag", "from": (tp, dp), "to": (tp, dp), "zero_stage", "optimizer": "carried" or the
     reason it restarts, "carried": [...], "restarted": [...]}.
     """
     from ..config import config_from_checkpoint_dict
+
     src, dst = Path(src), Path(dst)
     tag = tag or latest_tag(src)
     if tag is None:
@@ -232,18 +269,29 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
     new_zero = None
     group_names = _group_names(cfg, vocab_size, src_tp)
     if stage in (1, 2):
-        if zero_cfg.get("round_robin_gradients") or zero_cfg.get("parameter_alignment") or \
-                zero_cfg.get("elastic_checkpoint"):
-            optimizer_note = ("restarted (round_robin_gradients / parameter_alignment / elastic_checkpoint set): "
-                              "resume with no-load-optim: true")
+        if (
+            zero_cfg.get("round_robin_gradients")
+            or zero_cfg.get("parameter_alignment")
+            or zero_cfg.get("elastic_checkpoint")
+        ):
+            optimizer_note = (
+                "restarted (round_robin_gradients / parameter_alignment / elastic_checkpoint set): "
+                "resume with no-load-optim: true"
+            )
         else:
             per_rank, templates = [], []
             for r in range(src_tp):
                 pp, tpl = _zero_per_param(folder, r, src_dp)
                 shapes = {n: modules[r][n].shape for n in pp}
-                if not carry_optimizer:        # fresh AdamW state; fp32 masters from the (merged) module weights
-                    pp = {n: {"fp32": modules[r][n].float(), "exp_avg": torch.zeros(shapes[n]),
-                              "exp_avg_sq": torch.zeros(shapes[n])} for n in pp}
+                if not carry_optimizer:  # fresh AdamW state; fp32 masters from the (merged) module weights
+                    pp = {
+                        n: {
+                            "fp32": modules[r][n].float(),
+                            "exp_avg": torch.zeros(shapes[n]),
+                            "exp_avg_sq": torch.zeros(shapes[n]),
+                        }
+                        for n in pp
+                    }
                     tpl["step"] = torch.tensor(0.0)
                     optimizer_note = "restarted (carry_optimizer=False)"
                 per_rank.append(_shape_params(pp, shapes))
@@ -259,8 +307,10 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
         if first.get("optimizer") is None:
             optimizer_note = "restarted (no optimizer state in the source)"
         elif cfg.precision_name != "fp32":
-            optimizer_note = ("restarted (ZeRO 0 with fp16/bf16 keeps its state in DeepSpeed's optimizer wrapper): "
-                              "resume with no-load-optim: true")
+            optimizer_note = (
+                "restarted (ZeRO 0 with fp16/bf16 keeps its state in DeepSpeed's optimizer wrapper): "
+                "resume with no-load-optim: true"
+            )
         else:
             per_rank = [_torch_optimizer_per_param(s["optimizer"], group_names) for s in states]
             split = {k: _split_named(per_rank, cfg, tp, k, vocab_size) for k in OPTIM_KEYS}
@@ -272,8 +322,11 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
                 for names in group_names:
                     for n in names:
                         if n in split["exp_avg"][r]:
-                            state[idx] = {"step": step.clone() if torch.is_tensor(step) else step,
-                                          "exp_avg": split["exp_avg"][r][n], "exp_avg_sq": split["exp_avg_sq"][r][n]}
+                            state[idx] = {
+                                "step": step.clone() if torch.is_tensor(step) else step,
+                                "exp_avg": split["exp_avg"][r][n],
+                                "exp_avg_sq": split["exp_avg_sq"][r][n],
+                            }
                         idx += 1
                 opt["state"] = state
                 new_opt_stage0[r] = opt
@@ -304,8 +357,11 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
         if stage == 0:
             if optimizer_note == "carried":
                 sd["optimizer"] = new_opt_stage0[r]
-            elif isinstance(first.get("optimizer"), dict) and "param_groups" in first["optimizer"] \
-                    and cfg.precision_name == "fp32":
+            elif (
+                isinstance(first.get("optimizer"), dict)
+                and "param_groups" in first["optimizer"]
+                and cfg.precision_name == "fp32"
+            ):
                 sd["optimizer"] = {"state": {}, "param_groups": copy.deepcopy(first["optimizer"]["param_groups"])}
             else:
                 sd["optimizer"] = None
@@ -313,8 +369,14 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
         torch.save(sd, tmp / model_states_name(r))
         if new_zero is not None:
             for d, shard in enumerate(new_zero[r]):
-                torch.save({"optimizer_state_dict": shard, "ds_config": first.get("ds_config"),
-                            "ds_version": first.get("ds_version")}, tmp / zero_optim_name(d, r, prefix))
+                torch.save(
+                    {
+                        "optimizer_state_dict": shard,
+                        "ds_config": first.get("ds_config"),
+                        "ds_version": first.get("ds_version"),
+                    },
+                    tmp / zero_optim_name(d, r, prefix),
+                )
     write_manifest(tmp)
     final = dst / tag
     if final.exists():
@@ -327,13 +389,22 @@ def reshard_checkpoint(src, dst, tp: int, dp: Optional[int] = None, tag: Optiona
         carried.append("AdamW state and fp32 master weights")
     else:
         restarted.append(f"optimizer: {optimizer_note}")
-    return {"tag": tag, "from": (src_tp, src_dp), "to": (tp, dp), "zero_stage": stage, "optimizer": optimizer_note,
-            "carried": carried, "restarted": restarted, "path": str(final)}
+    return {
+        "tag": tag,
+        "from": (src_tp, src_dp),
+        "to": (tp, dp),
+        "zero_stage": stage,
+        "optimizer": optimizer_note,
+        "carried": carried,
+        "restarted": restarted,
+        "path": str(final),
+    }
 
 
 def _check_not_nested(src: Path, dst: Path) -> None:
     """The output may not be the source folder, nor inside it, nor hold it (a rewrite would replace its files)."""
     a, b = src.resolve(), dst.resolve()
     if a == b or a in b.parents or b in a.parents:
-        raise ReshardError(f"{dst}: is the source {src}, inside it, or holds it; write the re-sharded checkpoint to "
-                           "a separate folder")
+        raise ReshardError(
+            f"{dst}: is the source {src}, inside it, or holds it; write the re-sharded checkpoint to a separate folder"
+        )

@@ -14,6 +14,7 @@ has the TP=1 padding (what Hugging Face exports expect); splitting for TP=n appe
 merging trims them. The rows past the TP=1 padding are inert in this model (zero-initialised,
 left out of the softmax, never looked up), so padding and trimming them changes nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,10 +37,11 @@ def _meta_state(cfg, tp: int, vocab_size: int) -> Dict[str, torch.Tensor]:
     """name -> meta tensor (with its attributes) of a TP=tp model, rank 0."""
     from ..model.gpt_neox import GPTNeoX
     from ..parallel.state import ParallelState
+
     ps = ParallelState.layout(tp, 0, device="meta")
     try:
         model = GPTNeoX(cfg, ps, vocab_size=vocab_size, init=False)
-    except ImportError:            # the L2E package is not importable: model without inhibitors, L2E keys by name
+    except ImportError:  # the L2E package is not importable: model without inhibitors, L2E keys by name
         model = GPTNeoX(cfg.replace(l2e_enabled=False), ps, vocab_size=vocab_size, init=False)
     out = dict(model.named_buffers())
     out.update(dict(model.named_parameters()))
@@ -58,8 +60,10 @@ def partition_dims(cfg, tp: int, keys, vocab_size: Optional[int] = None) -> Dict
         elif k in local and k in full and tuple(local[k].shape) != tuple(full[k].shape):
             diff = [d for d, (a, b) in enumerate(zip(local[k].shape, full[k].shape)) if a != b]
             if len(diff) != 1 or local[k].shape[diff[0]] * tp != full[k].shape[diff[0]]:
-                raise ValueError(f"{k}: cannot tell how it is split over TP (shapes {tuple(full[k].shape)} "
-                                 f"at TP=1, {tuple(local[k].shape)} at TP={tp})")
+                raise ValueError(
+                    f"{k}: cannot tell how it is split over TP (shapes {tuple(full[k].shape)} "
+                    f"at TP=1, {tuple(local[k].shape)} at TP={tp})"
+                )
             dims[k] = diff[0]
         elif is_l2e_state_key(k) and k.endswith(L2E_PARTITIONED):
             dims[k] = 0
@@ -89,14 +93,21 @@ def _fit_rows(t: torch.Tensor, rows: int, key: str) -> torch.Tensor:
     if t.shape[0] > rows:
         extra = t[rows:]
         if extra.count_nonzero().item():
-            warnings.warn(f"{key}: dropping {t.shape[0] - rows} non-zero vocab padding rows (rows past the "
-                          f"padded vocab of this layout)")
+            warnings.warn(
+                f"{key}: dropping {t.shape[0] - rows} non-zero vocab padding rows (rows past the "
+                f"padded vocab of this layout)",
+                stacklevel=2,
+            )
         return t[:rows]
     return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))], dim=0)
 
 
-def merge_tp_states(state_dicts_per_rank: List[Mapping[str, torch.Tensor]], cfg,
-                    vocab_size: Optional[int] = None, check_replicated: bool = True) -> Dict[str, torch.Tensor]:
+def merge_tp_states(
+    state_dicts_per_rank: List[Mapping[str, torch.Tensor]],
+    cfg,
+    vocab_size: Optional[int] = None,
+    check_replicated: bool = True,
+) -> Dict[str, torch.Tensor]:
     """One full (TP=1) state dict from the state dicts of all TP ranks, in TP-rank order."""
     tp = len(state_dicts_per_rank)
     if tp < 1:
@@ -104,8 +115,7 @@ def merge_tp_states(state_dicts_per_rank: List[Mapping[str, torch.Tensor]], cfg,
     first = state_dicts_per_rank[0]
     for r, sd in enumerate(state_dicts_per_rank[1:], 1):
         if set(sd) != set(first):
-            raise ValueError(f"TP rank {r} has different keys than rank 0: "
-                             f"{sorted(set(sd) ^ set(first))[:5]}")
+            raise ValueError(f"TP rank {r} has different keys than rank 0: {sorted(set(sd) ^ set(first))[:5]}")
     dims = partition_dims(cfg, tp, list(first), vocab_size)
     out = {}
     for k, v in first.items():
@@ -117,8 +127,11 @@ def merge_tp_states(state_dicts_per_rank: List[Mapping[str, torch.Tensor]], cfg,
             if check_replicated and tp > 1:
                 for r, sd in enumerate(state_dicts_per_rank[1:], 1):
                     if not torch.equal(sd[k], v):
-                        warnings.warn(f"{k}: replicated tensor differs between TP rank 0 and {r} "
-                                      f"(max diff {(sd[k].float() - v.float()).abs().max().item():.3g}); using rank 0")
+                        warnings.warn(
+                            f"{k}: replicated tensor differs between TP rank 0 and {r} "
+                            f"(max diff {(sd[k].float() - v.float()).abs().max().item():.3g}); using rank 0",
+                            stacklevel=2,
+                        )
                         break
             out[k] = v.clone()
         else:
@@ -132,8 +145,9 @@ def merge_tp_states(state_dicts_per_rank: List[Mapping[str, torch.Tensor]], cfg,
     return out
 
 
-def split_tp_state(full_state: Mapping[str, torch.Tensor], cfg, tp: int,
-                   vocab_size: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
+def split_tp_state(
+    full_state: Mapping[str, torch.Tensor], cfg, tp: int, vocab_size: Optional[int] = None
+) -> List[Dict[str, torch.Tensor]]:
     """State dicts for the ``tp`` ranks of a TP=tp model from a full (TP=1) state dict."""
     if tp < 1:
         raise ValueError(f"bad TP degree {tp}")
@@ -164,7 +178,8 @@ def split_tp_state(full_state: Mapping[str, torch.Tensor], cfg, tp: int,
     return out
 
 
-def reshard_tp_states(state_dicts_per_rank: List[Mapping[str, torch.Tensor]], cfg, tp: int,
-                      vocab_size: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
+def reshard_tp_states(
+    state_dicts_per_rank: List[Mapping[str, torch.Tensor]], cfg, tp: int, vocab_size: Optional[int] = None
+) -> List[Dict[str, torch.Tensor]]:
     """TP=len(states) -> TP=tp in one call."""
     return split_tp_state(merge_tp_states(state_dicts_per_rank, cfg, vocab_size), cfg, tp, vocab_size)

@@ -1,4 +1,5 @@
 """Generate docs/config.md from the field declarations: `python -m neox_l2e.config.docs > docs/config.md`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,14 @@ def render() -> str:
         "",
     ]
     for name, cls in SECTIONS.items():
-        lines += [f"## {name}", "", (cls.__doc__ or "").strip(), "", "| key | default | effect | description |",
-                  "| --- | --- | --- | --- |"]
+        lines += [
+            f"## {name}",
+            "",
+            (cls.__doc__ or "").strip(),
+            "",
+            "| key | default | effect | description |",
+            "| --- | --- | --- | --- |",
+        ]
         for f in dataclasses.fields(cls):
             key = f.name.replace("_", "-")
             aliases = f.metadata.get("aliases", ())

@@ -7,6 +7,7 @@ Keys may use hyphens or underscores. Several files are merged; a key set in two 
 error naming both. Everything is validated here, once; errors are ``ConfigError`` with one
 line naming the file and key. Library code never exits: the command-line tools print the line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,9 +20,18 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import yaml
 
 from ..errors import ConfigError
-from .schema import (SECTIONS, DataConfig, L2EConfig, LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig,
-                     PrecisionConfig, TrainingConfig, field_index)
-
+from .schema import (
+    SECTIONS,
+    DataConfig,
+    L2EConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainingConfig,
+    field_index,
+)
 
 OVERRIDE = "<override>"
 
@@ -40,7 +50,8 @@ def _construct_mapping(loader, node, deep=False):
         key = canon(loader.construct_object(key_node, deep=deep))
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key '{key}' given twice (first on line {seen[key] + 1})", key_node.start_mark)
+                None, None, f"key '{key}' given twice (first on line {seen[key] + 1})", key_node.start_mark
+            )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
@@ -56,8 +67,9 @@ def read_yml(path: Union[str, Path]) -> dict:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a text (UTF-8) file: byte {e.start} is 0x{e.object[e.start]:02x}; "
-                          "a config is a NeoX yml file") from None
+        raise ConfigError(
+            f"{path}: not a text (UTF-8) file: byte {e.start} is 0x{e.object[e.start]:02x}; a config is a NeoX yml file"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
     try:
@@ -103,6 +115,7 @@ def merge_files(paths: Iterable[Union[str, Path]]) -> tuple[dict, dict]:
 
 # --------------------------------------------------------------------------------------------
 # type checking
+
 
 def _check_type(value, hint, key, src):
     if value is None:
@@ -158,6 +171,7 @@ def _check_type(value, hint, key, src):
 @dataclasses.dataclass(frozen=True)
 class NeoXConfig:
     """The resolved configuration: one typed object per section, plus where each key came from."""
+
     model: ModelConfig
     optimizer: OptimizerConfig
     training: TrainingConfig
@@ -193,7 +207,9 @@ class NeoXConfig:
     def precision_name(self) -> str:
         p = self.precision
         if p.precision:
-            return {"float16": "fp16", "half": "fp16", "bf16": "bfloat16", "float32": "fp32"}.get(p.precision, p.precision)
+            return {"float16": "fp16", "half": "fp16", "bf16": "bfloat16", "float32": "fp32"}.get(
+                p.precision, p.precision
+            )
         if p.bf16 and p.bf16.get("enabled", True):
             return "bfloat16"
         if p.fp16 and p.fp16.get("enabled", True):
@@ -225,8 +241,10 @@ class NeoXConfig:
         tp = self.tp if tp is None else tp
         vocab = vocab_size or self.model.vocab_size
         if vocab is None:
-            raise ConfigError(f"{self.source_of('vocab_size')}: vocab-size is not set and no tokenizer gave one; "
-                              "set vocab-size or vocab-file")
+            raise ConfigError(
+                f"{self.source_of('vocab_size')}: vocab-size is not set and no tokenizer gave one; "
+                "set vocab-size or vocab-file"
+            )
         multiple = self.model.make_vocab_size_divisible_by * tp
         return int(math.ceil(vocab / multiple) * multiple)
 
@@ -241,8 +259,10 @@ class NeoXConfig:
         """Validate the parallel layout against a world size; return the data-parallel size."""
         tp = self.tp
         if world_size % tp:
-            raise ConfigError(f"{self.source_of('model_parallel_size')}: model-parallel-size {tp} does not divide "
-                              f"the world size {world_size}; launch a multiple of {tp} ranks")
+            raise ConfigError(
+                f"{self.source_of('model_parallel_size')}: model-parallel-size {tp} does not divide "
+                f"the world size {world_size}; launch a multiple of {tp} ranks"
+            )
         dp = world_size // tp
         t = self.training
         if t.train_batch_size is not None:
@@ -250,8 +270,10 @@ class NeoXConfig:
             if t.train_batch_size != want:
                 raise ConfigError(
                     f"{self.source_of('train_batch_size')}: train-batch-size {t.train_batch_size} != micro-batch "
-                    f"{t.train_micro_batch_size_per_gpu} x gas {t.gradient_accumulation_steps} x data-parallel size {dp} "
-                    f"(= {want}) for world size {world_size}")
+                    f"{t.train_micro_batch_size_per_gpu} x gas {t.gradient_accumulation_steps} "
+                    f"x data-parallel size {dp} "
+                    f"(= {want}) for world size {world_size}"
+                )
         return dp
 
     # ---- serialisation (saved with every checkpoint) ----
@@ -279,8 +301,10 @@ def resolve_layers(spec, num_layers: int) -> list:
     if isinstance(spec, (list, tuple)):
         bad = [i for i in spec if isinstance(i, bool) or not isinstance(i, int)]
         if bad:
-            raise ConfigError(f"l2e-layers: layer indices must be integers, got {bad[0]!r}; use mid2, mid-third, "
-                              "top-bot or a list of 0-based layer indices like [2, 3]")
+            raise ConfigError(
+                f"l2e-layers: layer indices must be integers, got {bad[0]!r}; use mid2, mid-third, "
+                "top-bot or a list of 0-based layer indices like [2, 3]"
+            )
         layers = sorted(set(spec))
     elif spec == "mid2":
         layers = sorted({max(L // 2 - 1, 0), min(L // 2, L - 1)})
@@ -290,7 +314,9 @@ def resolve_layers(spec, num_layers: int) -> list:
     elif spec == "top-bot":
         layers = sorted({0, L - 1})
     else:
-        raise ConfigError(f"l2e-layers: unknown value {spec!r}; use mid2, mid-third, top-bot or a list of layer indices")
+        raise ConfigError(
+            f"l2e-layers: unknown value {spec!r}; use mid2, mid-third, top-bot or a list of layer indices"
+        )
     for i in layers:
         if not 0 <= i < L:
             raise ConfigError(f"l2e-layers: layer {i} is out of range for num-layers {L}")
@@ -313,8 +339,10 @@ def _check_optimizer_params(cfg, opt: dict) -> None:
     if params is None:
         return
     if not isinstance(params, dict):
-        raise ConfigError(f"{src}: optimizer.params must be a mapping like {{lr: 0.0006, betas: [0.9, 0.95], "
-                          f"eps: 1.0e-8}}, got {params!r}")
+        raise ConfigError(
+            f"{src}: optimizer.params must be a mapping like {{lr: 0.0006, betas: [0.9, 0.95], "
+            f"eps: 1.0e-8}}, got {params!r}"
+        )
     for key in ("lr", "eps"):
         if key in params and not _number(params[key]):
             raise ConfigError(f"{src}: optimizer.params.{key} must be a finite number, got {params[key]!r}")
@@ -325,14 +353,17 @@ def _check_optimizer_params(cfg, opt: dict) -> None:
     if "betas" in params:
         betas = params["betas"]
         if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
-            raise ConfigError(f"{src}: optimizer.params.betas must be two numbers in [0, 1) like [0.9, 0.95], "
-                              f"got {betas!r}")
+            raise ConfigError(
+                f"{src}: optimizer.params.betas must be two numbers in [0, 1) like [0.9, 0.95], got {betas!r}"
+            )
 
 
 def _one_of(cfg, key, value, allowed):
     if value not in allowed:
-        raise ConfigError(f"{cfg.source_of(key)}: {key.replace('_', '-')}: {value!r} is not supported; "
-                          f"use one of {', '.join(map(str, allowed))}")
+        raise ConfigError(
+            f"{cfg.source_of(key)}: {key.replace('_', '-')}: {value!r} is not supported; "
+            f"use one of {', '.join(map(str, allowed))}"
+        )
 
 
 def _attention_config_layers(m) -> Optional[int]:
@@ -346,8 +377,11 @@ def _attention_config_layers(m) -> Optional[int]:
 def _looks_swapped(m) -> bool:
     """num-layers and num-attention-heads exchanged (as in the published pythia-12b-deduped.yml): the heads do not
     divide the width, the layer count would, and attention-config counts as many layers as there are heads."""
-    return (m.num_layers != m.num_attention_heads and m.hidden_size % m.num_layers == 0
-            and _attention_config_layers(m) == m.num_attention_heads)
+    return (
+        m.num_layers != m.num_attention_heads
+        and m.hidden_size % m.num_layers == 0
+        and _attention_config_layers(m) == m.num_attention_heads
+    )
 
 
 def derive(sections: Mapping[str, Any]) -> dict:
@@ -366,7 +400,7 @@ def derive(sections: Mapping[str, Any]) -> dict:
                 try:
                     params[key] = float(params[key])
                 except ValueError:
-                    pass    # validate names it
+                    pass  # validate names it
         out["optimizer"] = dataclasses.replace(o, optimizer={**o.optimizer, "params": params})
     return out
 
@@ -386,25 +420,41 @@ def validate(cfg: NeoXConfig) -> None:
                 f"{s('num_attention_heads')}: num-layers {m.num_layers} and num-attention-heads "
                 f"{m.num_attention_heads} look swapped: {m.num_attention_heads} heads do not divide hidden-size "
                 f"{m.hidden_size}, {m.num_layers} would, and attention-config covers {m.num_attention_heads} layers; "
-                "exchange the two values")
-        raise ConfigError(f"{s('num_attention_heads')}: num-attention-heads {m.num_attention_heads} does not divide "
-                          f"hidden-size {m.hidden_size}")
+                "exchange the two values"
+            )
+        raise ConfigError(
+            f"{s('num_attention_heads')}: num-attention-heads {m.num_attention_heads} does not divide "
+            f"hidden-size {m.hidden_size}"
+        )
     if not 0.0 < m.rotary_pct <= 1.0:
         raise ConfigError(f"{s('rotary_pct')}: rotary-pct must be in (0, 1], got {m.rotary_pct}")
     rot = int(cfg.head_dim * m.rotary_pct)
     if rot < 2 or rot % 2:
-        raise ConfigError(f"{s('rotary_pct')}: rotary-pct {m.rotary_pct} x head dim {cfg.head_dim} gives {rot} rotary "
-                          "dims; it must be an even number >= 2")
+        raise ConfigError(
+            f"{s('rotary_pct')}: rotary-pct {m.rotary_pct} x head dim {cfg.head_dim} gives {rot} rotary "
+            "dims; it must be an even number >= 2"
+        )
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
-        raise ConfigError(f"{s('max_position_embeddings')}: max-position-embeddings {m.max_position_embeddings} is "
-                          f"below seq-length {m.seq_length}")
+        raise ConfigError(
+            f"{s('max_position_embeddings')}: max-position-embeddings {m.max_position_embeddings} is "
+            f"below seq-length {m.seq_length}"
+        )
     _one_of(cfg, "pos_emb", m.pos_emb, ["rotary"])
     _one_of(cfg, "norm", m.norm, ["layernorm"])
     _one_of(cfg, "activation", m.activation, ["gelu"])
     _one_of(cfg, "output_layer_parallelism", m.output_layer_parallelism, ["column"])
-    _one_of(cfg, "init_method", m.init_method, ["normal", "small_init", "xavier_normal", "xavier_uniform", "scaled_normal", "wang_init"])
-    _one_of(cfg, "output_layer_init_method", m.output_layer_init_method,
-            ["normal", "small_init", "xavier_normal", "xavier_uniform", "scaled_normal", "wang_init"])
+    _one_of(
+        cfg,
+        "init_method",
+        m.init_method,
+        ["normal", "small_init", "xavier_normal", "xavier_uniform", "scaled_normal", "wang_init"],
+    )
+    _one_of(
+        cfg,
+        "output_layer_init_method",
+        m.output_layer_init_method,
+        ["normal", "small_init", "xavier_normal", "xavier_uniform", "scaled_normal", "wang_init"],
+    )
     if m.gpt_j_tied and not m.gpt_j_residual:
         raise ConfigError(f"{s('gpt_j_tied')}: gpt-j-tied needs gpt-j-residual: true")
     if m.attention_config is not None:
@@ -415,18 +465,23 @@ def validate(cfg: NeoXConfig) -> None:
         for types, _ in entries:
             for t in types:
                 if t not in ("global", "flash"):
-                    raise ConfigError(f"{s('attention_config')}: attention-config: type {t!r} is not supported "
-                                      "(only global/flash, both run torch SDPA)")
+                    raise ConfigError(
+                        f"{s('attention_config')}: attention-config: type {t!r} is not supported "
+                        "(only global/flash, both run torch SDPA)"
+                    )
         total = sum(count for _, count in entries)
         if total != m.num_layers:
-            raise ConfigError(f"{s('attention_config')}: attention-config covers {total} layers but num-layers is "
-                              f"{m.num_layers}")
+            raise ConfigError(
+                f"{s('attention_config')}: attention-config covers {total} layers but num-layers is {m.num_layers}"
+            )
     for key in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, key) < 1.0:
             raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be in [0, 1)")
     if m.intermediate_size is not None and m.intermediate_size < 1:
-        raise ConfigError(f"{s('intermediate_size')}: intermediate-size must be positive, got {m.intermediate_size} "
-                          "(or leave it unset for 4 x hidden-size)")
+        raise ConfigError(
+            f"{s('intermediate_size')}: intermediate-size must be positive, got {m.intermediate_size} "
+            "(or leave it unset for 4 x hidden-size)"
+        )
     _at_least(cfg, "make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1)
     for key in ("layernorm_epsilon", "init_method_std", "rotary_emb_base"):
         if getattr(m, key) <= 0:
@@ -440,8 +495,10 @@ def validate(cfg: NeoXConfig) -> None:
         raise ConfigError(f"{s('optimizer')}: no learning rate: set optimizer.params.lr or lr")
     for key in ("weight_decay", "gradient_clipping"):
         if getattr(o, key) < 0:
-            raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be >= 0, got {getattr(o, key)}"
-                              + (" (0 = no clipping)" if key == "gradient_clipping" else ""))
+            raise ConfigError(
+                f"{s(key)}: {key.replace('_', '-')} must be >= 0, got {getattr(o, key)}"
+                + (" (0 = no clipping)" if key == "gradient_clipping" else "")
+            )
     _one_of(cfg, "lr_decay_style", o.lr_decay_style, ["cosine", "linear", "constant"])
     if not 0.0 <= o.warmup < 1.0:
         raise ConfigError(f"{s('warmup')}: warmup is a fraction of lr-decay-iters in [0, 1), got {o.warmup}")
@@ -450,10 +507,16 @@ def validate(cfg: NeoXConfig) -> None:
 
     t = cfg.training
     if t.train_iters is None:
-        raise ConfigError(f"{s('train_iters')}: train-iters is not set (derive fills it in from lr-decay-iters "
-                          "before validation)")
-    for key in ("train_iters", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "eval_iters",
-                "eval_interval"):
+        raise ConfigError(
+            f"{s('train_iters')}: train-iters is not set (derive fills it in from lr-decay-iters before validation)"
+        )
+    for key in (
+        "train_iters",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "eval_iters",
+        "eval_interval",
+    ):
         if getattr(t, key) < 1:
             raise ConfigError(f"{s(key)}: {key.replace('_', '-')} must be >= 1")
     _at_least(cfg, "checkpoint_num_layers", m.checkpoint_num_layers, 1)
@@ -468,26 +531,37 @@ def validate(cfg: NeoXConfig) -> None:
 
     p = cfg.parallel
     if p.pipe_parallel_size not in (0, 1):
-        raise ConfigError(f"{s('pipe_parallel_size')}: pipeline parallelism is not implemented; pipe-parallel-size "
-                          f"must be 0 or 1 (got {p.pipe_parallel_size}); use model-parallel-size and data parallelism")
+        raise ConfigError(
+            f"{s('pipe_parallel_size')}: pipeline parallelism is not implemented; pipe-parallel-size "
+            f"must be 0 or 1 (got {p.pipe_parallel_size}); use model-parallel-size and data parallelism"
+        )
     if p.model_parallel_size < 1:
         raise ConfigError(f"{s('model_parallel_size')}: model-parallel-size must be >= 1")
     tp = p.model_parallel_size
     if m.num_attention_heads % tp:
-        raise ConfigError(f"{s('model_parallel_size')}: model-parallel-size {tp} does not divide "
-                          f"num-attention-heads {m.num_attention_heads}")
+        raise ConfigError(
+            f"{s('model_parallel_size')}: model-parallel-size {tp} does not divide "
+            f"num-attention-heads {m.num_attention_heads}"
+        )
     if cfg.ffn_size % tp:
-        raise ConfigError(f"{s('model_parallel_size')}: model-parallel-size {tp} does not divide the MLP width {cfg.ffn_size}")
+        raise ConfigError(
+            f"{s('model_parallel_size')}: model-parallel-size {tp} does not divide the MLP width {cfg.ffn_size}"
+        )
     raw_stage = (p.zero_optimization or {}).get("stage", 0)
-    if isinstance(raw_stage, bool) or not isinstance(raw_stage, (int, float, str)) \
-            or not str(raw_stage).strip().lstrip("+-").isdigit():
+    if (
+        isinstance(raw_stage, bool)
+        or not isinstance(raw_stage, (int, float, str))
+        or not str(raw_stage).strip().lstrip("+-").isdigit()
+    ):
         raise ConfigError(f"{s('zero_optimization')}: zero_optimization.stage must be 0, 1, 2 or 3, got {raw_stage!r}")
     stage = cfg.zero_stage
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{s('zero_optimization')}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
     if stage == 3 and tp > 1:
-        raise ConfigError(f"{s('zero_optimization')}: ZeRO stage 3 with model-parallel-size {tp} is not supported "
-                          "(it would shard the tensor-parallel weights again); use stage 1 or 2 with TP, or TP 1")
+        raise ConfigError(
+            f"{s('zero_optimization')}: ZeRO stage 3 with model-parallel-size {tp} is not supported "
+            "(it would shard the tensor-parallel weights again); use stage 1 or 2 with TP, or TP 1"
+        )
 
     pr = cfg.precision
     if pr.fp16 and pr.fp16.get("enabled", True) and pr.bf16 and pr.bf16.get("enabled", True):
@@ -503,15 +577,21 @@ def validate(cfg: NeoXConfig) -> None:
         if len(weights) > 3 or sum(weights) <= 0 or min(weights) < 0:
             raise ValueError
     except ValueError:
-        raise ConfigError(f"{s('split')}: split must be up to three non-negative weights like '969,30,1', got {d.split!r}") from None
+        raise ConfigError(
+            f"{s('split')}: split must be up to three non-negative weights like '969,30,1', got {d.split!r}"
+        ) from None
     for kind in ("valid", "test"):
         if getattr(d, f"{kind}_data_paths") and not d.train_data_paths:
-            raise ConfigError(f"{s(kind + '_data_paths')}: {kind}-data-paths is used only together with "
-                              f"train-data-paths (with data-path, {kind} comes from split); set train-data-paths too")
+            raise ConfigError(
+                f"{s(kind + '_data_paths')}: {kind}-data-paths is used only together with "
+                f"train-data-paths (with data-path, {kind} comes from split); set train-data-paths too"
+            )
     for kind in ("train", "valid", "test"):
         paths, weights = getattr(d, f"{kind}_data_paths"), getattr(d, f"{kind}_data_weights")
         if weights is not None and (paths is None or len(weights) != len(paths)):
-            raise ConfigError(f"{s(kind + '_data_weights')}: {kind}-data-weights needs one weight per {kind}-data-paths entry")
+            raise ConfigError(
+                f"{s(kind + '_data_weights')}: {kind}-data-weights needs one weight per {kind}-data-paths entry"
+            )
 
     e = cfg.l2e
     _one_of(cfg, "l2e_method", e.l2e_method, ["l2e", "memel", "none"])
@@ -547,7 +627,11 @@ def build_config(values: Mapping[str, Any], sources: Optional[Mapping[str, str]]
         src = sources.get(k, OVERRIDE)
         if k not in index:
             close = difflib.get_close_matches(k, list(index), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0].replace('_', '-')}'?" if close else "; see docs/config.md for the known keys"
+            hint = (
+                f"; did you mean '{close[0].replace('_', '-')}'?"
+                if close
+                else "; see docs/config.md for the known keys"
+            )
             raise ConfigError(f"{src}: unknown key '{k.replace('_', '-')}'{hint}")
         section, name = index[k]
         if name in per_section[section]:
@@ -560,8 +644,9 @@ def build_config(values: Mapping[str, Any], sources: Optional[Mapping[str, str]]
     return cfg
 
 
-def load_config(paths: Union[str, Path, Iterable[Union[str, Path]]],
-                overrides: Optional[Mapping[str, Any]] = None) -> NeoXConfig:
+def load_config(
+    paths: Union[str, Path, Iterable[Union[str, Path]]], overrides: Optional[Mapping[str, Any]] = None
+) -> NeoXConfig:
     """Load, merge and validate NeoX yml files; ``overrides`` (key -> value) win over the files."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -578,7 +663,7 @@ def apply_overrides(values: dict, sources: dict, overrides: Mapping[str, Any]) -
     for k, v in overrides.items():
         k = canon(k)
         head, _, rest = k.partition(".")
-        if head in index:   # an override replaces the file's key also when the file spells it by an alias (gas)
+        if head in index:  # an override replaces the file's key also when the file spells it by an alias (gas)
             for other in [o for o in values if o != head and index.get(o) == index[head]]:
                 values[head] = values.pop(other)
                 sources.pop(other, None)
@@ -601,11 +686,14 @@ def _default_of(key: str, index: dict):
 def _set_nested(head: str, base, path: list, value):
     """A deep copy of the mapping ``base`` with base[path[0]][path[1]]... = value (mappings made as needed)."""
     import copy
+
     if base is None:
         base = {}
     if not isinstance(base, dict):
-        raise ConfigError(f"{OVERRIDE}: {head.replace('_', '-')}.{'.'.join(path)}: {head.replace('_', '-')} is "
-                          f"not a mapping (it is {base!r}); a dotted key sets an entry of a mapping key")
+        raise ConfigError(
+            f"{OVERRIDE}: {head.replace('_', '-')}.{'.'.join(path)}: {head.replace('_', '-')} is "
+            f"not a mapping (it is {base!r}); a dotted key sets an entry of a mapping key"
+        )
     out = node = copy.deepcopy(base)
     for i, part in enumerate(path):
         if not part:
@@ -617,8 +705,10 @@ def _set_nested(head: str, base, path: list, value):
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"{OVERRIDE}: {head}.{'.'.join(path)}: {head}.{'.'.join(path[:i + 1])} is not a "
-                                  f"mapping (it is {nxt!r})")
+                raise ConfigError(
+                    f"{OVERRIDE}: {head}.{'.'.join(path)}: {head}.{'.'.join(path[: i + 1])} is not a "
+                    f"mapping (it is {nxt!r})"
+                )
             node = nxt
     return out
 

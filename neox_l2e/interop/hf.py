@@ -5,6 +5,7 @@ so the conversion is a config translation plus dropping our non-weight state (L2
 Weights are read through safetensors where present, and ``torch.load(weights_only=True)`` otherwise:
 a checkpoint from elsewhere never runs code. No network access.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,7 +22,6 @@ import torch
 from ..config import ConfigError, NeoXConfig
 from ..errors import InteropError
 from ..l2e.keys import is_l2e_state_key
-
 
 WEIGHT_SUFFIXES = (".weight", ".bias")
 
@@ -51,8 +51,11 @@ def hf_config_from_neox(cfg: NeoXConfig, vocab_size: int) -> dict:
         "hidden_dropout": m.hidden_dropout,
         "initializer_range": m.init_method_std,
         # transformers >= 5 reads rope_parameters; older versions read rotary_pct / rotary_emb_base
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_emb_base),
-                            "partial_rotary_factor": m.rotary_pct},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(m.rotary_emb_base),
+            "partial_rotary_factor": m.rotary_pct,
+        },
         "rotary_pct": m.rotary_pct,
         "rotary_emb_base": m.rotary_emb_base,
         # Pythia's <|endoftext|>; write_hf_dir replaces them with the run tokenizer's ids (tokenizer_special_ids)
@@ -65,6 +68,7 @@ def hf_config_from_neox(cfg: NeoXConfig, vocab_size: int) -> dict:
 
 def neox_keys_from_hf(hf: dict, source: str = "config.json") -> dict:
     """NeoX config keys (underscore form) describing the model of a HF GPTNeoX config.json."""
+
     def need(key):
         if key not in hf:
             raise InteropError(f"{source}: missing '{key}'; is this a GPTNeoX config.json?")
@@ -103,7 +107,7 @@ def _model_keys(hf: dict, need, rotary_pct, base, tanh: bool) -> dict:
         "num_attention_heads": int(need("num_attention_heads")),
         "intermediate_size": int(hf.get("intermediate_size") or 4 * hidden),
         "vocab_size": vocab,
-        "make_vocab_size_divisible_by": 1,       # the HF vocab is already padded: keep it as it is
+        "make_vocab_size_divisible_by": 1,  # the HF vocab is already padded: keep it as it is
         "max_position_embeddings": int(hf.get("max_position_embeddings", 2048)),
         "seq_length": min(2048, int(hf.get("max_position_embeddings", 2048))),
         "rotary_pct": float(rotary_pct),
@@ -182,24 +186,31 @@ def hf_state_to_ours(hf_state: dict, expected: dict, source: str) -> dict:
             raise InteropError(f"{source}: weight '{name}' is missing (incomplete or not a GPTNeoX checkpoint)")
         t = hf_state[name]
         if tuple(t.shape) != tuple(shape):
-            raise InteropError(f"{source}: weight '{name}' has shape {tuple(t.shape)}, the config implies {tuple(shape)}")
+            raise InteropError(
+                f"{source}: weight '{name}' has shape {tuple(t.shape)}, the config implies {tuple(shape)}"
+            )
         out[name] = t
     return out
 
 
 def our_state_to_hf(state: dict) -> dict:
     """Our full (unsharded) state dict -> HF names: only the weights (L2E buffers and the like are dropped)."""
-    return {k: v.contiguous() for k, v in state.items()
-            if k.endswith(WEIGHT_SUFFIXES) and not is_l2e_state_key(k)}
+    return {k: v.contiguous() for k, v in state.items() if k.endswith(WEIGHT_SUFFIXES) and not is_l2e_state_key(k)}
 
 
 # ---------------------------------------------------------------------------------------------
 # directory writers
 
 
-EXPORT_RECORD = ".neox-l2e-export"        # the names of the files an export wrote (what --overwrite may replace)
-EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", EXPORT_RECORD}
+EXPORT_RECORD = ".neox-l2e-export"  # the names of the files an export wrote (what --overwrite may replace)
+EXPORT_FILES = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    EXPORT_RECORD,
+}
 
 
 def check_export_dir(out_dir, overwrite: bool = False, protect: Iterable = ()) -> Path:
@@ -222,12 +233,15 @@ def check_export_dir(out_dir, overwrite: bool = False, protect: Iterable = ()) -
             ours |= set((out_dir / EXPORT_RECORD).read_text().split())
         except OSError:
             pass
-        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
-                         if p.name not in ours or not p.is_file())
+        foreign = sorted(
+            p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir() if p.name not in ours or not p.is_file()
+        )
         if foreign:
-            raise InteropError(f"{out_dir}: --overwrite replaces only a previous export, and this folder holds other "
-                               f"files ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); move them away "
-                               "or choose another folder")
+            raise InteropError(
+                f"{out_dir}: --overwrite replaces only a previous export, and this folder holds other "
+                f"files ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); move them away "
+                "or choose another folder"
+            )
     return out_dir
 
 
@@ -261,7 +275,7 @@ def _publish_dir(tmp: Path, out_dir: Path) -> None:
         if e.errno not in (errno.EXDEV, errno.EBUSY):
             raise InteropError(f"{out_dir}: cannot move the export into place ({e.strerror or e})") from None
         out_dir.mkdir(exist_ok=True)
-        for p in out_dir.iterdir():          # only files of a previous export (check_export_dir)
+        for p in out_dir.iterdir():  # only files of a previous export (check_export_dir)
             p.unlink()
         for p in tmp.iterdir():
             shutil.copy2(p, out_dir / p.name)
@@ -270,9 +284,16 @@ def _publish_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_hf_dir(out_dir, cfg: NeoXConfig, full_state: dict, vocab_size: int,
-                 tokenizer_files: Iterable = (), dtype: Optional[torch.dtype] = None, overwrite: bool = False,
-                 protect: Iterable = ()) -> Path:
+def write_hf_dir(
+    out_dir,
+    cfg: NeoXConfig,
+    full_state: dict,
+    vocab_size: int,
+    tokenizer_files: Iterable = (),
+    dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
+    protect: Iterable = (),
+) -> Path:
     """Write a folder transformers loads with GPTNeoXForCausalLM.from_pretrained (atomic: a temporary sibling, then
     a rename). ``overwrite`` replaces a previous export only; ``protect``: folders the output may not touch."""
     from safetensors.torch import save_file
@@ -285,8 +306,11 @@ def write_hf_dir(out_dir, cfg: NeoXConfig, full_state: dict, vocab_size: int,
             weights = {k: v.to(dtype) for k, v in weights.items()}
         if not (not cfg.model.no_weight_tying) and "embed_out.weight" not in weights:
             raise InteropError("export: embed_out.weight missing from an untied model")
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         hf = hf_config_from_neox(cfg, vocab_size)
         hf.update(tokenizer_special_ids(tokenizer_files))
         if dtype is not None:
@@ -308,6 +332,7 @@ def tokenizer_special_ids(tokenizer_files: Iterable) -> dict:
     <|endoftext|>, which GPT-NeoX puts between documents): a tokenizers JSON's <|endoftext|> (else </s>, <eos>),
     a SentencePiece model's eos piece. Empty when no tokenizer file is found (config.json keeps Pythia's 0)."""
     from ..data.tokenizer import build_tokenizer, infer_tokenizer_type
+
     for f in tokenizer_files:
         f = Path(f)
         if f.is_file():
@@ -326,16 +351,21 @@ def _write_tokenizer(src: Path, out_dir: Path) -> None:
     shutil.copy2(src, out_dir / src.name)
     if src.suffix == ".json":
         from ..data.tokenizer import HFTokenizer
+
         tok = HFTokenizer(src)
         eod = tok.tok.id_to_token(tok.eod)
         _save_fast_tokenizer(tok.tok, out_dir, eod, eod)
         return
     import warnings
+
     try:
         hf_tok, eod_piece, unk_piece = spm_to_hf_tokenizer(src)
     except InteropError as e:
-        warnings.warn(f"{src}: the export has no tokenizer transformers loads ({e}); evaluate it with "
-                      "tools/evaluate.py --backend adapter", stacklevel=2)
+        warnings.warn(
+            f"{src}: the export has no tokenizer transformers loads ({e}); evaluate it with "
+            "tools/evaluate.py --backend adapter",
+            stacklevel=2,
+        )
         return
     _save_fast_tokenizer(hf_tok, out_dir, eod_piece, unk_piece)
 
@@ -344,19 +374,24 @@ def _save_fast_tokenizer(tok, out_dir: Path, eod_piece: str, unk_piece: str) -> 
     """tokenizer.json + tokenizer_config.json of a PreTrainedTokenizerFast whose bos and eos are the
     end-of-document piece (no token added around the text)."""
     from transformers import PreTrainedTokenizerFast
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eod_piece, bos_token=eod_piece,
-                            unk_token=unk_piece).save_pretrained(str(out_dir))
+
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eod_piece, bos_token=eod_piece, unk_token=unk_piece
+    ).save_pretrained(str(out_dir))
 
 
 # a check text for the SentencePiece conversion: spaces and runs of spaces, tabs, newlines (CRLF too), accents,
 # CJK and emoji (byte fallback), digits, a control character
-SPM_CHECK_TEXT = ("The quick brown fox, 1234 -- naïve café.\n\n    indented  two  spaces\tand a tab\r\n"
-                  "你好世界 🙂 Ünïcödé\x00end. ROMEO: O, she doth teach the torches to burn bright!\n")
+SPM_CHECK_TEXT = (
+    "The quick brown fox, 1234 -- naïve café.\n\n    indented  two  spaces\tand a tab\r\n"
+    "你好世界 🙂 Ünïcödé\x00end. ROMEO: O, she doth teach the torches to burn bright!\n"
+)
 
 
 def spm_to_hf_tokenizer(model_file, check_texts: Sequence[str] = (SPM_CHECK_TEXT,)) -> tuple:
     """(tokenizers.Tokenizer, end-of-document piece, unknown piece) encoding like the SentencePiece BPE model
-    ``model_file`` as the project uses it (``SPMTokenizer``: no special tokens added). Supported: BPE models without a normaliser
+    ``model_file`` as the project uses it (``SPMTokenizer``: no special tokens added). Supported: BPE models
+    without a normaliser
     (identity rule, no extra-whitespace removal) and without a dummy prefix, with or without byte fallback: the
     settings of ``train_sentencepiece``. The BPE merges are the pairs of normal pieces that make a normal
     piece, ranked by that piece's score (SentencePiece merges the best-scoring piece first). The result is
@@ -368,26 +403,44 @@ def spm_to_hf_tokenizer(model_file, check_texts: Sequence[str] = (SPM_CHECK_TEXT
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     from ..data.tokenizer import SPMTokenizer
+
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(Path(model_file).read_bytes())
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError
         raise InteropError(f"not a SentencePiece model ({e})") from None
     ts, ns = proto.trainer_spec, proto.normalizer_spec
-    unsupported = [what for what, bad in (
-        ("a unigram/char/word model (only BPE converts)", ts.model_type != pb.TrainerSpec.BPE),
-        (f"normalisation rule {ns.name!r}", bool(ns.precompiled_charsmap)),
-        ("add_dummy_prefix", ns.add_dummy_prefix), ("remove_extra_whitespaces", ns.remove_extra_whitespaces),
-        ("no whitespace escaping", not ns.escape_whitespaces)) if bad]
+    unsupported = [
+        what
+        for what, bad in (
+            ("a unigram/char/word model (only BPE converts)", ts.model_type != pb.TrainerSpec.BPE),
+            (f"normalisation rule {ns.name!r}", bool(ns.precompiled_charsmap)),
+            ("add_dummy_prefix", ns.add_dummy_prefix),
+            ("remove_extra_whitespaces", ns.remove_extra_whitespaces),
+            ("no whitespace escaping", not ns.escape_whitespaces),
+        )
+        if bad
+    ]
     if unsupported:
         raise InteropError("SentencePiece settings without a tokenizers equivalent here: " + ", ".join(unsupported))
     Piece = pb.ModelProto.SentencePiece
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == Piece.NORMAL}
-    ranked = sorted((-score, i, tok[:k], tok[k:]) for tok, (score, i) in normal.items()
-                    for k in range(1, len(tok)) if tok[:k] in normal and tok[k:] in normal)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked], unk_token=ts.unk_piece,
-                               fuse_unk=True, byte_fallback=ts.byte_fallback))
+    ranked = sorted(
+        (-score, i, tok[:k], tok[k:])
+        for tok, (score, i) in normal.items()
+        for k in range(1, len(tok))
+        if tok[:k] in normal and tok[k:] in normal
+    )
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[(a, b) for _, _, a, b in ranked],
+            unk_token=ts.unk_piece,
+            fuse_unk=True,
+            byte_fallback=ts.byte_fallback,
+        )
+    )
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     steps = [decoders.Replace("\u2581", " ")] + ([decoders.ByteFallback()] if ts.byte_fallback else [])
     steps.append(decoders.Fuse())
@@ -420,7 +473,9 @@ def load_hf_into_model(hf_dir, cfg_overrides: Optional[dict] = None, ps=None):
         raise InteropError(str(e)) from None
     ps = ps or ParallelState.single()
     model = GPTNeoX(cfg, ps, init=False)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k.endswith(WEIGHT_SUFFIXES) and not is_l2e_state_key(k)}
+    expected = {
+        k: v.shape for k, v in model.state_dict().items() if k.endswith(WEIGHT_SUFFIXES) and not is_l2e_state_key(k)
+    }
     if ps.tp > 1:
         raise InteropError("load_hf_into_model builds a TP=1 model; re-split with the checkpoint tools for TP > 1")
     weights = hf_state_to_ours(state, expected, str(hf_dir))

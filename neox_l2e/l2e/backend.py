@@ -7,6 +7,7 @@
 (``neox_l2e.kernels.l2e_mlp.fused_up_gelu_l2e``; phi and the mask stay on the chip, so they are None).
 ``auto``: triton when the model is built for a CUDA device and the kernel imports, torch otherwise.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,17 +23,43 @@ from .torch_op import L2EForward, up_gelu_l2e
 
 class TorchBackend:
     """The plain PyTorch path (the reference)."""
+
     name = "torch"
     returns_phi = True
 
-    def __call__(self, x, weight, bias, mean, inv_var, tau: Optional[float], eps: float, approximate: str, *,
-                 grad_to_input: bool = True, moments: bool = True, score: bool = True) -> L2EForward:
-        return up_gelu_l2e(x, weight, bias, mean, inv_var, tau, eps, approximate, grad_to_input=grad_to_input,
-                           moments=moments, score=score)
+    def __call__(
+        self,
+        x,
+        weight,
+        bias,
+        mean,
+        inv_var,
+        tau: Optional[float],
+        eps: float,
+        approximate: str,
+        *,
+        grad_to_input: bool = True,
+        moments: bool = True,
+        score: bool = True,
+    ) -> L2EForward:
+        return up_gelu_l2e(
+            x,
+            weight,
+            bias,
+            mean,
+            inv_var,
+            tau,
+            eps,
+            approximate,
+            grad_to_input=grad_to_input,
+            moments=moments,
+            score=score,
+        )
 
 
 class TritonBackend:
     """The fused Triton op (one pass: z, moments, selection count and loss partial sums)."""
+
     name = "triton"
     returns_phi = False
 
@@ -40,16 +67,32 @@ class TritonBackend:
         self.op = op
         self.has_grad_switch = "l2e_grad_to_input" in inspect.signature(op).parameters
 
-    def __call__(self, x, weight, bias, mean, inv_var, tau: Optional[float], eps: float, approximate: str, *,
-                 grad_to_input: bool = True, moments: bool = True, score: bool = True) -> L2EForward:
+    def __call__(
+        self,
+        x,
+        weight,
+        bias,
+        mean,
+        inv_var,
+        tau: Optional[float],
+        eps: float,
+        approximate: str,
+        *,
+        grad_to_input: bool = True,
+        moments: bool = True,
+        score: bool = True,
+    ) -> L2EForward:
         kw = {}
         if not grad_to_input:
             if not self.has_grad_switch:
-                raise RuntimeError("l2e-grad-to-input: false needs fused_up_gelu_l2e(..., l2e_grad_to_input=) "
-                                   "in neox_l2e.kernels.l2e_mlp; set l2e-backend: torch or update the kernel")
+                raise RuntimeError(
+                    "l2e-grad-to-input: false needs fused_up_gelu_l2e(..., l2e_grad_to_input=) "
+                    "in neox_l2e.kernels.l2e_mlp; set l2e-backend: torch or update the kernel"
+                )
             kw["l2e_grad_to_input"] = False
-        z, loss_sum, n_sel, mom = self.op(x, weight, bias, mean, inv_var, math.inf if tau is None else tau, eps,
-                                          approximate, **kw)
+        z, loss_sum, n_sel, mom = self.op(
+            x, weight, bias, mean, inv_var, math.inf if tau is None else tau, eps, approximate, **kw
+        )
         return L2EForward(z=z, loss_sum=loss_sum, n_sel=n_sel, moments=mom if moments else None)
 
 
@@ -73,6 +116,6 @@ def choose_backend(name: str, device: Optional[torch.device]):
         return TorchBackend()
     op, err = _triton_op()
     if op is None:
-        warnings.warn(f"L2E: the Triton kernel could not be imported ({err!r}); using the torch backend.")
+        warnings.warn(f"L2E: the Triton kernel could not be imported ({err!r}); using the torch backend.", stacklevel=2)
         return TorchBackend()
     return TritonBackend(op)

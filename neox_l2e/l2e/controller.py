@@ -11,6 +11,7 @@ Loss reductions (``l2e-loss-reduction``; docs/l2e.md "Loss reduction"):
     selected-mean  mean over the layers that selected of (mean over that layer's selected entries of L_MS)
     token-sum      (sum over layers and selected entries of L_MS) / tokens of this rank, like the per-token LM loss
 """
+
 from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence
@@ -49,7 +50,7 @@ def finish_commits(inhibitors: Sequence, values: Optional[List[float]], ok: bool
     i = 0
     for inh in inhibitors:
         if inh._committing is not None:
-            inh.commit_host(values[i:i + 2], ok)
+            inh.commit_host(values[i : i + 2], ok)
             i += 2
 
 

@@ -28,6 +28,7 @@ Definitions:
              "global":    the K-th largest phi over all (token, neuron) pairs, K = max(1, round(k/100 * N * T))
              (T = labelled tokens; k is a percentage of neurons in both readings)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,8 +68,9 @@ def moments(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def dataset_phi(z: torch.Tensor, mean: Optional[torch.Tensor] = None,
-                var: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dataset_phi(
+    z: torch.Tensor, mean: Optional[torch.Tensor] = None, var: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """phi [T, N] (float32) with the neuron's mean / var over the dataset (computed from z when not given).
     Constant neurons (var == 0) score 0 everywhere."""
     _check(z)
@@ -96,8 +98,9 @@ def label_phi_sums(phi: torch.Tensor, labels: torch.Tensor, num_labels: int) -> 
     return sums, counts
 
 
-def label_phi_means(phi: torch.Tensor, labels: torch.Tensor, num_labels: int,
-                    sums: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def label_phi_means(
+    phi: torch.Tensor, labels: torch.Tensor, num_labels: int, sums: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(phi_l [L, N], phi_-l [L, N]) in float64 (method §6). NaN where a label (or its complement) has no token.
     ``sums`` = accumulated ``label_phi_sums`` output (then ``phi``/``labels`` are not read)."""
     s, c = sums if sums is not None else label_phi_sums(phi, labels, num_labels)
@@ -130,7 +133,7 @@ def kill_threshold(phi: torch.Tensor, k_percent: float, mode: str = "per-token")
     _check(phi)
     if mode == "per-token":
         K = min(_num(k_percent, phi.shape[1]), phi.shape[1])
-        return torch.topk(phi, K, dim=1).values[:, K - 1:K]
+        return torch.topk(phi, K, dim=1).values[:, K - 1 : K]
     if mode == "global":
         flat = phi.reshape(-1)
         K = min(_num(k_percent, flat.numel()), flat.numel())
@@ -138,7 +141,7 @@ def kill_threshold(phi: torch.Tensor, k_percent: float, mode: str = "per-token")
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-_HI_BITS = 16            # phi >= 0: its fp32 bit pattern (sign bit 0) is a 31-bit int ordered like the value
+_HI_BITS = 16  # phi >= 0: its fp32 bit pattern (sign bit 0) is a 31-bit int ordered like the value
 _LO_BITS = 15
 
 
@@ -175,14 +178,14 @@ class GlobalKills:
     def finish_values(self) -> None:
         if self.seen != self.total:
             raise ValueError(f"GlobalKills: saw {self.seen} values, expected {self.total}")
-        above = _from_top(self.hist).cpu()                          # above[b] = count of values in bins >= b
+        above = _from_top(self.hist).cpu()  # above[b] = count of values in bins >= b
         for k in self.ks:
-            b = int((above >= self.K[k]).nonzero().max())          # the highest bin with >= K values from it up
+            b = int((above >= self.K[k]).nonzero().max())  # the highest bin with >= K values from it up
             self.bins[k] = (b, int(above[b] - self.hist[b]))
         dev, n = self.hist.device, 1 << _LO_BITS
         # per k, histograms of the low bits inside the bin: every value, the kills (labelled), the false kills
         self.low = {k: [torch.zeros(n, dtype=torch.int64, device=dev) for _ in range(3)] for k in self.ks}
-        self.above = {k: [0, 0] for k in self.ks}                  # kills, false kills above the bin
+        self.above = {k: [0, 0] for k in self.ks}  # kills, false kills above the bin
 
     def add_kills(self, phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor) -> None:
         _check(phi, labels)
@@ -207,7 +210,7 @@ class GlobalKills:
         for k in self.ks:
             b, n_above = self.bins[k]
             every, kill, false = (_from_top(h).cpu() for h in self.low[k])
-            j = int((every >= self.K[k] - n_above).nonzero().max())   # the K-th largest value's low bits
+            j = int((every >= self.K[k] - n_above).nonzero().max())  # the K-th largest value's low bits
             tau = torch.tensor((b << _LO_BITS) | j, dtype=torch.int32).view(torch.float32).item()
             out[k] = (tau, self.above[k][0] + int(kill[j]), self.above[k][1] + int(false[j]))
         return out
@@ -228,8 +231,9 @@ def kill_counts(phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor, ta
     return int(kill.sum()), int(false.sum())
 
 
-def neuron_kill_counts(phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor,
-                       tau: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def neuron_kill_counts(
+    phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor, tau: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per neuron: (kills [N], false kills [N]) (int64) of phi >= tau among labelled tokens. A neuron's own
     FKR is false / kills. Additive over chunks."""
     _check(phi, labels)
@@ -239,8 +243,9 @@ def neuron_kill_counts(phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Ten
     return kill.sum(dim=0), false.sum(dim=0)
 
 
-def fkr(phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor, k_percents: Iterable[float],
-        mode: str = "per-token") -> Dict[float, FKRResult]:
+def fkr(
+    phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor, k_percents: Iterable[float], mode: str = "per-token"
+) -> Dict[float, FKRResult]:
     """FKR for each k (percent of neurons). Unlabelled tokens (label < 0) are dropped first."""
     _check(phi, labels)
     if mode not in MODES:
@@ -257,8 +262,9 @@ def fkr(phi: torch.Tensor, labels: torch.Tensor, lstar: torch.Tensor, k_percents
     return out
 
 
-def fkr_from_activations(z: torch.Tensor, labels: torch.Tensor, num_labels: int, k_percents: Iterable[float],
-                         mode: str = "per-token") -> Tuple[Dict[float, FKRResult], torch.Tensor]:
+def fkr_from_activations(
+    z: torch.Tensor, labels: torch.Tensor, num_labels: int, k_percents: Iterable[float], mode: str = "per-token"
+) -> Tuple[Dict[float, FKRResult], torch.Tensor]:
     """The whole pipeline on one layer: returns ({k: FKRResult}, l* [N])."""
     phi = dataset_phi(z)
     phi_l, _ = label_phi_means(phi, labels, num_labels)
@@ -290,15 +296,19 @@ def neuron_ks(phi: torch.Tensor, labels: torch.Tensor, neuron: int, label: int) 
 def sample_neurons(num_neurons: int, n: int, seed: int = 0) -> torch.Tensor:
     """min(n, N) distinct neuron indices drawn with a fixed seed (the paper samples 1,000 per layer)."""
     g = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(num_neurons, generator=g)[:min(n, num_neurons)].sort().values
+    return torch.randperm(num_neurons, generator=g)[: min(n, num_neurons)].sort().values
 
 
-def mean_phi_lstar(phi_l: torch.Tensor, lstar: Optional[torch.Tensor] = None,
-                   neurons: Optional[Sequence[int]] = None) -> float:
+def mean_phi_lstar(
+    phi_l: torch.Tensor, lstar: Optional[torch.Tensor] = None, neurons: Optional[Sequence[int]] = None
+) -> float:
     """§6 layer summary: mean over ``neurons`` (default all) of phi_{l*_j}[j]."""
     if lstar is None:
         lstar = preferred_labels(phi_l)
-    idx = torch.arange(phi_l.shape[1], device=phi_l.device) if neurons is None else \
-        torch.as_tensor(neurons, device=phi_l.device).long()
+    idx = (
+        torch.arange(phi_l.shape[1], device=phi_l.device)
+        if neurons is None
+        else torch.as_tensor(neurons, device=phi_l.device).long()
+    )
     vals = phi_l[lstar[idx], idx]
     return float(vals.mean())

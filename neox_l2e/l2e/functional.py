@@ -12,6 +12,7 @@ mean and inv_var are constants: no gradient reaches the statistics. All of it in
 Statistics are (count, mean, M2) per neuron; batches are folded in with Chan's parallel merge,
 never from raw sums (sum x^2 - n mean^2 cancels for near-constant neurons).
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -36,7 +37,7 @@ def inv_var_from_stats(count: torch.Tensor, m2: torch.Tensor, min_samples: int) 
 def phi(z: torch.Tensor, mean: torch.Tensor, inv_var: torch.Tensor) -> torch.Tensor:
     """Monosemanticity score per (token, neuron), fp32: (z - mean)^2 * inv_var (not differentiable)."""
     d = z.detach().float() - mean
-    return d.mul_(d).mul_(inv_var)          # in place: one [T, N] buffer, the same bits as d * d * inv_var
+    return d.mul_(d).mul_(inv_var)  # in place: one [T, N] buffer, the same bits as d * d * inv_var
 
 
 def select(z: torch.Tensor, mean: torch.Tensor, inv_var: torch.Tensor, tau) -> torch.Tensor:
@@ -84,7 +85,7 @@ def batch_moments(z: torch.Tensor) -> tuple:
     n = z.shape[0]
     mean = z.mean(dim=0)
     m2 = ((z - mean) ** 2).sum(dim=0)
-    return torch.full((), float(n), dtype=torch.float32, device=z.device), mean, m2   # a fill: no host copy
+    return torch.full((), float(n), dtype=torch.float32, device=z.device), mean, m2  # a fill: no host copy
 
 
 def merge_moments(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple:

@@ -33,6 +33,7 @@ Parallelism. With tensor parallelism each rank owns its 4h/tp neurons: the per-n
 communication; counts are summed and the per-neuron values gathered over the TP group for the percentiles,
 so every rank gets the layer-wide numbers. Every data-parallel rank measures the same set (identical results).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,6 +68,7 @@ def _dataset_documents(ds) -> Optional[Iterator[np.ndarray]]:
         def docs():
             for d in range(start, end):
                 yield np.asarray(ds.indexed[d], dtype=np.int64)
+
         return docs()
     if hasattr(ds, "datasets") and all(hasattr(d, "indexed") and hasattr(d, "doc_range") for d in ds.datasets):
         parts = [_dataset_documents(d) for d in ds.datasets]
@@ -74,12 +76,14 @@ def _dataset_documents(ds) -> Optional[Iterator[np.ndarray]]:
         def chained():
             for p in parts:
                 yield from p
+
         return chained()
     return None
 
 
-def heldout_tokens(dataset, n_tokens: Optional[int], key: str = "ms-heldout-tokens",
-                   split: str = "valid") -> torch.Tensor:
+def heldout_tokens(
+    dataset, n_tokens: Optional[int], key: str = "ms-heldout-tokens", split: str = "valid"
+) -> torch.Tensor:
     """The first ``n_tokens`` tokens of ``dataset`` in a fixed order, as a 1-D int64 tensor.
 
     An indexed dataset (GPTDataset / BlendedDataset) is read document by document in file order, which does
@@ -90,24 +94,27 @@ def heldout_tokens(dataset, n_tokens: Optional[int], key: str = "ms-heldout-toke
     """
     want = DEFAULT_TOKENS if n_tokens is None else int(n_tokens)
     if want <= 0:
-        raise HeldoutError(f"{key}: {want} tokens requested; use a positive number (or 0 to turn the "
-                           "measurement off)")
+        raise HeldoutError(f"{key}: {want} tokens requested; use a positive number (or 0 to turn the measurement off)")
     got: List[np.ndarray] = []
     have = 0
     docs = _dataset_documents(dataset)
     if docs is None:
+
         def samples():
             for i in range(len(dataset)):
                 yield np.asarray(dataset[i]["text"], dtype=np.int64)[:-1]
+
         docs = samples()
     for d in docs:
         if have >= want:
             break
-        got.append(d[:want - have])
+        got.append(d[: want - have])
         have += len(got[-1])
     if have < want and n_tokens is not None:
-        raise HeldoutError(f"{key}: {want} held-out tokens requested but the {split} split holds only {have}; "
-                           f"lower {key} or give a larger {split} set")
+        raise HeldoutError(
+            f"{key}: {want} held-out tokens requested but the {split} split holds only {have}; "
+            f"lower {key} or give a larger {split} set"
+        )
     if have == 0:
         raise HeldoutError(f"{key}: the {split} split holds no tokens")
     return torch.from_numpy(np.concatenate(got)).long()
@@ -143,11 +150,11 @@ def resolve_layers(spec, num_layers: int, inhibited: Sequence[int], key: str = "
 def batches(tokens: torch.Tensor, seq_length: int, batch_size: int) -> Iterator[torch.Tensor]:
     """[b, seq_length] rows of the token set in order; a last partial row comes alone as [1, rest]."""
     full = tokens.numel() // seq_length
-    rows = tokens[:full * seq_length].reshape(full, seq_length)
+    rows = tokens[: full * seq_length].reshape(full, seq_length)
     for s in range(0, full, batch_size):
-        yield rows[s:s + batch_size]
+        yield rows[s : s + batch_size]
     if tokens.numel() > full * seq_length:
-        yield tokens[full * seq_length:].reshape(1, -1)
+        yield tokens[full * seq_length :].reshape(1, -1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,7 +177,7 @@ class LayerAccumulator:
     def _chunks(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
         z = z.detach().reshape(-1, z.shape[-1])
         for s in range(0, z.shape[0], self.chunk_rows):
-            yield z[s:s + self.chunk_rows].to(torch.float64)
+            yield z[s : s + self.chunk_rows].to(torch.float64)
 
     def add_pass1(self, z: torch.Tensor) -> None:
         """Fold a batch into (count, mean, M2, min, max) with Chan's merge."""
@@ -221,9 +228,10 @@ class LayerAccumulator:
         """max phi, kurtosis (NaN for degenerate neurons) and the variance, per neuron of this rank."""
         dev_max = torch.maximum(self.zmax - self.mean, self.mean - self.zmin)
         max_phi = dev_max.pow(2) * self.inv_var
-        m2p = self.m2 / self.count                 # population moments for the kurtosis
-        kurt = torch.where(self.var > VAR_FLOOR, (self.m4 / self.count) / m2p.clamp_min(1e-300).pow(2),
-                           torch.full_like(m2p, math.nan))
+        m2p = self.m2 / self.count  # population moments for the kurtosis
+        kurt = torch.where(
+            self.var > VAR_FLOOR, (self.m4 / self.count) / m2p.clamp_min(1e-300).pow(2), torch.full_like(m2p, math.nan)
+        )
         return {"max_phi": max_phi, "kurtosis": kurt, "var": self.var}
 
 
@@ -259,23 +267,33 @@ def summarize(acc: LayerAccumulator, ps=None, running_var: Optional[torch.Tensor
     ``running_var`` [N of this rank]: the inhibitor's running variance, for ``var_ratio_median``."""
     pn = acc.per_neuron()
     max_phi, kurt = _gather_tp(pn["max_phi"], ps), _gather_tp(pn["kurtosis"], ps)
-    sums = _sum_tp(torch.cat([acc.exceed, acc.hist,
-                              torch.tensor([float(acc.mean.numel())], dtype=torch.float64,
-                                           device=acc.mean.device)]), ps)
+    sums = _sum_tp(
+        torch.cat(
+            [acc.exceed, acc.hist, torch.tensor([float(acc.mean.numel())], dtype=torch.float64, device=acc.mean.device)]
+        ),
+        ps,
+    )
     L = len(acc.levels)
     exceed, hist, neurons = sums[:L], sums[L:-1], float(sums[-1])
     pairs = acc.count * neurons
     out = {f"frac_phi_gt_{lv:g}": float(c) / pairs for lv, c in zip(acc.levels, exceed.tolist())}
-    out.update({"max_phi_median": _q(max_phi, 0.5), "max_phi_p90": _q(max_phi, 0.9),
-                "kurtosis_median": _q(kurt, 0.5), "kurtosis_p90": _q(kurt, 0.9)})
+    out.update(
+        {
+            "max_phi_median": _q(max_phi, 0.5),
+            "max_phi_p90": _q(max_phi, 0.9),
+            "kurtosis_median": _q(kurt, 0.5),
+            "kurtosis_p90": _q(kurt, 0.9),
+        }
+    )
     if running_var is not None:
         ratio = pn["var"] / running_var.to(pn["var"]).clamp_min(VAR_FLOOR)
         out["var_ratio_median"] = _q(_gather_tp(ratio, ps), 0.5)
     return {"metrics": out, "hist": [int(round(v)) for v in hist.tolist()], "tokens": acc.count}
 
 
-def phi_stats(chunks: Iterable[torch.Tensor], levels: Sequence[float],
-              running_var: Optional[torch.Tensor] = None) -> dict:
+def phi_stats(
+    chunks: Iterable[torch.Tensor], levels: Sequence[float], running_var: Optional[torch.Tensor] = None
+) -> dict:
     """``summarize`` of activations given directly (a re-iterable sequence of [T_i, N] chunks); one process."""
     acc = LayerAccumulator(levels)
     chunks = list(chunks)
@@ -301,6 +319,7 @@ def capture_mlp(mlps: Dict[int, torch.nn.Module], handler: Callable[[int, torch.
 
     def hook_for(i):
         return lambda z: handler(i, z)
+
     for i, m in mlps.items():
         m.capture = hook_for(i)
     try:
@@ -317,9 +336,17 @@ def running_variance(inhibitor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(forward: Callable[[torch.Tensor], object], mlps: Dict[int, torch.nn.Module], tokens: torch.Tensor,
-            seq_length: int, batch_size: int, levels: Sequence[float], ps=None,
-            running_vars: Optional[Dict[int, torch.Tensor]] = None, device=None) -> Dict[int, dict]:
+def measure(
+    forward: Callable[[torch.Tensor], object],
+    mlps: Dict[int, torch.nn.Module],
+    tokens: torch.Tensor,
+    seq_length: int,
+    batch_size: int,
+    levels: Sequence[float],
+    ps=None,
+    running_vars: Optional[Dict[int, torch.Tensor]] = None,
+    device=None,
+) -> Dict[int, dict]:
     """Run the held-out ``tokens`` through ``forward`` twice and summarise every layer of ``mlps``.
 
     forward: called with a [b, s] int64 batch (the model in eval mode; its output is ignored).
@@ -329,8 +356,10 @@ def measure(forward: Callable[[torch.Tensor], object], mlps: Dict[int, torch.nn.
     """
     accs = {i: LayerAccumulator(levels) for i in mlps}
     for p in (1, 2):
+
         def handler(i, z, p=p):
             (accs[i].add_pass1 if p == 1 else accs[i].add_pass2)(z)
+
         with capture_mlp(mlps, handler):
             for b in batches(tokens, seq_length, batch_size):
                 forward(b.to(device) if device is not None else b)

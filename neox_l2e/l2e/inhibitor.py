@@ -11,6 +11,7 @@ One training micro-batch:
 A forward needs no host synchronisation; commit copies two numbers back (``commit_device`` + ``commit_host``:
 a caller may batch that copy over layers and its own flags, as ``controller.commit_all`` does).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -19,7 +20,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as TF
 
-from . import stats as S
+from . import stats
 from .backend import TorchBackend, choose_backend
 from .metrics import MetricsWindow
 from .plan import Pass, Pending, Phase
@@ -61,8 +62,9 @@ class Inhibitor(InhibitorState):
     def phase(self) -> Phase:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                approximate: str = "none") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none"
+    ) -> torch.Tensor:
         """z = GELU(x W^T + b) [..., N] (MEmeL: top-k reflected in training)."""
         self._sync()
         x2d = x.reshape(-1, x.shape[-1])
@@ -76,8 +78,11 @@ class Inhibitor(InhibitorState):
         else:
             kind = Pass.RECOMPUTE
             if self._pending.rows != T:
-                warnings.warn(f"L2E layer {self.layer_index}: a forward of {T} rows while a micro-batch of "
-                              f"{self._pending.rows} rows is pending; was commit() called after the last backward?")
+                warnings.warn(
+                    f"L2E layer {self.layer_index}: a forward of {T} rows while a micro-batch of "
+                    f"{self._pending.rows} rows is pending; was commit() called after the last backward?",
+                    stacklevel=2,
+                )
         z = self._forward(x2d, weight, bias, approximate, self.phase(), kind)
         return z.reshape(*x.shape[:-1], z.shape[-1])
 
@@ -109,23 +114,25 @@ class Inhibitor(InhibitorState):
         self._committing = pend
         if pend is None:
             return None
-        batch = S.gather_merge_dp(self.ps, *pend.moments)
-        cnt, mean, m2 = S.fold((self.count, self.mean, self.m2), batch, self.decay)
+        batch = stats.gather_merge_dp(self.ps, *pend.moments)
+        cnt, mean, m2 = stats.fold((self.count, self.mean, self.m2), batch, self.decay)
         dev = self.mean.device
         sel = pend.n_selected if pend.n_selected is not None else torch.zeros((), device=dev)
-        counts = torch.stack([sel.to(torch.float64).reshape(()),
-                              torch.full((), pend.n_eligible, dtype=torch.float64, device=dev)])
+        counts = torch.stack(
+            [sel.to(torch.float64).reshape(()), torch.full((), pend.n_eligible, dtype=torch.float64, device=dev)]
+        )
         self.ps.all_reduce_tp(counts)
         self.ps.all_reduce_dp(counts)
         tau = self._next_tau(pend, counts)
 
         def put(buf, new):
             buf.copy_(new.to(buf.dtype) if ok is None else torch.where(ok, new.to(buf.dtype), buf))
+
         put(self.count, cnt)
         put(self.mean, mean)
         put(self.m2, m2)
         put(self.commits, self.commits + 1)
-        if pend.n_selected is not None:          # a selecting micro-batch
+        if pend.n_selected is not None:  # a selecting micro-batch
             put(self.total_selected, self.total_selected + counts[0])
             put(self.total_eligible, self.total_eligible + counts[1])
         if tau is not None:
@@ -155,5 +162,7 @@ class Inhibitor(InhibitorState):
         return window.reduce(self.ps, self._tau_host)
 
     def extra_repr(self) -> str:
-        return (f"layer={self.layer_index}, neurons={self.num_neurons}, method={self.method}, p={self.ratio}, "
-                f"backend={self.backend.name}")
+        return (
+            f"layer={self.layer_index}, neurons={self.num_neurons}, method={self.method}, p={self.ratio}, "
+            f"backend={self.backend.name}"
+        )

@@ -1,4 +1,5 @@
 """Which model state keys hold L2E state (the inhibitors' buffers). Imports nothing, so any layer may use it."""
+
 from __future__ import annotations
 
 #: the MLP attribute that holds a layer's inhibitor (``...mlp.inhibitor.count``)

@@ -1,5 +1,6 @@
 """The two inhibition methods on top of ``Inhibitor``: L2E (moving threshold + loss) and MEmeL (per-batch
 top-k + reverse deactivation), and ``NeuronInhibitor``, which builds the one the config names."""
+
 from __future__ import annotations
 
 import math
@@ -22,6 +23,7 @@ def _plain(x, weight, bias, approximate):
 
 class L2EInhibitor(Inhibitor):
     """L2E: selected = phi >= tau (no sort); loss = log((z - mean)^2 + eps) over the selected entries."""
+
     method = "l2e"
 
     def __init__(self, num_neurons: int, cfg, ps, layer_index: int):
@@ -35,36 +37,51 @@ class L2EInhibitor(Inhibitor):
         return Phase.INIT_TAU if math.isinf(self._tau_host) else Phase.SELECT
 
     def _forward(self, x, weight, bias, approximate, phase: Phase, kind: Pass) -> torch.Tensor:
-        if kind is Pass.EVAL and phase is not Phase.SELECT:    # nothing to score or gather
+        if kind is Pass.EVAL and phase is not Phase.SELECT:  # nothing to score or gather
             self._record()
             return _plain(x, weight, bias, approximate)
         select = phase is Phase.SELECT
-        backend = self.torch_backend if phase is Phase.INIT_TAU else self.backend   # the quantile needs phi
-        r = backend(x, weight, bias, self.mean, self.inv_var, self._tau_host if select else None, self.eps,
-                    approximate, grad_to_input=self.grad_to_input, moments=kind is Pass.FIRST,
-                    score=phase is not Phase.GATHER)
+        backend = self.torch_backend if phase is Phase.INIT_TAU else self.backend  # the quantile needs phi
+        r = backend(
+            x,
+            weight,
+            bias,
+            self.mean,
+            self.inv_var,
+            self._tau_host if select else None,
+            self.eps,
+            approximate,
+            grad_to_input=self.grad_to_input,
+            moments=kind is Pass.FIRST,
+            score=phase is not Phase.GATHER,
+        )
         T = x.shape[0]
         n_sel = r.n_sel.detach().to(torch.float64) if select else None
         if select:
             from ..parallel import reduce_from_tp
+
             n_tp = self.ps.all_reduce_tp(n_sel.clone())
             loss_sum = reduce_from_tp(r.loss_sum, self.ps)
-            loss = loss_sum / n_tp.clamp_min(1.0).to(torch.float32)   # also in a recompute: the same saved tensors
-            if kind is not Pass.RECOMPUTE:   # a recompute keeps the loss of the first forward (the one in the graph)
+            loss = loss_sum / n_tp.clamp_min(1.0).to(torch.float32)  # also in a recompute: the same saved tensors
+            if kind is not Pass.RECOMPUTE:  # a recompute keeps the loss of the first forward (the one in the graph)
                 self._record(loss, loss_sum, n_tp, T)
         elif kind is not Pass.RECOMPUTE:
             self._record()
         if kind is Pass.FIRST:
             self._pending = Pending(
-                rows=T, phase=phase, moments=r.moments, n_selected=n_sel,
+                rows=T,
+                phase=phase,
+                moments=r.moments,
+                n_selected=n_sel,
                 n_eligible=float(T * self.num_neurons) if phase is not Phase.GATHER else 0.0,
                 init_phi=r.phi if phase is Phase.INIT_TAU and self.threshold.from_quantile else None,
-                metrics=self._metrics(r, n_sel, T) if select else None)
+                metrics=self._metrics(r, n_sel, T) if select else None,
+            )
         return r.z
 
     def _metrics(self, r, n_sel, T) -> BatchMetrics:
         phi, mask = r.phi, r.mask
-        if phi is None:   # Triton path: score a strided row sample of z (documented estimate)
+        if phi is None:  # Triton path: score a strided row sample of z (documented estimate)
             stride = max(1, -(-T // self.metrics_rows))
             phi = F.phi(r.z[::stride].detach(), self.mean, self.inv_var)
             mask = phi >= self._tau_host
@@ -84,6 +101,7 @@ class L2EInhibitor(Inhibitor):
 class MEmeLInhibitor(Inhibitor):
     """MEmeL: in training, the k = round(p * T * N) largest phi of this rank's batch are reflected about the
     neuron's mean, z' = 2 mean - z. Scores phi on the fp32 z of the torch path on every backend."""
+
     method = "memel"
 
     def phase(self) -> Phase:
@@ -91,11 +109,21 @@ class MEmeLInhibitor(Inhibitor):
 
     def _forward(self, x, weight, bias, approximate, phase: Phase, kind: Pass) -> torch.Tensor:
         self._record()
-        if kind is Pass.EVAL:                                   # MEmeL inhibits in training only
+        if kind is Pass.EVAL:  # MEmeL inhibits in training only
             return _plain(x, weight, bias, approximate)
         select = phase is Phase.SELECT
-        r = self.torch_backend(x, weight, bias, self.mean, self.inv_var, None, self.eps, approximate,
-                               moments=kind is Pass.FIRST, score=select)
+        r = self.torch_backend(
+            x,
+            weight,
+            bias,
+            self.mean,
+            self.inv_var,
+            None,
+            self.eps,
+            approximate,
+            moments=kind is Pass.FIRST,
+            score=select,
+        )
         out, T = r.z, x.shape[0]
         n_sel = mask = None
         if select:
@@ -105,9 +133,13 @@ class MEmeLInhibitor(Inhibitor):
             self.n_selected = n_sel
         if kind is Pass.FIRST:
             self._pending = Pending(
-                rows=T, phase=phase, moments=r.moments, n_selected=n_sel,
+                rows=T,
+                phase=phase,
+                moments=r.moments,
+                n_selected=n_sel,
                 n_eligible=float(T * self.num_neurons) if select else 0.0,
-                metrics=BatchMetrics.of(r.phi, mask, n_sel, T, self.num_neurons, self.levels, None) if select else None)
+                metrics=BatchMetrics.of(r.phi, mask, n_sel, T, self.num_neurons, self.levels, None) if select else None,
+            )
         return out
 
     def _topk_mask(self, phi: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ they are added to between two ``metrics()`` calls, and the global (TP x DP) redu
 
 No host synchronisation until ``MetricsWindow.reduce`` (one device-to-host copy).
 """
+
 from __future__ import annotations
 
 import math
@@ -11,48 +12,61 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import functional as F
+from . import functional
 
 
 @dataclass
 class BatchMetrics:
     """Sums of one selecting micro-batch (0-dim fp64 device tensors unless noted)."""
-    eligible: torch.Tensor            # eligible activations (T x N of this rank)
-    selected: torch.Tensor            # selected activations (exact)
-    scored: torch.Tensor              # activations whose phi was scored (all of them, or the row sample)
-    phi_sum: torch.Tensor             # sum of phi over the scored ones
-    phi_sum_selected: torch.Tensor    # sum of phi over the selected among the scored
-    selected_scored: torch.Tensor     # selected among the scored
-    above_levels: torch.Tensor        # [levels] scored activations with phi > level
-    hit: torch.Tensor                 # [N] bool: neuron selected at least once (among the scored)
-    loss_sum: torch.Tensor            # this layer's L_MS (TP-global mean over selected); 0 when none
-    loss_batches: torch.Tensor        # 1 when the micro-batch had an L2E loss, else 0
+
+    eligible: torch.Tensor  # eligible activations (T x N of this rank)
+    selected: torch.Tensor  # selected activations (exact)
+    scored: torch.Tensor  # activations whose phi was scored (all of them, or the row sample)
+    phi_sum: torch.Tensor  # sum of phi over the scored ones
+    phi_sum_selected: torch.Tensor  # sum of phi over the selected among the scored
+    selected_scored: torch.Tensor  # selected among the scored
+    above_levels: torch.Tensor  # [levels] scored activations with phi > level
+    hit: torch.Tensor  # [N] bool: neuron selected at least once (among the scored)
+    loss_sum: torch.Tensor  # this layer's L_MS (TP-global mean over selected); 0 when none
+    loss_batches: torch.Tensor  # 1 when the micro-batch had an L2E loss, else 0
 
     #: the fields summed over TP and DP ranks, in this order
     SUMMED = ("eligible", "selected", "scored", "phi_sum", "phi_sum_selected", "selected_scored")
 
     @classmethod
-    def of(cls, phi: torch.Tensor, mask: torch.Tensor, n_sel: torch.Tensor, rows: int, num_neurons: int,
-           levels: Sequence[float], loss: Optional[torch.Tensor]) -> "BatchMetrics":
+    def of(
+        cls,
+        phi: torch.Tensor,
+        mask: torch.Tensor,
+        n_sel: torch.Tensor,
+        rows: int,
+        num_neurons: int,
+        levels: Sequence[float],
+        loss: Optional[torch.Tensor],
+    ) -> "BatchMetrics":
         """From this rank's scored phi [t, N] and its selection ``mask``, the exact ``n_sel`` over all ``rows``."""
         dev = phi.device
         f64 = dict(dtype=torch.float64, device=dev)
         return cls(
-            eligible=torch.full((), float(rows * num_neurons), **f64),   # fills: no host-to-device copy
+            eligible=torch.full((), float(rows * num_neurons), **f64),  # fills: no host-to-device copy
             selected=n_sel.detach().to(torch.float64).reshape(()),
             scored=torch.full((), float(phi.numel()), **f64),
             phi_sum=phi.sum().to(torch.float64),
             phi_sum_selected=torch.where(mask, phi, 0.0).sum().to(torch.float64),
-            selected_scored=F.count(mask),
-            above_levels=torch.stack([F.count(phi > lv) for lv in levels]) if levels else torch.zeros(0, **f64),
+            selected_scored=functional.count(mask),
+            above_levels=torch.stack([functional.count(phi > lv) for lv in levels])
+            if levels
+            else torch.zeros(0, **f64),
             hit=mask.any(dim=0),
             loss_sum=loss.detach().to(torch.float64).reshape(()) if loss is not None else torch.zeros((), **f64),
-            loss_batches=torch.full((), 1.0 if loss is not None else 0.0, **f64))
+            loss_batches=torch.full((), 1.0 if loss is not None else 0.0, **f64),
+        )
 
 
 @dataclass
 class MetricsWindow:
     """Running sums of the committed micro-batches since the last ``reduce``."""
+
     num_neurons: int
     levels: Sequence[float]
     device: torch.device
@@ -90,10 +104,10 @@ class MetricsWindow:
         hits = hit.sum().reshape(1)
         ps.all_reduce_tp(hits)
         loss = torch.stack([self._get("loss_sum"), self._get("loss_batches")])
-        ps.all_reduce_dp(loss)                          # the layer's loss is already TP-global
+        ps.all_reduce_dp(loss)  # the layer's loss is already TP-global
         values = torch.cat([summed, hits, loss]).tolist()
         v = dict(zip(names, values))
-        above = values[len(names):len(names) + len(self.levels)]
+        above = values[len(names) : len(names) + len(self.levels)]
         n_hit, loss_sum, loss_n = values[-3:]
         nan = math.nan
         scored = v["scored"]
@@ -101,8 +115,7 @@ class MetricsWindow:
             "frac_selected": v["selected"] / v["eligible"] if v["eligible"] > 0 else nan,
             "tau": tau,
             "loss_ms": loss_sum / loss_n if loss_n > 0 else nan,
-            "phi_mean_selected": (v["phi_sum_selected"] / v["selected_scored"] if v["selected_scored"] > 0
-                                  else nan),
+            "phi_mean_selected": (v["phi_sum_selected"] / v["selected_scored"] if v["selected_scored"] > 0 else nan),
             "phi_mean_all": v["phi_sum"] / scored if scored > 0 else nan,
             "neurons_hit": n_hit,
             "batches": float(self.batches),

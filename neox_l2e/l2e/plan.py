@@ -9,6 +9,7 @@ and what a training forward leaves pending for ``commit``.
     Pass.RECOMPUTE  a second training forward before commit (activation checkpointing): the same ops, no side effects
     Pass.EVAL       eval mode: nothing pending; no statistics path where nothing is selected
 """
+
 from __future__ import annotations
 
 import enum
@@ -35,10 +36,11 @@ class Pass(enum.Enum):
 @dataclass
 class Pending:
     """A training micro-batch's contribution, kept from its forward until commit (or discard)."""
-    rows: int                                  # token rows T of this rank
+
+    rows: int  # token rows T of this rank
     phase: Phase
-    moments: tuple                             # (count, mean [N], M2 [N]) of this batch's z, fp32
+    moments: tuple  # (count, mean [N], M2 [N]) of this batch's z, fp32
     n_selected: Optional[torch.Tensor] = None  # selected activations of this rank (None: not selecting)
-    n_eligible: float = 0.0                    # T x N when the phase scores, else 0
-    init_phi: Optional[torch.Tensor] = None    # INIT_TAU with a quantile init: this rank's phi
-    metrics: Optional[BatchMetrics] = None     # selecting micro-batches only
+    n_eligible: float = 0.0  # T x N when the phase scores, else 0
+    init_phi: Optional[torch.Tensor] = None  # INIT_TAU with a quantile init: this rank's phi
+    metrics: Optional[BatchMetrics] = None  # selecting micro-batches only

@@ -12,6 +12,7 @@ Buffers (state_dict; identical on all data-parallel replicas):
 What decides a forward (is a neuron eligible, is warm-up over, is tau set, tau) is mirrored on the host from
 these buffers, identical on every rank, so a forward needs no host synchronisation.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import functional as F
+from . import functional
 
 
 class InhibitorState(nn.Module):
@@ -33,13 +34,18 @@ class InhibitorState(nn.Module):
         self.num_neurons, self.cfg, self.ps, self.layer_index = int(num_neurons), cfg, ps, int(layer_index)
         self.min_samples = max(int(cfg.l2e_min_samples), 2)
         self.warmup_steps = int(cfg.l2e_warmup_steps)
-        dev = getattr(ps, "device", None)   # where the model builds its layers
+        dev = getattr(ps, "device", None)  # where the model builds its layers
         n = self.num_neurons
-        for name, shape, dtype, fill in (("count", (n,), torch.float64, 0.0), ("mean", (n,), torch.float32, 0.0),
-                                         ("m2", (n,), torch.float32, 0.0), ("tau", (), torch.float32, math.inf),
-                                         ("step", (), torch.int64, 0), ("commits", (), torch.int64, 0),
-                                         ("total_selected", (), torch.float64, 0.0),
-                                         ("total_eligible", (), torch.float64, 0.0)):
+        for name, shape, dtype, fill in (
+            ("count", (n,), torch.float64, 0.0),
+            ("mean", (n,), torch.float32, 0.0),
+            ("m2", (n,), torch.float32, 0.0),
+            ("tau", (), torch.float32, math.inf),
+            ("step", (), torch.int64, 0),
+            ("commits", (), torch.int64, 0),
+            ("total_selected", (), torch.float64, 0.0),
+            ("total_eligible", (), torch.float64, 0.0),
+        ):
             self.register_buffer(name, torch.full(shape, fill, dtype=dtype, device=dev))
         self.register_buffer("inv_var", torch.zeros(n, dtype=torch.float32, device=dev), persistent=False)
         self._count_host, self._tau_host, self._step_host = 0.0, math.inf, 0
@@ -64,8 +70,11 @@ class InhibitorState(nn.Module):
 
     def _host_values(self) -> torch.Tensor:
         """(count of neuron 0, tau) as fp64 [2]: what the host mirrors (count is the same for every neuron)."""
-        c = self.count[:1].reshape(()) if self.num_neurons else torch.zeros((), dtype=torch.float64,
-                                                                            device=self.tau.device)
+        c = (
+            self.count[:1].reshape(())
+            if self.num_neurons
+            else torch.zeros((), dtype=torch.float64, device=self.tau.device)
+        )
         return torch.stack([c, self.tau.to(torch.float64)])
 
     def _sync(self) -> None:
@@ -108,4 +117,4 @@ class InhibitorState(nn.Module):
         """Called after load_state_dict (subclasses drop what was pending)."""
 
     def _update_inv_var(self) -> None:
-        self.inv_var.copy_(F.inv_var_from_stats(self.count, self.m2, self.min_samples))
+        self.inv_var.copy_(functional.inv_var_from_stats(self.count, self.m2, self.min_samples))

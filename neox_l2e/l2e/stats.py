@@ -9,13 +9,14 @@ The one-off exact quantile used to initialise the moving threshold is ``global_k
 on the bit patterns of non-negative fp32 values, whose only communication is a one-element all-reduce
 per step, so it is exact over any number of ranks without gathering the values.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import functional as F
+from . import functional
 
 Moments = tuple  # (count, mean, m2)
 
@@ -24,10 +25,11 @@ def gather_merge_dp(ps, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tenso
     """Merge one (count, mean [N], M2 [N]) per data-parallel rank into the batch moments of the whole
     DP group, in DP-rank order (identical on every rank). Returns float64 (count 0-dim, mean, M2)."""
     n = mean.numel()
-    packed = torch.cat([count.reshape(1).to(torch.float64), mean.to(torch.float64).reshape(-1),
-                        m2.to(torch.float64).reshape(-1)])
+    packed = torch.cat(
+        [count.reshape(1).to(torch.float64), mean.to(torch.float64).reshape(-1), m2.to(torch.float64).reshape(-1)]
+    )
     parts = ps.all_gather_dp(packed)
-    return F.merge_ordered((p[0], p[1:1 + n], p[1 + n:]) for p in parts)
+    return functional.merge_ordered((p[0], p[1 : 1 + n], p[1 + n :]) for p in parts)
 
 
 def fold(running: Sequence[torch.Tensor], batch: Sequence[torch.Tensor], decay: Optional[float] = None) -> Moments:
@@ -35,9 +37,9 @@ def fold(running: Sequence[torch.Tensor], batch: Sequence[torch.Tensor], decay: 
     ``running`` count is [N]; ``batch`` count may be 0-dim."""
     rc, rm, rm2 = (t.to(torch.float64) for t in running)
     if decay is not None:
-        rc, rm, rm2 = F.decay_moments((rc, rm, rm2), float(decay))
+        rc, rm, rm2 = functional.decay_moments((rc, rm, rm2), float(decay))
     bc, bm, bm2 = (t.to(torch.float64) for t in batch)
-    return F.merge_moments((rc, rm, rm2), (bc.expand_as(rc), bm, bm2))
+    return functional.merge_moments((rc, rm, rm2), (bc.expand_as(rc), bm, bm2))
 
 
 def two_pass_moments64(z: torch.Tensor) -> Moments:
@@ -55,8 +57,9 @@ def kth_index(ratio: float, total: int) -> int:
 _INF_BITS = 0x7F800000  # bit pattern of +inf in fp32; non-negative floats order like their int32 patterns
 
 
-def global_kth_largest(values: torch.Tensor, k: int,
-                       all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+def global_kth_largest(
+    values: torch.Tensor, k: int, all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+) -> torch.Tensor:
     """The exact k-th largest of the union of non-negative ``values`` held across ranks (0-dim fp32).
 
     ``all_reduce`` sums a one-element int64 tensor in place over every rank holding a part of the values
@@ -67,7 +70,7 @@ def global_kth_largest(values: torch.Tensor, k: int,
     v = torch.nan_to_num(values.detach().float().reshape(-1), nan=0.0).clamp_min(0.0)
     bits = v.view(torch.int32)
     dev = v.device
-    lo = torch.zeros((), dtype=torch.int64, device=dev)                # count(v >= 0) = all values
+    lo = torch.zeros((), dtype=torch.int64, device=dev)  # count(v >= 0) = all values
     hi = torch.full((), _INF_BITS + 1, dtype=torch.int64, device=dev)  # count(v >= inf + 1ulp) = 0
     for _ in range(32):  # hi - lo <= 2^31 at the start: 32 halvings always reach hi - lo == 1
         mid = (lo + hi) // 2

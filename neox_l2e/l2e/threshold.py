@@ -6,13 +6,14 @@
 Everything runs on the device (no host synchronisation); the inhibitor mirrors the result on the host.
 tau stays in [TAU_MIN, TAU_MAX] once initialised and is stored in fp32.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
 
-from . import stats as S
+from . import stats
 
 TAU_MIN, TAU_MAX = 1e-30, 1e30
 
@@ -32,13 +33,14 @@ class Threshold:
         Collective over TP and DP in quantile mode (a bisection of one-element all-reduces)."""
         if not self.from_quantile:
             return torch.full((), self.tau_init, dtype=torch.float64, device=n_eligible.device)
-        k = torch.round(self.ratio * n_eligible).clamp_min(1.0).to(torch.int64)   # = stats.kth_index
+        k = torch.round(self.ratio * n_eligible).clamp_min(1.0).to(torch.int64)  # = stats.kth_index
 
         def _reduce(t):
             ps.all_reduce_tp(t)
             ps.all_reduce_dp(t)
             return t
-        return S.global_kth_largest(phi, k, _reduce if ps.world_size > 1 else None).to(torch.float64)
+
+        return stats.global_kth_largest(phi, k, _reduce if ps.world_size > 1 else None).to(torch.float64)
 
     def updated(self, tau: torch.Tensor, n_selected: torch.Tensor, n_eligible: torch.Tensor) -> torch.Tensor:
         """tau * exp(eta * (frac - p) / p), frac = n_selected / n_eligible (fp64 0-dim tensors); tau itself

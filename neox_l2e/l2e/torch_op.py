@@ -15,6 +15,7 @@ benchmark all call ``up_gelu_l2e``; ``fused_up_gelu_l2e`` (Triton) has the same 
 
 Imports nothing from training/ (kernels may import it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as TF
 
-from . import functional as L
+from . import functional
 
 PREACTS = ("linear", "fp32", "rounded")
 
@@ -66,7 +67,7 @@ class _ParamGradOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, du):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         dw = (du.t() @ x.to(du.dtype)).to(ctx.w_dtype)
         db = du.sum(0).to(ctx.b_dtype) if ctx.b_dtype is not None else None
         return None, None, dw, db
@@ -76,6 +77,7 @@ class _ParamGradOnly(torch.autograd.Function):
 class L2EForward:
     """What one forward computes. ``n_sel`` is int64 0-dim; ``moments`` is (count, bmean, bm2) or None;
     ``z32``, ``phi`` and ``mask`` are None where the backend does not produce them (the Triton kernel)."""
+
     z: torch.Tensor
     loss_sum: torch.Tensor
     n_sel: torch.Tensor
@@ -100,9 +102,21 @@ def preactivation(x, weight, bias, preact: str = "linear") -> torch.Tensor:
     return u
 
 
-def up_gelu_l2e(x, weight, bias, mean, inv_var, tau: Optional[float], eps: float, approximate: str = "none", *,
-                preact: str = "linear", grad_to_input: bool = True, moments: bool = True,
-                score: bool = True) -> L2EForward:
+def up_gelu_l2e(
+    x,
+    weight,
+    bias,
+    mean,
+    inv_var,
+    tau: Optional[float],
+    eps: float,
+    approximate: str = "none",
+    *,
+    preact: str = "linear",
+    grad_to_input: bool = True,
+    moments: bool = True,
+    score: bool = True,
+) -> L2EForward:
     """The L2E forward on x [T, h]. ``tau=None``: no selection (no mask, loss_sum a constant 0, n_sel 0);
     ``score``: compute phi even when not selecting (the batch that initialises tau); ``moments``: this
     batch's (count, mean, M2); ``grad_to_input=False``: the loss's gradient reaches weight and bias but not x
@@ -110,9 +124,9 @@ def up_gelu_l2e(x, weight, bias, mean, inv_var, tau: Optional[float], eps: float
     u = preactivation(x, weight, bias, preact)
     z32 = TF.gelu(u.float(), approximate=approximate)
     out = L2EForward(z=z32.to(x.dtype), loss_sum=None, n_sel=None, z32=z32)
-    out.moments = L.batch_moments(z32) if moments else None
+    out.moments = functional.batch_moments(z32) if moments else None
     if tau is not None or score:
-        out.phi = L.phi(z32.detach(), mean, inv_var)
+        out.phi = functional.phi(z32.detach(), mean, inv_var)
     if tau is None:
         out.loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         out.n_sel = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -121,16 +135,29 @@ def up_gelu_l2e(x, weight, bias, mean, inv_var, tau: Optional[float], eps: float
     z_loss = z32
     if not grad_to_input and x.requires_grad and torch.is_grad_enabled():
         z_loss = TF.gelu(_ParamGradOnly.apply(u, x, weight, bias).float(), approximate=approximate)
-    out.loss_sum = L.inhibition_loss_sum(z_loss, mean, out.mask, float(eps))
+    out.loss_sum = functional.inhibition_loss_sum(z_loss, mean, out.mask, float(eps))
     out.n_sel = out.mask.sum(dtype=torch.int64)
     return out
 
 
-def l2e_mlp_torch(x, weight, bias, mean, inv_var, tau: float, eps: float, approximate: str = "none",
-                  mode: str = "split", *, preact: str = "linear", grad_to_input: bool = True):
+def l2e_mlp_torch(
+    x,
+    weight,
+    bias,
+    mean,
+    inv_var,
+    tau: float,
+    eps: float,
+    approximate: str = "none",
+    mode: str = "split",
+    *,
+    preact: str = "linear",
+    grad_to_input: bool = True,
+):
     """``fused_up_gelu_l2e``'s contract in torch: ``z, loss_sum, n_sel, (count, bmean, bm2)``; ``mode`` is
     checked and ignored."""
     check_args(x, weight, bias, mean, inv_var, tau, eps, approximate, mode)
-    r = up_gelu_l2e(x, weight, bias, mean, inv_var, float(tau), eps, approximate, preact=preact,
-                    grad_to_input=grad_to_input)
+    r = up_gelu_l2e(
+        x, weight, bias, mean, inv_var, float(tau), eps, approximate, preact=preact, grad_to_input=grad_to_input
+    )
     return r.z, r.loss_sum, r.n_sel, r.moments

@@ -9,6 +9,7 @@ first rotary_pct * head_dim dims of q and k; causal torch scaled_dot_product_att
 Tensor parallelism splits heads, the MLP width and the vocabulary (neox_l2e.parallel); parameter
 names follow Hugging Face GPTNeoX so checkpoints convert by name.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import DEFAULT_SEED, NeoXConfig
-from ..parallel import (ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding, copy_to_tp,
-                        gather_from_tp, init_sharded_, vocab_parallel_cross_entropy)
+from ..parallel import (
+    ColumnParallelLinear,
+    ParallelState,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tp,
+    gather_from_tp,
+    init_sharded_,
+    vocab_parallel_cross_entropy,
+)
 from .mlp import MLP
 from .rotary import RotaryEmbedding, apply_rotary
 
@@ -30,28 +39,29 @@ class Attention(nn.Module):
     def __init__(self, cfg: NeoXConfig, ps: ParallelState, dtype=None):
         super().__init__()
         m = cfg.model
-        self.heads = m.num_attention_heads // ps.tp                      # heads on this rank
+        self.heads = m.num_attention_heads // ps.tp  # heads on this rank
         self.head_dim = cfg.head_dim
         self.dropout = m.attention_dropout
-        self.rng = ps.rng                                                 # TP-rank-specific stream for dropout
-        self.query_key_value = ColumnParallelLinear(m.hidden_size, 3 * m.hidden_size, ps,
-                                                    bias=m.use_bias_in_attn_linear, dtype=dtype)
+        self.rng = ps.rng  # TP-rank-specific stream for dropout
+        self.query_key_value = ColumnParallelLinear(
+            m.hidden_size, 3 * m.hidden_size, ps, bias=m.use_bias_in_attn_linear, dtype=dtype
+        )
         self.dense = RowParallelLinear(m.hidden_size, m.hidden_size, ps, bias=m.use_bias_in_attn_linear, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        qkv = self.query_key_value(x)                                     # [b, s, 3 * heads * hd]
-        qkv = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)   # [b, heads, s, 3 hd]
-        q, k, v = qkv.split(self.head_dim, dim=-1)                        # each [b, heads, s, hd]
+        qkv = self.query_key_value(x)  # [b, s, 3 * heads * hd]
+        qkv = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)  # [b, heads, s, 3 hd]
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [b, heads, s, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
         if p > 0.0:
-            with self.rng.fork():                                         # this rank's heads: own dropout stream
+            with self.rng.fork():  # this rank's heads: own dropout stream
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)   # [b, s, h/tp]
-        return self.dense(y)                                              # [b, s, h]
+        y = y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)  # [b, s, h/tp]
+        return self.dense(y)  # [b, s, h]
 
 
 class Layer(nn.Module):
@@ -60,10 +70,12 @@ class Layer(nn.Module):
         m = cfg.model
         self.parallel_residual = m.gpt_j_residual
         self.tied_norm = m.gpt_j_tied
-        self.input_layernorm = nn.LayerNorm(m.hidden_size, eps=m.layernorm_epsilon, bias=m.use_bias_in_norms,
-                                            device=ps.device, dtype=dtype)
-        self.post_attention_layernorm = nn.LayerNorm(m.hidden_size, eps=m.layernorm_epsilon, bias=m.use_bias_in_norms,
-                                                     device=ps.device, dtype=dtype)
+        self.input_layernorm = nn.LayerNorm(
+            m.hidden_size, eps=m.layernorm_epsilon, bias=m.use_bias_in_norms, device=ps.device, dtype=dtype
+        )
+        self.post_attention_layernorm = nn.LayerNorm(
+            m.hidden_size, eps=m.layernorm_epsilon, bias=m.use_bias_in_norms, device=ps.device, dtype=dtype
+        )
         self.attention = Attention(cfg, ps, dtype)
         self.mlp = MLP(m.hidden_size, cfg.ffn_size, ps, approximate=cfg.gelu_approximate, dtype=dtype)
         self.dropout = nn.Dropout(m.hidden_dropout)
@@ -82,31 +94,40 @@ class ModelOutput(NamedTuple):
     """The forward's result. A tuple, so that DeepSpeed finds its tensors: the engine registers its backward
     hooks (the backward prologue: wall-clock timers, ZeRO's backward bookkeeping) on the tensors of a
     tuple, list or dict output, and on none of a plain object's."""
-    logits: torch.Tensor                  # [b, s, V/tp] (this rank's vocab slice)
-    l2e_loss: Optional[torch.Tensor]      # model.l2e.loss(): the reduced L2E loss (None when no layer is active)
+
+    logits: torch.Tensor  # [b, s, V/tp] (this rank's vocab slice)
+    l2e_loss: Optional[torch.Tensor]  # model.l2e.loss(): the reduced L2E loss (None when no layer is active)
 
 
 class GPTNeoX(nn.Module):
-    def __init__(self, cfg: NeoXConfig, ps: Optional[ParallelState] = None, vocab_size: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, init: bool = True, seed: int = DEFAULT_SEED):
+    def __init__(
+        self,
+        cfg: NeoXConfig,
+        ps: Optional[ParallelState] = None,
+        vocab_size: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        init: bool = True,
+        seed: int = DEFAULT_SEED,
+    ):
         """``seed`` draws the initial weights and, when ``ps.rng`` is not seeded yet, the dropout streams (the
         trainer passes training.seed); ``init=False`` leaves the weights for a checkpoint to fill."""
         super().__init__()
         ps = ps or ParallelState.single()
         m = cfg.model
         self.cfg, self.ps = cfg, ps
-        self.vocab_size = cfg.padded_vocab_size(ps.tp, vocab_size)      # padded, global
-        self.base_vocab_size = cfg.padded_vocab_size(1, vocab_size)     # padded for TP=1; rows past it are inert
+        self.vocab_size = cfg.padded_vocab_size(ps.tp, vocab_size)  # padded, global
+        self.base_vocab_size = cfg.padded_vocab_size(1, vocab_size)  # padded for TP=1; rows past it are inert
         if not ps.rng.seeded:
-            ps.rng.seed(seed, ps.tp_rank, shared=False)                   # TP-rank dropout stream (parallel/random.py)
+            ps.rng.seed(seed, ps.tp_rank, shared=False)  # TP-rank dropout stream (parallel/random.py)
         self.gradient_checkpointing = m.checkpoint_activations
         self.checkpoint_num_layers = m.checkpoint_num_layers
-        self.gpt_neox = nn.Module()                                       # HF naming: gpt_neox.*
+        self.gpt_neox = nn.Module()  # HF naming: gpt_neox.*
         self.gpt_neox.embed_in = VocabParallelEmbedding(self.vocab_size, m.hidden_size, ps, dtype=dtype)
         self.gpt_neox.emb_dropout = nn.Dropout(m.hidden_dropout)
         self.gpt_neox.layers = nn.ModuleList(Layer(cfg, ps, dtype) for _ in range(m.num_layers))
-        self.gpt_neox.final_layer_norm = nn.LayerNorm(m.hidden_size, eps=m.layernorm_epsilon, bias=m.use_bias_in_norms,
-                                                      device=ps.device, dtype=dtype)
+        self.gpt_neox.final_layer_norm = nn.LayerNorm(
+            m.hidden_size, eps=m.layernorm_epsilon, bias=m.use_bias_in_norms, device=ps.device, dtype=dtype
+        )
         self.tied = not m.no_weight_tying
         if not self.tied:
             self.embed_out = ColumnParallelLinear(m.hidden_size, self.vocab_size, ps, bias=False, dtype=dtype)
@@ -121,6 +142,7 @@ class GPTNeoX(nn.Module):
         """Give the inhibited layers' MLPs an inhibitor, and the model its L2E controller (``self.l2e``, what
         the training loop talks to: begin_step, loss_term, end_micro_batch, metrics)."""
         from ..l2e import L2EController, NeuronInhibitor
+
         e = self.cfg.l2e
         if self.cfg.l2e_active:
             for i in self.cfg.inhibited_layers():
@@ -148,7 +170,11 @@ class GPTNeoX(nn.Module):
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                fn = outer if (name.endswith("attention.dense.weight") or name.endswith("dense_4h_to_h.weight")) else inner
+                fn = (
+                    outer
+                    if (name.endswith("attention.dense.weight") or name.endswith("dense_4h_to_h.weight"))
+                    else inner
+                )
                 rows = self.base_vocab_size if name.endswith(("embed_in.weight", "embed_out.weight")) else None
                 init_sharded_(p, full, getattr(p, "tp_partition_dim", None), self.ps, fn, gen, init_rows=rows)
 
@@ -156,21 +182,28 @@ class GPTNeoX(nn.Module):
     def forward(self, tokens: torch.Tensor) -> ModelOutput:
         # tokens: [b, s]
         s = tokens.shape[1]
-        x = self.gpt_neox.emb_dropout(self.gpt_neox.embed_in(tokens))     # [b, s, h]
-        cos, sin = self.rotary(s, x.device, x.dtype)                      # [s, rot]
+        x = self.gpt_neox.emb_dropout(self.gpt_neox.embed_in(tokens))  # [b, s, h]
+        cos, sin = self.rotary(s, x.device, x.dtype)  # [s, rot]
         layers = self.gpt_neox.layers
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             n = self.checkpoint_num_layers
             for start in range(0, len(layers), n):
-                x = checkpoint(_run_layers, layers[start:start + n], x, cos, sin, use_reentrant=False,
-                               context_fn=self.ps.rng.checkpoint_contexts)
+                x = checkpoint(
+                    _run_layers,
+                    layers[start : start + n],
+                    x,
+                    cos,
+                    sin,
+                    use_reentrant=False,
+                    context_fn=self.ps.rng.checkpoint_contexts,
+                )
         else:
             x = _run_layers(layers, x, cos, sin)
         x = self.gpt_neox.final_layer_norm(x)
         if self.tied:
             logits = F.linear(copy_to_tp(x, self.ps), self.gpt_neox.embed_in.weight)
         else:
-            logits = self.embed_out(x)                                    # [b, s, V/tp]
+            logits = self.embed_out(x)  # [b, s, V/tp]
         return ModelOutput(logits, self.l2e.loss())
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -179,7 +212,7 @@ class GPTNeoX(nn.Module):
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Gather the vocab-parallel logits to [b, s, V] (inference, tests); V = the vocab padded for TP=1."""
-        return gather_from_tp(logits, self.ps)[..., :self.base_vocab_size]
+        return gather_from_tp(logits, self.ps)[..., : self.base_vocab_size]
 
     def num_parameters(self) -> int:
         """Parameters of the whole (unsharded) model at this TP degree. Not TP-independent: the vocab-parallel
@@ -214,6 +247,7 @@ def _init_fn(method: str, std: float, num_layers: int, hidden: int):
     elif method == "wang_init":
         sigma = 2.0 / num_layers / math.sqrt(hidden)
     elif method in ("xavier_normal", "xavier_uniform"):
+
         def xavier(t, gen):
             fan_out, fan_in = t.shape[0], t.shape[-1]
             bound = math.sqrt(2.0 / (fan_in + fan_out))
@@ -222,6 +256,7 @@ def _init_fn(method: str, std: float, num_layers: int, hidden: int):
             else:
                 a = math.sqrt(3.0) * bound
                 t.uniform_(-a, a, generator=gen)
+
         return xavier
     else:  # validated at config load
         raise ValueError(f"unknown init method {method!r}")

@@ -6,6 +6,7 @@ the selection and the inhibition loss — in plain torch, or in the fused Triton
 (neox_l2e.kernels.l2e_mlp). The model's ``l2e`` controller is what the training loop talks to.
 With no inhibitor the forward is exactly the plain Pythia MLP.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -22,7 +23,7 @@ class MLP(nn.Module):
         super().__init__()
         self.dense_h_to_4h = ColumnParallelLinear(hidden_size, ffn_size, ps, bias=True, dtype=dtype)
         self.dense_4h_to_h = RowParallelLinear(ffn_size, hidden_size, ps, bias=True, dtype=dtype)
-        self.approximate = approximate          # "tanh" (NeoX bias-gelu-fusion) or "none" (exact erf)
+        self.approximate = approximate  # "tanh" (NeoX bias-gelu-fusion) or "none" (exact erf)
         self.inhibitor: Optional[nn.Module] = None
         # analysis hook: called with z [b, s, 4h/tp] (after GELU / inhibition) when set (tools/ms_scan.py, fkr.py)
         self.capture: Optional[Callable[[torch.Tensor], None]] = None
@@ -32,9 +33,9 @@ class MLP(nn.Module):
         x = self.dense_h_to_4h.scatter_input(x)
         up = self.dense_h_to_4h
         if self.inhibitor is not None:
-            z = self.inhibitor(x, up.weight, up.bias, self.approximate)      # [b, s, 4h/tp]
+            z = self.inhibitor(x, up.weight, up.bias, self.approximate)  # [b, s, 4h/tp]
         else:
             z = F.gelu(F.linear(x, up.weight, up.bias), approximate=self.approximate)
         if self.capture is not None:
             self.capture(z)
-        return self.dense_4h_to_h(z)                                          # [b, s, h]
+        return self.dense_4h_to_h(z)  # [b, s, h]

@@ -1,4 +1,5 @@
 """Partial rotary position embeddings, non-interleaved (rotate-half), as GPT-NeoX / Pythia use them."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, seq_len: int, device, dtype) -> tuple:
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))           # [s, rot/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                      # [s, rot]
+        freqs = torch.outer(t, self.inv_freq.to(device))  # [s, rot/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [s, rot]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -8,6 +8,7 @@ gradient-norm code reads: a parameter without the mark is counted on TP rank 0 o
 Not torch.distributed.nn.functional.all_reduce: its backward is an all-reduce too, which would
 multiply gradients by the TP degree (see docs).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -40,7 +41,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.clone(memory_format=torch.contiguous_format)    # never reduce the caller's tensor in place
+        x = x.clone(memory_format=torch.contiguous_format)  # never reduce the caller's tensor in place
         dist.all_reduce(x, group=group)
         return x
 
@@ -85,9 +86,15 @@ def gather_from_tp(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     return _GatherFromTP.apply(x, ps.tp_group, ps.tp_rank, ps.tp) if ps.tp > 1 else x
 
 
-def init_sharded_(param: torch.Tensor, full_shape: tuple, partition_dim: Optional[int], ps: ParallelState,
-                  init_fn: Callable[[torch.Tensor], None], generator: torch.Generator,
-                  init_rows: Optional[int] = None) -> None:
+def init_sharded_(
+    param: torch.Tensor,
+    full_shape: tuple,
+    partition_dim: Optional[int],
+    ps: ParallelState,
+    init_fn: Callable[[torch.Tensor], None],
+    generator: torch.Generator,
+    init_rows: Optional[int] = None,
+) -> None:
     """Initialise the full (unsharded) tensor from ``generator`` and copy this rank's slice into ``param``,
     so that any TP degree starts from the same model.
 
@@ -109,17 +116,27 @@ def init_sharded_(param: torch.Tensor, full_shape: tuple, partition_dim: Optiona
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split by output rows: each TP rank computes out_features / tp outputs."""
 
-    def __init__(self, in_features: int, out_features: int, ps: ParallelState, bias: bool = True,
-                 gather_output: bool = False, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ps: ParallelState,
+        bias: bool = True,
+        gather_output: bool = False,
+        dtype=None,
+    ):
         super().__init__()
         if out_features % ps.tp:
             raise ValueError(f"output size {out_features} is not divisible by the TP degree {ps.tp}")
         self.ps, self.gather_output = ps, gather_output
         self.in_features, self.out_features = in_features, out_features
-        self.weight = mark_tp_param(nn.Parameter(torch.empty(out_features // ps.tp, in_features, device=ps.device,
-                                                             dtype=dtype)), 0)
+        self.weight = mark_tp_param(
+            nn.Parameter(torch.empty(out_features // ps.tp, in_features, device=ps.device, dtype=dtype)), 0
+        )
         if bias:
-            self.bias = mark_tp_param(nn.Parameter(torch.zeros(out_features // ps.tp, device=ps.device, dtype=dtype)), 0)
+            self.bias = mark_tp_param(
+                nn.Parameter(torch.zeros(out_features // ps.tp, device=ps.device, dtype=dtype)), 0
+            )
         else:
             self.register_parameter("bias", None)
 
@@ -142,8 +159,9 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"input size {in_features} is not divisible by the TP degree {ps.tp}")
         self.ps = ps
         self.in_features, self.out_features = in_features, out_features
-        self.weight = mark_tp_param(nn.Parameter(torch.empty(out_features, in_features // ps.tp, device=ps.device,
-                                                             dtype=dtype)), 1)
+        self.weight = mark_tp_param(
+            nn.Parameter(torch.empty(out_features, in_features // ps.tp, device=ps.device, dtype=dtype)), 1
+        )
         if bias:
             # replicated; added once, after the reduce (its gradient is the same on every TP rank)
             self.bias = mark_tp_param(nn.Parameter(torch.zeros(out_features, device=ps.device, dtype=dtype)), None)
@@ -199,7 +217,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp = exp.sum(dim=-1)
         dist.all_reduce(sum_exp, group=ps.tp_group)
         loss = sum_exp.log() - picked
-        exp.div_(sum_exp.unsqueeze(-1))                      # softmax of this slice
+        exp.div_(sum_exp.unsqueeze(-1))  # softmax of this slice
         ctx.save_for_backward(exp, local, outside)
         return loss
 
@@ -212,8 +230,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad * g.unsqueeze(-1), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ps: ParallelState,
-                                 vocab_limit: Optional[int] = None) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, ps: ParallelState, vocab_limit: Optional[int] = None
+) -> torch.Tensor:
     """Per-token cross-entropy (fp32) with the vocab dim of ``logits`` split across TP ranks.
 
     ``vocab_limit``: logits of global vocab index >= vocab_limit are left out of the softmax. The model

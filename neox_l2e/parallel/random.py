@@ -18,6 +18,7 @@ a checkpoint resumes with the same dropout masks. ``checkpoint_contexts`` is a `
 ``torch.utils.checkpoint(..., use_reentrant=False)``: the recomputation replays the tracked
 streams as they stood in the forward (torch itself replays only the default generators).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,7 +63,7 @@ class RNGTracker:
         """Create stream ``name`` seeded with ``seed`` (the default generator is not touched)."""
         if name in self._states:
             raise ValueError(f"RNG stream {name!r} already exists")
-        gen = torch.Generator(device=self.device)     # same state format as the device's default generator
+        gen = torch.Generator(device=self.device)  # same state format as the device's default generator
         gen.manual_seed(seed)
         self._states[name] = gen.get_state()
 
@@ -98,8 +99,11 @@ class RNGTracker:
     # ---- checkpoints ----
     def get_states(self) -> dict:
         """Every stream of this rank: the tracked ones and the shared default generators."""
-        out = {"seed": self.seed_value, "streams": {k: v.clone() for k, v in self._states.items()},
-               "cpu": torch.get_rng_state()}
+        out = {
+            "seed": self.seed_value,
+            "streams": {k: v.clone() for k, v in self._states.items()},
+            "cpu": torch.get_rng_state(),
+        }
         if self.device.type == "cuda":
             out["cuda"] = torch.cuda.get_rng_state(self.device)
         return out

@@ -10,6 +10,7 @@ Timeouts: every process group, ours and DeepSpeed's, waits at most ``dist-timeou
 heartbeat thread per rank (start_heartbeat) lets a rank whose collective timed out name the rank that
 stopped answering (collective_failure_message).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -41,7 +42,7 @@ class ParallelState:
     dp_group: Optional[object] = None
     tp_ranks: tuple = (0,)
     dp_ranks: tuple = (0,)
-    rng: Optional[RNGTracker] = None       # dropout streams (neox_l2e.parallel.random); seeded by the model
+    rng: Optional[RNGTracker] = None  # dropout streams (neox_l2e.parallel.random); seeded by the model
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -61,8 +62,13 @@ class ParallelState:
         return cls(tp=tp, tp_rank=tp_rank, device=torch.device(device))
 
     @classmethod
-    def from_distributed(cls, tp: int = 1, device: Optional[torch.device] = None,
-                         seed: Optional[int] = None, timeout_s: Optional[float] = None) -> "ParallelState":
+    def from_distributed(
+        cls,
+        tp: int = 1,
+        device: Optional[torch.device] = None,
+        seed: Optional[int] = None,
+        timeout_s: Optional[float] = None,
+    ) -> "ParallelState":
         """Build the TP and DP groups of an initialised default process group (every rank must call it).
         With ``seed`` the dropout RNG streams are seeded too (else the model seeds them from its config).
         ``timeout_s`` (dist-timeout-s) bounds every collective on these groups and on groups made later
@@ -97,9 +103,19 @@ class ParallelState:
                 dp_group, my_dp = g, ranks
         if device is None:
             device = default_device()
-        ps = cls(world_size=world, rank=rank, tp=tp, tp_rank=rank % tp, dp=dp, dp_rank=rank // tp,
-                 device=torch.device(device), tp_group=tp_group, dp_group=dp_group,
-                 tp_ranks=my_tp, dp_ranks=my_dp)
+        ps = cls(
+            world_size=world,
+            rank=rank,
+            tp=tp,
+            tp_rank=rank % tp,
+            dp=dp,
+            dp_rank=rank // tp,
+            device=torch.device(device),
+            tp_group=tp_group,
+            dp_group=dp_group,
+            tp_ranks=my_tp,
+            dp_ranks=my_dp,
+        )
         if seed is not None:
             ps.rng.seed(seed, ps.tp_rank)
         if world > 1:
@@ -173,14 +189,19 @@ class ParallelState:
         if self.tp == 1:
             return
         state = self.rng._get_default() if self.device.type != "meta" else torch.zeros(1, dtype=torch.uint8)
-        digest = torch.tensor([int.from_bytes(hashlib.sha1(state.cpu().numpy().tobytes()).digest()[:7],
-                                              "little")], dtype=torch.int64, device=self.device)
+        digest = torch.tensor(
+            [int.from_bytes(hashlib.sha1(state.cpu().numpy().tobytes()).digest()[:7], "little")],
+            dtype=torch.int64,
+            device=self.device,
+        )
         lo, hi = digest.clone(), digest.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.tp_group)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.tp_group)
         if lo.item() != hi.item():
-            raise RuntimeError(f"rank {self.rank}: torch's default RNG differs across the tensor-parallel group "
-                               f"{list(self.tp_ranks)}; seed it with the same value on every rank before training")
+            raise RuntimeError(
+                f"rank {self.rank}: torch's default RNG differs across the tensor-parallel group "
+                f"{list(self.tp_ranks)}; seed it with the same value on every rank before training"
+            )
 
     def barrier(self):
         if self.world_size > 1:
@@ -209,16 +230,17 @@ LAUNCHER_VARIABLES = (
     ("mvapich", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 )
-DEFAULT_MASTER_PORT = 29500      # torch's and DeepSpeed's default rendezvous port
+DEFAULT_MASTER_PORT = 29500  # torch's and DeepSpeed's default rendezvous port
 
 
 @dataclass(frozen=True)
 class LaunchInfo:
     """This process's place in the launch, read from the environment (see launch_info)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    source: str = "single"       # "env" (RANK / WORLD_SIZE), "openmpi", "mvapich", "slurm" or "single"
+    source: str = "single"  # "env" (RANK / WORLD_SIZE), "openmpi", "mvapich", "slurm" or "single"
 
 
 def _source_vars(source: str) -> str:
@@ -251,21 +273,22 @@ def launch_info(environ=None) -> LaunchInfo:
             return LaunchInfo(source="env")
         if world is None or "RANK" not in env:
             missing = "RANK" if "RANK" not in env else "WORLD_SIZE"
-            raise LaunchError(f"launch: {missing} is not set but {'WORLD_SIZE' if missing == 'RANK' else 'RANK'} is; "
-                              "the launcher must set both (torchrun and deepy.py do)")
+            raise LaunchError(
+                f"launch: {missing} is not set but {'WORLD_SIZE' if missing == 'RANK' else 'RANK'} is; "
+                "the launcher must set both (torchrun and deepy.py do)"
+            )
         local = _int_var(env, "LOCAL_RANK", "env") if "LOCAL_RANK" in env else 0
         return LaunchInfo(_int_var(env, "RANK", "env"), world, local, "env")
     for name, rank_var, size_var, local_var in LAUNCHER_VARIABLES:
         if name == "slurm" and "SLURM_STEP_ID" not in env:
-            continue                     # not under srun: the batch / salloc shell's SLURM_* describe the allocation
+            continue  # not under srun: the batch / salloc shell's SLURM_* describe the allocation
         if rank_var in env and size_var in env:
             local = _int_var(env, local_var, name) if local_var in env else 0
             return LaunchInfo(_int_var(env, rank_var, name), _int_var(env, size_var, name), local, name)
     return LaunchInfo()
 
 
-def apply_launch_env(master_addr: Optional[str] = None, master_port: Optional[int] = None,
-                     environ=None) -> LaunchInfo:
+def apply_launch_env(master_addr: Optional[str] = None, master_port: Optional[int] = None, environ=None) -> LaunchInfo:
     """Resolve launch_info() and export it as RANK / WORLD_SIZE / LOCAL_RANK (what torch's env:// rendezvous,
     DeepSpeed and default_device() read). For a multi-process launch, MASTER_ADDR / MASTER_PORT come from the
     environment, else from ``master_addr`` / ``master_port`` (the config's master-addr / master-port);
@@ -279,10 +302,12 @@ def apply_launch_env(master_addr: Optional[str] = None, master_port: Optional[in
         raise LaunchError(f"launch ({info.source}): rank {info.rank} is outside the world size {info.world_size}")
     if not env.get("MASTER_ADDR"):
         if not master_addr:
-            raise LaunchError(f"launch: rank {info.rank} of {info.world_size} (from {_source_vars(info.source)}) but "
-                              "MASTER_ADDR is not set (DeepSpeed's slurm, openmpi and mvapich runners do not export "
-                              "it); export MASTER_ADDR (the host of rank 0) and MASTER_PORT, or set master-addr in "
-                              "the config")
+            raise LaunchError(
+                f"launch: rank {info.rank} of {info.world_size} (from {_source_vars(info.source)}) but "
+                "MASTER_ADDR is not set (DeepSpeed's slurm, openmpi and mvapich runners do not export "
+                "it); export MASTER_ADDR (the host of rank 0) and MASTER_PORT, or set master-addr in "
+                "the config"
+            )
         env["MASTER_ADDR"] = str(master_addr)
     if not env.get("MASTER_PORT"):
         env["MASTER_PORT"] = str(master_port or DEFAULT_MASTER_PORT)
@@ -290,8 +315,9 @@ def apply_launch_env(master_addr: Optional[str] = None, master_port: Optional[in
     return info
 
 
-def init_distributed(timeout_s: int = 300, master_addr: Optional[str] = None,
-                     master_port: Optional[int] = None) -> LaunchInfo:
+def init_distributed(
+    timeout_s: int = 300, master_addr: Optional[str] = None, master_port: Optional[int] = None
+) -> LaunchInfo:
     """Initialise torch.distributed from the launcher's environment (apply_launch_env: torchrun's or DeepSpeed's
     RANK / WORLD_SIZE / MASTER_*, or srun's / mpirun's own variables). One process: nothing to do.
     ``timeout_s`` (dist-timeout-s) bounds every collective: the default group's and, through
@@ -309,7 +335,7 @@ def init_distributed(timeout_s: int = 300, master_addr: Optional[str] = None,
 
 # ---- timeouts and the heartbeat ---------------------------------------------------------------------------------
 
-_TIMEOUT: Optional[datetime.timedelta] = None     # set by set_collective_timeout
+_TIMEOUT: Optional[datetime.timedelta] = None  # set by set_collective_timeout
 
 
 def set_collective_timeout(timeout_s: float) -> datetime.timedelta:
@@ -324,10 +350,13 @@ def set_collective_timeout(timeout_s: float) -> datetime.timedelta:
     except (TypeError, ValueError):
         seconds = float("nan")
     if isinstance(timeout_s, bool) or not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"dist-timeout-s {timeout_s!r}: must be a positive number of seconds (how long a "
-                          "collective may wait for the other ranks)")
+        raise ConfigError(
+            f"dist-timeout-s {timeout_s!r}: must be a positive number of seconds (how long a "
+            "collective may wait for the other ranks)"
+        )
     _TIMEOUT = datetime.timedelta(seconds=seconds)
     from torch.distributed import distributed_c10d as c10d
+
     # torch reads these module defaults at each new_group() without timeout= (c10d._get_default_timeout)
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         if isinstance(getattr(c10d, name, None), datetime.timedelta):
@@ -389,6 +418,7 @@ def start_heartbeat() -> bool:
         return False
     try:
         from torch.distributed.distributed_c10d import _get_default_store
+
         store = _get_default_store()
     except Exception:  # noqa: BLE001 - a torch without it, or a group without a store
         return False
@@ -427,12 +457,13 @@ def is_collective_failure(e: BaseException) -> bool:
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
     text = str(e)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out",
-                                   "NCCL", "gloo"))
+    return any(
+        s in text
+        for s in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "NCCL", "gloo")
+    )
 
 
-def collective_failure_message(e: BaseException, rank: Optional[int] = None,
-                               world_size: Optional[int] = None) -> str:
+def collective_failure_message(e: BaseException, rank: Optional[int] = None, world_size: Optional[int] = None) -> str:
     """One line for a failed collective: which rank gave up, after how long, and which rank stopped answering when
     the heartbeat tells (silent_ranks; this waits about two heartbeat periods). In a one-process run no other rank
     exists, so the line says so instead of blaming one."""
@@ -446,9 +477,16 @@ def collective_failure_message(e: BaseException, rank: Optional[int] = None,
         return f"[rank {rank}] a collective failed in a one-process run ({limit}): {first}"
     silent = silent_ranks()
     if silent:
-        who = (f"rank {silent[0]} stopped answering" if len(silent) == 1 else
-               f"ranks {', '.join(map(str, silent))} stopped answering")
-        return (f"[rank {rank}] a collective failed: {who} (no heartbeat: stopped, hung outside a collective or "
-                f"dead; {limit} bounds the wait); see its log: {first}")
-    return (f"[rank {rank}] a collective failed, another rank died or hung ({limit} bounds the wait); see the other "
-            f"ranks' logs: {first}")
+        who = (
+            f"rank {silent[0]} stopped answering"
+            if len(silent) == 1
+            else f"ranks {', '.join(map(str, silent))} stopped answering"
+        )
+        return (
+            f"[rank {rank}] a collective failed: {who} (no heartbeat: stopped, hung outside a collective or "
+            f"dead; {limit} bounds the wait); see its log: {first}"
+        )
+    return (
+        f"[rank {rank}] a collective failed, another rank died or hung ({limit} bounds the wait); see the other "
+        f"ranks' logs: {first}"
+    )

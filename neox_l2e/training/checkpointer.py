@@ -9,14 +9,15 @@
 
 The mechanics (atomic folders, manifests, layouts, DeepSpeed loads) live in neox_l2e.checkpoint.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import NeoXConfig
 from .. import checkpoint as ckpt
+from ..config import NeoXConfig
 
 
 @dataclass
@@ -24,6 +25,7 @@ class ResumeState:
     """Where a run starts: its step, the samples consumed, the checkpoint it resumed from (None: fresh or
     finetune), and ``first_train_samples``: the train sample count the run's data order was first built for
     (None: unknown, a checkpoint written before it was stored)."""
+
     iteration: int = 0
     consumed: int = 0
     resumed_from: Optional[str] = None
@@ -37,7 +39,7 @@ class Checkpointer:
         self.cfg, self.ps = cfg, ps
         t = cfg.training
         self.save_dir = t.save or None
-        self.lock = ckpt.acquire_save_lock(t.save, ps) if t.save else None   # one job per save folder
+        self.lock = ckpt.acquire_save_lock(t.save, ps) if t.save else None  # one job per save folder
         self.resume_tag = ckpt.latest_tag(t.load) if t.load else None
         self.finetuned_from: Optional[str] = None
         if self.resume_tag is not None:
@@ -76,15 +78,18 @@ class Checkpointer:
         t = self.cfg.training
         if not self.resuming:
             return ResumeState()
-        client = ckpt.load_checkpoint(engine, t.load, self.ps, load_optimizer=not t.no_load_optim,
-                                      tag=self.resume_tag, layout_checked=True)   # checked in __init__, once
+        client = ckpt.load_checkpoint(
+            engine, t.load, self.ps, load_optimizer=not t.no_load_optim, tag=self.resume_tag, layout_checked=True
+        )  # checked in __init__, once
         if "lr_scheduler" in client:
             scheduler.load_state_dict(client["lr_scheduler"])
         n0 = client.get("first_train_samples")
-        return ResumeState(iteration=int(client.get("iteration", 0)),
-                           consumed=int(client.get("consumed_train_samples", 0)),
-                           resumed_from=f"{t.load}/{client['tag']}",
-                           first_train_samples=int(n0) if n0 is not None else None)
+        return ResumeState(
+            iteration=int(client.get("iteration", 0)),
+            consumed=int(client.get("consumed_train_samples", 0)),
+            resumed_from=f"{t.load}/{client['tag']}",
+            first_train_samples=int(n0) if n0 is not None else None,
+        )
 
     def should_save(self, iteration: int) -> bool:
         """A periodic save after this step: every checkpoint-factor steps and at extra-save-iters, except at the
@@ -106,11 +111,16 @@ class Checkpointer:
         """Saves a checkpoint (every rank); the tag, or None when there is no save folder."""
         if not self.save_dir:
             return None
-        return ckpt.save_checkpoint(engine, self.save_dir, iteration, client_state, self.ps,
-                                    keep_last_n=self.cfg.training.keep_last_n_checkpoints)
+        return ckpt.save_checkpoint(
+            engine,
+            self.save_dir,
+            iteration,
+            client_state,
+            self.ps,
+            keep_last_n=self.cfg.training.keep_last_n_checkpoints,
+        )
 
     def close(self) -> None:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-

@@ -7,6 +7,7 @@
 The optimizer is always a client ``torch.optim.AdamW`` (fused on CUDA, plain on CPU): no DeepSpeed op
 has to be compiled. NeoX's "Adam" with weight decay is AdamW; biases and norm weights get no decay.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -17,15 +18,29 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, NeoXConfig
-from ..parallel import (ParallelState, default_backend, default_device, init_distributed, launch_info,
-                        set_collective_timeout)
+from ..parallel import (
+    ParallelState,
+    default_backend,
+    default_device,
+    init_distributed,
+    launch_info,
+    set_collective_timeout,
+)
 
 # DeepSpeed's shared-memory all-reduce op for CPU ranks must be JIT-compiled (about a minute the first
 # time). It only speeds up large CPU all-reduces; gloo works without it. Off unless this is "1".
 SHM_ENV = "NEOX_L2E_DS_SHM"
 
-FP16_KEYS = ("enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
-             "consecutive_hysteresis", "auto_cast")
+FP16_KEYS = (
+    "enabled",
+    "loss_scale",
+    "initial_scale_power",
+    "loss_scale_window",
+    "hysteresis",
+    "min_loss_scale",
+    "consecutive_hysteresis",
+    "auto_cast",
+)
 
 
 def world_size_from_env() -> int:
@@ -44,7 +59,7 @@ def setup_distributed(cfg: NeoXConfig) -> ParallelState:
     """
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     cfg.check_world_size(world)
-    timeout = set_collective_timeout(cfg.training.dist_timeout_s).total_seconds()     # refuses <= 0 in one line
+    timeout = set_collective_timeout(cfg.training.dist_timeout_s).total_seconds()  # refuses <= 0 in one line
     if not dist.is_initialized():
         if world > 1:
             init_distributed(timeout, master_addr=cfg.parallel.master_addr, master_port=cfg.parallel.master_port)
@@ -52,16 +67,22 @@ def setup_distributed(cfg: NeoXConfig) -> ParallelState:
             # one process: its own store on the loopback, on a port the OS picks while binding (no probe-then-bind
             # race with other jobs, and an inherited MASTER_PORT, e.g. a parent run's, cannot collide); MASTER_*
             # then name it for DeepSpeed and anything else that reads them
-            store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True,
-                                  timeout=datetime.timedelta(seconds=timeout))
+            store = dist.TCPStore(
+                "127.0.0.1", 0, world_size=1, is_master=True, timeout=datetime.timedelta(seconds=timeout)
+            )
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(store.port)
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             if default_backend() == "nccl":
                 torch.cuda.set_device(default_device())
-            dist.init_process_group(backend=default_backend(), store=store, rank=0, world_size=1,
-                                    timeout=datetime.timedelta(seconds=timeout))
+            dist.init_process_group(
+                backend=default_backend(),
+                store=store,
+                rank=0,
+                world_size=1,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
     return ParallelState.from_distributed(cfg.tp, default_device(), timeout_s=timeout)
 
 
@@ -87,12 +108,13 @@ def build_optimizer(model: torch.nn.Module, cfg: NeoXConfig, device: torch.devic
     betas = tuple(params.get("betas", (0.9, 0.999)))
     eps = float(params.get("eps", 1e-8))
     zero = cfg.parallel.zero_optimization or {}
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in (None, "none") or zero.get("cpu_offload")
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in (None, "none") or zero.get(
+        "cpu_offload"
+    )
     kwargs = {}
     if device.type == "cuda" and not offload:
         kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.lr, betas=betas, eps=eps,
-                             **kwargs)
+    return torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.lr, betas=betas, eps=eps, **kwargs)
 
 
 def deepspeed_config(cfg: NeoXConfig, dp: int) -> dict:
@@ -109,7 +131,7 @@ def deepspeed_config(cfg: NeoXConfig, dp: int) -> dict:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": bool(cfg.optimizer.zero_allow_untested_optimizer),
         "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": cfg.logging.steps_per_print if cfg.logging.wall_clock_breakdown else 10 ** 9,
+        "steps_per_print": cfg.logging.steps_per_print if cfg.logging.wall_clock_breakdown else 10**9,
         "wall_clock_breakdown": cfg.logging.wall_clock_breakdown,
     }
     prec = cfg.precision_name
@@ -128,6 +150,7 @@ def deepspeed_config(cfg: NeoXConfig, dp: int) -> dict:
 def _quiet_deepspeed(verbose: bool) -> None:
     try:
         from deepspeed.utils import logger as ds_logger
+
         ds_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     except ImportError:  # pragma: no cover
         pass
@@ -137,6 +160,7 @@ def _maybe_disable_shm_op(ps: ParallelState) -> None:
     if ps.device.type != "cpu" or os.environ.get(SHM_ENV, "0") == "1":
         return
     import importlib
+
     # (`import deepspeed.comm.torch as m` would give the torch package: deepspeed.comm imports torch)
     ds_torch = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
@@ -149,21 +173,30 @@ def build_engine(cfg: NeoXConfig, model: torch.nn.Module, ps: ParallelState):
     _quiet_deepspeed(cfg.logging.wall_clock_breakdown)
     _maybe_disable_shm_op(ps)
     from deepspeed.accelerator import get_accelerator
+
     if cfg.precision_name == "fp16" and not get_accelerator().is_fp16_supported():
-        raise ConfigError(f"{cfg.source_of('fp16')}: fp16 training needs a GPU (DeepSpeed's CPU accelerator has no "
-                          "fp16 support); use bf16 or fp32 there")
+        raise ConfigError(
+            f"{cfg.source_of('fp16')}: fp16 training needs a GPU (DeepSpeed's CPU accelerator has no "
+            "fp16 support); use bf16 or fp32 there"
+        )
     optimizer = build_optimizer(model, cfg, ps.device)
     kwargs = {}
     if ps.tp > 1:
         kwargs["mpu"] = ps
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ps.dp),
-                                           dist_init_required=False, **kwargs)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, ps.dp), dist_init_required=False, **kwargs
+    )
     return engine, optimizer
 
 
 # DeepSpeed's global wall-clock timers (wall-clock-breakdown: true) under GPT-NeoX's timer names
-WALL_CLOCK_TIMERS = {"fwd": "forward", "bwd": "backward", "bwd_inner": "backward-backward",
-                     "bwd_allreduce": "backward-allreduce", "step": "optimizer"}
+WALL_CLOCK_TIMERS = {
+    "fwd": "forward",
+    "bwd": "backward",
+    "bwd_inner": "backward-backward",
+    "bwd_allreduce": "backward-allreduce",
+    "step": "optimizer",
+}
 
 
 def wall_clock_timings(engine) -> dict:

@@ -8,6 +8,7 @@
 - Ctrl-C / SIGTERM set a flag (see ``InterruptFlag``); the loop finishes the current step, all ranks
   agree through the same all-reduce, a checkpoint is saved when ``save-on-interrupt`` is on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,13 +31,13 @@ class InterruptFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:          # not the main thread
+            except ValueError:  # not the main thread
                 pass
         return self
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt     # a second Ctrl-C stops at once
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signum = signum
 
     @property
@@ -70,14 +71,19 @@ def nonfinite_end(result) -> Optional[str]:
     """One line when a finished run ended badly: its last step was skipped for a NaN/inf loss (no update), or
     its final validation loss is NaN/inf; None otherwise. train.py then exits non-zero."""
     import math
+
     if getattr(result, "interrupted", False):
         return None
     losses = getattr(result, "train_losses", None) or []
     if losses and not math.isfinite(losses[-1][1]):
-        return (f"the last step ({losses[-1][0]}) had a NaN/inf loss and was skipped: the run did not end with a "
-                "finite update; lower the lr, check the data, or resume from an earlier checkpoint")
+        return (
+            f"the last step ({losses[-1][0]}) had a NaN/inf loss and was skipped: the run did not end with a "
+            "finite update; lower the lr, check the data, or resume from an earlier checkpoint"
+        )
     valid = getattr(result, "valid_losses", None) or []
     if valid and not math.isfinite(valid[-1][1]):
-        return (f"the final validation loss at step {valid[-1][0]} is {valid[-1][1]}: the trained model is not "
-                "usable as it is; check the data and the lr, or resume from an earlier checkpoint")
+        return (
+            f"the final validation loss at step {valid[-1][0]} is {valid[-1][1]}: the trained model is not "
+            "usable as it is; check the data and the lr, or resume from an earlier checkpoint"
+        )
     return None

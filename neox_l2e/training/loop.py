@@ -13,6 +13,7 @@ train_step() returns a StepResult; train() keeps the log windows, the bad-step c
 and what to resume from: checkpointer.Checkpointer; when to evaluate (valid loss, held-out monosemanticity):
 validator.Validator.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, NeoXConfig
-from .engine import build_engine, setup_distributed, wall_clock_timings
 from .checkpointer import Checkpointer
+from .engine import build_engine, setup_distributed, wall_clock_timings
 from .faults import InterruptFlag, TrainingError, skipped_update
 from .monitor import Monitor, fmt_count
 from .schedule import AnnealingLR
@@ -42,6 +43,7 @@ class StepResult:
     skipped on every rank), whether the optimizer update was applied (False also for an fp16 overflow), whether
     an interrupt was seen, the mean lm / L2E losses (lm NaN when bad; l2e None without L2E) and the gradient norm
     (None when not applied or not recorded)."""
+
     lr: float
     bad: bool
     applied: bool
@@ -54,6 +56,7 @@ class StepResult:
 @dataclass
 class LogWindow:
     """The steps since the last train log line: their losses, times and gradient norms."""
+
     loss: list = field(default_factory=list)
     l2e: list = field(default_factory=list)
     time: list = field(default_factory=list)
@@ -74,17 +77,17 @@ class TrainResult:
     iteration: int = 0
     start_iteration: int = 0
     consumed_train_samples: int = 0
-    train_losses: list = field(default_factory=list)      # (iteration, lm loss) for every step, NaN when skipped
-    valid_losses: list = field(default_factory=list)      # (iteration, valid lm loss)
-    lrs: list = field(default_factory=list)               # (iteration, lr used by that step)
-    skipped_steps: int = 0                                # NaN/inf steps skipped
-    overflow_steps: int = 0                               # fp16 loss-scale overflows (skipped by DeepSpeed)
+    train_losses: list = field(default_factory=list)  # (iteration, lm loss) for every step, NaN when skipped
+    valid_losses: list = field(default_factory=list)  # (iteration, valid lm loss)
+    lrs: list = field(default_factory=list)  # (iteration, lr used by that step)
+    skipped_steps: int = 0  # NaN/inf steps skipped
+    overflow_steps: int = 0  # fp16 loss-scale overflows (skipped by DeepSpeed)
     checkpoints: list = field(default_factory=list)
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
-    l2e_metrics: dict = field(default_factory=dict)       # layer -> l2e_train metrics (running stats; last logged)
-    heldout_metrics: dict = field(default_factory=dict)   # layer -> ms_heldout metrics (fixed set; last evaluation)
-    heldout_history: list = field(default_factory=list)   # (iteration, {layer -> ms_heldout metrics})
+    l2e_metrics: dict = field(default_factory=dict)  # layer -> l2e_train metrics (running stats; last logged)
+    heldout_metrics: dict = field(default_factory=dict)  # layer -> ms_heldout metrics (fixed set; last evaluation)
+    heldout_history: list = field(default_factory=list)  # (iteration, {layer -> ms_heldout metrics})
     interrupted: bool = False
     num_parameters: int = 0
     log_dir: Optional[str] = None
@@ -105,6 +108,7 @@ def build_data(cfg: NeoXConfig, dp: int, first_train_samples: Optional[int] = No
     sample count the run's order was first built for (a resumed run; data-order neox): that order is kept, and
     extended epoch by epoch when this run needs more samples."""
     from ..data import build_datasets, build_tokenizer
+
     d, t = cfg.data, cfg.training
     tokenizer = None
     vocab = cfg.model.vocab_size
@@ -118,8 +122,15 @@ def build_data(cfg: NeoXConfig, dp: int, first_train_samples: Optional[int] = No
         # never fewer samples than the first order held: a shorter resumed run reads a prefix of that same order
         num_samples["train"] = max(num_samples["train"], int(first_train_samples))
         first = {"train": int(first_train_samples)}
-    datasets = build_datasets(d, cfg.model.seq_length, t.seed, num_samples=num_samples, vocab_size=vocab,
-                              data_order=cfg.data_order, first_num_samples=first)
+    datasets = build_datasets(
+        d,
+        cfg.model.seq_length,
+        t.seed,
+        num_samples=num_samples,
+        vocab_size=vocab,
+        data_order=cfg.data_order,
+        first_num_samples=first,
+    )
     if not datasets.get("train"):
         raise ConfigError("no training data: set train-data-paths (and valid-data-paths) or data-path")
     return datasets, vocab, tokenizer
@@ -149,23 +160,38 @@ class Trainer:
     """One run: the model on a DeepSpeed engine, its data, a Checkpointer (resume and save policy), a Validator
     (evaluation policy) and a Monitor (logs)."""
 
-    def __init__(self, cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None,
-                 quiet: bool = False, stream=None):
+    def __init__(
+        self,
+        cfg: NeoXConfig,
+        datasets=None,
+        vocab_size: Optional[int] = None,
+        ps=None,
+        quiet: bool = False,
+        stream=None,
+    ):
         self.cfg = cfg
         t = cfg.training
-        self.heldout_layers = heldout_layers(cfg)         # a bad layer list fails before anything is built
+        self.heldout_layers = heldout_layers(cfg)  # a bad layer list fails before anything is built
         self.ps = ps or setup_distributed(cfg)
         ps = self.ps
-        self.checkpointer = Checkpointer(cfg, ps)         # the save lock; a resume checkpoint checked here
+        self.checkpointer = Checkpointer(cfg, ps)  # the save lock; a resume checkpoint checked here
         _seed_all(t.seed)
         # the train sample count the run's data order was first built for: kept across resumes (a larger
         # train-iters then extends that order instead of rebuilding it, data-order neox)
         self.first_train_samples = self.checkpointer.saved_first_train_samples()
-        if (datasets is None and ps.is_main and self.checkpointer.resuming and self.first_train_samples is None
-                and cfg.data_order == "neox"):
-            print(f"note: {t.load}/{self.checkpointer.resume_tag} does not record the train sample count its data "
-                  "order was built for (an older checkpoint): the order is built for this run's train-iters",
-                  file=sys.stderr, flush=True)
+        if (
+            datasets is None
+            and ps.is_main
+            and self.checkpointer.resuming
+            and self.first_train_samples is None
+            and cfg.data_order == "neox"
+        ):
+            print(
+                f"note: {t.load}/{self.checkpointer.resume_tag} does not record the train sample count its data "
+                "order was built for (an older checkpoint): the order is built for this run's train-iters",
+                file=sys.stderr,
+                flush=True,
+            )
         if datasets is None:
             datasets, vocab_size, self.tokenizer = build_data(cfg, ps.dp, self.first_train_samples)
         if self.first_train_samples is None:
@@ -174,6 +200,7 @@ class Trainer:
         self.heldout_tokens = heldout_tokens(cfg, datasets)
         vocab_size = vocab_size or cfg.model.vocab_size
         from ..model import GPTNeoX
+
         self.model = GPTNeoX(cfg, ps, vocab_size=vocab_size, seed=t.seed)
         self.num_parameters = self.model.num_parameters()
         self.checkpointer.load_weights_before_engine(self.model)
@@ -185,15 +212,23 @@ class Trainer:
         self.iteration, self.consumed, self.resumed_from = state.iteration, state.consumed, state.resumed_from
         self.global_batch = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * ps.dp
         self.tokens_per_step = self.global_batch * cfg.model.seq_length
-        self.l2e = getattr(self.module, "l2e", None) or None     # the model's L2E controller (None: no L2E)
-        self.inhibitors = self.l2e.inhibitors if self.l2e else []   # read-only view (layer indices, buffers)
+        self.l2e = getattr(self.module, "l2e", None) or None  # the model's L2E controller (None: no L2E)
+        self.inhibitors = self.l2e.inhibitors if self.l2e else []  # read-only view (layer indices, buffers)
         self.log_dir = default_log_dir(cfg)
-        self.monitor = Monitor(cfg, self.log_dir, enabled=ps.is_main and not quiet, total_iters=t.train_iters,
-                               start_iter=self.iteration, stream=stream)
-        self.validator = Validator(cfg, ps, datasets, self.engine, self.inhibitors, self.monitor,
-                                   self.heldout_layers, self.heldout_tokens)
-        self.train_iter = sample_iterator(self.datasets["train"], t.train_micro_batch_size_per_gpu, ps.dp_rank,
-                                          ps.dp, consumed_samples=self.consumed)
+        self.monitor = Monitor(
+            cfg,
+            self.log_dir,
+            enabled=ps.is_main and not quiet,
+            total_iters=t.train_iters,
+            start_iter=self.iteration,
+            stream=stream,
+        )
+        self.validator = Validator(
+            cfg, ps, datasets, self.engine, self.inhibitors, self.monitor, self.heldout_layers, self.heldout_tokens
+        )
+        self.train_iter = sample_iterator(
+            self.datasets["train"], t.train_micro_batch_size_per_gpu, ps.dp_rank, ps.dp, consumed_samples=self.consumed
+        )
         self.engine.train()
 
     # ---------------------------------------------------------------- pieces
@@ -204,18 +239,28 @@ class Trainer:
             f"precision {cfg.precision_name} | device {ps.device.type}",
             f"parameters {fmt_count(self.num_parameters)} ({self.num_parameters:,}) | tokens per step "
             f"{self.tokens_per_step:,} ({self.global_batch} x {cfg.model.seq_length}; micro-batch "
-            f"{cfg.training.train_micro_batch_size_per_gpu} x gas {cfg.training.gradient_accumulation_steps} x DP {ps.dp})",
+            f"{cfg.training.train_micro_batch_size_per_gpu} x gas {cfg.training.gradient_accumulation_steps} "
+            f"x DP {ps.dp})",
         ]
-        l2e = (f"L2E {cfg.l2e.l2e_method} on layers {cfg.inhibited_layers()} (p = {cfg.l2e.l2e_ratio:g}, "
-               f"lambda = {cfg.l2e.l2e_lambda:g})" if self.l2e else "L2E off")
-        lines.append(f"train-iters {cfg.training.train_iters} | lr {cfg.lr:g} {cfg.optimizer.lr_decay_style} "
-                     f"(warmup {self.scheduler.warmup_iters}, min {cfg.optimizer.min_lr:g}) | {l2e}")
+        l2e = (
+            f"L2E {cfg.l2e.l2e_method} on layers {cfg.inhibited_layers()} (p = {cfg.l2e.l2e_ratio:g}, "
+            f"lambda = {cfg.l2e.l2e_lambda:g})"
+            if self.l2e
+            else "L2E off"
+        )
+        lines.append(
+            f"train-iters {cfg.training.train_iters} | lr {cfg.lr:g} {cfg.optimizer.lr_decay_style} "
+            f"(warmup {self.scheduler.warmup_iters}, min {cfg.optimizer.min_lr:g}) | {l2e}"
+        )
         if self.heldout_tokens is not None:
-            lines.append(f"held-out monosemanticity (ms_heldout/...): {self.heldout_tokens.numel():,} valid tokens, "
-                         f"layers {self.heldout_layers}, at every evaluation")
+            lines.append(
+                f"held-out monosemanticity (ms_heldout/...): {self.heldout_tokens.numel():,} valid tokens, "
+                f"layers {self.heldout_layers}, at every evaluation"
+            )
         if self.resumed_from:
-            lines.append(f"resumed from {self.resumed_from} at step {self.iteration} "
-                         f"({self.consumed:,} samples consumed)")
+            lines.append(
+                f"resumed from {self.resumed_from} at step {self.iteration} ({self.consumed:,} samples consumed)"
+            )
         if self.finetuned_from:
             lines.append(f"weights from {self.finetuned_from} (finetune: fresh optimizer, step 0)")
         return lines
@@ -230,10 +275,17 @@ class Trainer:
         return t
 
     def client_state(self) -> dict:
-        return {"neox_config": self.cfg.to_dict(), "iteration": self.iteration,
-                "consumed_train_samples": self.consumed, "lr_scheduler": self.scheduler.state_dict(),
-                "tp": self.ps.tp, "dp": self.ps.dp, "padded_vocab_size": self.module.vocab_size,
-                "num_parameters": self.num_parameters, "first_train_samples": self.first_train_samples}
+        return {
+            "neox_config": self.cfg.to_dict(),
+            "iteration": self.iteration,
+            "consumed_train_samples": self.consumed,
+            "lr_scheduler": self.scheduler.state_dict(),
+            "tp": self.ps.tp,
+            "dp": self.ps.dp,
+            "padded_vocab_size": self.module.vocab_size,
+            "num_parameters": self.num_parameters,
+            "first_train_samples": self.first_train_samples,
+        }
 
     def save(self) -> Optional[str]:
         """Saves a checkpoint of the current step now (every rank); the tag, or None without a save folder."""
@@ -254,7 +306,7 @@ class Trainer:
         return lm + self.l2e.loss_term(l2e_loss) if l2e_loss is not None else lm
 
     def train_step(self, interrupt: Optional[InterruptFlag] = None) -> StepResult:
-        cfg, t = self.cfg, self.cfg.training
+        t = self.cfg.training
         gas = t.gradient_accumulation_steps
         l2e = self.l2e
         if l2e:
@@ -272,13 +324,15 @@ class Trainer:
             loss = self._total_loss(lm, l2e_loss)
             finite = torch.isfinite(loss.detach())
             zero = torch.zeros((), device=lm.device, dtype=torch.float32)
-            flags = torch.stack([
-                torch.where(finite, lm.detach().float(), zero),
-                torch.where(finite, l2e_loss.detach().float(), zero) if l2e_loss is not None else zero,
-                (~finite).float(),
-                torch.full((), float(interrupt is not None and interrupt.set), device=lm.device),
-            ])
-            self._all_reduce(flags)                         # every rank decides the same thing
+            flags = torch.stack(
+                [
+                    torch.where(finite, lm.detach().float(), zero),
+                    torch.where(finite, l2e_loss.detach().float(), zero) if l2e_loss is not None else zero,
+                    (~finite).float(),
+                    torch.full((), float(interrupt is not None and interrupt.set), device=lm.device),
+                ]
+            )
+            self._all_reduce(flags)  # every rank decides the same thing
             self.engine.backward(loss)
             # L2E commits on the device (merges statistics over DP, moves the threshold; a NaN/inf micro-batch
             # is dropped on every rank), then one copy to the host for the flags and the L2E values together
@@ -301,9 +355,14 @@ class Trainer:
             with skipped_update(self.optimizer, bad and micro == gas - 1):
                 self.engine.step()
         applied = (not bad) and self.engine.was_step_applied()
-        stats = StepResult(lr=lr, bad=bad, applied=applied, stop=stop,
-                           lm_loss=lm_sum / gas if not bad else float("nan"),
-                           l2e_loss=(l2e_sum / l2e_n) if l2e_n else None)
+        stats = StepResult(
+            lr=lr,
+            bad=bad,
+            applied=applied,
+            stop=stop,
+            lm_loss=lm_sum / gas if not bad else float("nan"),
+            l2e_loss=(l2e_sum / l2e_n) if l2e_n else None,
+        )
         if applied:
             self.scheduler.step()
         gn = (own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()) if applied else None
@@ -339,16 +398,29 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
         cfg, t, ps = self.cfg, self.cfg.training, self.ps
-        res = TrainResult(iteration=self.iteration, start_iteration=self.iteration,
-                          consumed_train_samples=self.consumed, num_parameters=self.num_parameters,
-                          log_dir=self.log_dir)
+        res = TrainResult(
+            iteration=self.iteration,
+            start_iteration=self.iteration,
+            consumed_train_samples=self.consumed,
+            num_parameters=self.num_parameters,
+            log_dir=self.log_dir,
+        )
         mon = self.monitor
         mon.header(self.header())
-        mon.log("run", self.iteration, {"world_size": ps.world_size, "tp": ps.tp, "dp": ps.dp,
-                                        "zero_stage": cfg.zero_stage, "precision": cfg.precision_name,
-                                        "num_parameters": self.num_parameters,
-                                        "tokens_per_step": self.tokens_per_step,
-                                        "l2e_layers": [i.layer_index for i in self.l2e.inhibitors] if self.l2e else []})
+        mon.log(
+            "run",
+            self.iteration,
+            {
+                "world_size": ps.world_size,
+                "tp": ps.tp,
+                "dp": ps.dp,
+                "zero_stage": cfg.zero_stage,
+                "precision": cfg.precision_name,
+                "num_parameters": self.num_parameters,
+                "tokens_per_step": self.tokens_per_step,
+                "l2e_layers": [i.layer_index for i in self.l2e.inhibitors] if self.l2e else [],
+            },
+        )
         self._consecutive_bad = 0
         window = LogWindow()
         timer = StepTimer(res.start_iteration, t.train_iters)
@@ -368,10 +440,14 @@ class Trainer:
                     avg_dt = timer.mean_or(dt)
                     tps = self.tokens_per_step / avg_dt if avg_dt > 0 else 0.0
                     last_loss = window.loss[-1] if window.loss else float("nan")
-                    mon.update_bar(self.iteration, last_loss, s.lr, tps, avg_dt,
-                                   (t.train_iters - self.iteration) * avg_dt)
-                    if self.iteration % cfg.logging.log_interval == 0 or self.iteration == res.start_iteration + 1 \
-                            or self.iteration == t.train_iters:
+                    mon.update_bar(
+                        self.iteration, last_loss, s.lr, tps, avg_dt, (t.train_iters - self.iteration) * avg_dt
+                    )
+                    if (
+                        self.iteration % cfg.logging.log_interval == 0
+                        or self.iteration == res.start_iteration + 1
+                        or self.iteration == t.train_iters
+                    ):
                         self._log_train(window, s, tps, res)
                         window = LogWindow()
                     if self.validator.should_evaluate(self.iteration):
@@ -406,13 +482,17 @@ class Trainer:
         res.skipped_steps += 1
         self._consecutive_bad += 1
         n = self._consecutive_bad
-        self.monitor.print(f"warning: step {self.iteration}: NaN/inf loss, step skipped "
-                           f"({n} in a row, limit max-bad-steps={t.max_bad_steps})")
+        self.monitor.print(
+            f"warning: step {self.iteration}: NaN/inf loss, step skipped "
+            f"({n} in a row, limit max-bad-steps={t.max_bad_steps})"
+        )
         self.monitor.log("train", self.iteration, {"skipped": 1, "consecutive_bad_steps": n})
         if n >= t.max_bad_steps:
-            raise TrainingError(f"{n} consecutive steps with a NaN/inf loss (max-bad-steps = {t.max_bad_steps}), "
-                                f"last at step {self.iteration}; lower the lr, check the data, or resume "
-                                "from an earlier checkpoint")
+            raise TrainingError(
+                f"{n} consecutive steps with a NaN/inf loss (max-bad-steps = {t.max_bad_steps}), "
+                f"last at step {self.iteration}; lower the lr, check the data, or resume "
+                "from an earlier checkpoint"
+            )
 
     def _save_into(self, res: TrainResult) -> None:
         tag = self.save()
@@ -423,14 +503,19 @@ class Trainer:
         return self.l2e.metrics() if self.l2e else {}
 
     def _log_train(self, window: LogWindow, s: StepResult, tps: float, res: TrainResult) -> None:
-        m = {"lm_loss": float(np.mean(window.loss)) if window.loss else float("nan"), "lr": s.lr,
-             "tokens_per_s": tps, "step_time_s": float(np.mean(window.time)) if window.time else 0.0,
-             "consumed_samples": self.consumed, "skipped_steps": res.skipped_steps}
+        m = {
+            "lm_loss": float(np.mean(window.loss)) if window.loss else float("nan"),
+            "lr": s.lr,
+            "tokens_per_s": tps,
+            "step_time_s": float(np.mean(window.time)) if window.time else 0.0,
+            "consumed_samples": self.consumed,
+            "skipped_steps": res.skipped_steps,
+        }
         if window.l2e:
             m["l2e_loss"] = float(np.mean(window.l2e))
         if window.gn and self.cfg.logging.log_grad_norm:
             m["grad_norm"] = float(np.mean(window.gn))
-        m.update(wall_clock_timings(self.engine))       # wall-clock-breakdown: the last step's timers
+        m.update(wall_clock_timings(self.engine))  # wall-clock-breakdown: the last step's timers
         if self.cfg.precision_name == "fp16":
             m["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
         if self.cfg.logging.log_param_norm:
@@ -438,7 +523,7 @@ class Trainer:
             for p in self.module.parameters():
                 sq += p.detach().double().pow(2).sum()
             m["param_norm"] = float(sq.sqrt())
-        l2e = self._l2e_metrics()           # every rank (metrics may reduce across ranks)
+        l2e = self._l2e_metrics()  # every rank (metrics may reduce across ranks)
         res.l2e_metrics = l2e
         for layer, d in l2e.items():
             for k, v in d.items():
@@ -458,6 +543,7 @@ class Trainer:
 @dataclass
 class StepTimer:
     """Wall-clock time of the timed steps: every step but the first of a run (warm-up), unless it is the only one."""
+
     start_iteration: int
     train_iters: int
     steps: int = 0
@@ -473,8 +559,9 @@ class StepTimer:
         return self.total / self.steps if self.steps else dt
 
 
-def train(cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None,
-          quiet: bool = False, stream=None) -> TrainResult:
+def train(
+    cfg: NeoXConfig, datasets=None, vocab_size: Optional[int] = None, ps=None, quiet: bool = False, stream=None
+) -> TrainResult:
     """Build everything from the config and train; returns a TrainResult (every rank)."""
     trainer = Trainer(cfg, datasets=datasets, vocab_size=vocab_size, ps=ps, quiet=quiet, stream=stream)
     return trainer.train()

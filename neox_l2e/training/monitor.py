@@ -9,6 +9,7 @@ named in "nonfinite" ({"lm_loss": "nan"}). L2E metrics against the inhibitor's r
 "ms_heldout/layer{i}/{key}". TensorBoard and W&B get GPT-NeoX's tag names where NeoX has one (``tag``:
 train/lm_loss, train/learning_rate, validation/lm_loss, ...); keys with their own group keep it.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,13 @@ def fmt_time(s: float) -> str:
 
 # metrics.jsonl key -> TensorBoard / W&B tag, per record kind: GPT-NeoX's names where it logs the same quantity
 NEOX_TAGS = {
-    "train": {"lm_loss": "train/lm_loss", "lr": "train/learning_rate", "loss_scale": "train/loss_scale",
-              "step_time_s": "runtime/iteration_time", "tokens_per_s": "runtime/tokens_per_sec"},
+    "train": {
+        "lm_loss": "train/lm_loss",
+        "lr": "train/learning_rate",
+        "loss_scale": "train/loss_scale",
+        "step_time_s": "runtime/iteration_time",
+        "tokens_per_s": "runtime/tokens_per_sec",
+    },
     "valid": {"lm_loss": "validation/lm_loss", "ppl": "validation/lm_loss_ppl"},
 }
 KIND_PREFIX = {"valid": "validation"}
@@ -77,9 +83,14 @@ def _value(v) -> str:
 def config_lines(cfg, config_file: Optional[Path]) -> list:
     """The keys the config files and overrides set, by section, one aligned "key  value  (source)" line each."""
     import dataclasses
+
     from ..config.schema import SECTIONS
-    where = (f"every key, defaults included, in {config_file}" if config_file
-             else "the whole config is not written: no log-dir or save is set")
+
+    where = (
+        f"every key, defaults included, in {config_file}"
+        if config_file
+        else "the whole config is not written: no log-dir or save is set"
+    )
     lines = [f"config (keys set by the files and overrides; {where}):"]
     rows = []
     for section in SECTIONS:
@@ -100,8 +111,9 @@ def config_lines(cfg, config_file: Optional[Path]) -> list:
 class Monitor:
     """Everything the user sees. Only the main rank writes; other ranks get a silent instance."""
 
-    def __init__(self, cfg, log_dir: Optional[str], enabled: bool = True, total_iters: int = 0, start_iter: int = 0,
-                 stream=None):
+    def __init__(
+        self, cfg, log_dir: Optional[str], enabled: bool = True, total_iters: int = 0, start_iter: int = 0, stream=None
+    ):
         self.enabled = enabled
         self.cfg = cfg
         self.stream = stream or sys.stdout
@@ -122,20 +134,29 @@ class Monitor:
             tb_dir = cfg.logging.tensorboard_dir or str(self.log_dir / "tensorboard")
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(tb_dir)
                 # markdown: a 4-space indent keeps the yml a code block
                 self._tb.add_text("config", "\n".join("    " + line for line in cfg.to_yaml().splitlines()), start_iter)
-            except ImportError:        # tensorboard not installed: metrics.jsonl still has everything
+            except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
                 self._tb = None
         if cfg.logging.use_wandb:
-            if cfg.logging.wandb_host:            # a self-hosted W&B server: wandb reads it at init
+            if cfg.logging.wandb_host:  # a self-hosted W&B server: wandb reads it at init
                 os.environ["WANDB_BASE_URL"] = cfg.logging.wandb_host
             try:
                 import wandb
-                self._wandb = wandb.init(project=cfg.logging.wandb_project, group=cfg.logging.wandb_group,
-                                         entity=cfg.logging.wandb_team, config=cfg.to_dict())
+
+                self._wandb = wandb.init(
+                    project=cfg.logging.wandb_project,
+                    group=cfg.logging.wandb_group,
+                    entity=cfg.logging.wandb_team,
+                    config=cfg.to_dict(),
+                )
             except ImportError:
-                self.print("warning: use-wandb is set but wandb is not installed; logging to metrics.jsonl and TensorBoard only")
+                self.print(
+                    "warning: use-wandb is set but wandb is not installed; "
+                    "logging to metrics.jsonl and TensorBoard only"
+                )
             except Exception as e:  # noqa: BLE001 - W&B problems never stop training
                 self.print(f"warning: W&B disabled ({str(e).splitlines()[0][:120]})")
                 self._wandb = None
@@ -161,31 +182,49 @@ class Monitor:
         if not self.enabled or not self.cfg.logging.progress_bar:
             return
         from tqdm import tqdm
+
         tty = bool(getattr(self.stream, "isatty", lambda: False)())
         # on a terminal the bar redraws twice a second; in a log file a line every 30 s is enough
-        self._bar = tqdm(total=self.total, initial=self.start, unit="step", file=self.stream, dynamic_ncols=True,
-                         mininterval=0.5 if tty else 30.0,
-                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+        self._bar = tqdm(
+            total=self.total,
+            initial=self.start,
+            unit="step",
+            file=self.stream,
+            dynamic_ncols=True,
+            mininterval=0.5 if tty else 30.0,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}",
+        )
 
-    def update_bar(self, iteration: int, loss: float, lr: float, tokens_per_s: float, step_time: float,
-                   eta_s: float) -> None:
+    def update_bar(
+        self, iteration: int, loss: float, lr: float, tokens_per_s: float, step_time: float, eta_s: float
+    ) -> None:
         if self._bar is None:
             return
-        self._bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {fmt_count(tokens_per_s)} tok/s "
-                                  f"{step_time * 1000:.0f} ms/step ETA {fmt_time(eta_s)}", refresh=False)
-        self._bar.update(iteration - self._bar.n)          # redraws at most every mininterval
+        self._bar.set_postfix_str(
+            f"loss {loss:.4f} lr {lr:.2e} {fmt_count(tokens_per_s)} tok/s "
+            f"{step_time * 1000:.0f} ms/step ETA {fmt_time(eta_s)}",
+            refresh=False,
+        )
+        self._bar.update(iteration - self._bar.n)  # redraws at most every mininterval
 
     # ---------------------------------------------------------------- metrics
     def log(self, kind: str, iteration: int, metrics: dict) -> None:
         if not self.enabled:
             return
         rec = {"kind": kind, "iteration": iteration, "time": round(time.time(), 3)}
-        rec.update({k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-                    for k, v in metrics.items()})
+        rec.update(
+            {
+                k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                for k, v in metrics.items()
+            }
+        )
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(strict_json_record(rec), default=str, allow_nan=False) + "\n")
-        scalars = {tag(kind, k): v for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        scalars = {
+            tag(kind, k): v
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        }
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, iteration)

@@ -15,6 +15,7 @@ T_end - W steps. `it` counts optimizer steps already applied: step k (1-based) r
 as in NeoX, whose scheduler DeepSpeed steps after each applied optimizer step. Steps skipped for a
 NaN/inf loss or an fp16 overflow therefore do not advance the schedule.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ def neox_lr(it: int, peak: float, min_lr: float, decay_iters: int, warmup_iters:
 class AnnealingLR:
     """Stateful wrapper: sets the lr of every param group; state_dict() goes into checkpoints."""
 
-    def __init__(self, optimizer, peak: float, min_lr: float, decay_iters: int, warmup: float, style: str,
-                 num_iters: int = 0):
+    def __init__(
+        self, optimizer, peak: float, min_lr: float, decay_iters: int, warmup: float, style: str, num_iters: int = 0
+    ):
         self.optimizer = optimizer
         self.peak, self.min_lr, self.style = float(peak), float(min_lr), style
         self.decay_iters = int(decay_iters)
@@ -56,8 +58,14 @@ class AnnealingLR:
         return cls(optimizer, cfg.lr, o.min_lr, decay, o.warmup, o.lr_decay_style, num_iters)
 
     def get_lr(self, it=None) -> float:
-        return neox_lr(self.num_iters if it is None else it, self.peak, self.min_lr, self.decay_iters,
-                       self.warmup_iters, self.style)
+        return neox_lr(
+            self.num_iters if it is None else it,
+            self.peak,
+            self.min_lr,
+            self.decay_iters,
+            self.warmup_iters,
+            self.style,
+        )
 
     def apply(self) -> float:
         lr = self.get_lr()
@@ -72,8 +80,14 @@ class AnnealingLR:
         return self.apply()
 
     def state_dict(self) -> dict:
-        return {"num_iters": self.num_iters, "peak": self.peak, "min_lr": self.min_lr, "decay_iters": self.decay_iters,
-                "warmup_iters": self.warmup_iters, "style": self.style}
+        return {
+            "num_iters": self.num_iters,
+            "peak": self.peak,
+            "min_lr": self.min_lr,
+            "decay_iters": self.decay_iters,
+            "warmup_iters": self.warmup_iters,
+            "style": self.style,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         self.num_iters = int(sd["num_iters"])

@@ -8,6 +8,7 @@
 
 Every rank calls ``run`` (the forwards hold the TP collectives; the loss is all-reduced).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,21 +24,24 @@ from ..config import ConfigError, NeoXConfig
 
 def sample_iterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=0):
     from ..data import SampleIterator
+
     return SampleIterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=consumed_samples)
 
 
 def heldout_layers(cfg: NeoXConfig) -> list:
     """The layers ms-heldout-layers names (a ConfigError naming the key when it names none)."""
-    from ..l2e import heldout as H
+    from ..l2e import heldout as ms_heldout
+
     try:
-        return H.resolve_layers(cfg.l2e.ms_heldout_layers, cfg.model.num_layers, cfg.inhibited_layers())
-    except H.HeldoutError as err:
+        return ms_heldout.resolve_layers(cfg.l2e.ms_heldout_layers, cfg.model.num_layers, cfg.inhibited_layers())
+    except ms_heldout.HeldoutError as err:
         raise ConfigError(f"{cfg.source_of('ms_heldout_layers')}: {err}") from None
 
 
 def heldout_tokens(cfg: NeoXConfig, datasets) -> Optional[torch.Tensor]:
     """The fixed held-out token set (valid split, document order), or None when off or without valid data."""
-    from ..l2e import heldout as H
+    from ..l2e import heldout as ms_heldout
+
     n = cfg.l2e.ms_heldout_tokens
     if n == 0:
         return None
@@ -45,27 +49,31 @@ def heldout_tokens(cfg: NeoXConfig, datasets) -> Optional[torch.Tensor]:
     try:
         if ds is None or len(ds) == 0:
             if n is not None:
-                raise H.HeldoutError(f"ms-heldout-tokens: {n} held-out tokens requested but there is no valid "
-                                     "split; give valid data or set ms-heldout-tokens to 0")
+                raise ms_heldout.HeldoutError(
+                    f"ms-heldout-tokens: {n} held-out tokens requested but there is no valid "
+                    "split; give valid data or set ms-heldout-tokens to 0"
+                )
             return None
-        return H.heldout_tokens(ds, n)
-    except H.HeldoutError as err:
+        return ms_heldout.heldout_tokens(ds, n)
+    except ms_heldout.HeldoutError as err:
         raise ConfigError(f"{cfg.source_of('ms_heldout_tokens')}: {err}") from None
 
 
 @dataclass
 class ValidRecord:
     """One evaluation: the valid lm loss and, when measured, the ms_heldout metrics per layer."""
+
     iteration: int
     loss: float
-    heldout: dict = field(default_factory=dict)     # layer -> ms_heldout metrics (empty: not measured)
+    heldout: dict = field(default_factory=dict)  # layer -> ms_heldout metrics (empty: not measured)
 
 
 class Validator:
     """Validation loss and held-out monosemanticity of one run (every rank builds one)."""
 
-    def __init__(self, cfg: NeoXConfig, ps, datasets, engine, inhibitors, monitor, layers: list,
-                 tokens: Optional[torch.Tensor]):
+    def __init__(
+        self, cfg: NeoXConfig, ps, datasets, engine, inhibitors, monitor, layers: list, tokens: Optional[torch.Tensor]
+    ):
         self.cfg, self.ps, self.datasets, self.engine = cfg, ps, datasets, engine
         self.module = engine.module
         self.inhibitors, self.monitor = inhibitors, monitor
@@ -107,18 +115,27 @@ class Validator:
         (the forwards hold the TP collectives). None when the measurement is off."""
         if self.heldout_tokens is None:
             return None
-        from ..l2e import heldout as H
+        from ..l2e import heldout as ms_heldout
+
         blocks = self.module.gpt_neox.layers
         mlps = {i: blocks[i].mlp for i in self.heldout_layers}
         running = {}
         for inh in self.inhibitors:
             if inh.layer_index in mlps and float(inh.count.reshape(-1)[:1].sum()) >= 2:
-                running[inh.layer_index] = H.running_variance(inh)
+                running[inh.layer_index] = ms_heldout.running_variance(inh)
         self.engine.eval()
         try:
-            return H.measure(self.engine, mlps, self.heldout_tokens, self.cfg.model.seq_length,
-                             self.cfg.training.train_micro_batch_size_per_gpu, self.cfg.l2e.l2e_reference_levels or [],
-                             ps=self.ps, running_vars=running, device=self.ps.device)
+            return ms_heldout.measure(
+                self.engine,
+                mlps,
+                self.heldout_tokens,
+                self.cfg.model.seq_length,
+                self.cfg.training.train_micro_batch_size_per_gpu,
+                self.cfg.l2e.l2e_reference_levels or [],
+                ps=self.ps,
+                running_vars=running,
+                device=self.ps.device,
+            )
         finally:
             self.engine.train()
 
@@ -134,18 +151,23 @@ class Validator:
         t0 = time.perf_counter()
         heldout = self.measure_heldout()
         if heldout is not None:
-            from ..l2e import heldout as H
-            rec.update(H.flat_metrics(heldout))
+            from ..l2e import heldout as ms_heldout
+
+            rec.update(ms_heldout.flat_metrics(heldout))
             rec["ms_heldout/tokens"] = self.heldout_tokens.numel()
             rec["ms_heldout/time_s"] = time.perf_counter() - t0
             record.heldout = {i: r["metrics"] for i, r in heldout.items()}
-            self.monitor.log("ms_heldout_hist", iteration,
-                             {"edges": H.PHI_EDGES, **{f"layer{i}": r["hist"] for i, r in heldout.items()}})
+            self.monitor.log(
+                "ms_heldout_hist",
+                iteration,
+                {"edges": ms_heldout.PHI_EDGES, **{f"layer{i}": r["hist"] for i, r in heldout.items()}},
+            )
             level = (self.cfg.l2e.l2e_reference_levels or [5.0])[0]
             inhibited = {i.layer_index for i in self.inhibitors}
             line += f" | held-out phi>{level:g}: " + " ".join(
                 f"L{i}{'*' if i in inhibited else ''} {r['metrics'].get(f'frac_phi_gt_{level:g}', math.nan):.2e}"
-                for i, r in sorted(heldout.items()))
+                for i, r in sorted(heldout.items())
+            )
         self.monitor.log("valid", iteration, rec)
         self.monitor.print(line)
         return record

@@ -1,4 +1,5 @@
 """Fixtures for the analysis tests: tiny models, a tiny tokenizer, the labelled dataset (all built offline)."""
+
 import json
 import sys
 from pathlib import Path
@@ -14,10 +15,24 @@ from analysis_helpers import REPO, TOOLS, tiny_cfg, train_tokenizer  # noqa: E40
 def labelled_jsonl(tmp_path_factory):
     """The no-download labelled dataset, small: built by the tool itself."""
     import subprocess
+
     out = tmp_path_factory.mktemp("labelled") / "code_en.jsonl"
-    r = subprocess.run([sys.executable, str(TOOLS / "build_labelled_dataset.py"), str(out), "--docs-per-label", "12",
-                        "--chars-per-doc", "400", "--labels", "python,c,english"], capture_output=True, text=True,
-                       cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(TOOLS / "build_labelled_dataset.py"),
+            str(out),
+            "--docs-per-label",
+            "12",
+            "--chars-per-doc",
+            "400",
+            "--labels",
+            "python,c,english",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     return out
 
@@ -29,6 +44,7 @@ def tiny_hf_dir(tmp_path_factory, labelled_jsonl):
 
     from neox_l2e.interop.hf import write_hf_dir
     from neox_l2e.model import GPTNeoX
+
     root = tmp_path_factory.mktemp("tinyhf")
     texts = [json.loads(l)["text"] for l in open(labelled_jsonl)]
     tok = train_tokenizer(texts, root / "tokenizer.json", vocab=256)
@@ -50,12 +66,20 @@ def tiny_neox_ckpt(tmp_path_factory, tiny_tokenizer):
     (two shards the loader must merge), naming the tokenizer in its config. Returns (folder, TP=1 model)."""
     from tokenizers import Tokenizer
 
-    from neox_l2e.model import GPTNeoX
-    from neox_l2e.checkpoint.tp_states import split_tp_state
     from neox_l2e.checkpoint import write_weights_checkpoint
+    from neox_l2e.checkpoint.tp_states import split_tp_state
+    from neox_l2e.model import GPTNeoX
+
     vocab = Tokenizer.from_file(str(tiny_tokenizer)).get_vocab_size()
-    cfg = tiny_cfg(num_layers=4, hidden=64, vocab=vocab, seq=128, tokenizer_type="HFTokenizer",
-                   vocab_file=str(tiny_tokenizer), make_vocab_size_divisible_by=8)
+    cfg = tiny_cfg(
+        num_layers=4,
+        hidden=64,
+        vocab=vocab,
+        seq=128,
+        tokenizer_type="HFTokenizer",
+        vocab_file=str(tiny_tokenizer),
+        make_vocab_size_divisible_by=8,
+    )
     torch.manual_seed(1)
     model = GPTNeoX(cfg).eval()
     cfg2 = cfg.replace(model_parallel_size=2)

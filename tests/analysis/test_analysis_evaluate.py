@@ -1,12 +1,13 @@
 """lm-eval offline: the adapter's numbers, the task yamls, the tool end to end."""
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
 from analysis_helpers import run_tool
+
 from neox_l2e.analysis.common import load_tokenizer
 from neox_l2e.analysis.evaluation import TASKS, evaluate
 from neox_l2e.analysis.lm_adapter import NeoXL2ELM
@@ -35,8 +36,12 @@ def _direct_logprob(model, ids, start, vocab):
 
 def test_loglikelihood_matches_direct_computation(adapter):
     tok, model = adapter.tok, adapter.model
-    reqs = [_req("To be, or not to be:", " that is the question"), _req("def f(x):", "\n    return x"),
-            _req("", "hello world"), _req("a" * 300, " tail")]      # the last one exceeds the 128-token window
+    reqs = [
+        _req("To be, or not to be:", " that is the question"),
+        _req("def f(x):", "\n    return x"),
+        _req("", "hello world"),
+        _req("a" * 300, " tail"),
+    ]  # the last one exceeds the 128-token window
     got = adapter.loglikelihood(reqs)
     for (ctx, cont), (ll, greedy) in zip([r.args for r in reqs], got):
         c, k = adapter._encode_pair(ctx, cont)
@@ -51,9 +56,10 @@ def test_rolling_and_generation(adapter):
     text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;" * 3
     (roll,) = adapter.loglikelihood_rolling([_req(text)])
     ids = adapter.tok.encode(text)
-    assert len(ids) > 128                                          # several windows: each token scored once
+    assert len(ids) > 128  # several windows: each token scored once
     per_window = []
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
     for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(ids, adapter.tok.eod, 128, 1)):
         full = ctx + pred
         per_window.append(_direct_logprob(adapter.model, full, len(ctx), adapter.tok.vocab_size))
@@ -61,7 +67,9 @@ def test_rolling_and_generation(adapter):
     short = "Now is the winter"
     ids = adapter.tok.encode(short)
     (r1,) = adapter.loglikelihood_rolling([_req(short)])
-    assert r1 == pytest.approx(_direct_logprob(adapter.model, [adapter.tok.eod] + ids, 1, adapter.tok.vocab_size), abs=1e-4)
+    assert r1 == pytest.approx(
+        _direct_logprob(adapter.model, [adapter.tok.eod] + ids, 1, adapter.tok.vocab_size), abs=1e-4
+    )
     (out,) = adapter.generate_until([_req("Now is the", {"until": ["\n"], "max_gen_toks": 5})])
     assert isinstance(out, str) and "\n" not in out
 
@@ -73,32 +81,57 @@ def test_hf_backend_agrees_with_adapter(tmp_path, tiny_hf_dir):
     assert (hf / "tokenizer_config.json").is_file()
     data = tmp_path / "data"
     from neox_l2e.analysis.evaluation import build_tiny_shakespeare
+
     build_tiny_shakespeare(data / "tiny_shakespeare.jsonl", n=12, seed=3)
     loaded = load_model(hf)
     ours = evaluate(NeoXL2ELM(loaded.model, loaded.tokenizer), ["tiny_shakespeare"], data_dir=data)
-    theirs = evaluate(("hf", {"pretrained": str(hf), "dtype": "float32"}), ["tiny_shakespeare"], data_dir=data,
-                      device="cpu")
+    theirs = evaluate(
+        ("hf", {"pretrained": str(hf), "dtype": "float32"}), ["tiny_shakespeare"], data_dir=data, device="cpu"
+    )
     a, b = ours["results"]["tiny_shakespeare"], theirs["results"]["tiny_shakespeare"]
     assert a["acc"] == b["acc"] and a["acc_norm"] == b["acc_norm"]
 
 
 def _synthetic_task_files(d):
-    arc = {"id": "q1", "question": "Which is a mammal?", "choices": {"text": ["trout", "whale", "shark"],
-                                                                   "label": ["A", "B", "C"]}, "answerKey": "B"}
+    arc = {
+        "id": "q1",
+        "question": "Which is a mammal?",
+        "choices": {"text": ["trout", "whale", "shark"], "label": ["A", "B", "C"]},
+        "answerKey": "B",
+    }
     rows = {
         "arc_easy": [arc, dict(arc, id="q2", answerKey="A")],
         "arc_challenge": [arc, dict(arc, id="q3", answerKey="C")],
-        "sciq": [{"question": "What do plants make?", "distractor1": "salt", "distractor2": "iron",
-                  "distractor3": "oil", "correct_answer": "sugar", "support": "Plants photosynthesize."},
-                 {"question": "Water boils at?", "distractor1": "50 C", "distractor2": "10 C", "distractor3": "0 C",
-                  "correct_answer": "100 C", "support": ""}],
-        "mmlu": [{"question": "2 + 2 =", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"],
-                  "answer": 1}, {"question": "3 x 3 =", "subject": "elementary_mathematics",
-                                 "choices": ["9", "6", "3", "1"], "answer": 0}],
-        "piqa": [{"goal": "Open a jar", "sol1": "Twist the lid", "sol2": "Eat the lid", "label": 0},
-                 {"goal": "Dry hands", "sol1": "Use water", "sol2": "Use a towel", "label": 1}],
-        "lambada": [{"text": "She opened the door and looked at the garden"},
-                    {"text": "He took his coat and went out into the rain"}],
+        "sciq": [
+            {
+                "question": "What do plants make?",
+                "distractor1": "salt",
+                "distractor2": "iron",
+                "distractor3": "oil",
+                "correct_answer": "sugar",
+                "support": "Plants photosynthesize.",
+            },
+            {
+                "question": "Water boils at?",
+                "distractor1": "50 C",
+                "distractor2": "10 C",
+                "distractor3": "0 C",
+                "correct_answer": "100 C",
+                "support": "",
+            },
+        ],
+        "mmlu": [
+            {"question": "2 + 2 =", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"], "answer": 1},
+            {"question": "3 x 3 =", "subject": "elementary_mathematics", "choices": ["9", "6", "3", "1"], "answer": 0},
+        ],
+        "piqa": [
+            {"goal": "Open a jar", "sol1": "Twist the lid", "sol2": "Eat the lid", "label": 0},
+            {"goal": "Dry hands", "sol1": "Use water", "sol2": "Use a towel", "label": 1},
+        ],
+        "lambada": [
+            {"text": "She opened the door and looked at the garden"},
+            {"text": "He took his coat and went out into the rain"},
+        ],
     }
     for name, rs in rows.items():
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
@@ -127,6 +160,7 @@ def test_few_shot_changes_the_prompt(tmp_path, adapter):
 
     rec = Recording(adapter.model, adapter.tok)
     from neox_l2e.analysis.evaluation import build_tiny_shakespeare
+
     build_tiny_shakespeare(tmp_path / "tiny_shakespeare.jsonl", n=6, seed=1)
     for k in (0, 2):
         rec.shots = k
@@ -139,13 +173,29 @@ def test_few_shot_changes_the_prompt(tmp_path, adapter):
 def test_evaluate_tool_end_to_end(tmp_path, tiny_neox_ckpt):
     ckpt, _ = tiny_neox_ckpt
     out = tmp_path / "eval" / "res"
-    r = run_tool("evaluate.py", f"mine={ckpt}", "--tasks", "tiny_shakespeare", "--shots", "0,1", "--limit", 8,
-                 "--data-dir", tmp_path / "data", "--tiny-size", 20, "--out", out)
+    r = run_tool(
+        "evaluate.py",
+        f"mine={ckpt}",
+        "--tasks",
+        "tiny_shakespeare",
+        "--shots",
+        "0,1",
+        "--limit",
+        8,
+        "--data-dir",
+        tmp_path / "data",
+        "--tiny-size",
+        20,
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "data" / "tiny_shakespeare.jsonl").is_file()
     rep = json.loads(out.with_suffix(".json").read_text())
-    assert [(x["model"], x["num_fewshot"], x["backend"]) for x in rep["runs"]] == [("mine", 0, "adapter"),
-                                                                                    ("mine", 1, "adapter")]
+    assert [(x["model"], x["num_fewshot"], x["backend"]) for x in rep["runs"]] == [
+        ("mine", 0, "adapter"),
+        ("mine", 1, "adapter"),
+    ]
     for x in rep["runs"]:
         assert 0.0 <= x["results"]["tiny_shakespeare"]["acc"] <= 1.0
         assert x["n_samples"]["tiny_shakespeare"]["effective"] == 8
@@ -154,6 +204,7 @@ def test_evaluate_tool_end_to_end(tmp_path, tiny_neox_ckpt):
 
 def test_tokenizer_loading_errors(tmp_path):
     from neox_l2e.analysis.common import AnalysisError
+
     with pytest.raises(AnalysisError, match="not found"):
         load_tokenizer(tmp_path / "none.model")
     (tmp_path / "junk.json").write_text("{}")
@@ -165,15 +216,25 @@ def test_sentencepiece_checkpoint(tmp_path, labelled_jsonl):
     """Our checkpoint naming a SentencePiece model (the default corpus's tokenizer type): the adapter loads it
     through the checkpoint's config and scores with it."""
     import sentencepiece as spm
-
     from analysis_helpers import tiny_cfg
-    from neox_l2e.model import GPTNeoX
+
     from neox_l2e.checkpoint import write_weights_checkpoint
+    from neox_l2e.model import GPTNeoX
+
     texts = [json.loads(l)["text"] for l in open(labelled_jsonl)]
     (tmp_path / "corpus.txt").write_text("\n".join(texts))
-    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"),
-                                   vocab_size=400, model_type="bpe", byte_fallback=True, eos_id=1, unk_id=0,
-                                   bos_id=-1, pad_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"),
+        model_prefix=str(tmp_path / "spm"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        eos_id=1,
+        unk_id=0,
+        bos_id=-1,
+        pad_id=-1,
+        minloglevel=2,
+    )
     cfg = tiny_cfg(vocab=400, seq=128, tokenizer_type="SPMTokenizer", vocab_file=str(tmp_path / "spm.model"))
     torch.manual_seed(2)
     model = GPTNeoX(cfg).eval()
@@ -189,6 +250,7 @@ def test_truncated_few_shot_prompts_are_counted(tmp_path, adapter):
     """On the 128-token tiny model (a near character-level tokenizer) the count equals the samples whose
     requests the adapter really cuts (checked on the token ids it scores): some at 0-shot, all at 5-shot."""
     from neox_l2e.analysis.evaluation import build_tiny_shakespeare, truncation_warnings
+
     cut_contexts = set()
 
     class Recording(NeoXL2ELM):
@@ -222,6 +284,7 @@ def test_yaml_path_and_include_path_tasks(tmp_path, adapter):
 
     from neox_l2e.analysis.common import AnalysisError
     from neox_l2e.analysis.evaluation import CONFIG_DIR, build_tiny_shakespeare, split_task_specs
+
     data = build_tiny_shakespeare(tmp_path / "tiny.jsonl", n=6, seed=2)
     cfg = yaml.safe_load((CONFIG_DIR / "tiny_shakespeare.yaml").read_text())
     inc = tmp_path / "mytasks"
@@ -232,8 +295,14 @@ def test_yaml_path_and_include_path_tasks(tmp_path, adapter):
         (inc / f"{name}.yaml").write_text(yaml.safe_dump(c))
     local, extra = split_task_specs(f"tiny_shakespeare,{inc / 'my_tiny_a.yaml'},my_tiny_b", [inc])
     assert local == ["tiny_shakespeare"] and extra[0]["task"] == "my_tiny_a" and extra[1] == "my_tiny_b"
-    res = evaluate(adapter, local, data_dir=tmp_path / "none", files={"tiny_shakespeare": str(data)},
-                   extra_tasks=extra, include_paths=[inc])
+    res = evaluate(
+        adapter,
+        local,
+        data_dir=tmp_path / "none",
+        files={"tiny_shakespeare": str(data)},
+        extra_tasks=extra,
+        include_paths=[inc],
+    )
     r = res["results"]
     assert set(r) == {"tiny_shakespeare", "my_tiny_a", "my_tiny_b"}
     assert r["my_tiny_a"]["acc"] == r["my_tiny_b"]["acc"] == r["tiny_shakespeare"]["acc"]
@@ -246,8 +315,23 @@ def test_yaml_path_and_include_path_tasks(tmp_path, adapter):
 def test_evaluate_tool_log_samples_and_include_path(tmp_path, tiny_neox_ckpt):
     ckpt, _ = tiny_neox_ckpt
     out = tmp_path / "res"
-    r = run_tool("evaluate.py", f"mine={ckpt}", "--tasks", "tiny_shakespeare", "--shots", "0,5", "--limit", 6,
-                 "--data-dir", tmp_path / "data", "--tiny-size", 12, "--log_samples", "--out", out)
+    r = run_tool(
+        "evaluate.py",
+        f"mine={ckpt}",
+        "--tasks",
+        "tiny_shakespeare",
+        "--shots",
+        "0,5",
+        "--limit",
+        6,
+        "--data-dir",
+        tmp_path / "data",
+        "--tiny-size",
+        12,
+        "--log_samples",
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for k in (0, 5):
         rows = [json.loads(l) for l in open(tmp_path / "res.samples" / f"mine.{k}shot.tiny_shakespeare.jsonl")]
@@ -266,9 +350,10 @@ def test_lm_eval_cli_with_the_neox_l2e_model(tmp_path, tiny_neox_ckpt):
     import sys
 
     import yaml
-
     from analysis_helpers import REPO
+
     from neox_l2e.analysis.evaluation import CONFIG_DIR, build_tiny_shakespeare
+
     ckpt, _ = tiny_neox_ckpt
     data = build_tiny_shakespeare(tmp_path / "tiny.jsonl", n=8, seed=4)
     inc = tmp_path / "tasks"
@@ -278,16 +363,37 @@ def test_lm_eval_cli_with_the_neox_l2e_model(tmp_path, tiny_neox_ckpt):
     cfg.pop("fewshot_split", None)
     (inc / "tiny_shakespeare.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "neox_l2e.lm_eval", "--model", "neox_l2e", "--model_args",
-                        f"checkpoint={ckpt},device=cpu", "--tasks", "local_tiny_shakespeare",
-                        "--include_path", str(inc),
-                        "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
-                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "neox_l2e.lm_eval",
+            "--model",
+            "neox_l2e",
+            "--model_args",
+            f"checkpoint={ckpt},device=cpu",
+            "--tasks",
+            "local_tiny_shakespeare",
+            "--include_path",
+            str(inc),
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(tmp_path / "out"),
+            "--log_samples",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "local_tiny_shakespeare" in r.stdout
     results = list((tmp_path / "out").rglob("results_*.json"))
     assert len(results) == 1 and list((tmp_path / "out").rglob("samples_local_tiny_shakespeare_*.jsonl"))
     acc = json.loads(results[0].read_text())["results"]["local_tiny_shakespeare"]["acc,none"]
-    ours = evaluate(NeoXL2ELM.from_checkpoint(ckpt, device="cpu"), ["tiny_shakespeare"],
-                    files={"tiny_shakespeare": str(data)})
+    ours = evaluate(
+        NeoXL2ELM.from_checkpoint(ckpt, device="cpu"), ["tiny_shakespeare"], files={"tiny_shakespeare": str(data)}
+    )
     assert acc == ours["results"]["tiny_shakespeare"]["acc"]

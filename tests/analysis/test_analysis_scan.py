@@ -1,15 +1,15 @@
 """The streaming scan: a planted monosemantic neuron is found; streaming == the in-memory FKR library."""
+
 import math
 
 import pytest
 import torch
+from analysis_helpers import tiny_cfg
 
 from neox_l2e.analysis.labelled import LabelledTokens
 from neox_l2e.analysis.scan import ScanOptions, forward_mlp_activations, scan_model
 from neox_l2e.l2e import fkr as fkrlib
 from neox_l2e.model import GPTNeoX
-
-from analysis_helpers import tiny_cfg
 
 VOCAB, SEQ, PLANT_LAYER, PLANT_NEURON = 96, 16, 0, 37
 
@@ -21,9 +21,9 @@ def planted_model():
     cfg = tiny_cfg(num_layers=2, hidden=32, vocab=VOCAB, seq=SEQ)
     model = GPTNeoX(cfg).eval()
     with torch.no_grad():
-        emb = model.gpt_neox.embed_in.weight                  # [V, h]
+        emb = model.gpt_neox.embed_in.weight  # [V, h]
         emb[:, 0] = 0.0
-        emb[:24, 0] = 1.0                                     # label 'a' tokens: ids 0..23
+        emb[:24, 0] = 1.0  # label 'a' tokens: ids 0..23
         up = model.gpt_neox.layers[PLANT_LAYER].mlp.dense_h_to_4h
         up.weight[PLANT_NEURON].zero_()
         up.weight[PLANT_NEURON, 0] = 4.0
@@ -39,7 +39,7 @@ def planted_data(n_seq=48, seed=0):
     for i in range(n_seq):
         lab = "a" if i % 4 == 0 else ("b" if i % 4 in (1, 2) else "c")
         lo, hi = ranges[lab]
-        n = SEQ if i % 5 else SEQ - 5                         # some padded windows
+        n = SEQ if i % 5 else SEQ - 5  # some padded windows
         seqs.append(torch.randint(lo, hi, (n,), generator=g).tolist())
         labs.append(lab)
     return LabelledTokens.from_sequences(seqs, labs, SEQ)
@@ -48,8 +48,7 @@ def planted_data(n_seq=48, seed=0):
 @pytest.fixture(scope="module")
 def planted():
     model, data = planted_model(), planted_data()
-    opts = ScanOptions(batch_size=5, neuron_sample=200, ks_tokens=10_000, fkr_ks=(1.0, 2.0, 5.0, 10.0),
-                       progress=False)
+    opts = ScanOptions(batch_size=5, neuron_sample=200, ks_tokens=10_000, fkr_ks=(1.0, 2.0, 5.0, 10.0), progress=False)
     return model, data, scan_model(model, data, opts, name="planted")
 
 
@@ -75,8 +74,11 @@ def test_scan_can_fail_without_the_plant():
     """Control: the same tiny model without the planted weights has no such neuron at 37."""
     torch.manual_seed(0)
     model = GPTNeoX(tiny_cfg(num_layers=2, hidden=32, vocab=VOCAB, seq=SEQ)).eval()
-    res = scan_model(model, planted_data(), ScanOptions(batch_size=8, neuron_sample=8, compute_ks=False,
-                                                         fkr_modes=(), progress=False))
+    res = scan_model(
+        model,
+        planted_data(),
+        ScanOptions(batch_size=8, neuron_sample=8, compute_ks=False, fkr_modes=(), progress=False),
+    )
     layer = res.layers[PLANT_LAYER]
     a = res.label_names.index("a")
     assert float(layer.phi_l[a, PLANT_NEURON]) / float(layer.phi_not_l[a, PLANT_NEURON]) < 8
@@ -114,7 +116,8 @@ def test_streaming_matches_in_memory_library(planted, layer):
         assert float(got.ks_stat[m]) == pytest.approx(fkrlib.neuron_ks(phi, labels, j, int(lstar[j])), abs=1e-6)
     # the layer-wise summary over the seeded sample
     assert got.summary(data.label_names)["mean_phi_lstar_sample"] == pytest.approx(
-        fkrlib.mean_phi_lstar(phi_l, lstar, got.sample.tolist()), rel=1e-4)
+        fkrlib.mean_phi_lstar(phi_l, lstar, got.sample.tolist()), rel=1e-4
+    )
 
 
 def test_padding_is_ignored(planted):
@@ -122,8 +125,11 @@ def test_padding_is_ignored(planted):
     model, data, res = planted
     other = LabelledTokens(data.tokens.clone(), data.valid, data.labels, data.label_names)
     other.tokens[~data.valid] = VOCAB - 1
-    res2 = scan_model(model, other, ScanOptions(batch_size=5, neuron_sample=200, compute_ks=False,
-                                                fkr_ks=(1.0, 2.0, 5.0, 10.0), progress=False))
+    res2 = scan_model(
+        model,
+        other,
+        ScanOptions(batch_size=5, neuron_sample=200, compute_ks=False, fkr_ks=(1.0, 2.0, 5.0, 10.0), progress=False),
+    )
     for a, b in zip(res.layers, res2.layers):
         torch.testing.assert_close(a.phi_l, b.phi_l)
         assert a.fkr == b.fkr
@@ -131,8 +137,11 @@ def test_padding_is_ignored(planted):
 
 def test_batch_size_does_not_change_results(planted):
     model, data, res = planted
-    res2 = scan_model(model, data, ScanOptions(batch_size=48, neuron_sample=200, ks_tokens=10_000,
-                                               fkr_ks=(1.0, 2.0, 5.0, 10.0), progress=False))
+    res2 = scan_model(
+        model,
+        data,
+        ScanOptions(batch_size=48, neuron_sample=200, ks_tokens=10_000, fkr_ks=(1.0, 2.0, 5.0, 10.0), progress=False),
+    )
     for a, b in zip(res.layers, res2.layers):
         torch.testing.assert_close(a.phi_l, b.phi_l, rtol=1e-5, atol=1e-6)
         assert torch.equal(a.l_star, b.l_star) and a.kills == b.kills
@@ -145,17 +154,19 @@ def test_plots_colour_by_run_and_mark_inhibited_layers(planted, tmp_path):
     import dataclasses
 
     from analysis_helpers import png_has_content, tiny_cfg
+
     from neox_l2e.analysis.cli import inhibited_layers
     from neox_l2e.analysis.plots import layerwise_figure, plot_fkr
+
     _, data, res = planted
     runs = [dataclasses.replace(res, name=n, inhibited_layers=inh) for n, inh in (("base", []), ("l2e", [1]))]
     fig = layerwise_figure(runs)
     ax = fig.axes[0]
-    named = [l for l in ax.get_lines() if l.get_label().startswith(("base", "l2e"))]     # one line per run
+    named = [l for l in ax.get_lines() if l.get_label().startswith(("base", "l2e"))]  # one line per run
     assert len(named) == 2 and named[0].get_color() != named[1].get_color()
     assert named[1].get_label().endswith("L2E on layers 1")
     marks = [l for l in ax.get_lines() if l.get_marker() == "s" and not l.get_label().startswith(("base", "l2e"))]
-    assert len(marks) == 1 and list(marks[0].get_xdata()) == [1.0]      # layer 1 of 2: relative depth 1
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [1.0]  # layer 1 of 2: relative depth 1
     assert "layer inhibited by L2E" in [t.get_text() for t in ax.get_legend().get_texts()]
     shares = [n / sum(res.tokens_per_label.values()) for n in res.tokens_per_label.values()]
     assert 1 - max(shares) <= runs[0].chance_fkr(res.layers[0]) <= 1 - min(shares)

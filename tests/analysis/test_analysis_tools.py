@@ -1,4 +1,5 @@
 """The command-line tools end to end on tiny models (CPU, offline)."""
+
 import json
 from collections import Counter
 
@@ -16,8 +17,9 @@ def test_labelled_dataset_builder(labelled_jsonl):
 
 def test_labelled_dataset_is_deterministic(tmp_path, labelled_jsonl):
     out = tmp_path / "again.jsonl"
-    r = run_tool("build_labelled_dataset.py", out, "--docs-per-label", 12, "--chars-per-doc", 400,
-                 "--labels", "python,c,english")
+    r = run_tool(
+        "build_labelled_dataset.py", out, "--docs-per-label", 12, "--chars-per-doc", 400, "--labels", "python,c,english"
+    )
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == labelled_jsonl.read_bytes()
 
@@ -25,9 +27,26 @@ def test_labelled_dataset_is_deterministic(tmp_path, labelled_jsonl):
 def test_ms_scan_two_models(tmp_path, labelled_jsonl, tiny_hf_dir, tiny_neox_ckpt):
     ckpt, _ = tiny_neox_ckpt
     out = tmp_path / "scan"
-    r = run_tool("ms_scan.py", f"small={tiny_hf_dir}", f"bigger={ckpt}", "--data", labelled_jsonl, "--out", out,
-                 "--seq-len", 48, "--max-tokens-per-label", 400, "--neuron-sample", 40, "--ks-tokens", 300,
-                 "--fkr-k", "1,5", "--no-progress")
+    r = run_tool(
+        "ms_scan.py",
+        f"small={tiny_hf_dir}",
+        f"bigger={ckpt}",
+        "--data",
+        labelled_jsonl,
+        "--out",
+        out,
+        "--seq-len",
+        48,
+        "--max-tokens-per-label",
+        400,
+        "--neuron-sample",
+        40,
+        "--ks-tokens",
+        300,
+        "--fkr-k",
+        "1,5",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     models = {m["name"]: m for m in rep["models"]}
@@ -53,8 +72,23 @@ def test_ms_scan_two_models(tmp_path, labelled_jsonl, tiny_hf_dir, tiny_neox_ckp
 def test_fkr_tool(tmp_path, labelled_jsonl, tiny_neox_ckpt):
     ckpt, _ = tiny_neox_ckpt
     out = tmp_path / "fkr"
-    r = run_tool("fkr.py", ckpt, "--data", labelled_jsonl, "--out", out, "--seq-len", 64,
-                 "--max-tokens-per-label", 300, "--k", "1,2,3", "--layers", "1,2", "--no-progress")
+    r = run_tool(
+        "fkr.py",
+        ckpt,
+        "--data",
+        labelled_jsonl,
+        "--out",
+        out,
+        "--seq-len",
+        64,
+        "--max-tokens-per-label",
+        300,
+        "--k",
+        "1,2,3",
+        "--layers",
+        "1,2",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "fkr.json").read_text())
     assert [l["layer"] for l in rep["layers"]] == [1, 2]

@@ -1,4 +1,5 @@
 """Config loading: the real Pythia files, merging rules, error messages, generated docs."""
+
 import difflib
 import os
 from pathlib import Path
@@ -17,14 +18,28 @@ SHARED = Path(os.environ.get("NEOX_L2E_PYTHIA_CONFIGS", ROOT.parent / "shared" /
 
 # Parameter counts of the published Hugging Face Pythia checkpoints (vocab padded to 128 x TP).
 PUBLISHED = {
-    "14m": 14_067_712, "31m": 30_494_720, "70m": 70_426_624, "160m": 162_322_944, "410m": 405_334_016,
-    "1b": 1_011_781_632, "1.4b": 1_414_647_808, "2.8b": 2_775_208_960, "6.9b": 6_857_302_016,
+    "14m": 14_067_712,
+    "31m": 30_494_720,
+    "70m": 70_426_624,
+    "160m": 162_322_944,
+    "410m": 405_334_016,
+    "1b": 1_011_781_632,
+    "1.4b": 1_414_647_808,
+    "2.8b": 2_775_208_960,
+    "6.9b": 6_857_302_016,
     "12b": 11_846_072_320,
 }
 SHAPES = {  # layers, hidden, heads, lr (neox-facts.md)
-    "70m": (6, 512, 8, 1e-3), "160m": (12, 768, 12, 6e-4), "410m": (24, 1024, 16, 3e-4), "1b": (16, 2048, 8, 2.5e-4),
-    "1.4b": (24, 2048, 16, 2e-4), "2.8b": (32, 2560, 32, 1.6e-4), "6.9b": (32, 4096, 32, 1.2e-4),
-    "12b": (36, 5120, 40, 1.2e-4), "14m": (6, 128, 4, 1e-3), "31m": (6, 256, 8, 1e-3),
+    "70m": (6, 512, 8, 1e-3),
+    "160m": (12, 768, 12, 6e-4),
+    "410m": (24, 1024, 16, 3e-4),
+    "1b": (16, 2048, 8, 2.5e-4),
+    "1.4b": (24, 2048, 16, 2e-4),
+    "2.8b": (32, 2560, 32, 1.6e-4),
+    "6.9b": (32, 4096, 32, 1.2e-4),
+    "12b": (36, 5120, 40, 1.2e-4),
+    "14m": (6, 128, 4, 1e-3),
+    "31m": (6, 256, 8, 1e-3),
 }
 
 
@@ -61,12 +76,17 @@ REAL_FILES = sorted(p.name for p in SHARED.glob("*.yml"))
 def test_real_pythia_training_configs(name):
     path = SHARED / name
     if name == "pythia-12b.yml":  # published with a missing comma after "attention-config"
-        with pytest.raises(ConfigError, match=r"pythia-12b\.yml:21:\d+: YAML syntax error.*missing comma after line 19\?"):
+        with pytest.raises(
+            ConfigError, match=r"pythia-12b\.yml:21:\d+: YAML syntax error.*missing comma after line 19\?"
+        ):
             load_config(path)
         return
     if name == "pythia-12b-deduped.yml":  # published with layers and heads swapped: 36 heads cannot split 5120
-        with pytest.raises(ConfigError, match=r"pythia-12b-deduped\.yml: num-layers 40 and num-attention-heads 36 "
-                                              r"look swapped: 36 heads do not divide hidden-size 5120, 40 would"):
+        with pytest.raises(
+            ConfigError,
+            match=r"pythia-12b-deduped\.yml: num-layers 40 and num-attention-heads 36 "
+            r"look swapped: 36 heads do not divide hidden-size 5120, 40 would",
+        ):
             load_config(path, overrides={"vocab_size": 50277})
         return
     cfg = load_config(path, overrides={"vocab_size": 50277})
@@ -122,23 +142,31 @@ def test_safe_loader_refuses_python_objects(tmp_path):
 BASE_KEYS = {"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "vocab-size": 100, "rotary-pct": 0.25}
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"num-attention-heads": 5}, r"num-attention-heads 5 does not divide hidden-size 64"),
-    ({"rotary-pct": 1.5}, r"rotary-pct must be in \(0, 1\]"),
-    ({"rotary-pct": 0.0}, r"rotary-pct must be in \(0, 1\]"),
-    ({"pipe-parallel-size": 2}, r"pipeline parallelism is not implemented"),
-    ({"model-parallel-size": 2, "zero_optimization": {"stage": 3}}, r"ZeRO stage 3 with model-parallel-size 2 is not supported"),
-    ({"model-parallel-size": 3}, r"model-parallel-size 3 does not divide num-attention-heads 4"),
-    ({"zero_optimization": {"stage": 4}}, r"stage must be 0, 1, 2 or 3"),
-    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, r"fp16 and bf16 are both enabled"),
-    ({"lr-decay-style": "exponential"}, r"lr-decay-style: 'exponential' is not supported"),
-    ({"num-layers": "two"}, r"num-layers: expected an integer"),
-    ({"l2e-ratio": 2}, r"l2e-ratio is a fraction"),
-    ({"l2e-layers": [7]}, r"layer 7 is out of range for num-layers 2"),
-    ({"attention-config": [[["sparse"], 2]]}, r"type 'sparse' is not supported"),
-    ({"data-path": "d/x_text_document", "valid-data-paths": ["d/v"]},
-     r"valid-data-paths is used only together with train-data-paths"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"num-attention-heads": 5}, r"num-attention-heads 5 does not divide hidden-size 64"),
+        ({"rotary-pct": 1.5}, r"rotary-pct must be in \(0, 1\]"),
+        ({"rotary-pct": 0.0}, r"rotary-pct must be in \(0, 1\]"),
+        ({"pipe-parallel-size": 2}, r"pipeline parallelism is not implemented"),
+        (
+            {"model-parallel-size": 2, "zero_optimization": {"stage": 3}},
+            r"ZeRO stage 3 with model-parallel-size 2 is not supported",
+        ),
+        ({"model-parallel-size": 3}, r"model-parallel-size 3 does not divide num-attention-heads 4"),
+        ({"zero_optimization": {"stage": 4}}, r"stage must be 0, 1, 2 or 3"),
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, r"fp16 and bf16 are both enabled"),
+        ({"lr-decay-style": "exponential"}, r"lr-decay-style: 'exponential' is not supported"),
+        ({"num-layers": "two"}, r"num-layers: expected an integer"),
+        ({"l2e-ratio": 2}, r"l2e-ratio is a fraction"),
+        ({"l2e-layers": [7]}, r"layer 7 is out of range for num-layers 2"),
+        ({"attention-config": [[["sparse"], 2]]}, r"type 'sparse' is not supported"),
+        (
+            {"data-path": "d/x_text_document", "valid-data-paths": ["d/v"]},
+            r"valid-data-paths is used only together with train-data-paths",
+        ),
+    ],
+)
 def test_impossible_combinations(tmp_path, extra, message):
     a = tmp_path / "a.yml"
     a.write_text(yaml.safe_dump({**BASE_KEYS, **extra}))
@@ -161,6 +189,7 @@ def test_world_size_check(tmp_path):
 
 def test_l2e_layer_selection(tmp_path):
     from neox_l2e.config import resolve_layers
+
     assert resolve_layers("mid2", 6) == [2, 3] and resolve_layers("mid2", 24) == [11, 12]
     assert resolve_layers("top-bot", 6) == [0, 5] and resolve_layers("mid-third", 6) == [2, 3]
     assert resolve_layers("mid-third", 24) == list(range(8, 16)) and resolve_layers([3, 1], 6) == [1, 3]
@@ -176,7 +205,9 @@ def test_docs_config_md_is_current():
 
 def test_every_field_documented():
     import dataclasses
+
     from neox_l2e.config import SECTIONS
+
     for cls in SECTIONS.values():
         for f in dataclasses.fields(cls):
             doc = f.metadata.get("doc", "")
@@ -190,8 +221,10 @@ GRIDS = sorted(p.name for p in (ROOT / "configs" / "l2e").glob("*.yml"))
 @pytest.mark.parametrize("grid", GRIDS)
 def test_l2e_grid_adds_to_every_pythia_config(grid):
     for size in ("70m", "410m", "2.8b"):
-        cfg = load_config([ROOT / "configs" / "pythia" / f"pythia-{size}.yml", ROOT / "configs" / "l2e" / grid],
-                          {"train-iters": 14300})         # the paper's 10% runs, as the grid files' headers say
+        cfg = load_config(
+            [ROOT / "configs" / "pythia" / f"pythia-{size}.yml", ROOT / "configs" / "l2e" / grid],
+            {"train-iters": 14300},
+        )  # the paper's 10% runs, as the grid files' headers say
         assert cfg.training.train_iters == 14300 and cfg.optimizer.lr_decay_iters == 143000
         if grid == "baseline.yml":
             assert not cfg.l2e_active
@@ -209,14 +242,22 @@ def test_l2e_grid_adds_to_every_pythia_config(grid):
 def test_l2e_grid_files_hold_only_l2e_keys(grid):
     """A grid file is the experiment only, so it adds to any model config without a key set twice."""
     from neox_l2e.config.loader import canon, field_index
+
     index = field_index()
     keys = yaml.safe_load((ROOT / "configs" / "l2e" / grid).read_text())
     assert keys and {index[canon(k)][0] for k in keys} == {"l2e"}, keys
 
 
-@pytest.mark.parametrize("base", [ROOT / "configs" / "local" / "demo.yml", ROOT / "configs" / "pythia" / "pythia-70m.yml",
-                                  SHARED / "pythia-70m.yml", SHARED / "pythia-410m-deduped.yml"],
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "base",
+    [
+        ROOT / "configs" / "local" / "demo.yml",
+        ROOT / "configs" / "pythia" / "pythia-70m.yml",
+        SHARED / "pythia-70m.yml",
+        SHARED / "pythia-410m-deduped.yml",
+    ],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_l2e_grid_combines_with_the_configs_users_run(base):
     """`train.py configs/local/demo.yml configs/l2e/l2e-1pct-mid2.yml` and the published Pythia ymls plus a grid
     file (which set train-iters themselves) load; a train-iters override stops early."""
@@ -247,6 +288,7 @@ def test_configs_load_as_numbers_in_plain_pyyaml(path):
     """GPT-NeoX reads configs with PyYAML (YAML 1.1), where 1e-08 (no dot) is a string: every value that looks
     like a number must load as one, so the files also work in upstream NeoX."""
     import re
+
     data = yaml.safe_load((ROOT / path).read_text())
     number = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     strings = [(k, v) for k, v in _numbers(data) if isinstance(v, str) and number.match(v.strip())]
@@ -256,36 +298,50 @@ def test_configs_load_as_numbers_in_plain_pyyaml(path):
 ADAM = {"type": "Adam", "params": {"lr": 0.001, "betas": [0.9, 0.95], "eps": 1.0e-8}}
 
 
-@pytest.mark.parametrize("extra, message", [
-    # values that raised a traceback (ValueError, ZeroDivisionError) or crashed later in training
-    ({"l2e-layers": ["a"]}, r"l2e-layers: layer indices must be integers, got 'a'"),
-    ({"optimizer": {"type": "Adam", "params": {"lr": "abc"}}}, r"optimizer\.params\.lr must be a finite number, got 'abc'"),
-    ({"optimizer": {**ADAM, "params": {**ADAM["params"], "betas": "abc"}}},
-     r"optimizer\.params\.betas must be two numbers in \[0, 1\)"),
-    ({"optimizer": {**ADAM, "params": {**ADAM["params"], "eps": -1.0}}}, r"optimizer\.params\.eps must be positive"),
-    ({"optimizer": {"type": "Adam", "params": "fast"}}, r"optimizer\.params must be a mapping"),
-    ({"zero_optimization": {"stage": "two"}}, r"zero_optimization\.stage must be 0, 1, 2 or 3, got 'two'"),
-    ({"make-vocab-size-divisible-by": 0}, r"make-vocab-size-divisible-by must be >= 1, got 0"),
-    ({"intermediate-size": -4}, r"intermediate-size must be positive, got -4"),
-    ({"log-interval": 0}, r"log-interval must be >= 1, got 0"),
-    ({"steps_per_print": 0}, r"steps-per-print must be >= 1, got 0"),
-    # values accepted before that must be refused
-    ({"layernorm-epsilon": 0.0}, r"layernorm-epsilon must be positive, got 0\.0"),
-    ({"layernorm-epsilon": -1.0e-5}, r"layernorm-epsilon must be positive"),
-    ({"l2e-lambda": float("nan")}, r"l2e-lambda: expected a finite number, got nan"),
-    ({"l2e-lambda": float("inf")}, r"l2e-lambda: expected a finite number, got inf"),
-    ({"lr": float("nan")}, r"lr: expected a finite number, got nan"),
-    ({"lr": "inf"}, r"lr: expected a finite number"),
-    ({"optimizer": {"type": "Adam", "params": {"lr": float("inf")}}}, r"optimizer\.params\.lr must be a finite number"),
-    ({"checkpoint-factor": 0}, r"checkpoint-factor must be >= 1, got 0"),
-    ({"checkpoint-factor": -5}, r"checkpoint-factor must be >= 1, got -5"),
-    ({"gradient-clipping": -1.0}, r"gradient-clipping must be >= 0, got -1\.0"),
-    ({"weight-decay": -0.1}, r"weight-decay must be >= 0, got -0\.1"),
-    ({"l2e-layers": [1.5]}, r"l2e-layers: layer indices must be integers, got 1\.5"),
-    ({"l2e-layers": [True]}, r"l2e-layers: layer indices must be integers, got True"),
-    ({"dist-timeout-s": 0}, r"dist-timeout-s must be >= 1, got 0"),
-    ({"dist-timeout-s": -30}, r"dist-timeout-s must be >= 1, got -30"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # values that raised a traceback (ValueError, ZeroDivisionError) or crashed later in training
+        ({"l2e-layers": ["a"]}, r"l2e-layers: layer indices must be integers, got 'a'"),
+        (
+            {"optimizer": {"type": "Adam", "params": {"lr": "abc"}}},
+            r"optimizer\.params\.lr must be a finite number, got 'abc'",
+        ),
+        (
+            {"optimizer": {**ADAM, "params": {**ADAM["params"], "betas": "abc"}}},
+            r"optimizer\.params\.betas must be two numbers in \[0, 1\)",
+        ),
+        (
+            {"optimizer": {**ADAM, "params": {**ADAM["params"], "eps": -1.0}}},
+            r"optimizer\.params\.eps must be positive",
+        ),
+        ({"optimizer": {"type": "Adam", "params": "fast"}}, r"optimizer\.params must be a mapping"),
+        ({"zero_optimization": {"stage": "two"}}, r"zero_optimization\.stage must be 0, 1, 2 or 3, got 'two'"),
+        ({"make-vocab-size-divisible-by": 0}, r"make-vocab-size-divisible-by must be >= 1, got 0"),
+        ({"intermediate-size": -4}, r"intermediate-size must be positive, got -4"),
+        ({"log-interval": 0}, r"log-interval must be >= 1, got 0"),
+        ({"steps_per_print": 0}, r"steps-per-print must be >= 1, got 0"),
+        # values accepted before that must be refused
+        ({"layernorm-epsilon": 0.0}, r"layernorm-epsilon must be positive, got 0\.0"),
+        ({"layernorm-epsilon": -1.0e-5}, r"layernorm-epsilon must be positive"),
+        ({"l2e-lambda": float("nan")}, r"l2e-lambda: expected a finite number, got nan"),
+        ({"l2e-lambda": float("inf")}, r"l2e-lambda: expected a finite number, got inf"),
+        ({"lr": float("nan")}, r"lr: expected a finite number, got nan"),
+        ({"lr": "inf"}, r"lr: expected a finite number"),
+        (
+            {"optimizer": {"type": "Adam", "params": {"lr": float("inf")}}},
+            r"optimizer\.params\.lr must be a finite number",
+        ),
+        ({"checkpoint-factor": 0}, r"checkpoint-factor must be >= 1, got 0"),
+        ({"checkpoint-factor": -5}, r"checkpoint-factor must be >= 1, got -5"),
+        ({"gradient-clipping": -1.0}, r"gradient-clipping must be >= 0, got -1\.0"),
+        ({"weight-decay": -0.1}, r"weight-decay must be >= 0, got -0\.1"),
+        ({"l2e-layers": [1.5]}, r"l2e-layers: layer indices must be integers, got 1\.5"),
+        ({"l2e-layers": [True]}, r"l2e-layers: layer indices must be integers, got True"),
+        ({"dist-timeout-s": 0}, r"dist-timeout-s must be >= 1, got 0"),
+        ({"dist-timeout-s": -30}, r"dist-timeout-s must be >= 1, got -30"),
+    ],
+)
 def test_bad_values_are_one_line_naming_file_and_key(tmp_path, extra, message):
     a = tmp_path / "a.yml"
     a.write_text(yaml.safe_dump({**BASE_KEYS, **extra}))
@@ -297,11 +353,15 @@ def test_bad_values_are_one_line_naming_file_and_key(tmp_path, extra, message):
 def test_bad_values_as_command_line_overrides(tmp_path):
     """The same checks for key=value overrides (train.py / deepy.py): the error names the key."""
     from neox_l2e.config import parse_override
+
     a = write(tmp_path, "a.yml", BASE)
-    for text, message in [("l2e-layers=[a]", r"l2e-layers: layer indices must be integers"),
-                          ("optimizer={type: Adam, params: {lr: abc}}", r"optimizer\.params\.lr must be a finite"),
-                          ("zero-optimization={stage: two}", r"zero_optimization\.stage must be 0, 1, 2 or 3"),
-                          ("log-interval=0", r"log-interval must be >= 1"), ("l2e-lambda=.nan", r"l2e-lambda: expected a finite")]:
+    for text, message in [
+        ("l2e-layers=[a]", r"l2e-layers: layer indices must be integers"),
+        ("optimizer={type: Adam, params: {lr: abc}}", r"optimizer\.params\.lr must be a finite"),
+        ("zero-optimization={stage: two}", r"zero_optimization\.stage must be 0, 1, 2 or 3"),
+        ("log-interval=0", r"log-interval must be >= 1"),
+        ("l2e-lambda=.nan", r"l2e-lambda: expected a finite"),
+    ]:
         with pytest.raises(ConfigError, match=message) as err:
             load_config(a, dict([parse_override(text)]))
         assert "\n" not in str(err.value) and str(err.value).startswith("<override>: ")
@@ -317,9 +377,12 @@ def test_binary_garbage_yml_is_one_line(tmp_path):
 
 def test_dotted_overrides_set_one_entry_of_a_mapping(tmp_path):
     from neox_l2e.config import parse_override
+
     pythia = ROOT / "configs" / "pythia" / "pythia-70m.yml"
-    overrides = dict(parse_override(t) for t in ("zero_optimization.stage=2", "optimizer.params.lr=0.002",
-                                                 "fp16.enabled=false", "precision=fp32"))
+    overrides = dict(
+        parse_override(t)
+        for t in ("zero_optimization.stage=2", "optimizer.params.lr=0.002", "fp16.enabled=false", "precision=fp32")
+    )
     cfg = load_config(pythia, overrides)
     zero = cfg.parallel.zero_optimization
     assert zero["stage"] == 2 and zero["reduce_bucket_size"] == 500000000 and cfg.zero_stage == 2
@@ -338,35 +401,49 @@ def test_dotted_overrides_set_one_entry_of_a_mapping(tmp_path):
 def test_override_replaces_a_key_given_by_its_alias():
     """pythia-12b.yml spells gas as gradient_accumulation_steps: gas=2 replaces it (no 'both set' error)."""
     cfg = load_config(ROOT / "configs" / "pythia" / "pythia-12b.yml", {"gas": 2})
-    assert cfg.training.gradient_accumulation_steps == 2 and cfg.source_of("gradient_accumulation_steps") == "<override>"
+    assert (
+        cfg.training.gradient_accumulation_steps == 2 and cfg.source_of("gradient_accumulation_steps") == "<override>"
+    )
 
 
-@pytest.mark.parametrize("argv, hint", [
-    (["a.yml", "--train-iters", "5"], "--train-iters: config keys are not flags; give them as key=value after the "
-                                      "config files: train-iters=5"),
-    (["a.yml", "--train_iters=5"], "train-iters=5"),
-    (["a.yml", "--zero_optimization.stage", "1"], "zero-optimization.stage=1"),
-    (["a.yml", "--l2e-ratio"], "l2e-ratio=VALUE"),
-])
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (
+            ["a.yml", "--train-iters", "5"],
+            "--train-iters: config keys are not flags; give them as key=value after the config files: train-iters=5",
+        ),
+        (["a.yml", "--train_iters=5"], "train-iters=5"),
+        (["a.yml", "--zero_optimization.stage", "1"], "zero-optimization.stage=1"),
+        (["a.yml", "--l2e-ratio"], "l2e-ratio=VALUE"),
+    ],
+)
 def test_flag_hint(argv, hint):
     from neox_l2e.config.loader import flag_hint
+
     assert hint in flag_hint(argv)
     assert flag_hint(["a.yml", "--not-a-key", "5", "train-iters=5"]) is None
 
 
 def test_train_and_deepy_print_the_hint(capsys):
     import importlib.util
+
     for script in ("train.py", "deepy.py"):
         spec = importlib.util.spec_from_file_location(script[:-3] + "_cli", ROOT / script)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        argv = ["configs/local/tiny.yml", "--train-iters", "5"] if script == "train.py" else \
-            ["--dry-run", "train.py", "configs/local/tiny.yml", "--train-iters", "5"]
+        argv = (
+            ["configs/local/tiny.yml", "--train-iters", "5"]
+            if script == "train.py"
+            else ["--dry-run", "train.py", "configs/local/tiny.yml", "--train-iters", "5"]
+        )
         with pytest.raises(SystemExit) as e:
             mod.parse_args(argv)
         assert e.value.code == 2
-        assert "error: --train-iters: config keys are not flags; give them as key=value after the config files: " \
-               "train-iters=5" in capsys.readouterr().err
+        assert (
+            "error: --train-iters: config keys are not flags; give them as key=value after the config files: "
+            "train-iters=5" in capsys.readouterr().err
+        )
 
 
 def test_sections_are_typed_and_read_only():
@@ -374,9 +451,10 @@ def test_sections_are_typed_and_read_only():
     import typing
 
     from neox_l2e.config import SECTIONS, NeoXConfig
+
     hints = typing.get_type_hints(NeoXConfig)
     assert {name: hints[name] for name in SECTIONS} == SECTIONS
-    cfg = load_config(ROOT / "configs" / "local" / "tiny.yml")            # a loaded config is read-only
+    cfg = load_config(ROOT / "configs" / "local" / "tiny.yml")  # a loaded config is read-only
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.training.train_iters = 5
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -389,11 +467,15 @@ def test_derived_values_are_filled_in_at_load_and_validate_changes_nothing():
 
     from neox_l2e.config import build_config
     from neox_l2e.config.loader import validate
-    values = {**BASE_KEYS, "lr-decay-iters": 70,
-              "optimizer": {"type": "Adam", "params": {"lr": "6e-05", "eps": "1e-8"}}}
+
+    values = {
+        **BASE_KEYS,
+        "lr-decay-iters": 70,
+        "optimizer": {"type": "Adam", "params": {"lr": "6e-05", "eps": "1e-8"}},
+    }
     given = copy.deepcopy(values)
     cfg = build_config(values)
-    assert values == given                                                  # the caller's mapping is not touched
+    assert values == given  # the caller's mapping is not touched
     assert cfg.training.train_iters == 70 and cfg.source_of("train_iters") == "<default>"
     assert cfg.optimizer.optimizer["params"] == {"lr": 6e-05, "eps": 1e-08} and cfg.lr == 6e-05
     assert build_config(BASE_KEYS).training.train_iters == 1000
@@ -423,6 +505,7 @@ def test_activation_checkpointing_keys_are_model_keys(tmp_path):
 
 def test_model_weights_come_from_the_seed_it_is_given(tmp_path):
     from neox_l2e.config import DEFAULT_SEED
+
     cfg = load_config(write(tmp_path, "a.yml", BASE), {"seed": 5})
     weight = "gpt_neox.embed_in.weight"
     default, five, five_again = (GPTNeoX(cfg, **kw).state_dict()[weight] for kw in ({}, {"seed": 5}, {"seed": 5}))

@@ -1,4 +1,5 @@
 """tools/convert_hf.py against transformers' GPTNeoXForCausalLM (the reference) both ways; its folder safety."""
+
 import json
 import os
 import subprocess
@@ -24,10 +25,18 @@ VOCAB = 96
 
 def hf_model(tmp_path, tanh=False, parallel_residual=True):
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=64, rotary_pct=0.25,
-                        hidden_act="gelu_pytorch_tanh" if tanh else "gelu",
-                        use_parallel_residual=parallel_residual, tie_word_embeddings=False)
+    cfg = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        rotary_pct=0.25,
+        hidden_act="gelu_pytorch_tanh" if tanh else "gelu",
+        use_parallel_residual=parallel_residual,
+        tie_word_embeddings=False,
+    )
     model = GPTNeoXForCausalLM(cfg).eval()
     with torch.no_grad():  # biases and norms away from 0/1 so a dropped or swapped tensor shows
         for p in model.parameters():
@@ -37,13 +46,26 @@ def hf_model(tmp_path, tanh=False, parallel_residual=True):
 
 
 def our_cfg(tp=1, tanh=False, parallel_residual=True):
-    return build_config(dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=VOCAB,
-                             intermediate_size=256, max_position_embeddings=64, rotary_pct=0.25,
-                             make_vocab_size_divisible_by=8, bias_gelu_fusion=tanh, gpt_j_residual=parallel_residual,
-                             no_weight_tying=True, model_parallel_size=tp))
+    return build_config(
+        dict(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            seq_length=32,
+            vocab_size=VOCAB,
+            intermediate_size=256,
+            max_position_embeddings=64,
+            rotary_pct=0.25,
+            make_vocab_size_divisible_by=8,
+            bias_gelu_fusion=tanh,
+            gpt_j_residual=parallel_residual,
+            no_weight_tying=True,
+            model_parallel_size=tp,
+        )
+    )
 
 
-COMBOS = [(False, True), (False, False), (True, True), (True, False)]   # GELU erf/tanh x parallel/sequential
+COMBOS = [(False, True), (False, False), (True, True), (True, False)]  # GELU erf/tanh x parallel/sequential
 
 
 @pytest.mark.parametrize("tanh,parallel_residual", COMBOS)
@@ -78,7 +100,7 @@ def test_export_merges_tp_shards(tmp_path, tanh, parallel_residual):
     hf = GPTNeoXForCausalLM.from_pretrained(out).eval()
     tokens = torch.randint(0, VOCAB, (2, 32))
     with torch.no_grad():
-        diff = (model(tokens).logits - hf(tokens).logits[..., :model.vocab_size]).abs().max().item()
+        diff = (model(tokens).logits - hf(tokens).logits[..., : model.vocab_size]).abs().max().item()
     assert diff <= 1e-4
     assert hf.config.num_hidden_layers == 2 and hf.config.use_parallel_residual == parallel_residual
     assert hf.config.hidden_act == ("gelu_pytorch_tanh" if tanh else "gelu")
@@ -95,8 +117,12 @@ def test_round_trip_hf_to_ours_to_hf(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf.py"), *map(str, args)],
-                              capture_output=True, text=True, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "convert_hf.py"), *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
 
     r = run("import", tmp_path / "nowhere", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not a directory" in r.stderr
@@ -112,17 +138,26 @@ def test_cli_errors_are_one_line(tmp_path):
     assert (tmp_path / "ok" / "latest").read_text().strip() == "global_step0"
 
 
-@pytest.mark.parametrize("config_json,message", [
-    ('[1, 2]', "expected a JSON object"),
-    ('{"model_type": "gpt_neox", "vocab_size": "abc", "hidden_size": 64, "num_hidden_layers": 2, '
-     '"num_attention_heads": 4}', "wrong type"),
-    ('{"model_type": "llama"}', "expected 'gpt_neox'"),
-])
+@pytest.mark.parametrize(
+    "config_json,message",
+    [
+        ("[1, 2]", "expected a JSON object"),
+        (
+            '{"model_type": "gpt_neox", "vocab_size": "abc", "hidden_size": 64, "num_hidden_layers": 2, '
+            '"num_attention_heads": 4}',
+            "wrong type",
+        ),
+        ('{"model_type": "llama"}', "expected 'gpt_neox'"),
+    ],
+)
 def test_bad_config_json_is_one_line(tmp_path, config_json, message):
     _, hf_dir = hf_model(tmp_path)
     (hf_dir / "config.json").write_text(config_json)
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf.py"), "import", str(hf_dir),
-                        str(tmp_path / "out")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_hf.py"), "import", str(hf_dir), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -132,8 +167,19 @@ def _tp2_train_worker(rank, world, save):
     from train_common import datasets, tiny_cfg
 
     from neox_l2e.training.loop import Trainer
-    tr = Trainer(tiny_cfg(model_parallel_size=2, zero_optimization={"stage": 1}, train_iters=2, save=save,
-                          l2e_enabled=True, l2e_min_samples=8), datasets=datasets(), quiet=True)
+
+    tr = Trainer(
+        tiny_cfg(
+            model_parallel_size=2,
+            zero_optimization={"stage": 1},
+            train_iters=2,
+            save=save,
+            l2e_enabled=True,
+            l2e_min_samples=8,
+        ),
+        datasets=datasets(),
+        quiet=True,
+    )
     tr.train()
     model = tr.module.eval()
     tokens = torch.arange(32).reshape(2, 16) % 64
@@ -146,12 +192,13 @@ def test_export_of_a_deepspeed_tp2_checkpoint(tmp_path):
     """A TP=2 run saved by DeepSpeed (ZeRO-1, L2E on) -> export -> transformers' logits equal the run's own."""
     sys.path.insert(0, str(ROOT / "tests"))
     from distributed import run_ranks
+
     logits = run_ranks(_tp2_train_worker, world=2, args=(str(tmp_path / "run"),))[0]
     out = convert_hf.export_hf(tmp_path / "run", tmp_path / "hf")
     hf = GPTNeoXForCausalLM.from_pretrained(out).eval()
     tokens = torch.arange(32).reshape(2, 16) % 64
     with torch.no_grad():
-        theirs = hf(tokens).logits[..., :logits.shape[-1]]
+        theirs = hf(tokens).logits[..., : logits.shape[-1]]
     assert (theirs - torch.from_numpy(logits)).abs().max().item() <= 1e-4
 
 
@@ -201,7 +248,7 @@ def test_export_overwrite_replaces_only_a_previous_export(tmp_path):
         first = (out / "model.safetensors").read_bytes()
         convert_hf.export_hf(ckpt, out, dtype=torch.bfloat16, overwrite=True)
         assert (out / "model.safetensors").read_bytes() != first
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no temp / old folder left
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp / old folder left
         (out / "mine.txt").write_text("keep")
         with pytest.raises(InteropError, match=r"hf: --overwrite replaces only a previous export.*mine\.txt"):
             convert_hf.export_hf(ckpt, out, overwrite=True)
@@ -213,7 +260,9 @@ def test_export_overwrite_replaces_only_a_previous_export(tmp_path):
 def test_export_falls_back_to_copy_across_filesystems(tmp_path, monkeypatch):
     """A rename that crosses filesystems (EXDEV) is replaced by a copy into OUT."""
     import errno
+
     from neox_l2e.interop import hf as hf_mod
+
     ckpt = _tiny_checkpoint(tmp_path / "ck")
     convert_hf.export_hf(ckpt, tmp_path / "hf")
     real = os.replace

@@ -1,6 +1,7 @@
 """tools/bench_kernels.py through its own functions on CPU: the fused variants (both modes, saved and recomputed
 pre-activation) and the bare Triton GEMM run in Triton's interpreter at a tiny shape, so a signature drift
 between the script and the kernel package fails here rather than on the first GPU."""
+
 import csv
 import importlib.util
 
@@ -21,8 +22,26 @@ def test_bench_kernels_fused_path_runs_on_the_interpreter(repo_root, tmp_path, c
     bench = _load(repo_root)
     assert not bench.CUDA
     out = tmp_path / "bench.csv"
-    rc = bench.main(["--tokens", "32", "--shapes", "32", "--interpret-fused", "--preact", "both", "--rounds", "1",
-                     "--no-compile", "--cpu-min-runs", "1", "--warmup", "0", "--csv", str(out)])
+    rc = bench.main(
+        [
+            "--tokens",
+            "32",
+            "--shapes",
+            "32",
+            "--interpret-fused",
+            "--preact",
+            "both",
+            "--rounds",
+            "1",
+            "--no-compile",
+            "--cpu-min-runs",
+            "1",
+            "--warmup",
+            "0",
+            "--csv",
+            str(out),
+        ]
+    )
     assert rc == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
@@ -35,7 +54,15 @@ def test_bench_kernels_fused_path_runs_on_the_interpreter(repo_root, tmp_path, c
     assert not any("Error" in r["note"] for r in rows), [r["note"] for r in rows]
     assert "| fused:split |" in capsys.readouterr().out
     # the goal lines are computed from the same rows (printed on CUDA only)
-    rows_d = [dict(r, pass_=r["pass"], ms=float(r["ms"]), x_floor=float(r["x_floor"] or 0) or None,
-                   vs_torch=float(r["vs_torch"] or 0) or None) for r in rows]
+    rows_d = [
+        dict(
+            r,
+            pass_=r["pass"],
+            ms=float(r["ms"]),
+            x_floor=float(r["x_floor"] or 0) or None,
+            vs_torch=float(r["vs_torch"] or 0) or None,
+        )
+        for r in rows
+    ]
     lines = bench.goal_lines(rows_d)
     assert len(lines) == 2 and all(ln.startswith("goal 32 fused:") for ln in lines)

@@ -1,4 +1,5 @@
 """Shared helpers for the L2E tests."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,7 @@ def make_inhibitor(n=32, ps=None, **kw) -> NeuronInhibitor:
 
 def layer_inputs(h=12, n=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, h, generator=g) / h ** 0.5
+    w = torch.randn(n, h, generator=g) / h**0.5
     b = 0.1 * torch.randn(n, generator=g)
     return w, b
 

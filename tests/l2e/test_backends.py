@@ -1,15 +1,16 @@
 """The Triton backend (fused kernel; Triton's interpreter on CPU) against the torch backend."""
+
 import pytest
 import torch
-
 from l2e_common import batch, layer_inputs, make_inhibitor
 
 kernels = pytest.importorskip("neox_l2e.kernels.l2e_mlp")
 pytest.importorskip("triton")
 
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.interpreter_enabled(),
-                                                 reason="CPU needs TRITON_INTERPRET=1")),
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(not kernels.interpreter_enabled(), reason="CPU needs TRITON_INTERPRET=1")
+    ),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 
@@ -26,7 +27,7 @@ def _run(device, bias_grad, method="l2e", steps=6):
             x = batch(64, seed=s).to(device)
             z = inh(x, w, b, "none")
             loss = z.float().pow(2).mean() + (inh.loss if inh.loss is not None else 0.0)
-            gw, = torch.autograd.grad(loss, w)
+            (gw,) = torch.autograd.grad(loss, w)
             inh.commit()
             zs.append(z.detach())
             losses.append((inh.loss.item(), inh.loss_sum.item()) if inh.loss is not None else None)
@@ -44,7 +45,7 @@ def test_triton_backend_matches_torch_backend(device, method):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert [x is None for x in lt] == [x is None for x in lk]
     for a, b in zip(lt, lk):
-        if a is not None:       # the mean L_MS and the sum that the token-sum reduction divides by the tokens
+        if a is not None:  # the mean L_MS and the sum that the token-sum reduction divides by the tokens
             assert all(abs(u - v) <= 1e-4 * max(1.0, abs(u)) for u, v in zip(a, b)), (a, b)
     for a, b in zip(gt, gk):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
@@ -65,12 +66,14 @@ def test_triton_backend_with_frozen_bias(device):
 def test_triton_backend_passes_the_gradient_switch_or_refuses():
     """l2e-grad-to-input: false reaches the fused op as l2e_grad_to_input=False; an op without it is refused."""
     from neox_l2e.l2e.backend import TritonBackend
+
     seen = {}
 
     def op_with(x, weight, bias, mean, inv_var, tau, eps, approximate="none", mode="split", *, l2e_grad_to_input=True):
         seen["flag"] = l2e_grad_to_input
-        return kernels.l2e_mlp_reference(x, weight, bias, mean, inv_var, tau, eps, approximate,
-                                         grad_to_input=l2e_grad_to_input)
+        return kernels.l2e_mlp_reference(
+            x, weight, bias, mean, inv_var, tau, eps, approximate, grad_to_input=l2e_grad_to_input
+        )
 
     def op_without(x, weight, bias, mean, inv_var, tau, eps, approximate="none", mode="split"):
         return kernels.l2e_mlp_reference(x, weight, bias, mean, inv_var, tau, eps, approximate)
@@ -79,6 +82,6 @@ def test_triton_backend_passes_the_gradient_switch_or_refuses():
     args = (batch(16), w, b, torch.zeros(48), torch.ones(48), 0.5, 1e-6, "none")
     TritonBackend(op_with)(*args, grad_to_input=False)
     assert seen["flag"] is False
-    TritonBackend(op_without)(*args)                         # the default needs no kwarg
+    TritonBackend(op_without)(*args)  # the default needs no kwarg
     with pytest.raises(RuntimeError, match="l2e-grad-to-input"):
         TritonBackend(op_without)(*args, grad_to_input=False)

@@ -1,11 +1,12 @@
 """Data- and tensor-parallel behaviour on 2 gloo ranks (tests/distributed.run_ranks)."""
+
 import torch
 import torch.nn.functional as TF
-
 from distributed import run_ranks
+from l2e_common import batch, layer_inputs, make_inhibitor
+
 from neox_l2e.l2e import functional as F
 from neox_l2e.l2e import stats as S
-from l2e_common import batch, layer_inputs, make_inhibitor
 
 H, N, T = 12, 32, 48
 
@@ -23,6 +24,7 @@ def _sd(inh):
 def _t(results):
     """numpy arrays back to tensors, recursively."""
     import numpy as np
+
     if isinstance(results, np.ndarray):
         return torch.from_numpy(results)
     if isinstance(results, dict):
@@ -39,6 +41,7 @@ def _dp_data(rank, step):
 
 def _dp_worker(rank, world, steps):
     from neox_l2e.parallel import ParallelState
+
     ps = ParallelState.from_distributed(tp=1, device="cpu")
     assert ps.dp == 2 and ps.dp_rank == rank
     w, b = layer_inputs(H, N)
@@ -62,7 +65,7 @@ def _dp_worker(rank, world, steps):
 def test_two_dp_ranks_keep_bit_identical_statistics_and_tau():
     steps = 12
     (s0, t0, init0, m0, g0), (s1, t1, init1, m1, g1) = _t(run_ranks(_dp_worker, world=2, args=(steps,)))
-    assert not torch.equal(g0, g1)                                   # the ranks really saw different data
+    assert not torch.equal(g0, g1)  # the ranks really saw different data
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
     assert t0 == t1 and m0 == m1
@@ -80,11 +83,12 @@ def test_two_dp_ranks_keep_bit_identical_statistics_and_tau():
     phi = torch.cat([F.phi(TF.gelu(TF.linear(_dp_data(r, 1), w, b)), mean1, inv_var1) for r in range(2)])
     k = S.kth_index(0.02, phi.numel())
     assert t0[1] == torch.topk(phi.flatten(), k).values[-1].item()
-    assert len(set(t0[2:])) > 3                                      # and then it moved
+    assert len(set(t0[2:])) > 3  # and then it moved
 
 
 def _tp_worker(rank, world, steps):
     from neox_l2e.parallel import ParallelState
+
     ps = ParallelState.from_distributed(tp=2, device="cpu")
     assert ps.tp == 2 and ps.dp == 1
     w, b = layer_inputs(H, N)
@@ -93,7 +97,7 @@ def _tp_worker(rank, world, steps):
     inh = make_inhibitor(n=N // 2, ps=ps)
     losses = []
     for step in range(steps):
-        x = batch(T, H, seed=step)                                    # TP ranks see the same input
+        x = batch(T, H, seed=step)  # TP ranks see the same input
         inh(x, wp, bp, "none")
         if inh.loss is not None:
             inh.loss.backward()
@@ -115,9 +119,9 @@ def test_two_tp_ranks_equal_one_rank_with_all_neurons():
             ref.loss.backward()
             losses.append(ref.loss.item())
         ref.commit()
-    assert l0 == l1                                                   # the loss is TP-global
+    assert l0 == l1  # the loss is TP-global
     torch.testing.assert_close(torch.tensor(l0), torch.tensor(losses), rtol=1e-5, atol=1e-6)
-    assert s0["tau"].item() == s1["tau"].item()                       # tau is TP-global
+    assert s0["tau"].item() == s1["tau"].item()  # tau is TP-global
     torch.testing.assert_close(s0["tau"], ref.tau, rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.cat([s0["mean"], s1["mean"]]), ref.mean, rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.cat([s0["m2"], s1["m2"]]), ref.m2, rtol=1e-5, atol=1e-6)

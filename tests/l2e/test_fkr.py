@@ -1,4 +1,5 @@
 """FKR and the MS validation quantities against brute-force references and a planted example."""
+
 import math
 
 import pytest
@@ -23,14 +24,14 @@ def test_planted_neuron_has_lstar_2_and_near_zero_fkr(mode):
     phi_l, phi_not_l = K.label_phi_means(phi, labels, 4)
     lstar = K.preferred_labels(phi_l)
     assert lstar[0].item() == 2
-    assert phi_l[2, 0] > 10 * phi_not_l[2, 0]                    # monosemantic: phi_l >> phi_-l
+    assert phi_l[2, 0] > 10 * phi_not_l[2, 0]  # monosemantic: phi_l >> phi_-l
     tau = K.kill_threshold(phi, 2.0, mode)
     kills, false = K.neuron_kill_counts(phi, labels, lstar, tau)
-    assert kills[0] > 0.5 * int((labels == 2).sum())             # it is killed on its feature
-    assert false[0].item() / kills[0].item() < 0.02              # and almost only there
+    assert kills[0] > 0.5 * int((labels == 2).sum())  # it is killed on its feature
+    assert false[0].item() / kills[0].item() < 0.02  # and almost only there
     rnd = kills[1:] > 20
     fkr_random = false[1:][rnd].sum().item() / kills[1:][rnd].sum().item()
-    assert fkr_random > 0.5                                       # random neurons: mostly false kills
+    assert fkr_random > 0.5  # random neurons: mostly false kills
     res = K.fkr(phi, labels, lstar, [2.0], mode)[2.0]
     assert res.kills == int(kills.sum()) and res.false_kills == int(false.sum())
 
@@ -39,8 +40,8 @@ def test_all_monosemantic_layer_has_low_fkr_random_layer_high():
     g = torch.Generator().manual_seed(1)
     T, L = 3000, 4
     labels = torch.randint(0, L, (T,), generator=g)
-    # 40 neurons, each tied to one label (10 per label), firing on half of that label's tokens (per-token kills K per token
-    # whatever happens, so a token where none of its neurons fires gives a false kill)
+    # 40 neurons, each tied to one label (10 per label), firing on half of that label's tokens (per-token kills
+    # K per token whatever happens, so a token where none of its neurons fires gives a false kill)
     fire = torch.rand(T, 40, generator=g) < 0.5
     own = torch.arange(40) % L
     z_mono = 0.05 * torch.randn(T, 40, generator=g) + 3.0 * (fire & (labels[:, None] == own[None, :])).float()
@@ -58,7 +59,7 @@ def test_thresholds_and_counts_match_brute_force():
     g = torch.Generator().manual_seed(2)
     T, N, L = 60, 25, 3
     z = torch.randn(T, N, generator=g, dtype=torch.float64).float()
-    labels = torch.randint(-1, L, (T,), generator=g)             # some unlabelled tokens
+    labels = torch.randint(-1, L, (T,), generator=g)  # some unlabelled tokens
     phi = K.dataset_phi(z)
     # phi: mean / unbiased var over all T tokens (labelled or not), in fp64
     zd = z.double()
@@ -99,7 +100,7 @@ def test_chunked_sums_equal_whole():
     z, labels = _planted(T=1000, N=10)
     mean, var = K.moments(z)
     phi = K.dataset_phi(z, mean, var)
-    parts = [K.label_phi_sums(phi[i:i + 300], labels[i:i + 300], 4) for i in range(0, 1000, 300)]
+    parts = [K.label_phi_sums(phi[i : i + 300], labels[i : i + 300], 4) for i in range(0, 1000, 300)]
     s = sum(p[0] for p in parts), sum(p[1] for p in parts)
     a, b = K.label_phi_means(None, None, 4, sums=s)
     a2, b2 = K.label_phi_means(phi, labels, 4)
@@ -112,11 +113,11 @@ def test_ks_statistic_matches_scipy_and_neuron_ks():
     g = torch.Generator().manual_seed(3)
     a = torch.randn(300, generator=g)
     b = torch.randn(500, generator=g) + 0.3
-    b[:50] = a[:50]                                          # ties across samples
+    b[:50] = a[:50]  # ties across samples
     assert math.isclose(K.ks_statistic(a, b), scipy_stats.ks_2samp(a.numpy(), b.numpy()).statistic, rel_tol=1e-12)
     z, labels = _planted()
     phi = K.dataset_phi(z)
-    assert K.neuron_ks(phi, labels, 0, 2) > 0.9                  # own feature far above the rest
+    assert K.neuron_ks(phi, labels, 0, 2) > 0.9  # own feature far above the rest
     assert K.neuron_ks(phi, labels, 5, 2) < 0.2
 
 

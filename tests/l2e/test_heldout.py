@@ -1,6 +1,7 @@
 """Held-out monosemanticity (neox_l2e.l2e.heldout): the numbers equal an independent float64 two-pass
 computation; the token set is fixed (document order, not the seed's); bad settings fail in one line; a
 training run logs ms_heldout/... (baseline included) beside l2e_train/...."""
+
 import io
 import json
 import sys
@@ -45,8 +46,12 @@ def _reference(z: np.ndarray, levels, running_var=None) -> dict:
     m2 = ((z - mean) ** 2).mean(0)
     m4 = ((z - mean) ** 4).mean(0)
     kurt = np.where(ok, m4 / np.where(ok, m2, 1.0) ** 2, np.nan)
-    out.update(max_phi_median=np.median(max_phi), max_phi_p90=np.quantile(max_phi, 0.9),
-               kurtosis_median=np.nanmedian(kurt), kurtosis_p90=np.nanquantile(kurt, 0.9))
+    out.update(
+        max_phi_median=np.median(max_phi),
+        max_phi_p90=np.quantile(max_phi, 0.9),
+        kurtosis_median=np.nanmedian(kurt),
+        kurtosis_p90=np.nanquantile(kurt, 0.9),
+    )
     if running_var is not None:
         out["var_ratio_median"] = np.median(var / running_var)
     edges = np.asarray(H.PHI_EDGES)
@@ -78,6 +83,7 @@ def test_phi_stats_equal_an_independent_two_pass_computation():
 
 def test_measure_on_a_model_equals_the_reference_on_its_captured_activations():
     from neox_l2e.model import GPTNeoX
+
     cfg = tiny_cfg()
     model = GPTNeoX(cfg, vocab_size=VOCAB).eval()
     tokens = torch.randint(0, VOCAB, (5 * 16 + 7,), generator=torch.Generator().manual_seed(3))  # a partial row
@@ -88,7 +94,7 @@ def test_measure_on_a_model_equals_the_reference_on_its_captured_activations():
         with torch.no_grad():
             for row in (tokens[:80].reshape(5, 16), tokens[80:].reshape(1, 7)):
                 model(row)
-    assert all(m.capture is None for m in layers.values())          # restored
+    assert all(m.capture is None for m in layers.values())  # restored
     for i in layers:
         z = torch.cat(seen[i]).numpy()
         assert z.shape[0] == tokens.numel()
@@ -100,10 +106,19 @@ def test_measure_on_a_model_equals_the_reference_on_its_captured_activations():
 def test_token_set_is_document_order_and_independent_of_the_seed(tmp_path):
     from neox_l2e.config import load_config
     from neox_l2e.data import build_datasets, write_indexed_dataset
+
     docs = [list(range(1 + 40 * d, 1 + 40 * d + 17 + d)) for d in range(30)]
     prefix = write_indexed_dataset(str(tmp_path / "v"), docs, vocab_size=2000)
-    data = load_config([], {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-                            "train_data_paths": [prefix], "valid_data_paths": [prefix]}).data
+    data = load_config(
+        [],
+        {
+            "num_layers": 2,
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "train_data_paths": [prefix],
+            "valid_data_paths": [prefix],
+        },
+    ).data
     flat = np.concatenate(docs)
     sets = []
     for seed in (1, 2):
@@ -113,8 +128,11 @@ def test_token_set_is_document_order_and_independent_of_the_seed(tmp_path):
     # default: up to DEFAULT_TOKENS, all of a smaller split
     assert H.heldout_tokens(ds, None).tolist() == flat.tolist()
     # an explicit size the split cannot give: one line naming the key
-    with pytest.raises(H.HeldoutError, match=r"^ms-heldout-tokens: 5000 held-out tokens requested but the valid "
-                                             r"split holds only \d+"):
+    with pytest.raises(
+        H.HeldoutError,
+        match=r"^ms-heldout-tokens: 5000 held-out tokens requested but the valid "
+        r"split holds only \d+",
+    ):
         H.heldout_tokens(ds, 5000)
 
 
@@ -122,8 +140,12 @@ def test_layer_settings_that_name_no_layer_are_one_clear_error():
     assert H.resolve_layers("all", 4, [1, 2]) == [0, 1, 2, 3]
     assert H.resolve_layers("inhibited", 4, [2, 1]) == [1, 2]
     assert H.resolve_layers([3, 0, 3], 4, []) == [0, 3]
-    for spec, msg in (([], "names no layer"), ([7], "layer 7 is out of range"), ("middle", "unknown value"),
-                      ("inhibited", "names no layer")):
+    for spec, msg in (
+        ([], "names no layer"),
+        ([7], "layer 7 is out of range"),
+        ("middle", "unknown value"),
+        ("inhibited", "names no layer"),
+    ):
         with pytest.raises(H.HeldoutError, match=f"^ms-heldout-layers: .*{msg}"):
             H.resolve_layers(spec, 4, [])
 
@@ -131,11 +153,15 @@ def test_layer_settings_that_name_no_layer_are_one_clear_error():
 def test_trainer_refuses_bad_settings_in_one_line():
     from neox_l2e.config import ConfigError
     from neox_l2e.training.loop import Trainer
+
     with pytest.raises(ConfigError, match=r"ms-heldout-layers: the list names no layer") as e:
         Trainer(tiny_cfg(ms_heldout_layers=[]), datasets=datasets(), vocab_size=VOCAB, quiet=True)
     assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match=r"ms-heldout-tokens: 100000 held-out tokens requested but the valid "
-                                          r"split holds only 512") as e:
+    with pytest.raises(
+        ConfigError,
+        match=r"ms-heldout-tokens: 100000 held-out tokens requested but the valid "
+        r"split holds only 512",
+    ) as e:
         Trainer(tiny_cfg(ms_heldout_tokens=100000), datasets=datasets(), vocab_size=VOCAB, quiet=True)
     assert "\n" not in str(e.value)
 
@@ -143,25 +169,40 @@ def test_trainer_refuses_bad_settings_in_one_line():
 @pytest.mark.parametrize("l2e", [True, False], ids=["l2e", "baseline"])
 def test_training_logs_heldout_metrics_beside_the_running_stat_ones(tmp_path, l2e):
     from neox_l2e.training.loop import train
-    cfg = tiny_cfg(train_iters=4, eval_interval=2, log_interval=2, log_dir=str(tmp_path), l2e_enabled=l2e,
-                   l2e_layers=[1], l2e_min_samples=8, ms_heldout_tokens=200)
+
+    cfg = tiny_cfg(
+        train_iters=4,
+        eval_interval=2,
+        log_interval=2,
+        log_dir=str(tmp_path),
+        l2e_enabled=l2e,
+        l2e_layers=[1],
+        l2e_min_samples=8,
+        ms_heldout_tokens=200,
+    )
     out = io.StringIO()
     res = train(cfg, datasets=datasets(), vocab_size=VOCAB, stream=out)
     assert "held-out monosemanticity (ms_heldout/...): 200 valid tokens, layers [0, 1]" in out.getvalue()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in recs if r["kind"] == "valid"]
-    assert [r["iteration"] for r in valid] == [2, 4]                    # every evaluation and the end
+    assert [r["iteration"] for r in valid] == [2, 4]  # every evaluation and the end
     for r in valid:
         assert r["ms_heldout/tokens"] == 200
-        for layer in (0, 1):                                             # every layer by default
-            for k in ("frac_phi_gt_5", "frac_phi_gt_25", "max_phi_median", "max_phi_p90", "kurtosis_median",
-                      "kurtosis_p90"):
+        for layer in (0, 1):  # every layer by default
+            for k in (
+                "frac_phi_gt_5",
+                "frac_phi_gt_25",
+                "max_phi_median",
+                "max_phi_p90",
+                "kurtosis_median",
+                "kurtosis_p90",
+            ):
                 assert np.isfinite(r[f"ms_heldout/layer{layer}/{k}"]), (layer, k)
         # the running-variance ratio exists where there is a running variance: the inhibited layer of L2E
         assert ("ms_heldout/layer1/var_ratio_median" in r) == l2e
         assert "ms_heldout/layer0/var_ratio_median" not in r
     train_recs = [r for r in recs if r["kind"] == "train"]
-    assert not any(k.startswith("l2e/") for r in recs for k in r)      # the old, ambiguous names are gone
+    assert not any(k.startswith("l2e/") for r in recs for k in r)  # the old, ambiguous names are gone
     assert any(k.startswith("l2e_train/layer1/") for r in train_recs for k in r) == l2e
     hist = [r for r in recs if r["kind"] == "ms_heldout_hist"]
     assert len(hist) == 2 and sum(hist[-1]["layer0"]) == 200 * cfg.ffn_size
@@ -170,24 +211,31 @@ def test_training_logs_heldout_metrics_beside_the_running_stat_ones(tmp_path, l2
 
 def _tp_worker(rank, world):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-    from tp_common import random_full_state, tiny_cfg as tp_cfg, tp_model
+    from tp_common import random_full_state, tp_model
+    from tp_common import tiny_cfg as tp_cfg
+
     from neox_l2e.parallel import ParallelState
+
     ps = ParallelState.from_distributed(tp=2)
     cfg = tp_cfg()
     model = tp_model(cfg, ps, random_full_state(cfg)).eval()
     tokens = torch.randint(0, 100, (3 * 16 + 5,), generator=torch.Generator().manual_seed(11))
     mlps = {i: model.gpt_neox.layers[i].mlp for i in range(cfg.model.num_layers)}
-    running = {1: torch.linspace(0.5, 2.0, cfg.ffn_size)[ps.tp_rank * 64:(ps.tp_rank + 1) * 64]}
+    running = {1: torch.linspace(0.5, 2.0, cfg.ffn_size)[ps.tp_rank * 64 : (ps.tp_rank + 1) * 64]}
     return H.measure(model, mlps, tokens, 16, 2, LEVELS, ps=ps, running_vars=running)
 
 
 def test_tensor_parallel_ranks_report_the_layer_wide_values():
     """2 TP ranks (each with half of the neurons) report what one rank holding all of them reports."""
     from distributed import run_ranks
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-    from tp_common import random_full_state, tiny_cfg as tp_cfg
+    from tp_common import random_full_state
+    from tp_common import tiny_cfg as tp_cfg
+
     from neox_l2e.model import GPTNeoX
     from neox_l2e.parallel import ParallelState
+
     cfg = tp_cfg()
     assert cfg.ffn_size == 128
     model = GPTNeoX(cfg, ParallelState.single())
@@ -197,7 +245,7 @@ def test_tensor_parallel_ranks_report_the_layer_wide_values():
     ref = H.measure(model, mlps, tokens, 16, 2, LEVELS, running_vars={1: torch.linspace(0.5, 2.0, 128)})
     got = run_ranks(_tp_worker, world=2)
     pairs = tokens.numel() * cfg.ffn_size
-    for r in got:                                              # both ranks: the layer-wide numbers
+    for r in got:  # both ranks: the layer-wide numbers
         for i in (0, 1):
             assert set(r[i]["metrics"]) == set(ref[i]["metrics"])
             assert ("var_ratio_median" in r[i]["metrics"]) == (i == 1)

@@ -3,13 +3,13 @@ interrupt flags and every inhibited layer's commit values travel together (issue
 
 Counted by wrapping the tensor-to-host calls (tolist, item, float/int/bool, cpu, numpy) made directly by code in
 neox_l2e; the optimizer step's own copies (DeepSpeed internals) are not ours."""
+
 import collections
 import sys
 import traceback
 from pathlib import Path
 
 import pytest
-
 from distributed import run_ranks
 
 HOST_CALLS = ("tolist", "item", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
@@ -17,11 +17,15 @@ HOST_CALLS = ("tolist", "item", "__float__", "__int__", "__bool__", "__index__",
 
 def _worker(rank, world, gas):
     import torch
+
     from neox_l2e.training.loop import Trainer
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     from train_common import datasets, tiny_cfg
-    tr = Trainer(tiny_cfg(train_iters=20, gas=gas, l2e_enabled=True, l2e_min_samples=8), datasets=datasets(),
-                 quiet=True)
+
+    tr = Trainer(
+        tiny_cfg(train_iters=20, gas=gas, l2e_enabled=True, l2e_min_samples=8), datasets=datasets(), quiet=True
+    )
     orig = {n: getattr(torch.Tensor, n) for n in HOST_CALLS}
     calls = []
 
@@ -31,13 +35,14 @@ def _worker(rank, world, gas):
             if "neox_l2e" in caller.filename:
                 calls.append(f"{caller.filename.rsplit('neox_l2e', 1)[-1]}:{caller.lineno}:{name}")
             return orig[name](self, *a, **k)
+
         return call
 
     per_step, phases = [], []
     for n in HOST_CALLS:
         setattr(torch.Tensor, n, wrap(n))
     try:
-        for _ in range(5):      # statistics, tau initialisation, then selecting steps
+        for _ in range(5):  # statistics, tau initialisation, then selecting steps
             calls.clear()
             tr.train_step()
             per_step.append(collections.Counter(calls))
@@ -51,12 +56,12 @@ def _worker(rank, world, gas):
 @pytest.mark.parametrize("gas", [1, 2])
 def test_one_host_copy_per_micro_batch_with_l2e(gas):
     per_step, phases, own_norm = run_ranks(_worker, world=1, args=(gas,))[0]
-    assert phases[-1] == ["select", "select"], phases          # the inhibitors got to selecting
+    assert phases[-1] == ["select", "select"], phases  # the inhibitors got to selecting
     for counts in per_step:
         l2e = {k: v for k, v in counts.items() if k.startswith(("/l2e/", "/model/"))}
-        assert not l2e, counts                                # the L2E path itself never copies to the host
+        assert not l2e, counts  # the L2E path itself never copies to the host
         flags = sum(v for k, v in counts.items() if k.startswith("/training/loop.py") and k.endswith(":tolist"))
-        assert flags == gas, counts                           # one copy per micro-batch for flags + L2E values
+        assert flags == gas, counts  # one copy per micro-batch for flags + L2E values
         # besides: the step's own gradient norm (fp32 without ZeRO), once per step
         assert sum(counts.values()) <= gas + int(own_norm), counts
 
@@ -68,9 +73,11 @@ def test_inhibitor_micro_batch_does_not_synchronise_on_cuda(backend, method):
     """Forward, backward and the device part of commit of a selecting micro-batch run under
     torch.cuda.set_sync_debug_mode("error"); the one allowed copy (the host values) comes after."""
     import torch
+    from l2e_common import batch, layer_inputs, make_inhibitor
+
     from neox_l2e.l2e import L2EController, commit_devices, finish_commits
     from neox_l2e.parallel import ParallelState
-    from l2e_common import batch, layer_inputs, make_inhibitor
+
     if backend == "triton":
         pytest.importorskip("triton")
     dev = torch.device("cuda")
@@ -80,7 +87,7 @@ def test_inhibitor_micro_batch_does_not_synchronise_on_cuda(backend, method):
     xs = [batch(512, h=64, seed=s).to(dev) for s in range(5)]
     ok = torch.ones((), dtype=torch.bool, device=dev)
     ctl = L2EController(inhs, lam=0.1)
-    for i, x in enumerate(xs):     # statistics, tau initialisation, then selecting micro-batches
+    for i, x in enumerate(xs):  # statistics, tau initialisation, then selecting micro-batches
         check = i == len(xs) - 1
         if check:
             torch.cuda.synchronize()

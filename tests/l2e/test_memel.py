@@ -1,9 +1,10 @@
 """MEmeL baseline: exactly k activations per batch (largest phi) are reflected about the neuron's mean."""
+
 import torch
 import torch.nn.functional as TF
+from l2e_common import batch, layer_inputs, make_inhibitor, run_stream
 
 from neox_l2e.l2e import functional as F
-from l2e_common import batch, layer_inputs, make_inhibitor, run_stream
 
 
 def test_memel_reflects_exactly_the_topk_by_phi():
@@ -24,7 +25,7 @@ def test_memel_reflects_exactly_the_topk_by_phi():
         assert int(changed.sum()) == k == int(inh.n_selected)
         torch.testing.assert_close(out.detach()[changed], (2 * mean.expand_as(z) - z)[changed], rtol=0, atol=1e-6)
         phi = F.phi(z, mean, inv_var)
-        assert phi[changed].min() >= phi[~changed].max()          # they are the top k
+        assert phi[changed].min() >= phi[~changed].max()  # they are the top k
         # reverse deactivation reverses the gradient of the selected entries
         zz = z.clone().requires_grad_()
         F.reverse_deactivate(zz, mean, changed).sum().backward()
@@ -34,7 +35,7 @@ def test_memel_reflects_exactly_the_topk_by_phi():
     assert inh.count[0].item() == 3 * 64 + 4 * 100
     # the statistics fold the neurons' own outputs (before the reflection)
     torch.testing.assert_close(inh.mean.double(), torch.cat(seen).double().mean(0), rtol=0, atol=1e-6)
-    assert torch.isinf(inh.tau)                                   # MEmeL has no moving threshold
+    assert torch.isinf(inh.tau)  # MEmeL has no moving threshold
     m = inh.metrics()
     assert abs(m["frac_selected"] - p) < 1e-3
 

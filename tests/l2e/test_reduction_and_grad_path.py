@@ -1,13 +1,14 @@
 """The loss reduction (l2e-loss-reduction) and the gradient path switch (l2e-grad-to-input), torch backend."""
+
 import pytest
 import torch
 import torch.nn.functional as TF
+from l2e_common import batch, layer_inputs, make_inhibitor, run_stream
 
 from neox_l2e.config import ConfigError, build_config
 from neox_l2e.l2e import L2EController, total_loss
 from neox_l2e.l2e.torch_op import up_gelu_l2e
 from neox_l2e.model import GPTNeoX
-from l2e_common import batch, layer_inputs, make_inhibitor, run_stream
 
 
 def _selecting_layers(n_layers, p, t, n, reduction="selected-mean"):
@@ -58,8 +59,17 @@ def test_weights_scale_as_documented(change):
 
 def test_unknown_reduction_is_one_config_error():
     with pytest.raises(ConfigError, match="l2e-loss-reduction"):
-        build_config(dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=64,
-                          l2e_enabled=True, l2e_loss_reduction="sum"))
+        build_config(
+            dict(
+                num_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                seq_length=16,
+                vocab_size=64,
+                l2e_enabled=True,
+                l2e_loss_reduction="sum",
+            )
+        )
 
 
 def _grads(lam, grad_to_input, x, w, b, inh):
@@ -78,12 +88,12 @@ def test_grad_to_input_false_leaves_the_lm_gradient_of_x_bit_identical():
     inh = make_inhibitor()
     run_stream(inh, w, b, steps=4)
     x = batch(64, seed=9)
-    gx0, gw0, gb0 = _grads(0.0, True, x, w, b, inh)              # lambda = 0: the LM gradient alone
+    gx0, gw0, gb0 = _grads(0.0, True, x, w, b, inh)  # lambda = 0: the LM gradient alone
     gx1, gw1, gb1 = _grads(0.5, False, x, w, b, inh)
     gx2, gw2, _ = _grads(0.5, True, x, w, b, inh)
-    assert inh.loss is None and inh.n_selected is None              # discarded; the forward did select:
-    assert torch.equal(gx1, gx0)                                    # no L2E gradient reaches x
-    assert not torch.equal(gx2, gx0)                                # (it does with the switch on)
+    assert inh.loss is None and inh.n_selected is None  # discarded; the forward did select:
+    assert torch.equal(gx1, gx0)  # no L2E gradient reaches x
+    assert not torch.equal(gx2, gx0)  # (it does with the switch on)
     # W and b get the L2E term either way: the same gradient up to summation order
     torch.testing.assert_close(gw1, gw2, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(gw1, gw0, rtol=1e-4, atol=1e-6)
@@ -98,14 +108,27 @@ def test_grad_to_input_false_leaves_the_lm_gradient_of_x_bit_identical():
 def test_grad_to_input_false_in_the_model_keeps_earlier_layers_lm_gradients():
     """Layer 1 inhibited, lambda large: with the switch off every parameter below layer 1's MLP up-projection
     (layer 0, the embeddings, layer 1's attention and norms) gets bit-identically the gradient of lambda = 0."""
-    keys = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=64,
-                make_vocab_size_divisible_by=8, l2e_enabled=True, l2e_layers=[1], l2e_min_samples=8,
-                l2e_backend="torch", l2e_ratio=0.05, hidden_dropout=0.0, attention_dropout=0.0, gpt_j_residual=False)
+    keys = dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        seq_length=16,
+        vocab_size=64,
+        make_vocab_size_divisible_by=8,
+        l2e_enabled=True,
+        l2e_layers=[1],
+        l2e_min_samples=8,
+        l2e_backend="torch",
+        l2e_ratio=0.05,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        gpt_j_residual=False,
+    )
     grads = {}
     for name, lam, to_input in (("lm", 0.0, True), ("off", 5.0, False), ("on", 5.0, True)):
         model = GPTNeoX(build_config(dict(keys, l2e_lambda=lam, l2e_grad_to_input=to_input))).train()
         gen = torch.Generator().manual_seed(0)
-        for step in range(3):
+        for _ in range(3):
             tok = torch.randint(0, 64, (2, 17), generator=gen)
             model.zero_grad()
             out = model(tok[:, :-1])
@@ -118,8 +141,13 @@ def test_grad_to_input_false_in_the_model_keeps_earlier_layers_lm_gradients():
         assert l2e is not None
         grads[name] = {k: p.grad.clone() for k, p in model.named_parameters()}
     up = "gpt_neox.layers.1.mlp.dense_h_to_4h."
-    below = [k for k in grads["lm"] if k.startswith(("gpt_neox.layers.0.", "gpt_neox.embed_in"))
-             or k.startswith("gpt_neox.layers.1.") and ".mlp." not in k]
+    below = [
+        k
+        for k in grads["lm"]
+        if k.startswith(("gpt_neox.layers.0.", "gpt_neox.embed_in"))
+        or k.startswith("gpt_neox.layers.1.")
+        and ".mlp." not in k
+    ]
     assert below
     for k in below:
         assert torch.equal(grads["off"][k], grads["lm"][k]), k
@@ -147,6 +175,7 @@ def test_torch_op_grad_switch_matches_a_detached_input():
 def test_eval_without_selection_runs_the_plain_mlp(monkeypatch):
     """K4: in eval, while tau is unset (or the layer not eligible), no statistics path runs; MEmeL likewise."""
     import neox_l2e.l2e.backend as backend
+
     calls = []
     real = backend.up_gelu_l2e
     monkeypatch.setattr(backend, "up_gelu_l2e", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -158,13 +187,13 @@ def test_eval_without_selection_runs_the_plain_mlp(monkeypatch):
         torch.testing.assert_close(z, TF.gelu(TF.linear(batch(64), w, b)), rtol=0, atol=0)
     assert not calls
     inh = make_inhibitor()
-    run_stream(inh, w, b, steps=1)                  # eligible, tau still +inf (the next training batch sets it)
+    run_stream(inh, w, b, steps=1)  # eligible, tau still +inf (the next training batch sets it)
     calls.clear()
     inh.eval()
     inh(batch(64), w, b, "none")
     assert not calls and inh.loss is None
     inh.train()
-    inh(batch(64), w, b, "none")                    # training: the statistics path runs (it gathers the moments)
+    inh(batch(64), w, b, "none")  # training: the statistics path runs (it gathers the moments)
     assert calls
 
 
@@ -179,7 +208,7 @@ def test_controller_is_the_loop_door():
             inh(batch(64, seed=step), w, b, "none")
         if step == 3:
             torch.testing.assert_close(ctl.loss_term(), 0.25 * total_loss(inhs))
-        ctl.end_micro_batch(ok=step != 2)          # micro-batch 2 is dropped
+        ctl.end_micro_batch(ok=step != 2)  # micro-batch 2 is dropped
     assert all(int(inh.commits) == 3 and int(inh.step) == 3 for inh in inhs)
     m = ctl.metrics()
-    assert set(m) == {0, 1} and all(v["batches"] == 1.0 for v in m.values())   # the dropped one is not counted
+    assert set(m) == {0, 1} and all(v["batches"] == 1.0 for v in m.values())  # the dropped one is not counted

@@ -12,6 +12,7 @@ variances agree. It does not assert that neurons become less monosemantic: on th
 lambda = 0 is the run without L2E as far as training goes (the inhibition loss adds exactly nothing to the
 gradients), while its inhibitors still score and log, so both runs are measured the same way.
 """
+
 import sys
 from pathlib import Path
 
@@ -28,12 +29,25 @@ STEPS = 200
 def test_l2e_shrinks_the_running_stat_phi_fractions_and_the_inhibited_layers_scale(tmp_path):
     lam = L2EConfig().l2e_lambda
     assert lam > 0
-    overrides = dict(l2e_sweep.corpus_overrides(tmp_path / "corpus", vocab_size=2000),
-                     train_iters=STEPS, eval_interval=STEPS, log_interval=10, ms_heldout_tokens=4096)
-    rows = l2e_sweep.relative(l2e_sweep.sweep([str(ROOT / "configs/local/demo.yml")], [0.0, lam],
-                                              tmp_path / "runs", overrides, tail=0.5, log=lambda *a: None))
+    overrides = dict(
+        l2e_sweep.corpus_overrides(tmp_path / "corpus", vocab_size=2000),
+        train_iters=STEPS,
+        eval_interval=STEPS,
+        log_interval=10,
+        ms_heldout_tokens=4096,
+    )
+    rows = l2e_sweep.relative(
+        l2e_sweep.sweep(
+            [str(ROOT / "configs/local/demo.yml")],
+            [0.0, lam],
+            tmp_path / "runs",
+            overrides,
+            tail=0.5,
+            log=lambda *a: None,
+        )
+    )
     base, l2e = rows
-    assert base["layers"] == l2e["layers"] == [1, 2]              # mid2 of the 4-layer demo model
+    assert base["layers"] == l2e["layers"] == [1, 2]  # mid2 of the 4-layer demo model
     # against the running statistics: fewer activations far from their neuron's mean, at every level
     for level in (5, 10, 25):
         key = f"frac_phi_gt_{level}"

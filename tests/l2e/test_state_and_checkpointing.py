@@ -1,14 +1,14 @@
 """state_dict round trips (continue after reload == continue without) and activation checkpointing."""
+
 import copy
 import io
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as TF
+from l2e_common import batch, layer_inputs, make_inhibitor, run_stream
 from torch.utils.checkpoint import checkpoint
 
 from neox_l2e.l2e import commit_all, total_loss
-from l2e_common import batch, layer_inputs, make_inhibitor, run_stream
 
 
 def _snapshot(inh):
@@ -19,7 +19,7 @@ def test_state_dict_has_the_buffers():
     inh = make_inhibitor()
     sd = inh.state_dict()
     assert {"count", "mean", "m2", "tau", "step", "commits", "total_selected", "total_eligible"} <= set(sd)
-    assert "inv_var" not in sd                         # derived, recomputed on load
+    assert "inv_var" not in sd  # derived, recomputed on load
     assert sd["count"].dtype == torch.float64 and sd["mean"].dtype == torch.float32
     assert sd["tau"].dim() == 0 and torch.isinf(sd["tau"])
 
@@ -33,7 +33,7 @@ def test_continue_after_reload_equals_continue_without():
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    b_ = make_inhibitor(l2e_warmup_steps=2)          # a fresh module, as after a restart
+    b_ = make_inhibitor(l2e_warmup_steps=2)  # a fresh module, as after a restart
     b_.load_state_dict(torch.load(buf))
     assert b_.tau_value == a.tau_value
     for inh in (a, b_):
@@ -53,7 +53,7 @@ def test_reload_restores_warmup_step():
     a.set_step(7)
     run_stream(a, w, b, steps=3)
     c = make_inhibitor(l2e_warmup_steps=5)
-    c.load_state_dict(a.state_dict())                 # set_step not called again: still past warm-up
+    c.load_state_dict(a.state_dict())  # set_step not called again: still past warm-up
     c(batch(64, seed=50), w, b, "none")
     a(batch(64, seed=50), w, b, "none")
     assert c.loss is not None
@@ -96,10 +96,10 @@ def test_activation_checkpoint_recompute_does_not_double_count():
         x = batch(T, seed=step).reshape(2, 24, 12)
         g_plain = _train_step(plain, x, ckpt=False)
         g_ck = _train_step(ck, x, ckpt=True)
-        assert ck.inhibitor.count[0].item() == (step + 1) * T     # T per micro-batch, not 2T
+        assert ck.inhibitor.count[0].item() == (step + 1) * T  # T per micro-batch, not 2T
         assert int(ck.inhibitor.commits) == step + 1
-        assert len(calls) == 2 * (step + 1)                        # the recompute did run the inhibitor
-        for gp, gc in zip(g_plain, g_ck):                        # the L2E gradient flows through the recompute
+        assert len(calls) == 2 * (step + 1)  # the recompute did run the inhibitor
+        for gp, gc in zip(g_plain, g_ck):  # the L2E gradient flows through the recompute
             torch.testing.assert_close(gc, gp, rtol=1e-6, atol=1e-7)
     assert ck.inhibitor.loss is not None
     for k, v in plain.inhibitor.state_dict().items():
@@ -122,7 +122,7 @@ def test_low_precision_casts_do_not_touch_the_statistics():
     w, b = layer_inputs()
     a = make_inhibitor()
     run_stream(a, w, b, steps=4)
-    a.count.add_(1e6 + 0.5)                    # a value fp16 / bf16 / fp32 cannot hold
+    a.count.add_(1e6 + 0.5)  # a value fp16 / bf16 / fp32 cannot hold
     before = {k: v.clone() for k, v in a.state_dict().items()}
     block = torch.nn.Sequential(torch.nn.Linear(2, 2), a)
     block.half()
@@ -143,14 +143,14 @@ def test_discard_drops_the_pending_micro_batch():
     run_stream(kept, w, b, steps=20)
     run_stream(skipped, w, b, steps=20)
     for inh in (kept, skipped):
-        inh.metrics()                                   # start a fresh metrics window
+        inh.metrics()  # start a fresh metrics window
     poisoned = batch(64, seed=500)
     poisoned[3] = float("nan")
     skipped(poisoned, w, b, "none")
     assert skipped.loss is not None
     skipped.discard()
     assert skipped.loss is None and skipped.n_selected is None
-    skipped.commit()                                    # nothing pending: a no-op
+    skipped.commit()  # nothing pending: a no-op
     for inh in (kept, skipped):
         run_stream(inh, w, b, steps=5, seed0=600)
     sk, tk = _snapshot(kept)

@@ -1,10 +1,11 @@
 """Running statistics: Chan merges against float64 two-pass references, the exact global k-th largest."""
+
 import pytest
 import torch
+from l2e_common import layer_inputs, make_inhibitor, run_stream
 
 from neox_l2e.l2e import functional as F
 from neox_l2e.l2e import stats as S
-from l2e_common import layer_inputs, make_inhibitor, run_stream
 
 
 def _fold_all(batches, decay=None, n=None):
@@ -12,7 +13,7 @@ def _fold_all(batches, decay=None, n=None):
     run = (torch.zeros(n, dtype=torch.float64), torch.zeros(n), torch.zeros(n))
     for z in batches:
         c, m, m2 = S.fold(run, F.batch_moments(z), decay)
-        run = (c, m.float(), m2.float())   # stored as the inhibitor stores them
+        run = (c, m.float(), m2.float())  # stored as the inhibitor stores them
     return run
 
 
@@ -28,7 +29,7 @@ def _assert_stats(run, z64, mean_atol, var_rtol):
 def test_merge_moments_matches_two_pass_on_uneven_batches():
     g = torch.Generator().manual_seed(1)
     sizes = [1, 7, 64, 3, 200, 2]
-    batches = [torch.randn(s, 5, generator=g) * torch.tensor([1., 10., .1, 3., 100.]) + 2 for s in sizes]
+    batches = [torch.randn(s, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 100.0]) + 2 for s in sizes]
     run = _fold_all(batches)
     _assert_stats(run, torch.cat(batches).double(), mean_atol=1e-5, var_rtol=1e-5)
     # merge_ordered of the batch moments equals the same reference too
@@ -43,7 +44,7 @@ def test_large_mean_small_noise_many_batches_fp32():
     of the variance; the Chan merge keeps it to ~1e-3 relative."""
     g = torch.Generator().manual_seed(2)
     batches = [(1e4 + 1e-2 * torch.randn(128, 16, generator=g, dtype=torch.float64)).float() for _ in range(400)]
-    z64 = torch.cat(batches).double()   # the exact fp32 values, in fp64
+    z64 = torch.cat(batches).double()  # the exact fp32 values, in fp64
     run = _fold_all(batches)
     _assert_stats(run, z64, mean_atol=2e-3, var_rtol=2e-2)
     # the naive formula, for contrast, is far off (so the test above can tell the methods apart)
@@ -59,12 +60,12 @@ def test_near_constant_neurons_keep_tiny_variance():
     for _ in range(50):
         z = torch.full((97, 4), 3.14159)
         z[:, 1] += 1e-6 * torch.randn(97, generator=g)  # near-constant
-        z[:, 2] = -1e-20                                 # a dead GELU neuron
+        z[:, 2] = -1e-20  # a dead GELU neuron
         z[:, 3] = torch.randn(97, generator=g)
         batches.append(z)
     run = _fold_all(batches)
     c, m, m2 = S.two_pass_moments64(torch.cat(batches).double())
-    assert run[2][0].item() <= 1e-9 * float(c)             # exactly-constant: ~0, not cancellation noise
+    assert run[2][0].item() <= 1e-9 * float(c)  # exactly-constant: ~0, not cancellation noise
     assert run[2][2].item() == 0.0
     torch.testing.assert_close(run[2][1].double() / (c - 1), m2[1] / (c - 1), rtol=2e-2, atol=0)
     torch.testing.assert_close(run[2][3].double() / (c - 1), m2[3] / (c - 1), rtol=1e-5, atol=0)

@@ -1,24 +1,25 @@
 """Moving threshold (init, convergence, warm-up) and the inhibition loss (closed-form gradients)."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as TF
+from l2e_common import batch, layer_inputs, make_inhibitor, run_stream
 
 from neox_l2e.l2e import functional as F
 from neox_l2e.l2e import total_loss
-from l2e_common import batch, layer_inputs, make_inhibitor, run_stream
 
 
 def test_tau_initialised_to_exact_quantile_of_first_eligible_batch():
     w, b = layer_inputs(n=32)
     inh = make_inhibitor(n=32, l2e_min_samples=64, l2e_ratio=0.03)
-    run_stream(inh, w, b, steps=1, t=64)          # statistics only: not eligible before this commit
+    run_stream(inh, w, b, steps=1, t=64)  # statistics only: not eligible before this commit
     assert math.isinf(inh.tau_value) and inh.loss is None
     x = batch(64, seed=99)
     mean, inv_var = inh.mean.clone(), inh.inv_var.clone()
     inh(x, w, b, "none")
-    assert inh.loss is None                        # the initialising batch selects nothing
+    assert inh.loss is None  # the initialising batch selects nothing
     inh.commit()
     z = TF.gelu(TF.linear(x, w, b))
     phi = F.phi(z, mean, inv_var)
@@ -30,9 +31,9 @@ def test_tau_initialised_to_exact_quantile_of_first_eligible_batch():
 def test_numeric_tau_init():
     w, b = layer_inputs()
     inh = make_inhibitor(l2e_tau_init=7.5)
-    run_stream(inh, w, b, steps=2)     # eligible after the first commit; the second sets tau
+    run_stream(inh, w, b, steps=2)  # eligible after the first commit; the second sets tau
     assert inh.tau_value == 7.5
-    run_stream(inh, w, b, steps=1)     # then the update moves it
+    run_stream(inh, w, b, steps=1)  # then the update moves it
     assert inh.tau_value != 7.5
 
 
@@ -44,7 +45,7 @@ def test_threshold_converges_on_stationary_stream(p):
     run_stream(inh, w, b, steps=2, t=256)
     inh.set_tau(inh.tau_value * 20.0)
     run_stream(inh, w, b, steps=300, t=256, seed0=10)
-    inh.metrics()                                   # reset the window
+    inh.metrics()  # reset the window
     run_stream(inh, w, b, steps=100, t=256, seed0=1000)
     frac = inh.metrics()["frac_selected"]
     assert abs(frac - p) / p < 0.10, frac
@@ -68,10 +69,10 @@ def test_warmup_blocks_selection_but_gathers_statistics():
 def test_functional_loss_gradient_is_two_over_deviation():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(40, 8, generator=g, dtype=torch.float32).requires_grad_()
-    mean = (0.1 * torch.randn(8, generator=g)).requires_grad_()   # must receive no gradient
+    mean = (0.1 * torch.randn(8, generator=g)).requires_grad_()  # must receive no gradient
     inv_var = torch.rand(8, generator=g) + 0.5
     with torch.no_grad():
-        z[0, 0] = mean[0]                 # z == mean on an unselected entry: no NaN at eps = 0
+        z[0, 0] = mean[0]  # z == mean on an unselected entry: no NaN at eps = 0
     mask = F.select(z.detach(), mean.detach(), inv_var, 1.0)
     assert mask.any() and (~mask).any() and not mask[0, 0]
     loss = F.inhibition_loss_sum(z, mean, mask, eps=0.0)
@@ -97,7 +98,7 @@ def test_inhibitor_loss_value_and_gradient_closed_form():
     assert loss.dtype == torch.float32 and loss.dim() == 0
     loss.backward()
     # fp64 closed form
-    u = (x.detach().double() @ w.double().t() + b.double())
+    u = x.detach().double() @ w.double().t() + b.double()
     z = TF.gelu(u)
     d = z - mean.double()
     mask = F.select(TF.gelu(TF.linear(x.detach(), w, b)), mean, inv_var, tau)
@@ -129,8 +130,8 @@ def test_forward_output_is_plain_gelu_and_eval_changes_nothing():
     inh.eval()
     with torch.no_grad():
         inh(x, w, b, "none")
-    assert inh.loss is not None            # the loss is still reported in eval, nothing else happens
-    inh.commit()                           # nothing pending
+    assert inh.loss is not None  # the loss is still reported in eval, nothing else happens
+    inh.commit()  # nothing pending
     assert all(torch.equal(state[k], v) for k, v in inh.state_dict().items())
 
 
@@ -143,7 +144,7 @@ def test_total_loss_averages_layers_that_selected():
     a(x, w, b, "none")
     c(x, w, b, "none")
     torch.testing.assert_close(total_loss([a, c]), (a.loss + c.loss) / 2)
-    c.n_selected = torch.zeros(())          # a layer that selected nothing
+    c.n_selected = torch.zeros(())  # a layer that selected nothing
     c.loss = torch.zeros(())
     torch.testing.assert_close(total_loss([a, c]), a.loss)
     assert total_loss([make_inhibitor()]) is None

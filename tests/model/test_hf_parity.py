@@ -1,4 +1,5 @@
 """Our model against transformers' GPTNeoXForCausalLM on the same random weights (the reference)."""
+
 import json
 
 import pytest
@@ -11,9 +12,20 @@ from neox_l2e.model import GPTNeoX
 
 
 def tiny_cfg(parallel_residual=True, tanh=True, **extra):
-    keys = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=100, rotary_pct=0.25,
-                gpt_j_residual=parallel_residual, bias_gelu_fusion=tanh, no_weight_tying=True,
-                make_vocab_size_divisible_by=8, init_method="small_init", output_layer_init_method="wang_init")
+    keys = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        seq_length=32,
+        vocab_size=100,
+        rotary_pct=0.25,
+        gpt_j_residual=parallel_residual,
+        bias_gelu_fusion=tanh,
+        no_weight_tying=True,
+        make_vocab_size_divisible_by=8,
+        init_method="small_init",
+        output_layer_init_method="wang_init",
+    )
     keys.update(extra)
     return build_config(keys)
 
@@ -33,8 +45,9 @@ def hf_twin(model, cfg, **hf_overrides):
     hf_cfg = GPTNeoXConfig(**{**hf_config_from_neox(cfg, model.vocab_size), **hf_overrides})
     hf = GPTNeoXForCausalLM(hf_cfg).eval()
     head = "lm_head.weight" if "lm_head.weight" in hf.state_dict() else "embed_out.weight"
-    state = {(head if k == "embed_out.weight" else k): v for k, v in model.state_dict().items()
-             if ".inhibitor." not in k}
+    state = {
+        (head if k == "embed_out.weight" else k): v for k, v in model.state_dict().items() if ".inhibitor." not in k
+    }
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and not [k for k in missing if k.endswith((".weight", ".bias")) and k != head], missing
     return hf
@@ -110,6 +123,7 @@ def test_incomplete_and_mismatched_weights(tmp_path):
     model = randomised(cfg)
     out = write_hf_dir(tmp_path / "hf", cfg, model.state_dict(), model.vocab_size)
     from safetensors.torch import load_file, save_file
+
     state = load_file(str(out / "model.safetensors"))
     del state["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"]
     save_file(state, str(out / "model.safetensors"))
@@ -131,6 +145,7 @@ def test_pickle_weights_are_loaded_without_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
+
     torch.save({"x": Evil()}, d / "pytorch_model.bin")
     with pytest.raises(InteropError, match="cannot read weights"):
         read_hf_dir(d)

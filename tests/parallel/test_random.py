@@ -1,11 +1,12 @@
 """The model-parallel RNG tracker: separate streams, save/restore, replay under activation checkpointing."""
+
 import pytest
 import torch
-
 from distributed import run_ranks
+from tp_common import tiny_cfg, tokens
+
 from neox_l2e.model import GPTNeoX
 from neox_l2e.parallel import ParallelState, RNGTracker
-from tp_common import tiny_cfg, tokens
 
 
 def test_fork_uses_its_own_stream_and_leaves_the_shared_one_alone():
@@ -16,13 +17,13 @@ def test_fork_uses_its_own_stream_and_leaves_the_shared_one_alone():
     with t.fork():
         f = torch.rand(4)
     b = torch.rand(4)
-    assert torch.equal(a, b)                 # the fork did not advance the shared stream
+    assert torch.equal(a, b)  # the fork did not advance the shared stream
     assert not torch.equal(f, a)
     t1 = RNGTracker("cpu")
     t1.seed(5, tp_rank=1)
     with t1.fork():
         f1 = torch.rand(4)
-    assert not torch.equal(f, f1)            # TP ranks draw different attention-dropout masks
+    assert not torch.equal(f, f1)  # TP ranks draw different attention-dropout masks
 
 
 def test_get_set_states_resume_every_stream():
@@ -60,7 +61,7 @@ def test_activation_checkpointing_replays_attention_dropout():
     assert l0 == l1
     assert max((g0[k] - g1[k]).abs().max().item() for k in g0) <= 1e-6
     l2, _ = _loss_and_grads(tiny_cfg(attention_dropout=0.3, hidden_dropout=0.1, seed=8))
-    assert l2 != l0                                       # dropout is on: the comparison is not vacuous
+    assert l2 != l0  # dropout is on: the comparison is not vacuous
 
 
 def _worker(rank, world):
@@ -68,9 +69,9 @@ def _worker(rank, world):
     with ps.rng.fork():
         mine = torch.rand(4)
     shared = torch.rand(4)
-    ps.check_shared_rng()                          # consistent: passes
+    ps.check_shared_rng()  # consistent: passes
     if rank == 1:
-        torch.rand(1)                              # one rank draws once more
+        torch.rand(1)  # one rank draws once more
     try:
         ps.check_shared_rng()
         caught = False
@@ -83,7 +84,7 @@ def test_tp_ranks_share_the_default_stream_and_differ_in_the_model_parallel_one(
     (m0, s0, c0), (m1, s1, c1) = run_ranks(_worker, world=2)
     assert s0 == s1
     assert m0 != m1
-    assert c0 and c1                               # both ranks detect the diverged shared stream
+    assert c0 and c1  # both ranks detect the diverged shared stream
 
 
 @pytest.mark.gpu

@@ -1,11 +1,12 @@
 """merge_tp_states / split_tp_state: exact round trips, partitioning per key, vocab padding per TP degree."""
+
 import pytest
 import torch
+from tp_common import random_full_state, tiny_cfg
 
+from neox_l2e.checkpoint.tp_states import merge_tp_states, partition_dims, split_tp_state
 from neox_l2e.model import GPTNeoX
 from neox_l2e.parallel import ParallelState
-from neox_l2e.checkpoint.tp_states import merge_tp_states, partition_dims, split_tp_state
-from tp_common import random_full_state, tiny_cfg
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -32,7 +33,7 @@ def test_partitioning_per_key():
     assert dims["gpt_neox.layers.0.attention.query_key_value.weight"] == 0
     assert dims["gpt_neox.layers.0.attention.query_key_value.bias"] == 0
     assert dims["gpt_neox.layers.0.attention.dense.weight"] == 1
-    assert dims["gpt_neox.layers.0.attention.dense.bias"] is None          # row-parallel bias: replicated
+    assert dims["gpt_neox.layers.0.attention.dense.bias"] is None  # row-parallel bias: replicated
     assert dims["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"] == 0
     assert dims["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"] == 1
     assert dims["gpt_neox.layers.0.mlp.dense_4h_to_h.bias"] is None
@@ -40,12 +41,12 @@ def test_partitioning_per_key():
 
 
 def test_vocab_padding_follows_tp_degree():
-    cfg = tiny_cfg()                                    # vocab 100, divisible-by 8: 104 rows at TP=1, 112 at TP=2
+    cfg = tiny_cfg()  # vocab 100, divisible-by 8: 104 rows at TP=1, 112 at TP=2
     full = random_full_state(cfg)
     assert full["embed_out.weight"].shape[0] == 104
     parts = split_tp_state(full, cfg, 2)
     assert [p["embed_out.weight"].shape[0] for p in parts] == [56, 56]
-    assert parts[1]["embed_out.weight"][48:].abs().sum() == 0        # the 8 extra TP padding rows are zero
+    assert parts[1]["embed_out.weight"][48:].abs().sum() == 0  # the 8 extra TP padding rows are zero
     assert torch.equal(parts[1]["embed_out.weight"][:48], full["embed_out.weight"][56:])
     # unknown vocab size (tokenizer-provided): inferred from the non-zero rows
     merged = merge_tp_states(parts, cfg.replace(vocab_size=None), vocab_size=None)
@@ -57,8 +58,14 @@ def test_l2e_statistics_split_by_neuron_and_tau_replicated():
     full = random_full_state(cfg)
     n = cfg.ffn_size
     pre = "gpt_neox.layers.1.mlp.inhibitor."
-    full.update({pre + "count": torch.arange(n, dtype=torch.float32), pre + "mean": torch.randn(n),
-                 pre + "m2": torch.rand(n), pre + "tau": torch.tensor(3.5)})
+    full.update(
+        {
+            pre + "count": torch.arange(n, dtype=torch.float32),
+            pre + "mean": torch.randn(n),
+            pre + "m2": torch.rand(n),
+            pre + "tau": torch.tensor(3.5),
+        }
+    )
     parts = split_tp_state(full, cfg, 2)
     assert torch.equal(parts[1][pre + "count"], torch.arange(n // 2, n, dtype=torch.float32))
     assert parts[0][pre + "tau"].item() == parts[1][pre + "tau"].item() == 3.5
@@ -93,15 +100,24 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     tool = Path(__file__).resolve().parents[2] / "tools" / "reshard_checkpoint.py"
-    r = subprocess.run([sys.executable, str(tool), str(tmp_path / "nothing"), str(tmp_path / "out"), "--tp", "2"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(tool), str(tmp_path / "nothing"), str(tmp_path / "out"), "--tp", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().startswith("error:") and "no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (
+        r.stderr.strip().startswith("error:")
+        and "no checkpoint" in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    )
 
 
 def _adam_after_one_step(cfg, full, grads, ps):
     from neox_l2e.training.engine import param_groups
+
     model = GPTNeoX(cfg, ps, init=False)
     model.load_state_dict(split_tp_state(full, cfg, ps.tp)[ps.tp_rank])
     g = split_tp_state(grads, cfg, ps.tp)[ps.tp_rank]
@@ -115,25 +131,36 @@ def _adam_after_one_step(cfg, full, grads, ps):
 def test_zero0_optimizer_state_is_resharded(tmp_path):
     """ZeRO 0 (fp32): the torch AdamW state inside the model states follows the parameters to the new TP degree."""
     from neox_l2e.checkpoint.reshard import reshard_checkpoint
+
     cfg = tiny_cfg(model_parallel_size=2)
     full = random_full_state(cfg)
     gen = torch.Generator().manual_seed(3)
     grads = {k: torch.randn(v.shape, generator=gen) for k, v in full.items() if ".inhibitor." not in k}
-    grads["embed_out.weight"][100:] = 0                 # rows past the vocabulary get no gradient
+    grads["embed_out.weight"][100:] = 0  # rows past the vocabulary get no gradient
     grads["gpt_neox.embed_in.weight"][100:] = 0
     src = tmp_path / "src" / "global_step1"
     src.mkdir(parents=True)
     for r in range(2):
         module, opt = _adam_after_one_step(cfg, full, grads, ParallelState.layout(2, r, device="cpu"))
-        torch.save({"module": module, "optimizer": opt, "neox_config": cfg.to_dict(), "dp_world_size": 1,
-                    "mp_world_size": 2, "iteration": 1, "global_steps": 1, "skipped_steps": 0,
-                    "param_shapes": None}, src / f"mp_rank_{r:02d}_model_states.pt")
+        torch.save(
+            {
+                "module": module,
+                "optimizer": opt,
+                "neox_config": cfg.to_dict(),
+                "dp_world_size": 1,
+                "mp_world_size": 2,
+                "iteration": 1,
+                "global_steps": 1,
+                "skipped_steps": 0,
+                "param_shapes": None,
+            },
+            src / f"mp_rank_{r:02d}_model_states.pt",
+        )
     (tmp_path / "src" / "latest").write_text("global_step1")
     rep = reshard_checkpoint(tmp_path / "src", tmp_path / "dst", tp=1)
     assert rep["optimizer"] == "carried" and rep["to"] == (1, 1)
     out = torch.load(tmp_path / "dst" / "global_step1" / "mp_rank_00_model_states.pt", weights_only=False)
-    ref_module, ref_opt = _adam_after_one_step(cfg.replace(model_parallel_size=1), full, grads,
-                                               ParallelState.single())
+    ref_module, ref_opt = _adam_after_one_step(cfg.replace(model_parallel_size=1), full, grads, ParallelState.single())
     assert out["module"].keys() == ref_module.keys()
     for k in ref_module:
         assert torch.equal(out["module"][k], ref_module[k]), k
@@ -146,6 +173,7 @@ def test_zero0_optimizer_state_is_resharded(tmp_path):
     # the output has a manifest; the source may not be the output, hold it or sit inside it; a corrupted
     # source file is refused before anything is written
     from neox_l2e.checkpoint import CheckpointError, ReshardError, verify_manifest
+
     assert verify_manifest(tmp_path / "dst" / "global_step1") == ["mp_rank_00_model_states.pt"]
     for bad in (tmp_path / "dst", tmp_path / "dst" / "x", tmp_path):
         with pytest.raises(ReshardError, match="is the source .* inside it, or holds it"):
@@ -164,7 +192,10 @@ def test_parallel_imports_no_package_above_it():
     neox_l2e/checkpoint/tp_states.py)."""
     import subprocess
     import sys
-    code = ("import sys, neox_l2e.parallel; print(sorted(m for m in sys.modules if m.startswith('neox_l2e.') "
-            "and not m.startswith(('neox_l2e.parallel', 'neox_l2e.errors'))))")
+
+    code = (
+        "import sys, neox_l2e.parallel; print(sorted(m for m in sys.modules if m.startswith('neox_l2e.') "
+        "and not m.startswith(('neox_l2e.parallel', 'neox_l2e.errors'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

@@ -9,25 +9,27 @@ schedule and the AdamW state are carried, so even the steps after the next one a
 state equals the uninterrupted run's. Both layouts compute the same function, so the two uninterrupted runs
 agree too (TP=2 trains like TP=1).
 """
+
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from distributed import run_ranks
 from tp_common import gather_states, run_trainer, train_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-L2E = dict(l2e_enabled=True, l2e_layers=[0, 1], l2e_ratio=0.05, l2e_min_samples=16, l2e_backend="torch",
-           l2e_lambda=1e-4)
+L2E = dict(
+    l2e_enabled=True, l2e_layers=[0, 1], l2e_ratio=0.05, l2e_min_samples=16, l2e_backend="torch", l2e_lambda=1e-4
+)
 
 
 def _layout(tp, stage):
-    return dict(model_parallel_size=tp, zero_optimization={"stage": stage},
-                train_micro_batch_size_per_gpu=4 // (2 // tp), **L2E)
+    return dict(
+        model_parallel_size=tp, zero_optimization={"stage": stage}, train_micro_batch_size_per_gpu=4 // (2 // tp), **L2E
+    )
 
 
 def _l2e_state(trainer, ps):
@@ -37,6 +39,7 @@ def _l2e_state(trainer, ps):
 
 def _worker(rank, world, tp, save, load, load_stage, save_stage):
     from neox_l2e.parallel import ParallelState
+
     ps = ParallelState.from_distributed(tp=tp)
     out = {}
     if load:
@@ -54,19 +57,24 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reshard")
     a, a1, b, b2 = (str(tmp / n) for n in ("a-tp2", "a-tp1", "b-tp1", "b-tp2"))
     tp2 = run_ranks(_worker, world=2, args=(2, a, None, None, 1))[0]
-    cli = subprocess.run([sys.executable, str(REPO / "tools" / "reshard_checkpoint.py"), a, a1, "--tp", "1", "--dp", "2"],
-                         capture_output=True, text=True, cwd=REPO)
+    cli = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "reshard_checkpoint.py"), a, a1, "--tp", "1", "--dp", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert cli.returncode == 0, cli.stderr
     assert "AdamW state" in cli.stdout
     tp1 = run_ranks(_worker, world=2, args=(1, b, a1, 1, 2))[0]
     from neox_l2e.checkpoint.reshard import reshard_checkpoint
+
     rep = reshard_checkpoint(b, b2, tp=2, dp=1)
     assert rep["optimizer"] == "carried"
     tp2b = run_ranks(_worker, world=2, args=(2, None, b2, 2, None))[0]
     return dict(tp2=tp2, tp1=tp1, tp2b=tp2b, a=a, a1=a1, tmp=str(tmp))
 
 
-def test_tp2_and_tp1_runs_agree(runs):        # ZeRO-1 TP=2 x DP=1 against ZeRO-2 TP=1 x DP=2
+def test_tp2_and_tp1_runs_agree(runs):  # ZeRO-1 TP=2 x DP=1 against ZeRO-2 TP=1 x DP=2
     ref2, ref1 = dict(runs["tp2"]["ref"]), dict(runs["tp1"]["ref"])
     assert ref2[6] < ref2[1] - 0.3
     for it in range(1, 7):
@@ -75,6 +83,7 @@ def test_tp2_and_tp1_runs_agree(runs):        # ZeRO-1 TP=2 x DP=1 against ZeRO-
 
 def _same_l2e_state(ref, got):
     import numpy as np
+
     assert sorted(ref) == sorted(got) and any(k.endswith(".tau") for k in ref)
     for k in ref:
         a, b = np.asarray(ref[k], dtype=np.float64), np.asarray(got[k], dtype=np.float64)
@@ -82,8 +91,8 @@ def _same_l2e_state(ref, got):
         if k.endswith((".count", ".step", ".commits")):
             assert np.array_equal(a, b), k
         elif k.endswith((".mean", ".m2", ".tau")):
-            assert np.isfinite(a).all(), k                              # tau initialised, statistics populated
-            tol = 2e-5 if k.endswith(".tau") else 1e-5                  # tau: phi's rounding (test_tp_dp.py)
+            assert np.isfinite(a).all(), k  # tau initialised, statistics populated
+            tol = 2e-5 if k.endswith(".tau") else 1e-5  # tau: phi's rounding (test_tp_dp.py)
             assert np.abs(a - b).max() <= tol * max(1.0, np.abs(a).max()), (k, a, b)
 
 
@@ -91,8 +100,8 @@ def test_resume_tp2_to_tp1(runs):
     _same_l2e_state(runs["tp2"]["ref_l2e"], runs["tp1"]["resumed_l2e"])
     ref, resumed = dict(runs["tp2"]["ref"]), dict(runs["tp1"]["resumed"])
     assert sorted(resumed) == [4, 5, 6]
-    assert abs(resumed[4] - ref[4]) <= 1e-5, (resumed, ref)       # the next step: same weights, same batch
-    for it in (5, 6):                                              # later steps: optimizer state carried
+    assert abs(resumed[4] - ref[4]) <= 1e-5, (resumed, ref)  # the next step: same weights, same batch
+    for it in (5, 6):  # later steps: optimizer state carried
         assert abs(resumed[it] - ref[it]) <= 1e-4, (it, resumed, ref)
 
 
@@ -110,6 +119,7 @@ def test_round_trip_of_zero_shards_is_exact(runs):
     import torch
 
     from neox_l2e.checkpoint.reshard import reshard_checkpoint
+
     back = runs["tmp"] + "/a-back"
     reshard_checkpoint(runs["a1"], back, tp=2, dp=1)
     src, out = Path(runs["a"]) / "global_step3", Path(back) / "global_step3"

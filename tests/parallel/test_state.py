@@ -1,20 +1,21 @@
 """ParallelState and the configuration's parallel checks (single process)."""
+
 import pytest
 import torch
+from tp_common import tiny_cfg
 
 from neox_l2e.config import ConfigError
 from neox_l2e.model import GPTNeoX
 from neox_l2e.parallel import ParallelState
 from neox_l2e.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from tp_common import tiny_cfg
 
 
 def test_zero3_with_tp_is_refused_at_load():
     with pytest.raises(ConfigError, match=r"ZeRO stage 3 with model-parallel-size 2 is not supported"):
         tiny_cfg(model_parallel_size=2, zero_optimization={"stage": 3})
-    for stage in (0, 1, 2):                      # ZeRO 1 and 2 combine with TP (NeoX itself allows only 1)
+    for stage in (0, 1, 2):  # ZeRO 1 and 2 combine with TP (NeoX itself allows only 1)
         assert tiny_cfg(model_parallel_size=2, zero_optimization={"stage": stage}).zero_stage == stage
-    assert tiny_cfg(zero_optimization={"stage": 3}).zero_stage == 3        # ZeRO-3 alone is fine
+    assert tiny_cfg(zero_optimization={"stage": 3}).zero_stage == 3  # ZeRO-3 alone is fine
 
 
 @pytest.mark.parametrize("pp", [2, 4])
@@ -36,7 +37,8 @@ def test_tp_must_divide_heads_and_world():
 
 def test_single_process_state_and_no_op_collectives():
     import torch.distributed as dist
-    if dist.is_initialized():       # left by an in-process training test that ran earlier in this interpreter
+
+    if dist.is_initialized():  # left by an in-process training test that ran earlier in this interpreter
         dist.destroy_process_group()
     ps = ParallelState.single()
     t = torch.ones(3)
@@ -71,7 +73,9 @@ def test_meta_model_and_parameter_count_at_any_tp():
 def restore_timeouts():
     """set_collective_timeout changes module state of torch and of neox_l2e.parallel.state: put both back."""
     from torch.distributed import distributed_c10d as c10d
+
     from neox_l2e.parallel import state
+
     saved = (state._TIMEOUT, c10d.default_pg_timeout, getattr(c10d, "default_pg_nccl_timeout", None))
     yield
     state._TIMEOUT, c10d.default_pg_timeout = saved[:2]
@@ -81,8 +85,11 @@ def restore_timeouts():
 
 def test_collective_timeout_becomes_torchs_default_for_new_groups(restore_timeouts):
     import datetime
+
     from torch.distributed import distributed_c10d as c10d
+
     from neox_l2e.parallel import collective_timeout, set_collective_timeout
+
     set_collective_timeout(7)
     assert collective_timeout() == datetime.timedelta(seconds=7)
     # what new_group() without timeout= (DeepSpeed's groups) uses
@@ -90,18 +97,21 @@ def test_collective_timeout_becomes_torchs_default_for_new_groups(restore_timeou
     for bad in (0, -1, float("nan"), float("inf"), "abc", None, True):
         with pytest.raises(ConfigError, match=r"dist-timeout-s .*: must be a positive number of seconds"):
             set_collective_timeout(bad)
-    assert collective_timeout() == datetime.timedelta(seconds=7)       # a refused value changes nothing
+    assert collective_timeout() == datetime.timedelta(seconds=7)  # a refused value changes nothing
 
 
 def _groups_worker(rank, world):
     import time
+
     import torch.distributed as dist
+
     from neox_l2e.parallel import ParallelState
+
     ps = ParallelState.from_distributed(tp=1, timeout_s=3)
-    later = dist.new_group([0, 1])                 # as DeepSpeed makes its groups: no timeout=
+    later = dist.new_group([0, 1])  # as DeepSpeed makes its groups: no timeout=
     out = {}
     if rank == 1:
-        time.sleep(8)                              # rank 0's collectives must each give up after about 3 s
+        time.sleep(8)  # rank 0's collectives must each give up after about 3 s
         return out
     for name, group in (("dp", ps.dp_group), ("later", later)):
         t0 = time.time()
@@ -117,6 +127,7 @@ def test_groups_honour_dist_timeout():
     """Our DP group and a group made afterwards without timeout= (DeepSpeed's) both give up after dist-timeout-s,
     not torch's 30-minute default."""
     from distributed import run_ranks
+
     r0 = run_ranks(_groups_worker, world=2, timeout=120)[0]
     for name in ("dp", "later"):
         assert r0[name] != "completed", name
@@ -126,6 +137,7 @@ def test_groups_honour_dist_timeout():
 
 def test_failure_message_in_one_process_run_blames_no_other_rank(restore_timeouts):
     from neox_l2e.parallel import collective_failure_message, set_collective_timeout
+
     set_collective_timeout(5)
     line = collective_failure_message(RuntimeError("[gloo] Timed out waiting 5000ms for recv"), rank=0, world_size=1)
     assert line.startswith("[rank 0] a collective failed in a one-process run (dist-timeout-s=5)"), line

@@ -6,27 +6,35 @@ layouts by fp32 rounding (other summation orders), and the k-th largest of a per
 the largest perturbation, so tau agrees to about that (measured ~2e-7 relative here, 2e-5 allowed); an
 activation that close to tau can, rarely, flip. lambda is kept small here so such a flip cannot move the
 weights measurably; the exact L2E comparison (loss, selections, tau) is tests/parallel/test_l2e_tp.py."""
+
 import pytest
 import torch
-
 from distributed import run_ranks
 from tp_common import gather_states, run_trainer, train_cfg
 
-L2E = dict(l2e_enabled=True, l2e_layers=[0, 1], l2e_ratio=0.05, l2e_min_samples=16, l2e_backend="torch",
-           l2e_lambda=1e-4)
+L2E = dict(
+    l2e_enabled=True, l2e_layers=[0, 1], l2e_ratio=0.05, l2e_min_samples=16, l2e_backend="torch", l2e_lambda=1e-4
+)
 
 
 def _cfg(tp):
     # Adam's early steps are sign-like: a gradient that is pure rounding noise (dead units, the key bias) would
     # get an lr-sized step whose sign differs between layouts. A larger eps keeps such noise from being
     # amplified, so the final weights can be compared tightly.
-    return train_cfg(optimizer={"type": "Adam", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-3}},
-                     model_parallel_size=tp, zero_optimization={"stage": 1}, train_micro_batch_size_per_gpu=2,
-                     train_iters=4, lr_decay_iters=4, **L2E)
+    return train_cfg(
+        optimizer={"type": "Adam", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-3}},
+        model_parallel_size=tp,
+        zero_optimization={"stage": 1},
+        train_micro_batch_size_per_gpu=2,
+        train_iters=4,
+        lr_decay_iters=4,
+        **L2E,
+    )
 
 
 def _worker(rank, world, tp):
     from neox_l2e.parallel import ParallelState
+
     ps = ParallelState.from_distributed(tp=tp)
     losses, tr = run_trainer(_cfg(tp), ps)
     state = {k: v.detach().cpu().clone() for k, v in tr.module.state_dict().items()}
@@ -44,8 +52,12 @@ def runs():
 
 def test_rank_layout(runs):
     tp2 = runs[0]
-    assert [r["layout"] for r in tp2] == [(2, 2, (0, 1), (0, 2)), (2, 2, (0, 1), (1, 3)),
-                                          (2, 2, (2, 3), (0, 2)), (2, 2, (2, 3), (1, 3))]
+    assert [r["layout"] for r in tp2] == [
+        (2, 2, (0, 1), (0, 2)),
+        (2, 2, (0, 1), (1, 3)),
+        (2, 2, (2, 3), (0, 2)),
+        (2, 2, (2, 3), (1, 3)),
+    ]
 
 
 def test_tp2_dp2_matches_tp1_dp2(runs):
@@ -57,7 +69,7 @@ def test_tp2_dp2_matches_tp1_dp2(runs):
     s2 = {k: torch.from_numpy(v) for k, v in tp2[0]["state"].items()}
     s1 = {k: torch.from_numpy(v) for k, v in tp1[0]["state"].items()}
     assert set(s2) == set(s1)
-    assert any(".inhibitor.tau" in k and torch.isfinite(s1[k]) for k in s1)       # tau was initialised
+    assert any(".inhibitor.tau" in k and torch.isfinite(s1[k]) for k in s1)  # tau was initialised
     for k in s1:
         a, b = s1[k].double(), s2[k].double()
         assert torch.equal(a.isinf(), b.isinf()), k
@@ -65,5 +77,5 @@ def test_tp2_dp2_matches_tp1_dp2(runs):
         if not fin.any():
             continue
         scale = max(1.0, a[fin].abs().max().item())
-        tol = 2e-5 if k.endswith(".tau") else 1e-5       # tau: phi's rounding difference at the threshold (above)
+        tol = 2e-5 if k.endswith(".tau") else 1e-5  # tau: phi's rounding difference at the threshold (above)
         assert (a[fin] - b[fin]).abs().max().item() <= tol * scale, (k, a, b)

@@ -2,14 +2,15 @@
 step-3 checkpoint reproduces steps 4-6 exactly; resuming that checkpoint as TP=1 x DP=2 (without resharding) is
 refused with one line naming the reshard tool. (TP=2 against TP=1 on the same data: test_tp_dp.py and
 test_reshard_resume.py.)"""
-import pytest
 
+import pytest
 from distributed import run_ranks
 from tp_common import run_trainer, train_cfg
 
 
 def _worker(rank, world, tmp):
     from neox_l2e.parallel import ParallelState
+
     ps = ParallelState.from_distributed(tp=2)
     out = {}
     for stage in (1, 2):
@@ -21,6 +22,7 @@ def _worker(rank, world, tmp):
         out[stage] = dict(ref=ref, first=first, resumed=resumed, start=tr.iteration)
     # the TP=2 checkpoint in another layout (TP=1 x DP=2 on the same 2 ranks), not resharded: refused up front
     from neox_l2e.training import CheckpointError
+
     try:
         run_trainer(train_cfg(zero_optimization={"stage": 1}, load=f"{tmp}/z1"), ParallelState.from_distributed(tp=1))
         out["other_layout"] = None

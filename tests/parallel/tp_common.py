@@ -1,21 +1,34 @@
 """Shared pieces of the tensor-parallel tests: tiny configs, deterministic weights, TP=1 references."""
+
 from __future__ import annotations
 
 import torch
 
+from neox_l2e.checkpoint.tp_states import merge_tp_states, split_tp_state
 from neox_l2e.config import build_config
 from neox_l2e.model import GPTNeoX
 from neox_l2e.parallel import ParallelState
-from neox_l2e.checkpoint.tp_states import merge_tp_states, split_tp_state
 
-VOCAB = 100     # padded to 104 at TP=1 and 112 at TP=2 (make-vocab-size-divisible-by 8): the paddings differ
+VOCAB = 100  # padded to 104 at TP=1 and 112 at TP=2 (make-vocab-size-divisible-by 8): the paddings differ
 
 
 def tiny_cfg(**extra):
-    keys = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=VOCAB, rotary_pct=0.25,
-                gpt_j_residual=True, bias_gelu_fusion=True, no_weight_tying=True, make_vocab_size_divisible_by=8,
-                init_method="small_init", output_layer_init_method="wang_init", seed=7,
-                train_micro_batch_size_per_gpu=2)
+    keys = dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        seq_length=16,
+        vocab_size=VOCAB,
+        rotary_pct=0.25,
+        gpt_j_residual=True,
+        bias_gelu_fusion=True,
+        no_weight_tying=True,
+        make_vocab_size_divisible_by=8,
+        init_method="small_init",
+        output_layer_init_method="wang_init",
+        seed=7,
+        train_micro_batch_size_per_gpu=2,
+    )
     keys.update(extra)
     return build_config(keys)
 
@@ -43,12 +56,15 @@ def tp_model(cfg, ps, full_state) -> GPTNeoX:
 
 
 def grads_of(model) -> dict:
-    return {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
+    return {
+        k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()
+    }
 
 
 def gather_states(local: dict, ps, cfg) -> dict:
     """Full state from every TP rank's local tensors (all-gathered over the TP group) via merge_tp_states."""
     import torch.distributed as dist
+
     parts = [None] * ps.tp
     dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()}, group=ps.tp_group)
     return merge_tp_states(parts, cfg)
@@ -61,7 +77,7 @@ import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-os.environ.setdefault("NEOX_L2E_DS_SHM", "0")      # no JIT build of DeepSpeed's CPU shared-memory op
+os.environ.setdefault("NEOX_L2E_DS_SHM", "0")  # no JIT build of DeepSpeed's CPU shared-memory op
 
 
 class Arithmetic(torch.utils.data.Dataset):
@@ -80,10 +96,20 @@ class Arithmetic(torch.utils.data.Dataset):
 
 
 def train_cfg(**extra):
-    keys = dict(optimizer={"type": "Adam", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-8}},
-                min_lr=0.001, weight_decay=0.1, gradient_clipping=1.0, warmup=0.1, train_iters=6, lr_decay_iters=6,
-                eval_interval=1000, eval_iters=1, log_interval=1, progress_bar=False,
-                train_micro_batch_size_per_gpu=4)
+    keys = dict(
+        optimizer={"type": "Adam", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-8}},
+        min_lr=0.001,
+        weight_decay=0.1,
+        gradient_clipping=1.0,
+        warmup=0.1,
+        train_iters=6,
+        lr_decay_iters=6,
+        eval_interval=1000,
+        eval_iters=1,
+        log_interval=1,
+        progress_bar=False,
+        train_micro_batch_size_per_gpu=4,
+    )
     keys.update(extra)
     return tiny_cfg(**keys)
 
@@ -91,6 +117,7 @@ def train_cfg(**extra):
 def run_trainer(cfg, ps, **kw):
     """Train with the project's Trainer; returns ([(iteration, lm loss)], trainer)."""
     from neox_l2e.training.loop import Trainer
+
     trainer = Trainer(cfg, datasets={"train": Arithmetic()}, vocab_size=VOCAB, ps=ps, quiet=True, **kw)
     res = trainer.train()
     return res.train_losses, trainer

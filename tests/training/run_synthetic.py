@@ -7,6 +7,7 @@ Prints ``RESULT <json>`` on rank 0 at the end. Faults from the environment (trai
 DIE_AT=<iteration>@<rank> makes that rank exit abruptly inside that step (a crashed rank), TEST_NAN_STEPS and
 TEST_KILL_IN_SAVE. Errors are reported like train.py: one line, exit 2.
 """
+
 import json
 import os
 import sys
@@ -28,9 +29,11 @@ def main():
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     try:
-        if argv and argv[0] == "--config-b64":          # started by deepy.py: the resolved config
+        if argv and argv[0] == "--config-b64":  # started by deepy.py: the resolved config
             import base64
+
             from neox_l2e.config import build_config
+
             cfg = build_config(json.loads(base64.b64decode(argv[1])), {})
         else:
             cfg = tiny_cfg(**dict(parse_override(a) for a in argv if "=" in a and not a.endswith(".yml")))
@@ -39,9 +42,20 @@ def main():
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
-        print("RESULT " + json.dumps({"iteration": r.iteration, "start": r.start_iteration,
-                                      "losses": [l for _, l in r.train_losses], "checkpoints": r.checkpoints,
-                                      "interrupted": r.interrupted, "skipped": r.skipped_steps}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "iteration": r.iteration,
+                    "start": r.start_iteration,
+                    "losses": [l for _, l in r.train_losses],
+                    "checkpoints": r.checkpoints,
+                    "interrupted": r.interrupted,
+                    "skipped": r.skipped_steps,
+                }
+            ),
+            flush=True,
+        )
     return 130 if r.interrupted else 0
 
 

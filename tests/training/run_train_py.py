@@ -3,6 +3,7 @@ subprocess tests of the command line):
 
     TEST_NAN_STEPS=1 python tests/training/run_train_py.py config.yml data.yml key=value ...
 """
+
 import os
 import runpy
 import sys

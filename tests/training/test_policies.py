@@ -1,4 +1,5 @@
 """The trainer's policies on their own: when the Checkpointer saves, when the Validator evaluates."""
+
 from train_common import tiny_cfg
 
 from neox_l2e.training.checkpointer import Checkpointer
@@ -6,12 +7,11 @@ from neox_l2e.training.validator import Validator
 
 
 def test_checkpointer_saves_every_factor_and_at_extra_iters_but_not_at_the_last_step(tmp_path):
-    ck = Checkpointer(tiny_cfg(train_iters=12, save=str(tmp_path), checkpoint_factor=4, extra_save_iters=[3, 12]),
-                      None)
+    ck = Checkpointer(tiny_cfg(train_iters=12, save=str(tmp_path), checkpoint_factor=4, extra_save_iters=[3, 12]), None)
     try:
         assert [i for i in range(1, 13) if ck.should_save(i)] == [3, 4, 8]
         assert ck.should_save_at_end(interrupted=False)
-        assert ck.should_save_at_end(interrupted=True)            # save-on-interrupt defaults to true
+        assert ck.should_save_at_end(interrupted=True)  # save-on-interrupt defaults to true
         assert not ck.resuming and ck.saved_first_train_samples() is None
     finally:
         ck.close()

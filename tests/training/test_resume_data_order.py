@@ -1,5 +1,6 @@
 """data-order neox: the train sample count the run's order was first built for is kept in the checkpoint, so a
 run resumed with a larger train-iters that needs another epoch reads the same samples at the same steps."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,19 +8,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from train_common import tiny_cfg
 
 from neox_l2e.checkpoint import read_model_states, write_latest
 from neox_l2e.training.loop import Trainer
 
 # 20 documents of 40 tokens: about 49 samples of 16 + 1 tokens per epoch; 4 samples per step
-N_ITERS, SAVE_AT, MORE_ITERS = 10, 5, 24       # 40 samples (one epoch); 96 samples (two epochs)
+N_ITERS, SAVE_AT, MORE_ITERS = 10, 5, 24  # 40 samples (one epoch); 96 samples (two epochs)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     from neox_l2e.data import write_indexed_dataset
+
     tmp = tmp_path_factory.mktemp("order")
     g = np.random.default_rng(0)
     docs = [g.integers(0, 63, size=39).tolist() + [63] for _ in range(20)]
@@ -76,17 +77,21 @@ def test_resume_with_another_epoch_keeps_the_order(corpus, tmp_path, monkeypatch
 
 def test_checkpoint_without_the_count_resumes_as_before_with_a_note(corpus, tmp_path, monkeypatch, capfd):
     orig = Trainer.client_state
-    monkeypatch.setattr(Trainer, "client_state",
-                        lambda self: {k: v for k, v in orig(self).items() if k != "first_train_samples"})
+    monkeypatch.setattr(
+        Trainer, "client_state", lambda self: {k: v for k, v in orig(self).items() if k != "first_train_samples"}
+    )
     a = tmp_path / "a"
     _run(_cfg(corpus, train_iters=2, save=str(a)), monkeypatch)
     monkeypatch.setattr(Trainer, "client_state", orig)
     capfd.readouterr()
     resumed = _run(_cfg(corpus, train_iters=MORE_ITERS, save=str(a), load=str(a)), monkeypatch)
     fresh = _run(_cfg(corpus, train_iters=MORE_ITERS), monkeypatch)
-    assert all(torch.equal(resumed[s], fresh[s]) for s in resumed)      # the order built for this run's count
-    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("note:")
-             and "train sample count" in line]
+    assert all(torch.equal(resumed[s], fresh[s]) for s in resumed)  # the order built for this run's count
+    notes = [
+        line
+        for line in capfd.readouterr().err.splitlines()
+        if line.startswith("note:") and "train sample count" in line
+    ]
     assert len(notes) == 1, notes
     _, _, client = read_model_states(a)
     assert client["first_train_samples"] == MORE_ITERS * 4

@@ -1,5 +1,6 @@
 """A run folder holds the resolved config (config.yml, TensorBoard text), strict-JSON metrics and NeoX's TensorBoard
 tags; the config is printed once at the start."""
+
 from __future__ import annotations
 
 import io
@@ -7,7 +8,6 @@ import json
 import math
 
 import pytest
-
 from train_common import datasets, inject_loss, tiny_cfg
 
 from neox_l2e.config import load_config
@@ -59,12 +59,21 @@ def test_metrics_jsonl_is_strict_json(run):
 def test_tensorboard_has_neox_tags_and_the_config_text(run):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     cfg, _, out, _ = run
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    assert {"train/lm_loss", "train/learning_rate", "validation/lm_loss", "validation/lm_loss_ppl",
-            "runtime/iteration_time", "timers/forward", "timers/backward", "timers/optimizer"} <= scalars
+    assert {
+        "train/lm_loss",
+        "train/learning_rate",
+        "validation/lm_loss",
+        "validation/lm_loss_ppl",
+        "runtime/iteration_time",
+        "timers/forward",
+        "timers/backward",
+        "timers/optimizer",
+    } <= scalars
     assert "l2e_train/layer0/tau" in scalars and "train/lr" not in scalars
     text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "num_layers: 2" in text and "train_iters: 3" in text
@@ -72,7 +81,10 @@ def test_tensorboard_has_neox_tags_and_the_config_text(run):
 
 def test_tag_and_strict_record_units():
     assert tag("train", "lr") == "train/learning_rate" and tag("valid", "ppl") == "validation/lm_loss_ppl"
-    assert tag("train", "l2e_train/layer3/tau") == "l2e_train/layer3/tau" and tag("train", "grad_norm") == "train/grad_norm"
+    assert (
+        tag("train", "l2e_train/layer3/tau") == "l2e_train/layer3/tau"
+        and tag("train", "grad_norm") == "train/grad_norm"
+    )
     assert tag("valid", "foo") == "validation/foo"
     rec = strict_json_record({"a": float("inf"), "b": -float("inf"), "c": 1.0, "d": "x"})
     assert rec == {"a": None, "b": None, "c": 1.0, "d": "x", "nonfinite": {"a": "inf", "b": "-inf"}}

@@ -1,5 +1,6 @@
 """Config keys whose doc promises an effect on the run: wandb-host reaches wandb, zero-allow-untested-optimizer
 reaches DeepSpeed."""
+
 import io
 import os
 import sys
@@ -10,6 +11,7 @@ from train_common import tiny_cfg
 
 def test_wandb_host_is_exported_before_wandb_init(monkeypatch, tmp_path):
     from neox_l2e.training.monitor import Monitor
+
     seen = {}
 
     def init(**kw):
@@ -18,7 +20,7 @@ def test_wandb_host_is_exported_before_wandb_init(monkeypatch, tmp_path):
         return types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda *a, **k: None)
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    monkeypatch.setenv("WANDB_BASE_URL", "https://from-the-environment.example")    # restored afterwards
+    monkeypatch.setenv("WANDB_BASE_URL", "https://from-the-environment.example")  # restored afterwards
     cfg = tiny_cfg(use_wandb=True, wandb_host="https://wandb.example.com", wandb_project="p")
     Monitor(cfg, str(tmp_path), stream=io.StringIO()).close()
     assert seen == {"base_url": "https://wandb.example.com", "project": "p"}
@@ -30,5 +32,6 @@ def test_wandb_host_is_exported_before_wandb_init(monkeypatch, tmp_path):
 
 def test_zero_allow_untested_optimizer_is_passed_to_deepspeed():
     from neox_l2e.training.engine import deepspeed_config
+
     assert deepspeed_config(tiny_cfg(), 1)["zero_allow_untested_optimizer"] is True
     assert deepspeed_config(tiny_cfg(zero_allow_untested_optimizer=False), 1)["zero_allow_untested_optimizer"] is False

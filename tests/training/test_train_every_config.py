@@ -7,6 +7,7 @@ Pythia configs, their ``wall_clock_breakdown: true`` (DeepSpeed's per-phase time
 The published ymls are read from ``<repo>/../shared/data/pythia-configs`` (or $NEOX_L2E_PYTHIA_CONFIGS) when that
 folder exists; the two files published with errors must be refused with their one-line message.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from train_common import REPO, datasets
 
 from neox_l2e.config import ConfigError, load_config
@@ -29,16 +29,30 @@ PUBLISHED = sorted(PUBLISHED_DIR.glob("pythia-*.yml")) if PUBLISHED_DIR.is_dir()
 REFUSED = {  # published with errors: the one line each must give
     "pythia-12b.yml": r"pythia-12b\.yml:21:\d+: YAML syntax error: .* \(a missing comma after line 19\?\)$",
     "pythia-12b-deduped.yml": r"pythia-12b-deduped\.yml: num-layers 40 and num-attention-heads 36 look swapped: .*"
-                              r"exchange the two values$",
+    r"exchange the two values$",
 }
 
 # a tiny model on one process: 2 layers x 32 wide, seq 16, vocab 64 (train_common's synthetic tokens), micro-batch 2,
 # fp32, TP 1
 TINY = {
-    "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "max_position_embeddings": 16,
-    "vocab_size": 64, "make_vocab_size_divisible_by": 8, "attention_config": [[["flash"], 2]],
-    "train_micro_batch_size_per_gpu": 2, "gas": 1, "precision": "fp32", "train_iters": 2, "eval_iters": 1,
-    "model_parallel_size": 1, "save": None, "load": None, "progress_bar": False, "l2e_min_samples": 8,
+    "num_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "seq_length": 16,
+    "max_position_embeddings": 16,
+    "vocab_size": 64,
+    "make_vocab_size_divisible_by": 8,
+    "attention_config": [[["flash"], 2]],
+    "train_micro_batch_size_per_gpu": 2,
+    "gas": 1,
+    "precision": "fp32",
+    "train_iters": 2,
+    "eval_iters": 1,
+    "model_parallel_size": 1,
+    "save": None,
+    "load": None,
+    "progress_bar": False,
+    "l2e_min_samples": 8,
 }
 
 
@@ -66,25 +80,30 @@ def test_two_steps(pair, data, tmp_path, capsys):
     overrides = dict(TINY, log_dir=str(tmp_path), wall_clock_breakdown=True)
     if base.name in REFUSED and base.parent == PUBLISHED_DIR:
         with pytest.raises(ConfigError, match=REFUSED[base.name]) as err:
-            load_config([base, grid])           # as published: the tiny overrides would replace the wrong values
+            load_config([base, grid])  # as published: the tiny overrides would replace the wrong values
         assert "\n" not in str(err.value)
         return
     cfg = load_config([base, grid], overrides)
     assert cfg.logging.wall_clock_breakdown
     grid_cfg = load_config([REPO / "configs" / "local" / "tiny.yml", grid], {"l2e_min_samples": 8})
-    assert cfg.l2e == grid_cfg.l2e                 # the grid's experiment, whatever the base config
+    assert cfg.l2e == grid_cfg.l2e  # the grid's experiment, whatever the base config
     res = train(cfg, datasets=data)
     assert res.iteration == 2 and all(math.isfinite(loss) for _, loss in res.train_losses)
     assert len(res.valid_losses) == 1 and math.isfinite(res.valid_losses[0][1])
     assert bool(res.l2e_metrics) == cfg.l2e_active
     # DeepSpeed's wall-clock breakdown ran: its timings are printed and logged with the train metrics
     printed = capsys.readouterr().out.splitlines()
-    assert sum("fwd_microstep" in line and "bwd_microstep" in line and "step_microstep" in line
-               for line in printed) == 2
-    train_recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-                  if json.loads(line)["kind"] == "train"]
-    assert train_recs and all(r["timers/forward"] > 0 and r["timers/backward"] > 0 and r["timers/optimizer"] > 0
-                              for r in train_recs)
+    assert (
+        sum("fwd_microstep" in line and "bwd_microstep" in line and "step_microstep" in line for line in printed) == 2
+    )
+    train_recs = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
+    assert train_recs and all(
+        r["timers/forward"] > 0 and r["timers/backward"] > 0 and r["timers/optimizer"] > 0 for r in train_recs
+    )
 
 
 def test_published_configs_are_covered():

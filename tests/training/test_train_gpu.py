@@ -1,6 +1,7 @@
 """GPU smoke tests (skipped on machines without CUDA, see tests/conftest.py): the Trainer on a tiny config on
 cuda over NCCL, one rank with L2E (the Triton kernel), and TP=2 on two GPUs. Each run is a fresh process (a
 process group is per process)."""
+
 import json
 import subprocess
 import sys
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed import clean_env, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -40,18 +40,28 @@ def _run(world: int, overrides: dict) -> list:
     port = free_port()
     procs = []
     for rank in range(world):
-        extra = dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port) \
-            if world > 1 else {}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(HERE), str(REPO), json.dumps(overrides)],
-                                      env=_env(**extra), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        extra = (
+            dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            if world > 1
+            else {}
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(HERE), str(REPO), json.dumps(overrides)],
+                env=_env(**extra),
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     try:
         for p in procs:
             out, err = p.communicate(timeout=300)
             lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
             assert p.returncode == 0 and lines, err[-3000:]
-            results.append(json.loads(lines[-1][len("RESULT "):]))
+            results.append(json.loads(lines[-1][len("RESULT ") :]))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -80,8 +90,7 @@ def test_tiny_trains_on_one_gpu_over_nccl():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_tiny_trains_with_tp2_on_two_gpus():
-    rs = _run(2, dict(train_iters=STEPS, lr_decay_iters=STEPS, model_parallel_size=2,
-                      zero_optimization={"stage": 1}))
+    rs = _run(2, dict(train_iters=STEPS, lr_decay_iters=STEPS, model_parallel_size=2, zero_optimization={"stage": 1}))
     for r in rs:
         _check(r, world=2, tp=2)
-    assert rs[0]["losses"] == rs[1]["losses"]                 # the loss is reduced over the TP group
+    assert rs[0]["losses"] == rs[1]["losses"]  # the loss is reduced over the TP group

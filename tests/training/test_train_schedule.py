@@ -1,4 +1,5 @@
 """The learning-rate schedule follows GPT-NeoX's AnnealingLR formulas (the Pythia schedule), quirks included."""
+
 import math
 
 import pytest
@@ -38,10 +39,10 @@ def test_key_points():
     assert neox_lr(0, 1.0, 0.1, 100, 10, "cosine") == 0.0
     assert neox_lr(5, 1.0, 0.1, 100, 10, "cosine") == 0.5
     assert neox_lr(10, 1.0, 0.1, 100, 10, "cosine") == 1.0
-    assert neox_lr(60, 1.0, 0.1, 100, 10, "cosine") == pytest.approx(0.5)          # t = 50 = T/2
+    assert neox_lr(60, 1.0, 0.1, 100, 10, "cosine") == pytest.approx(0.5)  # t = 50 = T/2
     assert neox_lr(90, 1.0, 0.0, 100, 10, "cosine") == pytest.approx((math.cos(math.pi * 0.8) + 1) / 2)
     assert neox_lr(1000, 1.0, 0.0, 100, 10, "cosine") == neox_lr(90, 1.0, 0.0, 100, 10, "cosine")
-    assert neox_lr(95, 1.0, 0.3, 100, 0, "cosine") == 0.3                          # floored at min-lr
+    assert neox_lr(95, 1.0, 0.3, 100, 0, "cosine") == 0.3  # floored at min-lr
     assert neox_lr(50, 1.0, 0.3, 100, 0, "linear") == 0.5
     assert neox_lr(90, 1.0, 0.3, 100, 0, "linear") == 0.3
     assert neox_lr(77, 1.0, 0.3, 100, 5, "constant") == 1.0
@@ -62,6 +63,7 @@ def test_annealing_sets_param_groups_and_round_trips():
 
 def test_from_config_uses_lr_decay_iters_or_train_iters():
     from train_common import tiny_cfg
+
     cfg = tiny_cfg(train_iters=40, warmup=0.1, lr_decay_style="linear")
     s = AnnealingLR.from_config(None, cfg)
     assert (s.decay_iters, s.warmup_iters, s.style, s.peak) == (40, 4, "linear", cfg.lr)

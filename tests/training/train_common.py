@@ -1,4 +1,5 @@
 """Shared pieces of the training tests: the tiny config and a small learnable synthetic dataset."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,7 @@ def datasets(n_train: int = 512, n_valid: int = 32) -> dict:
 
 def tiny_cfg(**overrides):
     from neox_l2e.config import load_config
+
     return load_config([TINY], overrides)
 
 
@@ -60,6 +62,7 @@ def full_state(trainer) -> dict:
 def _wrap_total_loss(fn):
     """Makes every micro-batch loss of every Trainer ``fn(iteration, loss)``; returns the original method."""
     from neox_l2e.training.loop import Trainer
+
     orig = Trainer._total_loss
 
     def patched(self, lm, l2e_loss):
@@ -74,6 +77,7 @@ def inject_loss(fn):
     """Every micro-batch loss of every Trainer becomes ``fn(iteration, loss)`` inside the block (iteration: the
     steps taken before this one), by wrapping Trainer._total_loss."""
     from neox_l2e.training.loop import Trainer
+
     orig = _wrap_total_loss(fn)
     try:
         yield
@@ -86,6 +90,7 @@ def kill_in_save(iteration: int) -> None:
     manifest, the rename of the folder and ``latest`` (wraps neox_l2e.checkpoint.io.write_manifest)."""
     from neox_l2e.checkpoint import io as ckpt_io
     from neox_l2e.checkpoint.files import TMP_PREFIX, tag_for
+
     orig = ckpt_io.write_manifest
 
     def patched(folder, entries, *a, **k):
