@@ -137,8 +137,8 @@ def _torch_optimizer_per_param(opt_sd: dict, group_names: List[List[str]]) -> di
 def _group_names(cfg, vocab_size, tp) -> List[List[str]]:
     """Parameter names of the optimizer's param groups (the training engine's grouping), in order."""
     from ..model.gpt_neox import GPTNeoX
+    from ..model.param_groups import param_groups
     from ..parallel.state import ParallelState
-    from ..training.engine import param_groups
 
     model = GPTNeoX(cfg, ParallelState.layout(tp, 0, device="meta"), vocab_size=vocab_size, init=False)
     names = {id(p): n for n, p in model.named_parameters()}

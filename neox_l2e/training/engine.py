@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, NeoXConfig
+from ..model.param_groups import param_groups
 from ..parallel import (
     ParallelState,
     default_backend,
@@ -84,23 +85,6 @@ def setup_distributed(cfg: NeoXConfig) -> ParallelState:
                 timeout=datetime.timedelta(seconds=timeout),
             )
     return ParallelState.from_distributed(cfg.tp, default_device(), timeout_s=timeout)
-
-
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim < 2 or name.endswith(".bias") or "norm" in name
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    """Two AdamW groups: weights with decay; biases and LayerNorm parameters without (as NeoX)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
 
 
 def build_optimizer(model: torch.nn.Module, cfg: NeoXConfig, device: torch.device) -> torch.optim.Optimizer:

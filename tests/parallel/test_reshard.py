@@ -116,7 +116,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 
 
 def _adam_after_one_step(cfg, full, grads, ps):
-    from neox_l2e.training.engine import param_groups
+    from neox_l2e.model.param_groups import param_groups
 
     model = GPTNeoX(cfg, ps, init=False)
     model.load_state_dict(split_tp_state(full, cfg, ps.tp)[ps.tp_rank])
