@@ -210,7 +210,7 @@ def atomic_write_text(path, text: str) -> None:
             tmp.unlink()
         except OSError:
             pass
-        raise CheckpointError(f"{path}: cannot write ({_os_reason(e)})") from None
+        raise CheckpointError(f"{path}: cannot write ({os_reason(e)})") from None
     fsync_dir(path.parent)
 
 
@@ -219,7 +219,8 @@ def write_latest(save_dir, tag: str) -> None:
     atomic_write_text(Path(save_dir) / "latest", tag)
 
 
-def _os_reason(e: OSError) -> str:
+def os_reason(e: OSError) -> str:
+    """The reason of an OSError for a one-line message: "disk full" for ENOSPC."""
     if e.errno == errno.ENOSPC:
         return "disk full"
     if e.errno == errno.EDQUOT:

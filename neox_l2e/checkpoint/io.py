@@ -47,6 +47,7 @@ from .files import (
     list_tags,
     manifest_names,
     model_states_name,
+    os_reason,
     read_latest,
     rng_name,
     step_of,
@@ -275,17 +276,31 @@ def save_checkpoint(
     ps.barrier()
     state = dict(client_state)
     state.setdefault("neox_l2e_format", FORMAT_VERSION)
-    engine.save_checkpoint(str(d), tag=tmp_tag, client_state=state, save_latest=False)
-    torch.save(rng_state(ps), d / tmp_tag / rng_name(ps.rank))
-    if _zero3(engine):
-        # ZeRO-3 writes zero_pp_rank_{dp}_mp_rank_00_model_states.pt with a partitioned "module"; add the
-        # contract's mp_rank_00_model_states.pt holding the consolidated weights (+ buffers) for readers
-        full = engine._zero3_consolidated_16bit_state_dict()
+    err = None
+    try:
+        engine.save_checkpoint(str(d), tag=tmp_tag, client_state=state, save_latest=False)
+        torch.save(rng_state(ps), d / tmp_tag / rng_name(ps.rank))
+        if _zero3(engine):
+            # ZeRO-3 writes zero_pp_rank_{dp}_mp_rank_00_model_states.pt with a partitioned "module"; add the
+            # contract's mp_rank_00_model_states.pt holding the consolidated weights (+ buffers) for readers
+            full = engine._zero3_consolidated_16bit_state_dict()
+            if ps.is_main:
+                src = d / tmp_tag / f"zero_pp_rank_0_{model_states_name(0)}"
+                sd = torch_load(src)
+                sd["module"] = full
+                torch.save(sd, d / tmp_tag / model_states_name(0))
+    except (OSError, RuntimeError) as e:
+        reason = _write_failure(e, d)
+        if reason is None:
+            raise
+        err = CheckpointError(
+            f"{d / tag}: cannot save the checkpoint ({reason}); the previous checkpoint stays latest: "
+            f"{read_latest(d) or 'none'}"
+        )
+    if not agree(err is None, ps):
         if ps.is_main:
-            src = d / tmp_tag / f"zero_pp_rank_0_{model_states_name(0)}"
-            sd = torch_load(src)
-            sd["module"] = full
-            torch.save(sd, d / tmp_tag / model_states_name(0))
+            shutil.rmtree(d / tmp_tag, ignore_errors=True)  # the partial save: give its space back
+        raise err or CheckpointError(f"step {iteration}: saving {d / tag} failed on another rank (its error says why)")
     ps.barrier()
     # every rank hashes a share of the files; rank 0 writes the manifest
     names = manifest_names(d / tmp_tag)
@@ -300,6 +315,26 @@ def save_checkpoint(
             remove_stale_tmp(d)
     ps.barrier()
     return tag
+
+
+_LOW_SPACE = 256 << 20  # bytes: below this a failed torch.save is reported as a full disk
+
+
+def _write_failure(e: BaseException, save_dir: Path) -> Optional[str]:
+    """The one-line reason of a failed checkpoint write: "disk full" for ENOSPC, and for torch's stream writer
+    error when the disk has under 256 MiB left; None for an error that is not a failed write (re-raised)."""
+    if isinstance(e, OSError):
+        return os_reason(e)
+    first = (str(e).splitlines() or [""])[0]
+    if not any(s in first for s in ("inline_container", "PytorchStreamWriter", "file write failed")):
+        return None
+    try:
+        free = shutil.disk_usage(save_dir).free
+    except OSError:
+        return f"write failed: {first[:120]}"
+    if free < _LOW_SPACE:
+        return f"disk full: {free >> 20} MiB left"
+    return f"write failed: {first[:120]}"
 
 
 def prune_checkpoints(save_dir, keep_last_n: int) -> list:

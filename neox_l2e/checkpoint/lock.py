@@ -46,7 +46,9 @@ class SaveLock:
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CheckpointError(f"{d}: cannot create the save folder ({e.strerror or e})") from None
+            raise CheckpointError(
+                f"{d}: cannot create the save folder ({e.strerror or e}); choose another save folder"
+            ) from None
         lock = cls(d / LOCK_NAME)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):
@@ -66,7 +68,10 @@ class SaveLock:
                     f"delete {lock.path} if that job is dead"
                 ) from None
             except OSError as e:
-                raise CheckpointError(f"{lock.path}: cannot create the lock file ({e.strerror or e})") from None
+                raise CheckpointError(
+                    f"{lock.path}: cannot create the lock file ({e.strerror or e}); make the save folder writable "
+                    "or choose another one"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             lock.held = True

@@ -117,6 +117,8 @@ def token_range_stamp_path(indexed: MMapIndexedDataset, cache_dir: Optional[str]
     and the .bin/.idx sizes and modification times, so any change of the data gives a new name."""
     key = {"format": TOKEN_STAMP_FORMAT, "prefix": os.path.realpath(indexed.prefix),
            "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)]}
+    if indexed.dtype.kind == "f":  # float tokens: the range is only valid once they were checked to be whole
+        key["whole_ids"] = True
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = f"{os.path.basename(indexed.prefix)}_tokens_{digest}.json"
     return os.path.join(_default_cache_dir(indexed, cache_dir), name), key

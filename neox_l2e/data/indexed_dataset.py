@@ -68,8 +68,14 @@ class MMapIndexedDataset:
         for p, what in ((self.idx_path, "index"), (self.bin_path, "token")):
             if not os.path.isfile(p):
                 raise DataError(f"{p}: {what} file not found (dataset prefix {self.prefix!r} needs both .bin and .idx)")
-        self._read_index()
-        self._check_bin()
+        reading = self.idx_path
+        try:
+            self._read_index()
+            reading = self.bin_path
+            self._check_bin()
+        except OSError as e:
+            raise DataError(f"{e.filename or reading}: cannot read ({e.strerror or e}); check the file's "
+                            "permissions") from None
         if len(self) == 0 and not allow_empty:
             raise DataError(f"{self.idx_path}: empty dataset (no documents)")
 
@@ -165,6 +171,8 @@ class MMapIndexedDataset:
         One pass over the memmap in chunks of ``chunk`` tokens (default 2^24: bounded memory on
         Pile-sized files), each reduced by numpy; the position needs one more look at a single chunk.
         For unsigned dtypes (ids cannot be negative) "min" and "min_pos" are None (not computed).
+        A float dtype (codes 6 / 7) must hold whole numbers: a NaN, inf or fractional token is a DataError
+        naming the file and the first such token (never truncated to an id).
         """
         chunk = int(chunk or _CHUNK)
         toks, n = self.tokens, len(self.tokens)
@@ -175,6 +183,8 @@ class MMapIndexedDataset:
         hi_start = lo_start = 0
         for start in range(0, n, chunk):
             part = toks[start:start + chunk]
+            if self.dtype.kind == "f":
+                self._check_whole(part, start)
             m = part.max()
             if hi is None or m > hi:  # strictly greater: the first chunk holding the maximum
                 hi, hi_start = m, start
@@ -187,6 +197,16 @@ class MMapIndexedDataset:
         if signed:
             out["min"], out["min_pos"] = int(lo), lo_start + int(np.argmin(toks[lo_start:lo_start + chunk]))
         return out
+
+    def _check_whole(self, part: np.ndarray, start: int) -> None:
+        """DataError at the first token of ``part`` (starting at token ``start``) that is not a whole number."""
+        bad = ~np.isfinite(part)
+        bad[~bad] = part[~bad] != np.floor(part[~bad])
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{self.bin_path}: token {start + at} is {float(part[at])}, not a whole token id "
+                            f"({self.dtype.name} tokens); rewrite the dataset with integer ids "
+                            "(tools/preprocess_data.py)")
 
     def max_token(self) -> int:
         """Largest token id in .bin (a chunked pass over the file); -1 when empty."""
@@ -234,9 +254,14 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
             raise DataError(f"{self.bin_path}: dtype {self.dtype} has no Megatron dtype code")
-        Path(self.bin_path).parent.mkdir(parents=True, exist_ok=True)
         self._bin_tmp, self._idx_tmp = _tmp_name(self.bin_path), _tmp_name(self.idx_path)
-        self._bin = open(self._bin_tmp, "wb")
+        folder = Path(self.bin_path).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._bin = open(self._bin_tmp, "wb")
+        except OSError as e:
+            raise DataError(f"{folder}: cannot write the output there ({e.strerror or e}: {e.filename}); choose "
+                            "another output prefix") from None
         self._sizes: list[int] = []
         self.num_tokens = 0
         self._done = self._prepared = False

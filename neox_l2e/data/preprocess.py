@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+import zlib
 from typing import Iterator, Optional
 
 import numpy as np
@@ -76,10 +77,24 @@ def iter_records(paths, json_keys=("text",)) -> Iterator[tuple]:
                             raise DataError(f"{path}:{lineno}: no {key!r} field (choose it with --jsonl-key)")
                         if not isinstance(obj[key], str):
                             raise DataError(f"{path}:{lineno}: field {key!r} is not a string")
+                        _check_encodable(obj[key], path, lineno, key)
                         texts.append(obj[key])
                     yield tuple(texts)
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a valid gzip file ({e}); decompress it or fix its name") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _check_encodable(text: str, path: str, lineno: int, key: str) -> None:
+    """DataError for a text holding a lone surrogate (a JSON escape such as \\ud800 without its pair)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{path}:{lineno}: field {key!r} holds a lone surrogate {text[e.start]!r} at character "
+                        f"{e.start} (an unpaired \\uXXXX escape); fix or remove that line") from None
 
 
 def iter_documents(paths, json_key: str = "text") -> Iterator[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import shutil
@@ -76,7 +77,13 @@ def neox_keys_from_hf(hf: dict, source: str = "config.json") -> dict:
 
     if hf.get("model_type", "gpt_neox") != "gpt_neox":
         raise InteropError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'gpt_neox'")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise InteropError(
+            f"{source}: '{rope_key}' is {type(rope).__name__} {str(rope)[:40]!r}, expected an object "
+            "(rope_theta, partial_rotary_factor); fix config.json"
+        )
     rotary_pct = hf.get("rotary_pct", rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
     base = hf.get("rotary_emb_base", rope.get("rope_theta", hf.get("rope_theta", 10000)))
     act = hf.get("hidden_act", "gelu")
@@ -86,10 +93,33 @@ def neox_keys_from_hf(hf: dict, source: str = "config.json") -> dict:
         tanh = True
     else:
         raise InteropError(f"{source}: hidden_act {act!r} is not a GELU this project implements")
+    for key in _SIZE_KEYS:
+        if hf.get(key) is not None:
+            _check_size(hf[key], key, source)
     try:
         return _model_keys(hf, need, rotary_pct, base, tanh)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise InteropError(f"{source}: a value has the wrong type ({e}); is this a GPTNeoX config.json?") from None
+
+
+_SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+
+
+def _check_size(value, key: str, source: str) -> None:
+    """InteropError naming ``key`` unless ``value`` is a positive whole number (1024 or 1024.0; not true,
+    Infinity, NaN, 1.5, -5 or a string)."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        whole = True
+    if not whole or value < 1:
+        raise InteropError(f"{source}: '{key}' is {value!r}; it must be a positive whole number (fix config.json)")
 
 
 def _rope_base(base) -> float:

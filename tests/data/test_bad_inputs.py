@@ -1,10 +1,19 @@
 """Bad inputs give one clear DataError line naming the file and the problem, before training starts."""
+import builtins
+import errno
 import os
+import re
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from neox_l2e.data import DataError, MMapIndexedDataset, build_datasets, build_tokenizer, write_indexed_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -120,3 +129,81 @@ def test_document_index_not_increasing(good, data_config):
     # doc_idx starts after header + 30 sizes + 30 pointers; make entry 2 smaller than entry 1
     patch(good + ".idx", 34 + 30 * 4 + 30 * 8 + 2 * 8, struct.pack("<q", 0))
     raises_one_line(good, r"good\.idx: document index is not an increasing list from 0 to at most 30 sequences", data_config)
+
+
+@pytest.mark.parametrize(
+    "docs,pattern",
+    [
+        ([[1.0, 2.0, float("nan"), 0.0]] * 10, r"float\.bin: token 2 is nan, not a whole token id \(float32 tokens\)"),
+        ([[1.0, 2.0, 3.0, 0.0]] * 5 + [[1.5, 0.0]], r"float\.bin: token 20 is 1\.5, not a whole token id"),
+        ([[1.0, float("inf"), 0.0, 0.0]] * 10, r"float\.bin: token 1 is inf, not a whole token id"),
+    ],
+)
+def test_float_tokens_must_be_whole(tmp_path, data_config, docs, pattern):
+    """A float .idx (dtype code 6) holding NaN / inf or fractional tokens is refused, never truncated to ids."""
+    prefix = write_indexed_dataset(str(tmp_path / "float"), docs, dtype=np.float32)
+    with pytest.raises(DataError, match=pattern) as e:
+        build_datasets(data_config(train_data_paths=[prefix]), 3, 1, {"train": 4}, vocab_size=100)
+    assert "\n" not in str(e.value)
+
+
+def test_float_tokens_that_are_whole_are_read(tmp_path, data_config):
+    prefix = write_indexed_dataset(str(tmp_path / "float"), [[1.0, 2.0, 3.0, 0.0]] * 10, dtype=np.float64)
+    train = build_datasets(data_config(train_data_paths=[prefix]), 3, 1, {"train": 4}, vocab_size=100)["train"]
+    assert sorted(train[0]["text"].tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("which", ["idx", "bin"])
+def test_unreadable_dataset_file(good, data_config, monkeypatch, which):
+    """A PermissionError on opening the .idx or .bin is one line naming the file (chmod 000 does not stop root,
+    so the open is made to fail)."""
+    real_open = builtins.open
+
+    def deny(path, *args, **kwargs):
+        if str(path).endswith("." + which):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    raises_one_line(
+        good, rf"good\.{which}: cannot read \(Permission denied\); check the file's permissions", data_config
+    )
+
+
+def _preprocess_cli(tmp_path, vocab_file, source, prefix):
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools/preprocess_data.py"),
+        "--input",
+        str(source),
+        "--output-prefix",
+        str(prefix),
+        "--vocab-file",
+        vocab_file,
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("case", ["lone surrogate", "fake gz", "prefix under a file"])
+def test_preprocess_bad_input_is_one_line(tmp_path, hf_tokenizer_json, case):
+    """preprocess_data.py: a lone surrogate escape in JSONL (names file and line), a .gz that is not gzip, an
+    output prefix whose parent is a file: one error line, exit 2, no output written."""
+    source, prefix = tmp_path / "in.jsonl", tmp_path / "out"
+    lines = ['{"text": "fine"}', '{"text": "a\\ud800b"}' if case == "lone surrogate" else '{"text": "also fine"}']
+    source.write_text("\n".join(lines) + "\n")
+    if case == "fake gz":
+        source = source.rename(tmp_path / "in.jsonl.gz")
+        pattern = rf"error: {source}: not a valid gzip file \(.*\); decompress it or fix its name"
+    elif case == "prefix under a file":
+        (tmp_path / "afile").write_text("x")
+        prefix = tmp_path / "afile" / "sub" / "out"
+        pattern = rf"error: {tmp_path / 'afile' / 'sub'}: cannot write the output there \(Not a directory"
+    else:
+        pattern = rf"error: {source}:2: field 'text' holds a lone surrogate '\\ud800' at character 1"
+    r = _preprocess_cli(tmp_path, hf_tokenizer_json, source, prefix)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.match(pattern, r.stderr), r.stderr
+    assert not list(tmp_path.glob("out*"))

@@ -145,9 +145,24 @@ def test_cli_errors_are_one_line(tmp_path):
         (
             '{"model_type": "gpt_neox", "vocab_size": "abc", "hidden_size": 64, "num_hidden_layers": 2, '
             '"num_attention_heads": 4}',
-            "wrong type",
+            "'vocab_size' is 'abc'; it must be a positive whole number",
         ),
         ('{"model_type": "llama"}', "expected 'gpt_neox'"),
+        (
+            '{"model_type": "gpt_neox", "vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, '
+            '"num_attention_heads": 4, "rope_parameters": "default"}',
+            "'rope_parameters' is str 'default', expected an object",
+        ),
+        (
+            '{"model_type": "gpt_neox", "vocab_size": 96, "hidden_size": Infinity, "num_hidden_layers": 2, '
+            '"num_attention_heads": 4}',
+            "'hidden_size' is inf; it must be a positive whole number",
+        ),
+        (
+            '{"model_type": "gpt_neox", "vocab_size": -5, "hidden_size": 64, "num_hidden_layers": 2, '
+            '"num_attention_heads": 4}',
+            "'vocab_size' is -5; it must be a positive whole number",
+        ),
     ],
 )
 def test_bad_config_json_is_one_line(tmp_path, config_json, message):
