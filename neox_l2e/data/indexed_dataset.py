@@ -16,6 +16,7 @@ We write one sequence per document (as NeoX's preprocess_data.py does), so seque
 coincide and ``doc_idx`` is ``0..n``. Like NeoX's GPT dataset, the readers here treat each sequence as a
 document.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,16 @@ from .errors import DataError
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, doc_idx length
-DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64,
-               8: np.uint16}
+DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float32,
+    7: np.float64,
+    8: np.uint16,
+}
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 _CHUNK = 1 << 24  # elements per chunk for whole-file passes (bounded memory on Pile-sized files)
 
@@ -74,8 +83,9 @@ class MMapIndexedDataset:
             reading = self.bin_path
             self._check_bin()
         except OSError as e:
-            raise DataError(f"{e.filename or reading}: cannot read ({e.strerror or e}); check the file's "
-                            "permissions") from None
+            raise DataError(
+                f"{e.filename or reading}: cannot read ({e.strerror or e}); check the file's permissions"
+            ) from None
         if len(self) == 0 and not allow_empty:
             raise DataError(f"{self.idx_path}: empty dataset (no documents)")
 
@@ -96,8 +106,10 @@ class MMapIndexedDataset:
         self.dtype = np.dtype(DTYPE_CODES[code])
         expected = HEADER.size + n * 4 + n * 8 + m * 8
         if file_size != expected:
-            raise DataError(f"{path}: index is {file_size} bytes but its header ({n} sequences, {m} document "
-                            f"entries) needs {expected}: truncated or corrupt")
+            raise DataError(
+                f"{path}: index is {file_size} bytes but its header ({n} sequences, {m} document "
+                f"entries) needs {expected}: truncated or corrupt"
+            )
         if m < 1:
             raise DataError(f"{path}: document index is empty (needs at least the final count)")
         self._idx_mmap = np.memmap(path, mode="r", dtype=np.uint8)
@@ -118,17 +130,17 @@ class MMapIndexedDataset:
         for start in range(0, len(self.doc_idx) - 1, _CHUNK):
             if bad_doc_idx:
                 break
-            bad_doc_idx = bool(np.any(np.diff(self.doc_idx[start:start + _CHUNK + 1]) < 0))
+            bad_doc_idx = bool(np.any(np.diff(self.doc_idx[start : start + _CHUNK + 1]) < 0))
         if bad_doc_idx:
             raise DataError(f"{path}: document index is not an increasing list from 0 to at most {n} sequences")
         offset = 0  # expected byte offset of the next sequence; checked chunk by chunk
         for start in range(0, n, _CHUNK):
-            sizes = self.sizes[start:start + _CHUNK].astype(np.int64)
+            sizes = self.sizes[start : start + _CHUNK].astype(np.int64)
             if np.any(sizes < 0):
                 raise DataError(f"{path}: negative sequence size")
             expect = offset + np.concatenate(([0], np.cumsum(sizes[:-1]))) * item
-            if not np.array_equal(expect, self.pointers[start:start + _CHUNK]):
-                bad = start + int(np.flatnonzero(expect != self.pointers[start:start + _CHUNK])[0])
+            if not np.array_equal(expect, self.pointers[start : start + _CHUNK]):
+                bad = start + int(np.flatnonzero(expect != self.pointers[start : start + _CHUNK])[0])
                 raise DataError(f"{path}: sizes and pointers disagree at sequence {bad}")
             offset = int(expect[-1] + sizes[-1] * item)
         self._total_bytes = offset
@@ -136,12 +148,13 @@ class MMapIndexedDataset:
     def _check_bin(self) -> None:
         size = os.path.getsize(self.bin_path)
         if size != self._total_bytes:
-            raise DataError(f"{self.bin_path}: {size} bytes but the index ({self.idx_path}) describes "
-                            f"{self._total_bytes} ({self._total_bytes // self.dtype.itemsize} tokens of "
-                            f"{self.dtype.name}): truncated or mismatched pair")
+            raise DataError(
+                f"{self.bin_path}: {size} bytes but the index ({self.idx_path}) describes "
+                f"{self._total_bytes} ({self._total_bytes // self.dtype.itemsize} tokens of "
+                f"{self.dtype.name}): truncated or mismatched pair"
+            )
         # np.memmap refuses empty files; an all-empty dataset gets an empty array instead
-        self.tokens = (np.memmap(self.bin_path, mode="r", dtype=self.dtype) if size
-                       else np.zeros(0, dtype=self.dtype))
+        self.tokens = np.memmap(self.bin_path, mode="r", dtype=self.dtype) if size else np.zeros(0, dtype=self.dtype)
 
     # -- access ----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -153,12 +166,12 @@ class MMapIndexedDataset:
         if not 0 <= i < len(self):
             raise IndexError(f"sequence {i} out of range for {len(self)} sequences")
         start = int(self.pointers[i]) // self.dtype.itemsize
-        return self.tokens[start:start + int(self.sizes[i])]
+        return self.tokens[start : start + int(self.sizes[i])]
 
     def get(self, i: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         """Part of sequence i: ``length`` tokens from ``offset`` (to its end when None)."""
         seq = self[i]
-        return seq[offset:] if length is None else seq[offset:offset + length]
+        return seq[offset:] if length is None else seq[offset : offset + length]
 
     @property
     def num_tokens(self) -> int:
@@ -182,7 +195,7 @@ class MMapIndexedDataset:
         hi = lo = None
         hi_start = lo_start = 0
         for start in range(0, n, chunk):
-            part = toks[start:start + chunk]
+            part = toks[start : start + chunk]
             if self.dtype.kind == "f":
                 self._check_whole(part, start)
             m = part.max()
@@ -192,10 +205,14 @@ class MMapIndexedDataset:
                 m = part.min()
                 if lo is None or m < lo:
                     lo, lo_start = m, start
-        out = {"min": None, "min_pos": None, "max": int(hi),
-               "max_pos": hi_start + int(np.argmax(toks[hi_start:hi_start + chunk]))}
+        out = {
+            "min": None,
+            "min_pos": None,
+            "max": int(hi),
+            "max_pos": hi_start + int(np.argmax(toks[hi_start : hi_start + chunk])),
+        }
         if signed:
-            out["min"], out["min_pos"] = int(lo), lo_start + int(np.argmin(toks[lo_start:lo_start + chunk]))
+            out["min"], out["min_pos"] = int(lo), lo_start + int(np.argmin(toks[lo_start : lo_start + chunk]))
         return out
 
     def _check_whole(self, part: np.ndarray, start: int) -> None:
@@ -204,9 +221,11 @@ class MMapIndexedDataset:
         bad[~bad] = part[~bad] != np.floor(part[~bad])
         if bad.any():
             at = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{self.bin_path}: token {start + at} is {float(part[at])}, not a whole token id "
-                            f"({self.dtype.name} tokens); rewrite the dataset with integer ids "
-                            "(tools/preprocess_data.py)")
+            raise DataError(
+                f"{self.bin_path}: token {start + at} is {float(part[at])}, not a whole token id "
+                f"({self.dtype.name} tokens); rewrite the dataset with integer ids "
+                "(tools/preprocess_data.py)"
+            )
 
     def max_token(self) -> int:
         """Largest token id in .bin (a chunked pass over the file); -1 when empty."""
@@ -233,8 +252,10 @@ def vocab_problem(bin_path: str, token_range: Optional[dict], vocab_size: int) -
         bad, pos = token_range["min"], token_range["min_pos"]
     else:
         return None
-    return (f"{bin_path}: token id {bad} at token {pos} is outside the model's vocabulary "
-            f"(size {vocab_size}); wrong tokenizer or vocab size?")
+    return (
+        f"{bin_path}: token id {bad} at token {pos} is outside the model's vocabulary "
+        f"(size {vocab_size}); wrong tokenizer or vocab size?"
+    )
 
 
 class IndexedDatasetWriter:
@@ -260,8 +281,10 @@ class IndexedDatasetWriter:
             folder.mkdir(parents=True, exist_ok=True)
             self._bin = open(self._bin_tmp, "wb")
         except OSError as e:
-            raise DataError(f"{folder}: cannot write the output there ({e.strerror or e}: {e.filename}); choose "
-                            "another output prefix") from None
+            raise DataError(
+                f"{folder}: cannot write the output there ({e.strerror or e}: {e.filename}); choose "
+                "another output prefix"
+            ) from None
         self._sizes: list[int] = []
         self.num_tokens = 0
         self._done = self._prepared = False
@@ -280,7 +303,9 @@ class IndexedDatasetWriter:
         if tokens.size and self.dtype.kind in "iu":
             info = np.iinfo(self.dtype)
             if int(tokens.min()) < info.min or int(tokens.max()) > info.max:
-                raise DataError(f"{self.bin_path}: token ids {int(tokens.min())}..{int(tokens.max())} do not fit {self.dtype.name}")
+                raise DataError(
+                    f"{self.bin_path}: token ids {int(tokens.min())}..{int(tokens.max())} do not fit {self.dtype.name}"
+                )
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
         self._sizes.extend(lengths)
         self.num_tokens += int(tokens.size)
@@ -341,8 +366,9 @@ class IndexedDatasetWriter:
         return False
 
 
-def write_indexed_dataset(prefix, documents: Iterable[Sequence[int]], vocab_size: Optional[int] = None,
-                          dtype=None, overwrite: bool = False) -> str:
+def write_indexed_dataset(
+    prefix, documents: Iterable[Sequence[int]], vocab_size: Optional[int] = None, dtype=None, overwrite: bool = False
+) -> str:
     """Write ``documents`` (each a sequence of token ids, written as given: append EOD yourself) to
     PREFIX.bin / PREFIX.idx; dtype from ``vocab_size`` (uint16 below 65500, else int32) unless given.
     Returns the prefix."""

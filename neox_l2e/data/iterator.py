@@ -1,4 +1,5 @@
 """SampleIterator: the micro-batches of one data-parallel rank, resumable from consumed_samples."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,10 @@ class SampleIterator:
 
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
         if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size or consumed_samples < 0:
-            raise ValueError(f"bad SampleIterator arguments: micro_batch_size={micro_batch_size}, "
-                             f"dp_rank={dp_rank}, dp_size={dp_size}, consumed_samples={consumed_samples}")
+            raise ValueError(
+                f"bad SampleIterator arguments: micro_batch_size={micro_batch_size}, "
+                f"dp_rank={dp_rank}, dp_size={dp_size}, consumed_samples={consumed_samples}"
+            )
         if dataset is None or len(dataset) == 0:
             raise DataError("the dataset to iterate over is empty")
         self.dataset, self.micro_batch_size = dataset, micro_batch_size

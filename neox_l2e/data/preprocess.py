@@ -5,6 +5,7 @@ and plain text files (.txt or anything else: one document per file, only with a 
 dataset is written per key. Every document gets the EOD token appended. Tokenization runs in
 ``workers`` processes; documents keep their input order.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -13,7 +14,7 @@ import multiprocessing as mp
 import os
 import time
 import zlib
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
@@ -36,8 +37,10 @@ def _check_input_kind(path, keys) -> bool:
     """True for jsonl input; a plain text file (one document, no fields) with several keys is an error."""
     is_jsonl = _is_jsonl(path)
     if not is_jsonl and len(keys) > 1:
-        raise DataError(f"{path}: a plain text file is one document without fields; several jsonl keys "
-                        f"({', '.join(keys)}) need .jsonl input")
+        raise DataError(
+            f"{path}: a plain text file is one document without fields; several jsonl keys "
+            f"({', '.join(keys)}) need .jsonl input"
+        )
     return is_jsonl
 
 
@@ -93,8 +96,10 @@ def _check_encodable(text: str, path: str, lineno: int, key: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"{path}:{lineno}: field {key!r} holds a lone surrogate {text[e.start]!r} at character "
-                        f"{e.start} (an unpaired \\uXXXX escape); fix or remove that line") from None
+        raise DataError(
+            f"{path}:{lineno}: field {key!r} holds a lone surrogate {text[e.start]!r} at character "
+            f"{e.start} (an unpaired \\uXXXX escape); fix or remove that line"
+        ) from None
 
 
 def iter_documents(paths, json_key: str = "text") -> Iterator[str]:
@@ -143,8 +148,16 @@ def output_prefix_for(output_prefix: str, json_key: str) -> str:
     return f"{output_prefix}_{json_key}_document"
 
 
-def preprocess(inputs, output_prefix: str, tokenizer_type: str, vocab_file: str, json_keys=("text",),
-               workers: int = 1, overwrite: bool = False, progress: bool = True) -> dict:
+def preprocess(
+    inputs,
+    output_prefix: str,
+    tokenizer_type: str,
+    vocab_file: str,
+    json_keys=("text",),
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Tokenize ``inputs`` into OUTPUT_PREFIX_<key>_document.bin/.idx, one dataset per key of ``json_keys``
     (a key or a list of keys), all in one pass over the inputs. Returns {prefix (of the first key),
     prefixes {key: prefix}, documents, tokens (all keys), tokens_by_key, seconds, tokens_per_s}.
@@ -168,6 +181,7 @@ def preprocess(inputs, output_prefix: str, tokenizer_type: str, vocab_file: str,
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(unit=" docs", desc=os.path.basename(str(output_prefix)), dynamic_ncols=True, mininterval=0.5)
     t0 = time.perf_counter()
     pool = None
@@ -209,5 +223,12 @@ def preprocess(inputs, output_prefix: str, tokenizer_type: str, vocab_file: str,
     seconds = time.perf_counter() - t0
     tokens_by_key = {key: w.num_tokens for key, w in zip(keys, writers)}
     tokens = sum(tokens_by_key.values())
-    return {"prefix": prefixes[keys[0]], "prefixes": prefixes, "documents": documents, "tokens": tokens,
-            "tokens_by_key": tokens_by_key, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+    return {
+        "prefix": prefixes[keys[0]],
+        "prefixes": prefixes,
+        "documents": documents,
+        "tokens": tokens,
+        "tokens_by_key": tokens_by_key,
+        "seconds": seconds,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+    }

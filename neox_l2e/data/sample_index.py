@@ -36,6 +36,7 @@ a sample (0.3 us with three datasets in tools/bench_data.py), so when the C++ he
 blend needs BLEND_FALLBACK_WARN_SAMPLES samples or more, a RuntimeWarning (once per process) says so
 and how to build the helper.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -78,8 +79,12 @@ def build_sample_idx(sizes, doc_idx, seq_length: int, num_samples: int, use_cpp:
         if _cpp is None:
             raise RuntimeError("the C++ sample-index helper (neox_l2e.kernels._sample_index) is not built")
         try:
-            return _cpp.build_sample_idx(np.ascontiguousarray(sizes, dtype=np.int32),
-                                         np.ascontiguousarray(doc_idx, dtype=np.int64), int(seq_length), int(num_samples))
+            return _cpp.build_sample_idx(
+                np.ascontiguousarray(sizes, dtype=np.int32),
+                np.ascontiguousarray(doc_idx, dtype=np.int64),
+                int(seq_length),
+                int(num_samples),
+            )
         except IndexError as e:  # std::out_of_range arrives as IndexError
             raise ValueError(str(e)) from None
     return build_sample_idx_numpy(sizes, doc_idx, seq_length, num_samples)
@@ -99,7 +104,7 @@ def _blend_loop(w: list, num_samples: int, offset: int) -> tuple[np.ndarray, np.
     """The greedy blending loop: sample i goes to argmax_d w[d] * n_i - taken[d] (first on ties), n_i = i + offset
     for i > 0 and 1 for i = 0 (offset 1: ours, n_i = i + 1; offset 0: GPT-NeoX's max(i, 1))."""
     taken = [0] * len(w)
-    dataset_index = np.empty(num_samples, dtype=np.int16)          # filled in place: 10 bytes a sample
+    dataset_index = np.empty(num_samples, dtype=np.int16)  # filled in place: 10 bytes a sample
     dataset_sample_index = np.empty(num_samples, dtype=np.int64)
     w0, others = w[0], range(1, len(w))
     for i in range(num_samples):
@@ -123,9 +128,14 @@ def build_blending_indices(weights, num_samples: int, use_cpp: bool | None = Non
         use_cpp = HAVE_CPP
         if not use_cpp and num_samples >= BLEND_FALLBACK_WARN_SAMPLES and not _warned_blend_fallback:
             _warned_blend_fallback = True
-            warnings.warn(f"blending {num_samples:,} samples without the C++ helper (neox_l2e.kernels._sample_index "
-                          f"is not built): the Python fallback takes a few tenths of a microsecond a sample; build the helper with "
-                          f"{REBUILD_HINT}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"blending {num_samples:,} samples without the C++ helper (neox_l2e.kernels._sample_index "
+                f"is not built): the Python fallback takes a few tenths of a microsecond a sample; "
+                f"build the helper with "
+                f"{REBUILD_HINT}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     if use_cpp:
         if _cpp is None:
             raise RuntimeError("the C++ blending helper (neox_l2e.kernels._sample_index) is not built")
@@ -145,8 +155,9 @@ def _seeded(seed: int, stream: int, epoch: int) -> np.random.RandomState:
     return np.random.RandomState([int(seed) % (1 << 32), stream, epoch])
 
 
-def build_epoch_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int, seed: int, num_samples: int,
-                      use_cpp: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def build_epoch_order(
+    sizes: np.ndarray, documents: np.ndarray, seq_length: int, seed: int, num_samples: int, use_cpp: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(doc_idx, sample_idx, shuffle_idx) of the "stable" order for at least ``num_samples`` samples of
     ``documents`` (indices into ``sizes``): every full window of the epochs needed, each epoch shuffled on its
     own (see the module docstring), so the arrays for more samples extend those for fewer."""
@@ -154,8 +165,9 @@ def build_epoch_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int,
     tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
     epochs = num_epochs_needed(tokens_per_epoch, seq_length, max(1, num_samples))
     first = np.random.RandomState(seed)
-    perms = [first.permutation(len(documents))] + [_seeded(seed, 0, e).permutation(len(documents))
-                                                    for e in range(1, epochs)]
+    perms = [first.permutation(len(documents))] + [
+        _seeded(seed, 0, e).permutation(len(documents)) for e in range(1, epochs)
+    ]
     doc_idx = np.concatenate([documents[p] for p in perms])
     total = (epochs * tokens_per_epoch - 1) // seq_length  # every full window of those epochs
     sample_idx = build_sample_idx(sizes, doc_idx, seq_length, total, use_cpp=use_cpp)
@@ -172,8 +184,9 @@ def build_epoch_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int,
     return doc_idx, sample_idx, shuffle_idx
 
 
-def build_neox_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int, seed: int, num_samples: int,
-                     use_cpp: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def build_neox_order(
+    sizes: np.ndarray, documents: np.ndarray, seq_length: int, seed: int, num_samples: int, use_cpp: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(doc_idx, sample_idx, shuffle_idx) as GPT-NeoX's GPT2Dataset builds them for ``num_samples`` samples of
     ``documents`` with ``seed`` (same values; int64 here where NeoX stores int32 / uint32):
 
@@ -192,7 +205,7 @@ def build_neox_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int, 
     rng.shuffle(doc_idx)
     total = (epochs * tokens_per_epoch - 1) // seq_length
     sample_idx = build_sample_idx(sizes, doc_idx, seq_length, total, use_cpp=use_cpp)
-    sample_idx[0] = (0, 0)              # NeoX starts at the first entry even when that document is empty
+    sample_idx[0] = (0, 0)  # NeoX starts at the first entry even when that document is empty
     shuffle_idx = np.arange(total, dtype=np.int64)
     rng.shuffle(shuffle_idx)
     return doc_idx, sample_idx, shuffle_idx
@@ -210,8 +223,15 @@ def build_neox_blending_indices(weights, num_samples: int) -> tuple[np.ndarray, 
     return _blend_loop(w, int(num_samples), offset=0)
 
 
-def extend_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int, seed: int, base: tuple,
-                 num_samples: int, use_cpp: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def extend_order(
+    sizes: np.ndarray,
+    documents: np.ndarray,
+    seq_length: int,
+    seed: int,
+    base: tuple,
+    num_samples: int,
+    use_cpp: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An order for at least ``num_samples`` samples that begins with ``base`` = (doc_idx, sample_idx,
     shuffle_idx) of whole epochs of ``documents`` (such as NeoX's order for a run's first train-iters): base's
     samples keep their positions, and every further epoch e is added as in the stable order (documents shuffled
@@ -225,11 +245,13 @@ def extend_order(sizes: np.ndarray, documents: np.ndarray, seq_length: int, seed
     tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
     epochs0 = len(doc_idx0) // len(documents)
     epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
-    doc_idx = np.concatenate([np.asarray(doc_idx0, dtype=np.int64)] +
-                             [documents[_seeded(seed, 0, e).permutation(len(documents))] for e in range(epochs0, epochs)])
+    doc_idx = np.concatenate(
+        [np.asarray(doc_idx0, dtype=np.int64)]
+        + [documents[_seeded(seed, 0, e).permutation(len(documents))] for e in range(epochs0, epochs)]
+    )
     total = (epochs * tokens_per_epoch - 1) // seq_length
     sample_idx = build_sample_idx(sizes, doc_idx, seq_length, total, use_cpp=use_cpp)
-    sample_idx[:len(sample_idx0)] = sample_idx0
+    sample_idx[: len(sample_idx0)] = sample_idx0
     ends = np.arange(1, total + 1, dtype=np.int64) * seq_length
     bounds = np.searchsorted(ends, np.arange(epochs0 + 1, epochs + 1, dtype=np.int64) * tokens_per_epoch, side="left")
     shuffle_idx = np.empty(total, dtype=np.int64)

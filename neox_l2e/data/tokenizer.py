@@ -5,6 +5,7 @@
 
 The names follow GPT-NeoX's ``tokenizer-type`` / ``vocab-file`` config keys.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,6 +13,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from .errors import DataError
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
 
 TOKENIZER_TYPES = ("HFTokenizer", "SPMTokenizer")
 
@@ -25,11 +32,12 @@ class SPMTokenizer:
 
     def __init__(self, model_file):
         import sentencepiece as spm
+
         self.path = str(model_file)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=self.path)
         except (OSError, RuntimeError) as e:
-            raise DataError(f"{self.path}: not a readable SentencePiece model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise DataError(f"{self.path}: not a readable SentencePiece model ({_first_line(e)})") from None
         self.vocab_size = int(self.sp.get_piece_size())
         eod = int(self.sp.eos_id())
         if eod < 0:
@@ -57,11 +65,12 @@ class HFTokenizer:
 
     def __init__(self, json_file):
         from tokenizers import Tokenizer
+
         self.path = str(json_file)
         try:
             self.tok = Tokenizer.from_file(self.path)
         except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception types
-            raise DataError(f"{self.path}: not a readable tokenizers JSON file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise DataError(f"{self.path}: not a readable tokenizers JSON file ({_first_line(e)})") from None
         self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
         for name in self.EOD_TOKENS:
             eod = self.tok.token_to_id(name)
@@ -81,7 +90,9 @@ class HFTokenizer:
 def build_tokenizer(tokenizer_type: str, vocab_file):
     """The tokenizer of NeoX's ``tokenizer-type`` (HFTokenizer | SPMTokenizer) from ``vocab-file``."""
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise DataError(f"{vocab_file}: unsupported tokenizer-type {tokenizer_type!r} (use one of {', '.join(TOKENIZER_TYPES)})")
+        raise DataError(
+            f"{vocab_file}: unsupported tokenizer-type {tokenizer_type!r} (use one of {', '.join(TOKENIZER_TYPES)})"
+        )
     if not vocab_file:
         raise DataError(f"tokenizer-type {tokenizer_type} needs a vocab-file (none given)")
     if not os.path.isfile(vocab_file):
@@ -101,8 +112,14 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def train_sentencepiece(texts: Iterable[str], model_prefix, vocab_size: int = 8000, model_type: str = "bpe",
-                        num_threads: Optional[int] = None, quiet: bool = True) -> str:
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_prefix,
+    vocab_size: int = 8000,
+    model_type: str = "bpe",
+    num_threads: Optional[int] = None,
+    quiet: bool = True,
+) -> str:
     """Train a lossless SentencePiece model on ``texts`` (one sentence per line); returns MODEL_PREFIX.model.
 
     Settings for a lossless round trip: identity normalisation, no whitespace collapsing, no dummy
@@ -111,16 +128,31 @@ def train_sentencepiece(texts: Iterable[str], model_prefix, vocab_size: int = 80
     temporary name and renamed, so a failure leaves nothing behind.
     """
     import sentencepiece as spm
+
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = model_prefix.with_name(f"{model_prefix.name}.tmp-{os.getpid()}")
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(texts), model_prefix=str(tmp), vocab_size=vocab_size, model_type=model_type,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            byte_fallback=True, allow_whitespace_only_pieces=True, split_digits=True, character_coverage=1.0,
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3, max_sentence_length=1 << 16,
-            num_threads=num_threads or max(1, os.cpu_count() or 1), minloglevel=2 if quiet else 0)
+            sentence_iterator=_lines(texts),
+            model_prefix=str(tmp),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            byte_fallback=True,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            character_coverage=1.0,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            max_sentence_length=1 << 16,
+            num_threads=num_threads or max(1, os.cpu_count() or 1),
+            minloglevel=2 if quiet else 0,
+        )
         for ext in (".model", ".vocab"):
             os.replace(f"{tmp}{ext}", f"{model_prefix}{ext}")
     except RuntimeError as e:

