@@ -74,6 +74,11 @@ class MLP(nn.Module):
         self.inhibitor = inhibitor  # a submodule when set: state_dict keys ...mlp.inhibitor.*
         self.up_op = GELUUp(approximate) if inhibitor is None else InhibitedUp(inhibitor, approximate)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("inhibitor", "up_op") and "up_op" in self._modules:
+            raise AttributeError(f"MLP.{name} is chosen when the MLP is built: pass inhibitor= to MLP(...)")
+        super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [b, s, h]
         z = self.dense_h_to_4h(x, op=self.up_op)  # [b, s, 4h/tp]

@@ -105,3 +105,11 @@ def test_forward_hook_on_up_op_sees_z(method, approximate):
         m.inhibitor.discard()
     m(x)
     assert len(got) == 1  # removed handles: no more calls
+
+
+def test_the_op_cannot_be_swapped_after_construction():
+    m = _mlp("l2e")
+    with pytest.raises(AttributeError, match="inhibitor="):
+        m.inhibitor = None
+    with pytest.raises(AttributeError, match="inhibitor="):
+        _mlp().up_op = GELUUp()
