@@ -261,10 +261,11 @@ class MLPLayer(torch.nn.Module):
         from neox_l2e.parallel import ParallelState
 
         ps = ParallelState.single(device)
-        self.mlp = MLP(cfg.model.hidden_size, cfg.ffn_size, ps, approximate=cfg.gelu_approximate)
+        inhibitor = None
         if method:
             l2e = dataclasses.replace(cfg.l2e, l2e_enabled=True, l2e_method=method)
-            self.mlp.inhibitor = NeuronInhibitor(cfg.ffn_size, l2e, ps, layer_index=0)
+            inhibitor = NeuronInhibitor(cfg.ffn_size, l2e, ps, layer_index=0)
+        self.mlp = MLP(cfg.model.hidden_size, cfg.ffn_size, ps, approximate=cfg.gelu_approximate, inhibitor=inhibitor)
         self.to(device=device, dtype=dtype)
 
     def inhibitors(self):

@@ -149,7 +149,7 @@ class ScanResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# forward with the MLP capture hooks
+# forward with forward hooks on the MLPs' up_op (its output is z)
 
 
 class _Stop(Exception):
@@ -175,7 +175,7 @@ def forward_mlp_activations(
     state = {}
 
     def hook_for(i):
-        def capture(z):
+        def capture(_module, _args, z):
             z = z.reshape(-1, z.shape[-1])[state["mask"]]
             handler(i, z, state["labels"], state["index"])
             if i == last:
@@ -183,10 +183,10 @@ def forward_mlp_activations(
 
         return capture
 
-    want = set(layers)
-    for i in want:
-        blocks[i].mlp.capture = hook_for(i)
+    handles = []
     try:
+        for i in sorted(set(layers)):
+            handles.append(blocks[i].mlp.up_op.register_forward_hook(hook_for(i)))
         it = range(0, data.tokens.shape[0], batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -206,8 +206,8 @@ def forward_mlp_activations(
                 except _Stop:
                     pass
     finally:
-        for i in want:
-            blocks[i].mlp.capture = None
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------------------------------------

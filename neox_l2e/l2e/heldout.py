@@ -313,20 +313,16 @@ def phi_stats(
 def capture_mlp(mlps: Dict[int, torch.nn.Module], handler: Callable[[int, torch.Tensor], None]):
     """Call ``handler(layer, z)`` with each MLP's post-GELU activations [b, s, N] while inside the block.
 
-    The one place that knows how activations are captured (the MLP's ``capture`` attribute); any previous
-    capture is restored afterwards."""
-    saved = {i: getattr(m, "capture", None) for i, m in mlps.items()}
-
-    def hook_for(i):
-        return lambda z: handler(i, z)
-
-    for i, m in mlps.items():
-        m.capture = hook_for(i)
+    The one place here that knows how activations are captured: a forward hook on each MLP's ``up_op`` (the
+    module whose output is z), removed on exit."""
+    handles = []
     try:
+        for i, m in mlps.items():
+            handles.append(m.up_op.register_forward_hook(lambda _mod, _args, z, i=i: handler(i, z)))
         yield
     finally:
-        for i, m in mlps.items():
-            m.capture = saved[i]
+        for h in handles:
+            h.remove()
 
 
 def running_variance(inhibitor) -> torch.Tensor:
@@ -350,7 +346,7 @@ def measure(
     """Run the held-out ``tokens`` through ``forward`` twice and summarise every layer of ``mlps``.
 
     forward: called with a [b, s] int64 batch (the model in eval mode; its output is ignored).
-    mlps: {layer index: MLP module with a ``capture`` attribute}.
+    mlps: {layer index: MLP module (neox_l2e.model.mlp.MLP; its ``up_op`` outputs z)}.
     running_vars: {layer: running variance of this rank's neurons} for the inhibited layers.
     Returns {layer: {"metrics": {...}, "hist": [...], "tokens": K}} (the same on every rank).
     """

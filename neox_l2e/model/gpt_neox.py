@@ -65,7 +65,7 @@ class Attention(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: NeoXConfig, ps: ParallelState, dtype=None):
+    def __init__(self, cfg: NeoXConfig, ps: ParallelState, dtype=None, inhibitor: Optional[nn.Module] = None):
         super().__init__()
         m = cfg.model
         self.parallel_residual = m.gpt_j_residual
@@ -77,7 +77,9 @@ class Layer(nn.Module):
             m.hidden_size, eps=m.layernorm_epsilon, bias=m.use_bias_in_norms, device=ps.device, dtype=dtype
         )
         self.attention = Attention(cfg, ps, dtype)
-        self.mlp = MLP(m.hidden_size, cfg.ffn_size, ps, approximate=cfg.gelu_approximate, dtype=dtype)
+        self.mlp = MLP(
+            m.hidden_size, cfg.ffn_size, ps, approximate=cfg.gelu_approximate, dtype=dtype, inhibitor=inhibitor
+        )
         self.dropout = nn.Dropout(m.hidden_dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,8 @@ class GPTNeoX(nn.Module):
         self.gpt_neox = nn.Module()  # HF naming: gpt_neox.*
         self.gpt_neox.embed_in = VocabParallelEmbedding(self.vocab_size, m.hidden_size, ps, dtype=dtype)
         self.gpt_neox.emb_dropout = nn.Dropout(m.hidden_dropout)
-        self.gpt_neox.layers = nn.ModuleList(Layer(cfg, ps, dtype) for _ in range(m.num_layers))
+        inhibitors = self._build_inhibitors()
+        self.gpt_neox.layers = nn.ModuleList(Layer(cfg, ps, dtype, inhibitors.get(i)) for i in range(m.num_layers))
         self.gpt_neox.final_layer_norm = nn.LayerNorm(
             m.hidden_size, eps=m.layernorm_epsilon, bias=m.use_bias_in_norms, device=ps.device, dtype=dtype
         )
@@ -133,23 +136,29 @@ class GPTNeoX(nn.Module):
             self.embed_out = ColumnParallelLinear(m.hidden_size, self.vocab_size, ps, bias=False, dtype=dtype)
         rot_dims = int(cfg.head_dim * m.rotary_pct)
         self.rotary = RotaryEmbedding(rot_dims, m.rotary_emb_base, device=ps.device)
-        self._attach_inhibitors()
+        # a plain attribute (not a submodule): the inhibitors' state stays under ...mlp.inhibitor.*
+        self.l2e = self._build_controller()
         if init and ps.device.type != "meta":
             self.init_weights(seed)
 
     # ---------------------------------------------------------------- L2E
-    def _attach_inhibitors(self):
-        """Give the inhibited layers' MLPs an inhibitor, and the model its L2E controller (``self.l2e``, what
-        the training loop talks to: begin_step, loss_term, end_micro_batch, metrics)."""
-        from ..l2e import L2EController, NeuronInhibitor
+    def _build_inhibitors(self) -> dict:
+        """{layer index: inhibitor} for the inhibited layers (empty when L2E is off); each MLP is built with its
+        own, which chooses its up-projection op once."""
+        if not self.cfg.l2e_active:
+            return {}
+        from ..l2e import NeuronInhibitor
+
+        n = self.cfg.ffn_size // self.ps.tp
+        return {i: NeuronInhibitor(n, self.cfg.l2e, self.ps, layer_index=i) for i in self.cfg.inhibited_layers()}
+
+    def _build_controller(self):
+        """The model's L2E controller (``self.l2e``, what the training loop talks to: begin_step, loss_term,
+        end_micro_batch, metrics)."""
+        from ..l2e import L2EController
 
         e = self.cfg.l2e
-        if self.cfg.l2e_active:
-            for i in self.cfg.inhibited_layers():
-                mlp = self.gpt_neox.layers[i].mlp
-                mlp.inhibitor = NeuronInhibitor(self.cfg.ffn_size // self.ps.tp, e, self.ps, layer_index=i)
-        # a plain attribute (not a submodule): the inhibitors' state stays under ...mlp.inhibitor.*
-        self.l2e = L2EController(self.inhibitors(), e.l2e_lambda, e.l2e_loss_reduction)
+        return L2EController(self.inhibitors(), e.l2e_lambda, e.l2e_loss_reduction)
 
     def inhibitors(self) -> list:
         return [layer.mlp.inhibitor for layer in self.gpt_neox.layers if layer.mlp.inhibitor is not None]

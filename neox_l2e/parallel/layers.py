@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 from .state import ParallelState
 
+#: op(x_local, weight, bias) -> y: what a ColumnParallelLinear applies to its prepared input (F.linear by default)
+LinearOp = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
 
 class _CopyToTP(torch.autograd.Function):
     """Identity forward, all-reduce of the gradient over the TP group backward."""
@@ -144,8 +147,11 @@ class ColumnParallelLinear(nn.Module):
         """The input as this layer sees it (gradients all-reduced over TP in backward)."""
         return copy_to_tp(x, self.ps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self.scatter_input(x), self.weight, self.bias)
+    def forward(self, x: torch.Tensor, op: Optional[LinearOp] = None) -> torch.Tensor:
+        """``op(x_local, weight, bias)`` (default F.linear: x W^T + b) on this rank's prepared input and weight
+        shard, then the output gather when ``gather_output``. An op that fuses more than the product (the MLP's
+        activation, the L2E inhibitor) goes through the same TP input and output handling as the plain product."""
+        y = (op or F.linear)(self.scatter_input(x), self.weight, self.bias)
         return gather_from_tp(y, self.ps) if self.gather_output else y
 
 
