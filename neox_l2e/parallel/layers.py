@@ -157,7 +157,7 @@ class ColumnParallelLinear(nn.Module):
 
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by input columns; partial products are summed over TP, then the
-    bias is added once (NeoX adds it on every rank: see neox-facts.md)."""
+    bias is added once (GPT-NeoX adds it on every rank before the all-reduce, so it counts tp times there)."""
 
     def __init__(self, in_features: int, out_features: int, ps: ParallelState, bias: bool = True, dtype=None):
         super().__init__()

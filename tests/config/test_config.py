@@ -29,7 +29,7 @@ PUBLISHED = {
     "6.9b": 6_857_302_016,
     "12b": 11_846_072_320,
 }
-SHAPES = {  # layers, hidden, heads, lr (neox-facts.md)
+SHAPES = {  # layers, hidden, heads, lr (the published Pythia configs)
     "70m": (6, 512, 8, 1e-3),
     "160m": (12, 768, 12, 6e-4),
     "410m": (24, 1024, 16, 3e-4),
