@@ -67,7 +67,7 @@ def summarize(run_dir: Path, lam: float, tail: float) -> dict:
         "lambda": lam,
         "valid_loss": run.valid_loss[1][-1] if run.valid_loss[1] else None,
         "train_loss": tail_mean(run.train_loss, tail),
-        "layers": sorted({l for m in run.l2e.values() for l in m}),
+        "layers": sorted({l for k, m in run.l2e.items() if not k.startswith("heldout/") for l in m}),  # inhibited
     }
     for m in METRICS:
         row[m] = tail_mean(layer_mean(run, m), tail)
