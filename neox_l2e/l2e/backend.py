@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import math
 import warnings
 from typing import Optional
@@ -65,7 +64,6 @@ class TritonBackend:
 
     def __init__(self, op):
         self.op = op
-        self.has_grad_switch = "l2e_grad_to_input" in inspect.signature(op).parameters
 
     def __call__(
         self,
@@ -82,16 +80,16 @@ class TritonBackend:
         moments: bool = True,
         score: bool = True,
     ) -> L2EForward:
-        kw = {}
-        if not grad_to_input:
-            if not self.has_grad_switch:
-                raise RuntimeError(
-                    "l2e-grad-to-input: false needs fused_up_gelu_l2e(..., l2e_grad_to_input=) "
-                    "in neox_l2e.kernels.l2e_mlp; set l2e-backend: torch or update the kernel"
-                )
-            kw["l2e_grad_to_input"] = False
         z, loss_sum, n_sel, mom = self.op(
-            x, weight, bias, mean, inv_var, math.inf if tau is None else tau, eps, approximate, **kw
+            x,
+            weight,
+            bias,
+            mean,
+            inv_var,
+            math.inf if tau is None else tau,
+            eps,
+            approximate,
+            l2e_grad_to_input=grad_to_input,
         )
         return L2EForward(z=z, loss_sum=loss_sum, n_sel=n_sel, moments=mom if moments else None)
 

@@ -63,8 +63,8 @@ def test_triton_backend_with_frozen_bias(device):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def test_triton_backend_passes_the_gradient_switch_or_refuses():
-    """l2e-grad-to-input: false reaches the fused op as l2e_grad_to_input=False; an op without it is refused."""
+def test_triton_backend_passes_the_gradient_switch():
+    """l2e-grad-to-input reaches the fused op as its l2e_grad_to_input kwarg, both ways."""
     from neox_l2e.l2e.backend import TritonBackend
 
     seen = {}
@@ -75,13 +75,9 @@ def test_triton_backend_passes_the_gradient_switch_or_refuses():
             x, weight, bias, mean, inv_var, tau, eps, approximate, grad_to_input=l2e_grad_to_input
         )
 
-    def op_without(x, weight, bias, mean, inv_var, tau, eps, approximate="none", mode="split"):
-        return kernels.l2e_mlp_reference(x, weight, bias, mean, inv_var, tau, eps, approximate)
-
     w, b = layer_inputs(12, 48)
     args = (batch(16), w, b, torch.zeros(48), torch.ones(48), 0.5, 1e-6, "none")
     TritonBackend(op_with)(*args, grad_to_input=False)
     assert seen["flag"] is False
-    TritonBackend(op_without)(*args)  # the default needs no kwarg
-    with pytest.raises(RuntimeError, match="l2e-grad-to-input"):
-        TritonBackend(op_without)(*args, grad_to_input=False)
+    TritonBackend(op_with)(*args)
+    assert seen["flag"] is True
