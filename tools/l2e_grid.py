@@ -1,28 +1,47 @@
 #!/usr/bin/env python
 """The paper's experiment grid in one command: baseline, L2E p in {1, 2, 3}% x {mid2, mid-third, top-bot} and
-MEmeL p in {1, 2, 3}% (mid2) on one config, for several seeds, then one report.
+MEmeL p in {1, 2, 3}% (mid2) on one config, for several seeds; then FKR and the local eval tasks on every run's
+final checkpoint; then one report.
 
-    python tools/l2e_grid.py --seeds 1,2,3 --out runs/grid                 # the demo config, default corpus
+    python tools/l2e_grid.py --seeds 1,2,3 --out runs/grid --jobs 2        # the demo config, default corpus
     python tools/l2e_grid.py --grid small --seeds 1,2 train-iters=100      # baseline, l2e-2pct-mid2, memel-2pct-mid2
     python tools/l2e_grid.py --only 'baseline,l2e-*-mid2' --seeds 1,2,3    # names or shell-style patterns
     python tools/l2e_grid.py --config my-model.yml my-data.yml --no-corpus --seeds 1,2,3 --out runs/grid-70m
     python tools/l2e_grid.py --report-only --out runs/grid                 # rebuild the report from what is there
 
-Every run trains in its own process (train.py) into OUT/<name>/seed<s>/ (metrics.jsonl, train.log) and leaves a
-done.json when it finishes. The grid is resumable: a run whose done.json records the same settings is skipped;
-a run that failed or was interrupted is started again. Progress and an ETA (from the runs finished so far) are
-printed before each run. No checkpoints are saved (save=None).
+Phase 1, training: every run trains in its own process (train.py) into OUT/<name>/seed<s>/ (metrics.jsonl,
+train.log) and leaves a done.json when it finishes; --jobs N runs N at once, each with max(1, CPUs // N) CPU
+threads (OMP_NUM_THREADS), its output in its own train.log; the terminal gets one line per start and per finish,
+with the elapsed time and an ETA (from the runs finished so far, shared by the N slots). Ctrl-C (or SIGTERM)
+stops every training process (their process groups; on Linux they also die with the grid process).
+Each run keeps only its final checkpoint, in OUT/<name>/seed<s>/checkpoints (weights and Adam state: about 12
+bytes per parameter, so about 35 MB per run on the demo config and 1.4 GB for its 13 entries x 3 seeds);
+--no-checkpoints keeps none (the grid as it was before FKR and eval) and then skips phase 2.
 
-The report (OUT/report.md, report.json, and the figures phi_distribution.png, heldout_over_training.png) gives,
-per grid entry, mean and spread (sample standard deviation) over the seeds of: the last validation loss and its
-change against the baseline of the same seed; the mean training step time and its overhead against the
-baseline of the same seed (the first logged window, with the warm-up step, is left out; on a shared machine
-this is noisy); held-out monosemanticity (ms_heldout/..., neox_l2e.l2e.heldout: phi of Eq. 1 on a fixed held-out
-set with statistics fresh on it) of the entry's inhibited layers next to the baseline's on the same layers,
-and per layer. The figures: the held-out phi distribution per layer (exceedance P(phi > x), seeds pooled) at
-the last evaluation, baseline against every entry; held-out phi > 5 over training per layer. Downstream eval
-tasks are not run here (the runs keep no checkpoint): train the chosen settings with save=... and use
-tools/evaluate.py.
+Phase 2, on each finished run's checkpoint: FKR (per-token tau_k, every layer, k = the config's l2e-fkr-k or
+--fkr-k; neox_l2e.analysis.scan with the formulas of neox_l2e.l2e.fkr, as tools/fkr.py) on a labelled jsonl
+(--fkr-data; by default data/labelled/code_en.jsonl, built as tools/build_labelled_dataset.py does when absent),
+at most --fkr-tokens-per-label tokens per label; and the local eval tasks (--eval-tasks, default
+tiny_shakespeare, made from the default corpus when absent, as tools/evaluate.py does) with lm-eval, offline,
+through neox_l2e.analysis.evaluation and the project's adapter. Results: fkr.json and eval.json per run.
+
+Resume: a run whose done.json records the same settings (config files and overrides; where the checkpoint goes is
+not one of them) is not trained again; a run that failed or was interrupted starts again. A finished run without
+a checkpoint (made by the grid before checkpoints were kept, or deleted) is trained again only when phase 2
+still lacks its results; with --no-checkpoints it is kept as it is. fkr.json / eval.json are kept when they
+record the same settings (data file and its hash, k, token cap; tasks, shots, limit, task files' hashes).
+
+The report (OUT/report.md, report.json, and the figures phi_distribution.png, heldout_over_training.png,
+fkr.png) gives, per grid entry, mean and spread (sample standard deviation) over the seeds of: the last
+validation loss and its change against the baseline of the same seed; the mean training step time and its
+overhead against the baseline of the same seed (the first logged window, with the warm-up step, is left out;
+on a shared machine, and with --jobs > 1, this is noisy); held-out monosemanticity (ms_heldout/...,
+neox_l2e.l2e.heldout: phi of Eq. 1 on a fixed held-out set with statistics fresh on it) of the entry's
+inhibited layers next to the baseline's on the same layers, and per layer; the eval tasks' acc and acc_norm
+(with lm-eval's stderr); FKR per k on the inhibited layers next to the baseline's, the chance FKR, and per
+layer. The figures: the held-out phi distribution per layer (exceedance P(phi > x), seeds pooled) at the last
+evaluation, baseline against every entry; held-out phi > 5 over training per layer; FKR against k per layer
+(mean and sd over seeds), baseline against every entry, with the chance FKR dashed.
 """
 
 from __future__ import annotations
@@ -104,7 +123,7 @@ def fmt_time(s: float) -> str:
 # running: training (phase 1)
 
 CKPT_DIR = "checkpoints"
-CKPT_MB_PER_RUN_DEMO = 0.0  # measured: the final checkpoint of one configs/local/demo.yml run (weights + Adam)
+CKPT_MB_PER_RUN_DEMO = 35  # configs/local/demo.yml: 2.86 M parameters x 12 bytes (fp32 weights + Adam's 2 moments)
 
 
 def run_settings(configs: Sequence[str], overrides: Dict[str, object], entry: dict, seed: int) -> dict:
@@ -291,7 +310,7 @@ def run_grid(
                     running[proc] = (name, seed, d, settings, time.time())
                     started += 1
                     log(
-                        f"[{skipped + started}/{len(plan)}] start {name} seed {seed} ({len(running)} running; "
+                        f"[started {skipped + started}/{len(plan)}] {name} seed {seed} ({len(running)} running; "
                         f"elapsed {fmt_time(time.time() - t_start)}, ETA {eta()})"
                     )
                 if failed and not running:
@@ -328,7 +347,7 @@ def run_grid(
                     )
                     records.append({"name": name, "seed": seed, "dir": str(d), "status": "ran", "time_s": dt})
                     log(
-                        f"[{skipped + finished}/{len(plan)}] done {name} seed {seed} in {dt:.0f} s "
+                        f"[done {skipped + finished}/{len(plan)}] {name} seed {seed} in {dt:.0f} s "
                         f"(elapsed {fmt_time(time.time() - t_start)}, ETA {eta()})"
                     )
         except BaseException:
@@ -402,7 +421,7 @@ def prepare_post(opts: PostOptions, log=print) -> PostOptions:
             "k_percent": [float(k) for k in opts.fkr_ks],
             "mode": "per-token",
             "tokens_per_label": int(opts.fkr_tokens_per_label),
-            "seq_len": int(opts.fkr_seq_len),
+            "max_window": int(opts.fkr_seq_len),
         }
     if opts.eval_tasks:
         from neox_l2e.analysis.evaluation import build_tiny_shakespeare, resolve_tasks
@@ -1151,8 +1170,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--no-checkpoints",
         action="store_true",
-        help="keep no checkpoint (the grid before FKR and eval: "
-        f"{CKPT_MB_PER_RUN_DEMO:.0f} MB per run on the demo config is then not used); FKR and eval are not run",
+        help="keep no checkpoint (by default each run keeps its final one, about 12 bytes per parameter: "
+        f"{CKPT_MB_PER_RUN_DEMO} MB per run on the demo config); FKR and eval are then not run",
     )
     p.add_argument(
         "--fkr-data",
