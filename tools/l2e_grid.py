@@ -47,6 +47,7 @@ evaluation, baseline against every entry; held-out phi > 5 over training per lay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -586,9 +587,13 @@ def post_process(records: Sequence[dict], opts: PostOptions, log=print) -> Dict[
             msg.append(f"FKR {time.time() - t1:.0f} s")
         if "eval" in todo:
             t1 = time.time()
-            res = eval_of_run(loaded, opts, device, f"{r['name']}/seed{r['seed']}")
+            # lm-eval's progress bars and notes go to the run's eval.log, not the terminal
+            with open(d / "eval.log", "w") as elog, contextlib.redirect_stderr(elog), contextlib.redirect_stdout(elog):
+                res = eval_of_run(loaded, opts, device, f"{r['name']}/seed{r['seed']}")
             _write_json_atomic({"settings": opts.eval_settings, "runs": [res]}, d / EVAL_FILE)
             msg.append(f"eval {time.time() - t1:.0f} s")
+            if res["warnings"]:
+                msg.append(f"{len(res['warnings'])} eval warning(s): prompts cut to the context (eval.json)")
         del loaded
         times.append(time.time() - t0)
         left = (len(work) - i - 1) * sum(times) / len(times)
@@ -1141,7 +1146,7 @@ def build_report(
     return {"rows": rows, "missing": missing, "figures": [str(p) for p in figures]}
 
 
-def main(argv=None) -> int:
+def main(argv=None, log=print) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. train-iters=100)")
     p.add_argument(
@@ -1246,13 +1251,13 @@ def main(argv=None) -> int:
         notes = []
         if args.no_checkpoints and opts.active:
             notes.append("FKR and eval tasks: not run (--no-checkpoints: the runs keep no checkpoint)")
-            print(notes[-1])
+            log(notes[-1])
             opts = PostOptions()
         out.mkdir(parents=True, exist_ok=True)
         configs = [str(Path(c).resolve()) if Path(c).exists() else c for c in args.config]
         if not args.report_only:
             if opts.active:
-                prepare_post(opts)
+                prepare_post(opts, log=log)
             records = run_grid(
                 args.config,
                 entries,
@@ -1263,10 +1268,11 @@ def main(argv=None) -> int:
                 keep_checkpoints=not args.no_checkpoints,
                 needs_checkpoint=(lambda n, s, d: bool(post_todo(d, opts))) if opts.active else None,
                 train_configs=configs,
+                log=log,
             )
             if opts.active:
-                post_process(records, opts)
-        build_report(args.config, entries, seeds, out, overrides, command, notes=notes)
+                post_process(records, opts, log=log)
+        build_report(args.config, entries, seeds, out, overrides, command, log=log, notes=notes)
     except (ConfigError, GridError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
