@@ -156,14 +156,23 @@ def train_command(configs: Sequence[str], overrides: Dict[str, object], d: Path,
     return [sys.executable, str(ROOT / "train.py"), *configs, *(_arg(k, v) for k, v in args.items())]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM when the grid process dies, even by SIGKILL (no orphaned training)."""
+def _parent_death_signal():
+    """Linux: a function for the child (between fork and exec) that makes it get SIGTERM when the grid process
+    dies, even by SIGKILL (no orphaned training); None elsewhere. prctl is looked up here, in the parent, so
+    the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+    def set_pdeathsig():  # pragma: no cover - runs in the child
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return set_pdeathsig
 
 
 def _start(cmd: List[str], log_path: Path, threads: int) -> subprocess.Popen:
@@ -181,7 +190,7 @@ def _start(cmd: List[str], log_path: Path, threads: int) -> subprocess.Popen:
             cwd=ROOT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_parent_death_signal(),
         )
 
 
