@@ -793,9 +793,7 @@ def report_tables(rows: List[dict], num_layers: int) -> List[str]:
             + " | ".join(
                 [
                     r["name"],
-                    ",".join(map(str, r["layers"]))
-                    if r["name"] != "baseline"
-                    else "(" + ",".join(map(str, r["layers"])) + ")",
+                    _layers_cell(r),
                     str(len(r["seeds"])),
                     _ms(r["valid_loss"], ".4f"),
                     _ms(r["valid_change_pct"], "+.2f") + " %" if r["name"] != "baseline" else "",
@@ -852,6 +850,12 @@ def report_tables(rows: List[dict], num_layers: int) -> List[str]:
     return lines
 
 
+def _layers_cell(r: dict) -> str:
+    """'1,2' (the layers the entry inhibits); for the baseline '(1,2)' (the reference layers it is read on)."""
+    s = ",".join(map(str, r["layers"]))
+    return s if r["name"] != "baseline" else f"({s})"
+
+
 def fkr_tables(rows: List[dict], num_layers: int) -> List[str]:
     """FKR (per-token tau_k, %) per k on each entry's inhibited layers next to the baseline's on the same layers
     (paired seeds), with the chance FKR; then per layer at every k. Empty when no run has FKR results."""
@@ -872,7 +876,7 @@ def fkr_tables(rows: List[dict], num_layers: int) -> List[str]:
             cells.append(_ms(r["fkr"].get(k, (None, None, 0)), ".1f", 100.0))
             cells.append(_ms(r["fkr_base"].get(k, (None, None, 0)), ".1f", 100.0) if r["name"] != "baseline" else "")
         lines.append(
-            f"| {r['name']} | {','.join(map(str, r['layers']))} | {r['fkr'][ks[0]][2] if ks[0] in r['fkr'] else 0} | "
+            f"| {r['name']} | {_layers_cell(r)} | {r['fkr'][ks[0]][2] if ks[0] in r['fkr'] else 0} | "
             + " | ".join(cells)
             + f" | {_ms(r['fkr_chance'], '.1f', 100.0)} |"
         )
@@ -993,6 +997,17 @@ def plot_figures(
     # 3. FKR against k per layer (mean ± sd over seeds), baseline against every entry, chance dashed
     if any(r.get("fkr") for n in names for r in runs[n].values()):
         fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False, sharey=True)
+        lowest = min(
+            (
+                100.0 * v
+                for n in names
+                for r in runs[n].values()
+                for lay in r.get("fkr", {}).values()
+                for v in lay.values()
+                if v is not None and math.isfinite(v)
+            ),
+            default=0.0,
+        )
         for layer in range(num_layers):
             ax = axes[layer // cols][layer % cols]
             chance = []
@@ -1022,6 +1037,7 @@ def plot_figures(
                     lw=2.0 if inh else 1.0,
                     ls="-" if (inh or n == "baseline") else ":",
                     label=n + (" (inhibits)" if inh else ""),
+                    zorder=3 if n == "baseline" else 2,  # the baseline stays visible under the entries
                 )
             if chance:
                 ax.axhline(float(np.mean(chance)), color="0.35", ls="--", lw=1.2, label="chance (random kills)")
@@ -1030,7 +1046,7 @@ def plot_figures(
                 ax.set_xticks(sorted(ks_all))
                 ax.set_xticklabels([f"{k:g}" for k in sorted(ks_all)])
                 ax.minorticks_off()
-            ax.set_ylim(0, 100)
+            ax.set_ylim(max(0.0, 10.0 * math.floor(lowest / 10.0) - 10.0), 100)
             ax.set_title(f"layer {layer}: FKR, per-token tau_k")
             ax.set_xlabel("k (% of neurons)")
             ax.set_ylabel("FKR (%)")
