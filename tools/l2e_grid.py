@@ -11,7 +11,8 @@ MEmeL p in {1, 2, 3}% (mid2) on one config, for several seeds, then one report.
 Every run trains in its own process (train.py) into OUT/<name>/seed<s>/ (metrics.jsonl, train.log) and leaves a
 done.json when it finishes. The grid is resumable: a run whose done.json records the same settings is skipped;
 a run that failed or was interrupted is started again. Progress and an ETA (from the runs finished so far) are
-printed before each run. No checkpoints are saved (save=None).
+printed before each run. Each run keeps its checkpoints in OUT/<name>/seed<s>/checkpoints (as many as the
+config's keep-last-n-checkpoints; the last one is the end of training).
 
 The report (OUT/report.md, report.json, and the figures phi_distribution.png, heldout_over_training.png) gives,
 per grid entry, mean and spread (sample standard deviation) over the seeds of: the last validation loss and its
@@ -21,8 +22,7 @@ this is noisy); held-out monosemanticity (ms_heldout/..., neox_l2e.l2e.heldout: 
 set with statistics fresh on it) of the entry's inhibited layers next to the baseline's on the same layers,
 and per layer. The figures: the held-out phi distribution per layer (exceedance P(phi > x), seeds pooled) at
 the last evaluation, baseline against every entry; held-out phi > 5 over training per layer. Downstream eval
-tasks are not run here (the runs keep no checkpoint): train the chosen settings with save=... and use
-tools/evaluate.py.
+tasks are not run here: use tools/evaluate.py on a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def run_grid(
         if d.exists():
             shutil.rmtree(d)  # an unfinished or differently-configured run starts over
         t0 = time.time()
-        train_one(configs, settings["overrides"], d)
+        train_one(configs, settings["overrides"], d, save=d / "checkpoints")
         dt = time.time() - t0
         done_times.append(dt)
         (d / "done.json").write_text(json.dumps({"settings": settings, "time_s": dt}, indent=2))
