@@ -45,10 +45,11 @@ def _arg(key: str, value) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def train_one(configs: Sequence[str], overrides: Dict[str, object], out: Path) -> None:
-    """train.py in a subprocess (a fresh process per run: nothing carries over between runs)."""
+def train_one(configs: Sequence[str], overrides: Dict[str, object], out: Path, save: Optional[Path] = None) -> None:
+    """train.py in a subprocess (a fresh process per run: nothing carries over between runs). ``save``: where the
+    run keeps its checkpoints (None: it keeps none)."""
     out.mkdir(parents=True, exist_ok=True)
-    args = dict(overrides, log_dir=str(out), save=None)
+    args = dict(overrides, log_dir=str(out), save=str(save) if save is not None else None)
     cmd = [sys.executable, str(ROOT / "train.py"), *configs, *(_arg(k, v) for k, v in args.items())]
     with open(out / "train.log", "w") as log:
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

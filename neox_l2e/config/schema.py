@@ -321,7 +321,8 @@ class L2EConfig:
         0.02, "Target fraction p of (token, neuron) activations selected (paper: 1% 70M, 2% 410M, 3% 2.8B)."
     )
     l2e_lambda: float = setting(
-        0.01, "Weight of the inhibition loss added to the LM loss (our choice, from a measured sweep: docs/l2e.md)."
+        0.003,
+        "Weight of the inhibition loss added to the LM loss (our choice, from held-out measurements with token-sum: docs/l2e.md).",
     )
     l2e_eta: float = setting(
         0.05, "Step size of the log-space threshold update log tau += eta (frac - p) / p (our choice)."
@@ -338,7 +339,7 @@ class L2EConfig:
         1.0e-6, "Epsilon inside log((z - mean)^2 + eps) (our choice; keeps the loss finite at z = mean)."
     )
     l2e_loss_reduction: str = setting(
-        "selected-mean",
+        "token-sum",
         "L2E loss reduction: selected-mean (mean per layer over its selected entries, then over layers that selected) or token-sum (sum over layers and selected entries / tokens); docs/l2e.md.",
     )
     l2e_grad_to_input: bool = setting(
