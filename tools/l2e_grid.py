@@ -29,7 +29,8 @@ Resume: a run whose done.json records the same settings (config files and overri
 not one of them) is not trained again; a run that failed or was interrupted starts again. A finished run without
 a checkpoint (made by the grid before checkpoints were kept, or deleted) is trained again only when phase 2
 still lacks its results; with --no-checkpoints it is kept as it is. fkr.json / eval.json are kept when they
-record the same settings (data file and its hash, k, token cap; tasks, shots, limit, task files' hashes).
+record the same settings (data file and its hash, k, token cap; tasks, shots, limit, task files' hashes; the
+precision: bf16 on a GPU, fp32 on the CPU).
 
 The report (OUT/report.md, report.json, and the figures phi_distribution.png, heldout_over_training.png,
 fkr.png) gives, per grid entry, mean and spread (sample standard deviation) over the seeds of: the last
@@ -399,6 +400,17 @@ class PostOptions:
         return self.fkr_data is not None or bool(self.eval_tasks)
 
 
+def _post_device_dtype():
+    """Where phase 2 runs the models: the GPU in bf16 when there is one, else the CPU in fp32 (as the analysis
+    tools' defaults)."""
+    import torch
+
+    from neox_l2e.analysis.common import pick_device
+
+    device = pick_device("auto")
+    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -409,7 +421,9 @@ def _sha256(path: Path) -> str:
 
 def prepare_post(opts: PostOptions, log=print) -> PostOptions:
     """Make the inputs phase 2 needs (the default labelled jsonl, the tiny_shakespeare set) when they are absent,
-    check the others, and fill in the settings that the per-run result files record and resume compares."""
+    check the others, and fill in the settings that the per-run result files record and resume compares (with
+    the precision the model runs in: results on a GPU, in bf16, are not mixed with results on the CPU, in fp32)."""
+    dtype = _post_device_dtype()[1]
     if opts.fkr_data is not None:
         p = Path(opts.fkr_data)
         if not p.is_file():
@@ -432,6 +446,7 @@ def prepare_post(opts: PostOptions, log=print) -> PostOptions:
             "mode": "per-token",
             "tokens_per_label": int(opts.fkr_tokens_per_label),
             "max_window": int(opts.fkr_seq_len),
+            "dtype": str(dtype).replace("torch.", ""),
         }
     if opts.eval_tasks:
         from neox_l2e.analysis.evaluation import build_tiny_shakespeare, resolve_tasks
@@ -461,6 +476,7 @@ def prepare_post(opts: PostOptions, log=print) -> PostOptions:
             "limit": opts.eval_limit,
             "data_dir": str(Path(opts.eval_data_dir).resolve()),
             "data_sha256": files,
+            "dtype": str(dtype).replace("torch.", ""),
         }
     return opts
 
@@ -554,7 +570,7 @@ def eval_of_run(loaded, opts: PostOptions, device, label: str) -> dict:
 def post_process(records: Sequence[dict], opts: PostOptions, log=print) -> Dict[str, int]:
     """FKR and eval for every finished run that lacks them (resumable: a result file with the same settings is
     kept). Returns counts {"done", "skipped", "no_checkpoint"}."""
-    from neox_l2e.analysis.common import offline_env, pick_device
+    from neox_l2e.analysis.common import offline_env
     from neox_l2e.analysis.loading import load_model
 
     offline_env()
@@ -574,10 +590,7 @@ def post_process(records: Sequence[dict], opts: PostOptions, log=print) -> Dict[
         log(f"{parts}: no checkpoint, left out of those columns: {', '.join(no_ckpt)}")
     if not work:
         return {"done": 0, "skipped": skipped, "no_checkpoint": len(no_ckpt)}
-    import torch
-
-    device = pick_device("auto")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = _post_device_dtype()
     records_cache = None
     t_start, times = time.time(), []
     for i, (r, todo) in enumerate(work):

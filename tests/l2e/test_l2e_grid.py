@@ -152,6 +152,7 @@ def test_two_at_a_time_then_fkr_and_eval_per_run(grid):
             fkr, ev = _run_files(out, name, seed)
             assert [l["layer"] for l in fkr["layers"]] == [0, 1] and set(fkr["labels"]) == {"code", "english"}
             assert set(fkr["layers"][0]["fkr"]) == {"1", "5", "10"}
+            assert fkr["settings"]["dtype"] == ev["settings"]["dtype"] in ("float32", "bfloat16")
             assert fkr["settings"]["tokens_per_label"] == 300 and all(
                 v <= 300 for v in fkr["tokens_per_label"].values()
             )
