@@ -97,6 +97,13 @@ class ModelConfig:
         False, "Recompute each layer's activations in backward (torch.utils.checkpoint)."
     )
     checkpoint_num_layers: int = setting(1, "Layers per checkpointed chunk.")
+    compile: Any = setting(
+        False,
+        "torch.compile the model's forward in place after DeepSpeed's initialize (engine.compile; ZeRO 0-2): false, true (torch's default mode), or a mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs; an inhibited layer's up-projection runs eagerly (a graph break).",
+    )
+    compile_backend: str = setting(
+        "inductor", "torch.compile backend when compile is on: inductor, or aot_eager / eager (no code generation)."
+    )
     partition_activations: bool = setting(
         False,
         "NeoX splits checkpointed activations across TP ranks; no effect here (memory optimisation not implemented).",

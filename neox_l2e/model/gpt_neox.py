@@ -216,7 +216,7 @@ class GPTNeoX(nn.Module):
             logits = F.linear(copy_to_tp(x, self.ps), self.gpt_neox.embed_in.weight)
         else:
             logits = self.embed_out(x)  # [b, s, V/tp]
-        return ModelOutput(logits, self.l2e.loss())
+        return ModelOutput(logits, _l2e_loss(self.l2e))
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32); logits may be vocab-parallel."""
@@ -232,6 +232,13 @@ class GPTNeoX(nn.Module):
         x tp), so above TP=1 each adds (padded(tp) - padded(1)) x hidden-size inert zero rows to the count (Pythia:
         128 rows each at TP=2); every other parameter counts the same at any degree."""
         return sum(math.prod(_full_shape(p, self.ps)) for p in self.parameters())
+
+
+@torch.compiler.disable
+def _l2e_loss(controller) -> Optional[torch.Tensor]:
+    """controller.loss(), run eagerly under torch.compile: it reads the loss tensors the inhibitors (themselves run
+    eagerly) stored on the Python side during this forward."""
+    return controller.loss()
 
 
 def _run_layers(layers, x, cos, sin):
