@@ -571,6 +571,7 @@ def validate(cfg: NeoXConfig) -> None:
             "(it would shard the tensor-parallel weights again); use stage 1 or 2 with TP, or TP 1"
         )
 
+    _one_of(cfg, "sdpa_backend", m.sdpa_backend, ["auto", "flash", "efficient", "cudnn", "math"])
     if not isinstance(m.compile, (bool, str)) or m.compile not in COMPILE_MODES:
         raise ConfigError(
             f"{s('compile')}: compile: {m.compile!r} is not supported; use one of "

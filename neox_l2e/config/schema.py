@@ -82,6 +82,10 @@ class ModelConfig:
         None,
         "Attention type per layer, NeoX form [[['flash'], N]]; 'global' and 'flash' both use torch scaled_dot_product_attention (flash kernel picked by torch on GPU); other types are refused.",
     )
+    sdpa_backend: str = setting(
+        "auto",
+        "Kernel of torch scaled_dot_product_attention: auto (torch's choice: flash on CUDA in bf16/fp16 when it applies), or only flash, efficient, cudnn or math (a forced kernel that cannot run raises).",
+    )
     scaled_upper_triang_masked_softmax_fusion: bool = setting(
         False,
         "NeoX fused-softmax flag; no effect here: attention always goes through torch SDPA, which is fused.",
