@@ -40,7 +40,6 @@ import statistics
 import sys
 import threading
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -187,53 +186,42 @@ class _Null:
 # activation memory, counted (deterministic on any device)
 
 
-class _Saved:
-    """What the pack hook hands autograd for one saved tensor: the slot lives until autograd releases it."""
-
-    __slots__ = ("t", "__weakref__")
-
-    def __init__(self, t):
-        self.t = t
-
-
 class LiveBytes(TorchDispatchMode):
-    """Counts the bytes held by the tensors created under it: a storage counts from the op that creates it until
-    the last of its holders is gone (the op outputs that share it, views included, and the autograd slots of
-    ``saved_tensors`` that hold it); ``peak`` is the largest sum seen. Tensors that existed before (parameters,
-    the batch) are not counted, so gradients are (they are created in the backward) and optimizer state is not.
-    Work buffers inside one kernel are not seen (the same kernel runs in both models compared)."""
+    """Counts the bytes of the storages created under it that are alive, after every op: each op's outputs are
+    registered (their storages held here, one reference), and a storage counts until nothing but this counter
+    references it (no tensor, view, autograd saved slot or backward buffer: its use count is 1); ``peak`` is the
+    largest sum seen. Storages that existed before (parameters, the batch) are not counted; gradients are (they
+    are created in the backward), optimizer state is not. Work buffers inside one kernel are not seen (the same
+    kernels run in both models compared). Holding the storages delays their release by at most one op, and the
+    sum is taken after releasing them, so it is exact at op boundaries."""
 
-    def __init__(self):
+    def __init__(self, exclude=()):
         super().__init__()
-        self.storages = {}  # storage address -> [bytes, live holders]
+        self.held = {}  # StorageImpl address -> (storage, bytes)
+        self.exclude = {st._cdata for st in exclude}
         self.current = self.peak = 0
 
-    def hold(self, t: torch.Tensor, holder) -> None:
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if not key or not st.nbytes():
-            return
-        entry = self.storages.get(key)
-        if entry is None:
-            entry = self.storages[key] = [st.nbytes(), 0]
-            self.current += entry[0]
-            self.peak = max(self.peak, self.current)
-        entry[1] += 1
-        weakref.finalize(holder, self._release, key)
-
-    def _release(self, key) -> None:
-        entry = self.storages[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.storages[key]
+    def _sweep(self) -> None:
+        use_count = torch._C._storage_Use_Count
+        for key in [k for k, (st, _) in self.held.items() if use_count(k) <= 1]:
+            self.current -= self.held.pop(key)[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._sweep()
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self.hold(t, t)
+                st = t.untyped_storage()
+                key = st._cdata
+                if key not in self.held and key not in self.exclude and st.nbytes():
+                    self.held[key] = (st, st.nbytes())
+                    self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
         return out
+
+    def close(self) -> None:
+        self._sweep()
+        self.held.clear()
 
 
 @dataclass
@@ -265,7 +253,7 @@ def activation_memory(model: torch.nn.Module, batch: torch.Tensor, fn: Optional[
     model.zero_grad(set_to_none=True)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved, count, by_size = {}, 0, {}
-    live = LiveBytes()
+    live = LiveBytes(exclude=[p.untyped_storage() for p in model.parameters()] + [batch.untyped_storage()])
 
     def pack(t):
         nonlocal count
@@ -275,12 +263,11 @@ def activation_memory(model: torch.nn.Module, batch: torch.Tensor, fn: Optional[
             saved[key] = t.untyped_storage().nbytes()
             k = (t.numel(), str(t.dtype).replace("torch.", ""))
             by_size[k] = by_size.get(k, 0) + 1
-        slot = _Saved(t)
-        live.hold(t, slot)
-        return slot
+        return t
 
-    with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda slot: slot.t):
+    with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(model, batch).backward()
+    live.close()
     model.zero_grad(set_to_none=True)
     return ActivationMemory(sum(saved.values()), count, live.peak, by_size)
 
