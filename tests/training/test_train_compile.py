@@ -64,3 +64,19 @@ def test_compile_gives_the_same_training(results, stage):
         if stage == 2:  # L2E on: its up-projection ran eagerly (graph break), per inhibited layer and forward
             assert on["eager_breaks"] > 0
             assert any(".inhibitor." in k for k in on["keys"])
+
+
+def test_compile_keys_are_checked():
+    from neox_l2e.config import ConfigError, build_config
+
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64)
+    assert build_config(base).compile_mode is None
+    assert build_config({**base, "compile": True}).compile_mode == "default"
+    assert build_config({**base, "compile": "max-autotune"}).compile_mode == "max-autotune"
+    for bad in ("fast", 1, None):
+        with pytest.raises(ConfigError, match="compile: .* is not supported; use one of false, true, default"):
+            build_config({**base, "compile": bad})
+    with pytest.raises(ConfigError, match="compile-backend: 'cudagraphs' is not supported"):
+        build_config({**base, "compile": True, "compile_backend": "cudagraphs"})
+    with pytest.raises(ConfigError, match="compile with ZeRO stage 3 is not supported"):
+        build_config({**base, "compile": True, "zero_optimization": {"stage": 3}})
