@@ -17,10 +17,17 @@ as a whole model):
     python tools/bench_step.py configs/pythia/pythia-70m.yml --seq 512 --l2e --memel
     python tools/bench_step.py configs/pythia/pythia-2.8b.yml --seq 512 --micro-batch 1 --l2e --memel --mlp-layer
 
+Activation memory (--memory): one forward and backward of each model on the same batch, with no timing, and
+two deterministic counts (no sampling, no allocator): the bytes of the tensors saved for backward (deduplicated
+by storage, parameters left out) and the peak of the bytes held by the tensors the step creates:
+
+    python tools/bench_step.py configs/pythia/pythia-70m.yml --seq 512 --memory checkpoint-activations=false
+
 Reusable pieces (e.g. for an L2E-overhead comparison in the same process):
     stats = time_steps(model, batch, n)            # -> StepStats (median_s, tokens_per_s, peak_mem_mb, ...)
     ours = build_ours(cfg, vocab, dtype, device)   # our GPTNeoX, L2E as configured
     hf = build_hf_like(cfg, vocab, ours, dtype, device)
+    mem = activation_memory(model, batch)          # -> ActivationMemory (saved_bytes, peak_bytes, ...)
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from typing import Callable, Optional
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from neox_l2e.config.schema import L2EConfig  # noqa: E402
 
@@ -174,6 +183,118 @@ class _Null:
 
 
 # ---------------------------------------------------------------------------------------------
+# activation memory, counted (deterministic on any device)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the storages created under it that are alive, after every op: each op's outputs are
+    registered (their storages held here, one reference), and a storage counts until nothing but this counter
+    references it (no tensor, view, autograd saved slot or backward buffer: its use count is 1); ``peak`` is the
+    largest sum seen. Storages that existed before (parameters, the batch) are not counted; gradients are (they
+    are created in the backward), optimizer state is not. Work buffers inside one kernel are not seen (the same
+    kernels run in both models compared). Holding the storages delays their release by at most one op, and the
+    sum is taken after releasing them, so it is exact at op boundaries."""
+
+    def __init__(self, exclude=()):
+        super().__init__()
+        self.held = {}  # StorageImpl address -> (storage, bytes)
+        self.exclude = {st._cdata for st in exclude}
+        self.current = self.peak = 0
+
+    def _sweep(self) -> None:
+        use_count = torch._C._storage_Use_Count
+        for key in [k for k, (st, _) in self.held.items() if use_count(k) <= 1]:
+            self.current -= self.held.pop(key)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._sweep()
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st._cdata
+                if key not in self.held and key not in self.exclude and st.nbytes():
+                    self.held[key] = (st, st.nbytes())
+                    self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def close(self) -> None:
+        self._sweep()
+        self.held.clear()
+
+
+@dataclass
+class ActivationMemory:
+    saved_bytes: int  # bytes of the tensors saved for backward, one count per storage, parameters left out
+    saved_tensors: int  # how many tensors were saved (views of one storage each counted)
+    peak_bytes: int  # LiveBytes.peak over forward, loss and backward
+    by_size: dict = field(default_factory=dict)  # (elements, dtype) of each saved storage's first tensor -> count
+
+
+def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The next-token loss of ``default_step`` (+ the L2E loss for our model), without backward or step."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    if hasattr(model, "lm_loss"):  # our GPTNeoX
+        out = model(x)
+        loss = model.lm_loss(out.logits, y)
+        lam = getattr(getattr(model, "cfg", None), "l2e", L2EConfig()).l2e_lambda
+        return loss + lam * out.l2e_loss if out.l2e_loss is not None else loss
+    logits = model(input_ids=x).logits  # transformers GPTNeoXForCausalLM
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def activation_memory(model: torch.nn.Module, batch: torch.Tensor, fn: Optional[Callable] = None) -> ActivationMemory:
+    """One forward (``fn(model, batch)`` -> loss; default ``loss_fn``) and backward of ``model`` in training mode,
+    counting what autograd saves and the peak of what the step holds (LiveBytes). Gradients are set to None
+    before and after, so the count does not depend on earlier steps."""
+    fn = fn or loss_fn
+    model.train()
+    model.zero_grad(set_to_none=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, count, by_size = {}, 0, {}
+    live = LiveBytes(exclude=[p.untyped_storage() for p in model.parameters()] + [batch.untyped_storage()])
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        key = t.untyped_storage().data_ptr()
+        if key not in params and key not in saved:
+            saved[key] = t.untyped_storage().nbytes()
+            k = (t.numel(), str(t.dtype).replace("torch.", ""))
+            by_size[k] = by_size.get(k, 0) + 1
+        return t
+
+    with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(model, batch).backward()
+    live.close()
+    model.zero_grad(set_to_none=True)
+    return ActivationMemory(sum(saved.values()), count, live.peak, by_size)
+
+
+def run_memory(cfg, args, ours, hf, batch) -> int:
+    """--memory: saved-for-backward bytes and peak held bytes of one step, ours and HF on the same batch."""
+    res = {"ours": activation_memory(ours, batch)}
+    if hf is not None:
+        res["hf"] = activation_memory(hf, batch)
+    for k, m in res.items():
+        print(
+            f"{k:>5}: saved for backward {m.saved_bytes / 2**20:.2f} MiB ({m.saved_tensors} tensors) | "
+            f"peak held in forward + backward {m.peak_bytes / 2**20:.2f} MiB"
+        )
+    if hf is not None:
+        a, b = res["ours"], res["hf"]
+        print(
+            f"ours / HF: saved {a.saved_bytes / b.saved_bytes:.4f}, peak {a.peak_bytes / b.peak_bytes:.4f} "
+            "(<= 1: ours holds no more)"
+        )
+        extra = {k: v - b.by_size.get(k, 0) for k, v in a.by_size.items() if v > b.by_size.get(k, 0)}
+        if extra:
+            print("saved by ours more often than by HF ((elements, dtype): extra count): " + str(extra))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # the two models
 
 
@@ -244,6 +365,7 @@ def parse_args(argv=None):
     p.add_argument("--l2e", action="store_true", help="time L2E (the config's layers and ratio) against no inhibition")
     p.add_argument("--memel", action="store_true", help="time MEmeL against no inhibition")
     p.add_argument("--mlp-layer", action="store_true", help="with --l2e/--memel: one MLP layer, not the model")
+    p.add_argument("--memory", action="store_true", help="count activation memory (saved, peak) instead of timing")
     return p.parse_intermixed_args(argv)
 
 
@@ -397,6 +519,13 @@ def main(argv=None) -> int:
         hf = build_hf_like(cfg, vocab, ours, dtype, device)
         diff = max_logit_diff(ours, hf, batch)
         variants["hf"] = hf
+    if args.memory:
+        print(
+            f"config {' '.join(args.configs)} | {fmt_params(ours)} params | seq {seq} x micro-batch "
+            f"{args.micro_batch} | {args.dtype} | {device} | torch {torch.__version__} | activation checkpointing "
+            f"{'on (both models)' if cfg.model.checkpoint_activations else 'off'}"
+        )
+        return run_memory(cfg, args, ours, variants.get("hf"), batch)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in variants.items()}
     print(
         f"config {' '.join(args.configs)} | {fmt_params(ours)} params | seq {seq} x micro-batch {args.micro_batch} | "

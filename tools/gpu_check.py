@@ -15,8 +15,14 @@ out or fails leaves the earlier ones' files and is marked in the summary):
             (cuBLAS GEMM + bias + GELU), fused split / fused-gemm (saved and recomputed pre-activation), the
             unfused torch path, the bare GEMMs; forward and backward;
   4. report one CSV and one markdown table of every timed row, and the goal lines.
+  5. step   (--parts ...,step; not in the default parts) the whole training step at Pythia-410M and 1B
+            (--step-shapes): bf16, seq 2048, no activation checkpointing, the largest micro-batch that fits
+            (from --step-micro-batch down, halving on out-of-memory), --step-iters timed steps after warm-up;
+            tokens/s, TFLOP/s and MFU for ours with and without L2E, with and without compile, and for Hugging
+            Face's GPTNeoXForCausalLM with the same weights on the same batch (see whole_step below):
+                python tools/gpu_check.py --parts step --budget-s 540
 Outputs in --out: env.log, tests.log, tests.xml, bench_<shape>.csv/.log, gpu_check.csv, gpu_check.md,
-summary.json. The whole-model step overhead is not measured here (tools/bench_step.py does that).
+step_<shape>.jsonl/.log, gpu_check_step.csv, gpu_check_step.md, summary.json.
 
 Without a CUDA device it prints one line saying so and exits 0 (the CPU checks are the test suite and the
 ahead-of-time compile: python -m neox_l2e.kernels.l2e_mlp.aot_check).
@@ -33,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["70m", "410m", "2.8b", "6.9b", "12b"]
@@ -45,7 +52,10 @@ STEP_TIMEOUT = {
     "bench:2.8b": 50,
     "bench:6.9b": 60,
     "bench:12b": 70,
+    "step:410m": 240,
+    "step:1b": 300,
 }
+PARTS = ("env", "tests", "bench", "step")
 
 ENV_SNIPPET = r"""
 import math, torch, triton
@@ -80,6 +90,18 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=16384, help="token rows T of the bench")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--skip-tests", action="store_true", help="skip step 2 (the compiled correctness tests)")
+    p.add_argument("--parts", default="env,tests,bench", help=f"parts to run, in order ({','.join(PARTS)})")
+    p.add_argument("--step-shapes", default=",".join(STEP_CONFIGS), help="whole-step shapes (410m,1b)")
+    p.add_argument("--step-variants", default=",".join(STEP_VARIANTS), help="whole-step variants, in order")
+    p.add_argument("--step-micro-batch", type=int, default=32, help="first micro-batch tried (halved on OOM)")
+    p.add_argument("--step-iters", type=int, default=20, help="timed whole steps per variant, after warm-up")
+    p.add_argument("--step-warmup", type=int, default=3, help="untimed steps first (compile happens there)")
+    p.add_argument("--step-seq", type=int, default=2048, help="sequence length of the whole-step measurement")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile variants")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: from its name)"
+    )
+    p.add_argument("--whole-step-worker", default=None, help=argparse.SUPPRESS)  # one shape, in a subprocess
     return p.parse_args(argv)
 
 
@@ -205,6 +227,304 @@ def report(out: Path, rows: list, bench) -> list:
     return goals
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the whole training step (part "step")
+
+STEP_CONFIGS = {"410m": "configs/pythia/pythia-410m.yml", "1b": "configs/pythia/pythia-1b.yml"}
+# in the order they run (a step cut by its timeout keeps the rows before): also possible, hf+compile
+STEP_VARIANTS = ("ours", "hf", "ours+l2e", "ours+compile", "ours+l2e+compile")
+# dense bf16 peak TFLOP/s by device name (first match wins; the vendors' figures without sparsity)
+BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+STEP_COLUMNS = [
+    "shape",
+    "variant",
+    "device",
+    "dtype",
+    "seq",
+    "micro_batch",
+    "tokens_per_step",
+    "steps",
+    "median_s",
+    "tokens_per_s",
+    "tflops",
+    "mfu",
+    "peak_mem_gib",
+    "matmul_params",
+    "note",
+]
+
+
+def bf16_peak_tflops(device_name: str) -> Optional[float]:
+    """The device's dense bf16 peak from BF16_PEAK_TFLOPS, or None for a device not in the table."""
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def step_flops(matmul_params: int, num_layers: int, hidden: int, seq: int, tokens: int) -> float:
+    """Model FLOPs of one training step (forward + backward) over ``tokens`` tokens, PaLM's count (appendix B):
+
+        6 x N x tokens  +  12 x L x h x s x tokens
+
+    N = the parameters that multiply (every parameter but the input embedding, a lookup; norms and biases are
+    counted, a negligible excess); 6 = 2 (multiply-add) x 3 (forward, and backward's two products). The second
+    term is attention's two [s, s] products (q k^T and p v), 2 x 2 x s x h per token and layer forward, x 3 with
+    the backward, counted over the full s x s square as PaLM does (the causal kernel skips about half of it).
+    Recomputation (activation checkpointing) is not counted: it is off in this measurement."""
+    return 6.0 * matmul_params * tokens + 12.0 * num_layers * hidden * seq * tokens
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _free(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_variant(cfg, variant: str, vocab: int, dtype, device, compile_backend: str = "inductor"):
+    """(model, step_fn) of one variant, weights from the config's seed (the same in every variant): "ours",
+    "ours+l2e" (the config's L2E keys with l2e-enabled true), "+compile" (nn.Module.compile in place, as the
+    trainer's engine.compile does), "hf" (transformers' GPTNeoXForCausalLM with our weights)."""
+    bench = _bench_step_module()
+    parts = set(variant.split("+"))
+    c = cfg.replace(l2e_enabled="l2e" in parts, checkpoint_activations=False)
+    ours = bench.build_ours(c, vocab, dtype, device)
+    model = ours
+    if "hf" in parts:
+        model = bench.build_hf_like(c, vocab, ours, dtype, device)
+        del ours
+    if "compile" in parts:
+        model.compile(backend=compile_backend)
+
+    def step_fn(m, b, opt):
+        return bench.default_step(m, b, opt, c.l2e.l2e_lambda)
+
+    return model, step_fn
+
+
+def whole_step(
+    cfg,
+    variants,
+    micro_batch: int,
+    steps: int,
+    warmup: int,
+    device,
+    dtype,
+    peak_tflops: Optional[float],
+    shape: str = "",
+    compile_backend: str = "inductor",
+    on_row=None,
+) -> list:
+    """Time the training step (forward, next-token loss (+ L2E), backward, AdamW step) of each variant on the same
+    batch [micro_batch, seq + 1] (seed 0), the largest micro-batch that fits: from ``micro_batch`` down, halving
+    on out-of-memory (the first fit is where the next variant starts; a variant that fits only a smaller one uses
+    the batch's first rows and says so). ``warmup`` untimed steps first (at least 3 with L2E: its inhibitors
+    select from the third), then ``steps`` timed ones. One row (dict, STEP_COLUMNS) per variant, also passed to
+    ``on_row`` as soon as it exists. Device-agnostic (runs on CPU at a tiny config; MFU needs ``peak_tflops``)."""
+    import torch
+
+    bench = _bench_step_module()
+    vocab = cfg.model.vocab_size
+    seq = cfg.model.seq_length
+    g = torch.Generator().manual_seed(0)
+    batch_full = torch.randint(0, vocab, (micro_batch, seq + 1), generator=g).to(device)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows, mb = [], micro_batch
+    for variant in variants:
+        note, row = [], None
+        while mb >= 1:
+            model = opt = None
+            try:
+                model, step_fn = build_variant(cfg, variant, vocab, dtype, device, compile_backend)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+                batch = batch_full[:mb]
+                w = max(warmup, 3) if "l2e" in variant else warmup
+                stats = bench.time_steps(model, batch, steps, opt, step_fn=step_fn, warmup=w)
+                if "l2e" in variant:
+                    inh = model.inhibitors()
+                    note.append(f"L2E layers {[i.layer_index for i in inh]}, {sum(i.active for i in inh)} active")
+                n_mm = sum(
+                    p.numel() for n, p in model.named_parameters() if not n.endswith(("embed_in.weight", "embed_in"))
+                )
+                tokens = mb * seq
+                tflops = step_flops(n_mm, cfg.model.num_layers, cfg.model.hidden_size, seq, tokens) / stats.median_s
+                tflops /= 1e12
+                row = dict(
+                    shape=shape,
+                    variant=variant,
+                    device=dev_name,
+                    dtype=str(dtype).replace("torch.", ""),
+                    seq=seq,
+                    micro_batch=mb,
+                    tokens_per_step=tokens,
+                    steps=steps,
+                    median_s=stats.median_s,
+                    tokens_per_s=stats.tokens_per_s,
+                    tflops=tflops,
+                    mfu=(tflops / peak_tflops) if peak_tflops else None,
+                    peak_mem_gib=stats.peak_mem_mb / 1024,
+                    matmul_params=n_mm,
+                    note="; ".join(note),
+                )
+                break
+            except Exception as e:  # noqa: BLE001 - out of memory: halve; anything else: recorded as the row
+                if not _is_oom(e):
+                    row = dict(
+                        shape=shape, variant=variant, device=dev_name, micro_batch=mb, note=f"error: {e!r}"[:300]
+                    )
+                    break
+                note.append(f"OOM at micro-batch {mb}")
+                mb //= 2
+            finally:
+                del model, opt
+                _free(device)
+        if row is None:
+            row = dict(shape=shape, variant=variant, device=dev_name, micro_batch=0, note="; ".join(note) or "no fit")
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def step_goal_lines(rows: list) -> list:
+    """The issue's goals at 1B (MFU >= 45 %, L2E <= 1 % over no L2E, best of with/without compile) and info lines
+    for every shape: each variant against HF, and the L2E overhead."""
+    by = {(r["shape"], r["variant"]): r for r in rows if r.get("median_s")}
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        hf = by.get((shape, "hf"))
+        for v in ("ours", "ours+compile", "ours+l2e", "ours+l2e+compile"):
+            r = by.get((shape, v))
+            if r and hf and r["micro_batch"] == hf["micro_batch"]:
+                out.append(
+                    f"info {shape} {v}: {r['tokens_per_s']:,.0f} tokens/s, {r['tflops']:.1f} TFLOP/s, MFU "
+                    f"{fmt_pct(r['mfu'])}; HF {hf['tokens_per_s']:,.0f} tokens/s (ours / HF "
+                    f"{hf['median_s'] / r['median_s']:.3f})"
+                )
+        for c in ("", "+compile"):
+            a, b = by.get((shape, "ours" + c)), by.get((shape, "ours+l2e" + c))
+            if a and b and a["micro_batch"] == b["micro_batch"]:
+                over = 100.0 * (b["median_s"] / a["median_s"] - 1.0)
+                if shape == "1b":
+                    out.append(
+                        f"goal 1b L2E overhead{c or ' (eager)'} <= 1 %: {over:+.2f} %: "
+                        + ("MET" if over <= 1 else "NOT MET")
+                    )
+                else:
+                    out.append(f"info {shape} L2E overhead{c or ' (eager)'}: {over:+.2f} %")
+    best = [by[k] for k in (("1b", "ours"), ("1b", "ours+compile")) if k in by and by[k].get("mfu") is not None]
+    if best:
+        r = max(best, key=lambda r: r["mfu"])
+        out.append(
+            f"goal 1b MFU >= 45 % ({r['variant']}, micro-batch {r['micro_batch']}): {fmt_pct(r['mfu'])}: "
+            f"{'MET' if r['mfu'] >= 0.45 else 'NOT MET'}"
+        )
+    return out
+
+
+def fmt_pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def read_step_rows(paths) -> list:
+    rows = []
+    for p in paths:
+        if Path(p).exists():
+            rows += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+    return rows
+
+
+def step_report(out: Path, rows: list) -> list:
+    """gpu_check_step.csv and gpu_check_step.md from the rows; returns the goal lines."""
+    if not rows:
+        return ["goal: no whole-step rows (see step_*.log)"]
+    with open(out / "gpu_check_step.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=STEP_COLUMNS, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(rows)
+    lines = [
+        "| shape | variant | micro-batch | step s | tokens/s | TFLOP/s | MFU | peak GiB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ok = r.get("median_s") is not None
+        lines.append(
+            f"| {r['shape']} | {r['variant']} | {r.get('micro_batch', '')} | "
+            + (
+                f"{r['median_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {fmt_pct(r['mfu'])} | "
+                f"{r['peak_mem_gib']:.1f}"
+                if ok
+                else " | | | | "
+            )
+            + f" | {r.get('note', '')} |"
+        )
+    goals = step_goal_lines(rows)
+    (out / "gpu_check_step.md").write_text(
+        f"device: {rows[0].get('device')}; FLOPs per step = 6 x N x tokens + 12 x L x h x s x tokens "
+        "(tools/gpu_check.py step_flops)\n\n" + "\n".join(lines) + "\n\n" + "\n".join(goals) + "\n"
+    )
+    return goals
+
+
+def _bench_step_module():
+    import sys as _sys
+
+    if "bench_step" in _sys.modules:
+        return _sys.modules["bench_step"]
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "tools" / "bench_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    _sys.modules["bench_step"] = mod  # its dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def whole_step_worker(args) -> int:
+    """One shape's whole-step rows, appended to --out/step_<shape>.jsonl as each variant finishes."""
+    import torch
+
+    from neox_l2e.config import load_config
+
+    shape = args.whole_step_worker
+    seq = args.step_seq
+    cfg = load_config([ROOT / STEP_CONFIGS[shape]], dict(seq_length=seq, max_position_embeddings=seq))
+    device = torch.device("cuda")
+    peak = args.peak_tflops or bf16_peak_tflops(torch.cuda.get_device_name())
+    path = Path(args.out) / f"step_{shape}.jsonl"
+    path.write_text("")
+
+    def on_row(row):
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    print(f"{shape}: {torch.cuda.get_device_name()}, bf16 peak {peak} TFLOP/s, seq {seq}", flush=True)
+    variants = [v for v in args.step_variants.split(",") if v]
+    whole_step(
+        cfg,
+        variants,
+        args.step_micro_batch,
+        args.step_iters,
+        args.step_warmup,
+        device,
+        torch.bfloat16,
+        peak,
+        shape=shape,
+        compile_backend=args.compile_backend,
+        on_row=on_row,
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -215,12 +535,20 @@ def main(argv=None) -> int:
             "this machine (CPU checks: pytest tests/kernels; python -m neox_l2e.kernels.l2e_mlp.aot_check)"
         )
         return 0
+    if args.whole_step_worker:
+        return whole_step_worker(args)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        print(f"gpu_check: unknown part(s) {unknown}; choose from {','.join(PARTS)}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Runner(out, args.budget_s)
     py = sys.executable
-    run.step("env", [py, "-c", ENV_SNIPPET], "env.log")
-    if not args.skip_tests:
+    if "env" in parts:
+        run.step("env", [py, "-c", ENV_SNIPPET], "env.log")
+    if "tests" in parts and not args.skip_tests:
         run.step(
             "tests",
             [
@@ -238,7 +566,7 @@ def main(argv=None) -> int:
             "tests.log",
         )
     csvs = []
-    for shape in [s for s in args.shapes.split(",") if s]:
+    for shape in [s for s in args.shapes.split(",") if s] if "bench" in parts else []:
         path = out / f"bench_{shape}.csv"
         csvs.append(path)
         run.step(
@@ -266,9 +594,25 @@ def main(argv=None) -> int:
             ],
             f"bench_{shape}.log",
         )
-    bench = _bench_module()
-    for line in report(out, _read_rows(csvs), bench):
-        print(line)
+    if csvs:
+        bench = _bench_module()
+        for line in report(out, _read_rows(csvs), bench):
+            print(line)
+    step_logs = []
+    for shape in [s for s in args.step_shapes.split(",") if s] if "step" in parts else []:
+        step_logs.append(out / f"step_{shape}.jsonl")
+        run.step(
+            f"step:{shape}",
+            [py, "tools/gpu_check.py", "--whole-step-worker", shape, "--out", str(out)]
+            + ["--step-variants", args.step_variants, "--step-micro-batch", str(args.step_micro_batch)]
+            + ["--step-iters", str(args.step_iters), "--step-warmup", str(args.step_warmup)]
+            + ["--step-seq", str(args.step_seq), "--compile-backend", args.compile_backend]
+            + (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []),
+            f"step_{shape}.log",
+        )
+    if step_logs:  # rows of a step that timed out are kept: each variant's row is written when it finishes
+        for line in step_report(out, read_step_rows(step_logs)):
+            print(line)
     steps = run.summary["steps"]
     print(
         f"[gpu_check] {sum(s['status'] == 'ok' for s in steps.values())}/{len(steps)} steps ok in "

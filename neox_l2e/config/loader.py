@@ -34,6 +34,8 @@ from .schema import (
 )
 
 OVERRIDE = "<override>"
+# the values of model.compile: off, on (torch's default mode), or a torch.compile mode
+COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def canon(key: str) -> str:
@@ -231,6 +233,12 @@ class NeoXConfig:
         if self.data.data_order != "auto":
             return self.data.data_order
         return "neox" if self.source_of("pipe_parallel_size") != "<default>" else "stable"
+
+    @property
+    def compile_mode(self) -> Optional[str]:
+        """The torch.compile mode of model.compile ("default" for true), or None when compile is off."""
+        c = self.model.compile
+        return None if c is False else ("default" if c is True else c)
 
     @property
     def l2e_active(self) -> bool:
@@ -562,6 +570,20 @@ def validate(cfg: NeoXConfig) -> None:
             f"{s('zero_optimization')}: ZeRO stage 3 with model-parallel-size {tp} is not supported "
             "(it would shard the tensor-parallel weights again); use stage 1 or 2 with TP, or TP 1"
         )
+
+    _one_of(cfg, "sdpa_backend", m.sdpa_backend, ["auto", "flash", "efficient", "cudnn", "math"])
+    if not isinstance(m.compile, (bool, str)) or m.compile not in COMPILE_MODES:
+        raise ConfigError(
+            f"{s('compile')}: compile: {m.compile!r} is not supported; use one of "
+            + ", ".join(str(v).lower() for v in COMPILE_MODES)
+        )
+    if m.compile:
+        _one_of(cfg, "compile_backend", m.compile_backend, ["inductor", "aot_eager", "eager"])
+        if stage == 3:
+            raise ConfigError(
+                f"{s('compile')}: compile with ZeRO stage 3 is not supported here (stage 3 gathers weights in "
+                "hooks around each module's forward); use ZeRO stage 0, 1 or 2, or compile: false"
+            )
 
     pr = cfg.precision
     if pr.fp16 and pr.fp16.get("enabled", True) and pr.bf16 and pr.bf16.get("enabled", True):

@@ -82,6 +82,10 @@ class ModelConfig:
         None,
         "Attention type per layer, NeoX form [[['flash'], N]]; 'global' and 'flash' both use torch scaled_dot_product_attention (flash kernel picked by torch on GPU); other types are refused.",
     )
+    sdpa_backend: str = setting(
+        "auto",
+        "Kernel of torch scaled_dot_product_attention: auto (torch's choice: flash on CUDA in bf16/fp16 when it applies), or only flash, efficient, cudnn or math (a forced kernel that cannot run raises).",
+    )
     scaled_upper_triang_masked_softmax_fusion: bool = setting(
         False,
         "NeoX fused-softmax flag; no effect here: attention always goes through torch SDPA, which is fused.",
@@ -97,6 +101,13 @@ class ModelConfig:
         False, "Recompute each layer's activations in backward (torch.utils.checkpoint)."
     )
     checkpoint_num_layers: int = setting(1, "Layers per checkpointed chunk.")
+    compile: Any = setting(
+        False,
+        "torch.compile the model's forward in place after DeepSpeed's initialize (engine.compile; ZeRO 0-2): false, true (torch's default mode), or a mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs; an inhibited layer's up-projection runs eagerly (a graph break).",
+    )
+    compile_backend: str = setting(
+        "inductor", "torch.compile backend when compile is on: inductor, or aot_eager / eager (no code generation)."
+    )
     partition_activations: bool = setting(
         False,
         "NeoX splits checkpointed activations across TP ranks; no effect here (memory optimisation not implemented).",

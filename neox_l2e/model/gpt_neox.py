@@ -5,19 +5,22 @@
 Layer (parallel residual, Pythia):  out = x + attn(ln1(x)) + mlp(ln2(x))
 Layer (sequential residual):        h = x + attn(ln1(x));  out = h + mlp(ln2(h))
 Attention: one fused QKV projection laid out per head as [q_h, k_h, v_h]; partial rotary on the
-first rotary_pct * head_dim dims of q and k; causal torch scaled_dot_product_attention.
+first rotary_pct * head_dim dims of q and k; causal torch scaled_dot_product_attention (sdpa-backend: torch's
+choice of kernel, or one forced).
 Tensor parallelism splits heads, the MLP width and the vocabulary (neox_l2e.parallel); parameter
 names follow Hugging Face GPTNeoX so checkpoints convert by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..config import DEFAULT_SEED, NeoXConfig
@@ -34,6 +37,18 @@ from ..parallel import (
 from .mlp import MLP
 from .rotary import RotaryEmbedding, apply_rotary
 
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def _sdpa_kernel(name: str):
+    """The context that limits scaled_dot_product_attention to one kernel (sdpa-backend), or none for "auto"."""
+    return contextlib.nullcontext() if name == "auto" else sdpa_kernel([SDPA_BACKENDS[name]])
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: NeoXConfig, ps: ParallelState, dtype=None):
@@ -47,19 +62,24 @@ class Attention(nn.Module):
             m.hidden_size, 3 * m.hidden_size, ps, bias=m.use_bias_in_attn_linear, dtype=dtype
         )
         self.dense = RowParallelLinear(m.hidden_size, m.hidden_size, ps, bias=m.use_bias_in_attn_linear, dtype=dtype)
+        self.sdpa_backend = m.sdpa_backend  # "auto": torch picks the kernel; else only that one (sdpa_kernel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         qkv = self.query_key_value(x)  # [b, s, 3 * heads * hd]
         qkv = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)  # [b, heads, s, 3 hd]
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each [b, heads, s, hd]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q and k come out of the rotary as new tensors; v is a view of qkv, and attention saves v for its
+        # backward: copied to its own storage, v no longer keeps the whole qkv (3x its size) alive until the
+        # backward (2/3 of qkv per layer, the activation memory we kept above Hugging Face's)
+        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
         p = self.dropout if self.training else 0.0
-        if p > 0.0:
-            with self.rng.fork():  # this rank's heads: own dropout stream
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with _sdpa_kernel(self.sdpa_backend):
+            if p > 0.0:
+                with self.rng.fork():  # this rank's heads: own dropout stream
+                    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)  # [b, s, h/tp]
         return self.dense(y)  # [b, s, h]
 
@@ -213,7 +233,7 @@ class GPTNeoX(nn.Module):
             logits = F.linear(copy_to_tp(x, self.ps), self.gpt_neox.embed_in.weight)
         else:
             logits = self.embed_out(x)  # [b, s, V/tp]
-        return ModelOutput(logits, self.l2e.loss())
+        return ModelOutput(logits, _l2e_loss(self.l2e))
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32); logits may be vocab-parallel."""
@@ -229,6 +249,13 @@ class GPTNeoX(nn.Module):
         x tp), so above TP=1 each adds (padded(tp) - padded(1)) x hidden-size inert zero rows to the count (Pythia:
         128 rows each at TP=2); every other parameter counts the same at any degree."""
         return sum(math.prod(_full_shape(p, self.ps)) for p in self.parameters())
+
+
+@torch.compiler.disable
+def _l2e_loss(controller) -> Optional[torch.Tensor]:
+    """controller.loss(), run eagerly under torch.compile: it reads the loss tensors the inhibitors (themselves run
+    eagerly) stored on the Python side during this forward."""
+    return controller.loss()
 
 
 def _run_layers(layers, x, cos, sin):

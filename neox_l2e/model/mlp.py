@@ -51,7 +51,15 @@ class InhibitedUp(GELUUp):
         self.__dict__["_inhibitor"] = inhibitor  # unregistered: the MLP owns it
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return self._inhibitor(x, weight, bias, self.approximate)
+        return _run_eagerly(self._inhibitor, x, weight, bias, self.approximate)
+
+
+@torch.compiler.disable
+def _run_eagerly(inhibitor: nn.Module, x, weight, bias, approximate: str) -> torch.Tensor:
+    """The inhibitor's forward, never traced by torch.compile (a graph break in a compiled model): it keeps
+    Python-side state between forward and commit (the pending micro-batch, the phase) and, on CUDA, launches the
+    fused kernel, which is itself compiler-disabled."""
+    return inhibitor(x, weight, bias, approximate)
 
 
 class MLP(nn.Module):

@@ -170,7 +170,20 @@ def build_engine(cfg: NeoXConfig, model: torch.nn.Module, ps: ParallelState):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, ps.dp), dist_init_required=False, **kwargs
     )
+    if cfg.compile_mode is not None:
+        compile_engine(engine, cfg)
     return engine, optimizer
+
+
+def compile_engine(engine, cfg: NeoXConfig) -> None:
+    """model.compile: torch.compile the module's forward in place (DeepSpeed's engine.compile, nn.Module.compile
+    underneath), so the module keeps its class, attributes and state_dict keys (checkpoints are the same) and
+    ZeRO 1/2 hooks, which live on the parameters and the engine, are untouched. The compile happens at the first
+    forward. An inhibited layer's up-projection (the L2E inhibitor: its Python-side state and, on CUDA, the
+    fused kernel) runs eagerly: a graph break there (neox_l2e.model.mlp)."""
+    mode = cfg.compile_mode
+    kwargs = {} if mode == "default" else {"mode": mode}
+    engine.compile(backend=cfg.model.compile_backend, compile_kwargs=kwargs)
 
 
 # DeepSpeed's global wall-clock timers (wall-clock-breakdown: true) under GPT-NeoX's timer names

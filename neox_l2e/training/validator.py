@@ -11,6 +11,7 @@ Every rank calls ``run`` (the forwards hold the TP collectives; the loss is all-
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -124,18 +125,22 @@ class Validator:
             if inh.layer_index in mlps and float(inh.count.reshape(-1)[:1].sum()) >= 2:
                 running[inh.layer_index] = ms_heldout.running_variance(inh)
         self.engine.eval()
+        # it reads activations with forward hooks on the MLPs: under compile (model.compile) the forward runs
+        # eagerly here, since a compiled graph does not call hooks added after it was compiled
+        eager = torch.compiler.set_stance("force_eager") if self.cfg.compile_mode else contextlib.nullcontext()
         try:
-            return ms_heldout.measure(
-                self.engine,
-                mlps,
-                self.heldout_tokens,
-                self.cfg.model.seq_length,
-                self.cfg.training.train_micro_batch_size_per_gpu,
-                self.cfg.l2e.l2e_reference_levels or [],
-                ps=self.ps,
-                running_vars=running,
-                device=self.ps.device,
-            )
+            with eager:
+                return ms_heldout.measure(
+                    self.engine,
+                    mlps,
+                    self.heldout_tokens,
+                    self.cfg.model.seq_length,
+                    self.cfg.training.train_micro_batch_size_per_gpu,
+                    self.cfg.l2e.l2e_reference_levels or [],
+                    ps=self.ps,
+                    running_vars=running,
+                    device=self.ps.device,
+                )
         finally:
             self.engine.train()
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_gpu_check_without_cuda_says_so_in_one_line(repo_root, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(repo_root))
@@ -82,3 +84,91 @@ def test_gpu_check_steps_time_out_and_keep_partial_results(repo_root, tmp_path, 
     assert summary["late"]["status"].startswith("skipped")
     assert (tmp_path / "quick.log").read_text().strip() == "hello"
     assert "started" in (tmp_path / "slow.log").read_text() and not (tmp_path / "late.log").exists()
+
+
+def _gpu_check_module(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", repo_root / "tools" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    return gc
+
+
+def _tiny_cfg():
+    from neox_l2e.config import build_config
+
+    return build_config(
+        dict(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            seq_length=16,
+            max_position_embeddings=16,
+            vocab_size=64,
+            make_vocab_size_divisible_by=8,
+            rotary_pct=0.25,
+            gpt_j_residual=True,
+            no_weight_tying=True,
+        )
+    )
+
+
+def test_whole_step_measurement_runs_on_cpu(repo_root, tmp_path):
+    """The whole-step measurement (part "step") through its own function, device-agnostic, at a tiny config on
+    CPU: every variant gives a timed row (compile with the eager backend: dynamo only, fast), the FLOP count is the
+    formula's, and the report writes its table and the goal lines."""
+    import torch
+
+    gc = _gpu_check_module(repo_root)
+    cfg = _tiny_cfg()
+    seen = []
+    variants = ["ours", "ours+l2e", "ours+compile", "ours+l2e+compile", "hf"]
+    rows = gc.whole_step(
+        cfg, variants, 2, 1, 1, torch.device("cpu"), torch.float32, 1.0, "1b", "eager", on_row=seen.append
+    )
+    assert [r["variant"] for r in rows] == variants and seen == rows
+    n_mm = sum(
+        p.numel()
+        for n, p in gc.build_variant(cfg, "ours", 64, torch.float32, torch.device("cpu"))[0].named_parameters()
+        if "embed_in" not in n
+    )
+    for r in rows:
+        assert r["micro_batch"] == 2 and r["tokens_per_step"] == 32 and r["median_s"] > 0, r
+        assert r["matmul_params"] == n_mm
+        assert r["tflops"] == pytest.approx(gc.step_flops(n_mm, 2, 32, 16, 32) / r["median_s"] / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 1.0)
+    assert "2 active" in rows[1]["note"]  # the inhibitors selected after the warm-up
+    assert gc.step_flops(10, 2, 4, 8, 3) == 6 * 10 * 3 + 12 * 2 * 4 * 8 * 3
+    goals = gc.step_report(tmp_path, rows)
+    assert any(g.startswith("goal 1b MFU >= 45 %") for g in goals)
+    assert any(g.startswith("goal 1b L2E overhead (eager) <= 1 %") for g in goals)
+    assert any(g.startswith("goal 1b L2E overhead+compile <= 1 %") for g in goals)
+    assert sum(g.startswith("info 1b ours") for g in goals) == 4
+    assert (tmp_path / "gpu_check_step.csv").read_text().count("\n") == 1 + len(rows)
+    assert "| 1b | ours+l2e+compile | 2 |" in (tmp_path / "gpu_check_step.md").read_text()
+    assert gc.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gc.bf16_peak_tflops("NVIDIA H200") == 989.0
+    assert gc.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0 and gc.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gc.bf16_peak_tflops("cpu") is None
+
+
+def test_whole_step_halves_the_micro_batch_on_out_of_memory(repo_root, monkeypatch):
+    import torch
+
+    gc = _gpu_check_module(repo_root)
+    build = gc.build_variant
+
+    def tight(*a, **k):  # a device that fits 2 sequences
+        model, fn = build(*a, **k)
+
+        def step(m, b, opt):
+            if b.shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+            return fn(m, b, opt)
+
+        return model, step
+
+    monkeypatch.setattr(gc, "build_variant", tight)
+    rows = gc.whole_step(_tiny_cfg(), ["ours", "hf"], 8, 1, 0, torch.device("cpu"), torch.float32, None)
+    assert [r["micro_batch"] for r in rows] == [2, 2] and rows[0]["mfu"] is None
+    assert "OOM at micro-batch 8; OOM at micro-batch 4" in rows[0]["note"] and "OOM" not in rows[1]["note"]
