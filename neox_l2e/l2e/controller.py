@@ -21,7 +21,7 @@ import torch
 REDUCTIONS = ("selected-mean", "token-sum")
 
 
-def total_loss(inhibitors: Iterable, reduction: str = "selected-mean") -> Optional[torch.Tensor]:
+def total_loss(inhibitors: Iterable, reduction: str = "token-sum") -> Optional[torch.Tensor]:
     """The L2E loss of the last forward (no host synchronisation); None when no layer could select.
 
     selected-mean: sum of the layers' mean L_MS / number of layers with n_selected > 0 (a layer with none
@@ -69,7 +69,7 @@ def metrics_all(inhibitors: Iterable, prefix: str = "l2e_train") -> dict:
 class L2EController:
     """The inhibitors of one model, the loss weight lambda and the reduction; what the training loop calls."""
 
-    def __init__(self, inhibitors: Sequence, lam: float, reduction: str = "selected-mean"):
+    def __init__(self, inhibitors: Sequence, lam: float, reduction: str = "token-sum"):
         self.inhibitors = list(inhibitors)
         self.lam = float(lam)
         self.reduction = reduction

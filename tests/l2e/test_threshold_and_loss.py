@@ -143,11 +143,12 @@ def test_total_loss_averages_layers_that_selected():
     x = batch(64, seed=3)
     a(x, w, b, "none")
     c(x, w, b, "none")
-    torch.testing.assert_close(total_loss([a, c]), (a.loss + c.loss) / 2)
+    torch.testing.assert_close(total_loss([a, c], "selected-mean"), (a.loss + c.loss) / 2)
     c.n_selected = torch.zeros(())  # a layer that selected nothing
     c.loss = torch.zeros(())
-    torch.testing.assert_close(total_loss([a, c]), a.loss)
+    torch.testing.assert_close(total_loss([a, c], "selected-mean"), a.loss)
     assert total_loss([make_inhibitor()]) is None
+    assert total_loss([make_inhibitor()], "selected-mean") is None
 
 
 def test_bf16_inputs_give_the_plain_mlp_output_and_fp32_loss():
