@@ -15,7 +15,8 @@ never from raw sums (sum x^2 - n mean^2 cancels for near-constant neurons).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -63,6 +64,72 @@ def inhibition_loss_sum(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor,
     return torch.log(arg).sum()
 
 
+def _at_or_above(flat: torch.Tensor, bound) -> tuple:
+    """Flat indices (ascending) of the entries >= bound and their values."""
+    idx = torch.nonzero(flat >= bound).squeeze(1)
+    return idx, flat.index_select(0, idx)
+
+
+def select_above(phi: torch.Tensor, tau: float, level_bound: Optional[float] = None) -> tuple:
+    """L2E's selection phi >= tau as flat indices (ascending, i.e. row-major order), without a dense mask:
+    ``(sel, sel_phi, cand_phi, bound)``. One comparison pass finds every phi >= bound = min(tau, level_bound)
+    (``cand_phi``, their values: what the metrics count phi > level on, for levels >= bound); the selection is
+    taken among them."""
+    flat = phi.reshape(-1)
+    bound = float(tau) if level_bound is None else min(float(tau), float(level_bound))
+    idx, vals = _at_or_above(flat, bound)
+    if bound < tau:
+        keep = vals >= tau
+        return idx[keep], vals[keep], vals, bound
+    return idx, vals, vals, bound
+
+
+#: sample size for the bound of MEmeL's k-th largest phi (select_top_k)
+TOP_K_SAMPLE = 65536
+
+
+def select_top_k(phi: torch.Tensor, k: int, level_bound: Optional[float] = None) -> tuple:
+    """MEmeL's selection, exactly the k largest phi (ties by topk's order among the candidates below), as flat
+    indices: ``(sel, sel_phi, cand_phi, bound)``, without a sort or top-k over all T x N entries.
+
+    A strided sample of about TOP_K_SAMPLE values gives a bound b a little below the k-th largest phi (the
+    sample's r-th largest, r = its expected share of k plus 4 standard deviations); one comparison pass finds the
+    candidates phi >= min(b, level_bound) and torch.topk runs over them only. Whenever fewer than k candidates come
+    out (a bound too high: improbable), the full torch.topk is used instead, so the selection is always exact: the
+    k largest of all lie among any candidate set of at least k entries at or above a bound. ``cand_phi``: the
+    candidates' phi (every phi >= ``bound``; None on the fallback, with ``bound`` None)."""
+    flat = phi.reshape(-1)
+    n = flat.numel()
+    k = max(0, min(int(k), n))
+    if k == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=phi.device)
+        return empty, flat[:0], flat[:0], math.inf
+    stride = max(1, n // TOP_K_SAMPLE)
+    stride += 1 - stride % 2 if stride > 1 else 0  # odd: not a divisor of a power-of-two row length
+    sample = flat[::stride]
+    m = sample.numel()
+    expect = k * m / n
+    r = min(m, int(math.ceil(expect + 4.0 * math.sqrt(expect) + 8.0)))
+    b = torch.topk(sample, r, sorted=False).values.min()
+    if level_bound is not None:
+        b = b.clamp(max=float(level_bound))
+    idx, vals = _at_or_above(flat, b)
+    if idx.numel() < k:  # a shape, not a host copy of a value
+        top = torch.topk(flat, k, sorted=False)
+        return top.indices, top.values, None, None
+    top = torch.topk(vals, k, sorted=False)
+    return idx.index_select(0, top.indices), top.values, vals, b
+
+
+def top_k_mask(phi: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense mask of exactly the k largest phi (torch.topk over all entries; ties by its order)."""
+    flat = phi.reshape(-1)
+    idx = torch.topk(flat, max(0, min(int(k), flat.numel())), sorted=False).indices
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    mask[idx] = True
+    return mask.reshape(phi.shape)
+
+
 def count(mask: torch.Tensor) -> torch.Tensor:
     """Number of True entries as a float64 scalar tensor (exact; no host synchronisation)."""
     return torch.count_nonzero(mask).to(torch.float64)
@@ -84,7 +151,8 @@ def batch_moments(z: torch.Tensor) -> tuple:
     z = z.detach().float().reshape(-1, z.shape[-1])
     n = z.shape[0]
     mean = z.mean(dim=0)
-    m2 = ((z - mean) ** 2).sum(dim=0)
+    d = z - mean
+    m2 = d.mul_(d).sum(dim=0)  # the same bits as ((z - mean) ** 2).sum(0), one [T, N] buffer
     return torch.full((), float(n), dtype=torch.float32, device=z.device), mean, m2  # a fill: no host copy
 
 
