@@ -16,6 +16,7 @@ never from raw sums (sum x^2 - n mean^2 cancels for near-constant neurons).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -64,61 +65,124 @@ def inhibition_loss_sum(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor,
     return torch.log(arg).sum()
 
 
-def _at_or_above(flat: torch.Tensor, bound) -> tuple:
-    """Flat indices (ascending) of the entries >= bound and their values."""
-    idx = torch.nonzero(flat >= bound).squeeze(1)
-    return idx, flat.index_select(0, idx)
-
-
-def select_above(phi: torch.Tensor, tau: float, level_bound: Optional[float] = None) -> tuple:
-    """L2E's selection phi >= tau as flat indices (ascending, i.e. row-major order), without a dense mask:
-    ``(sel, sel_phi, cand_phi, bound)``. One comparison pass finds every phi >= bound = min(tau, level_bound)
-    (``cand_phi``, their values: what the metrics count phi > level on, for levels >= bound); the selection is
-    taken among them."""
-    flat = phi.reshape(-1)
-    bound = float(tau) if level_bound is None else min(float(tau), float(level_bound))
-    idx, vals = _at_or_above(flat, bound)
-    if bound < tau:
-        keep = vals >= tau
-        return idx[keep], vals[keep], vals, bound
-    return idx, vals, vals, bound
-
-
-#: sample size for the bound of MEmeL's k-th largest phi (select_top_k)
+#: elements of z per block of rows in ``scan`` (512 KiB of fp32: the block's temporaries stay in cache)
+SCAN_BLOCK = 131072
+#: sample size for the bound of MEmeL's k-th largest phi (``scan`` with top_k)
 TOP_K_SAMPLE = 65536
 
 
-def select_top_k(phi: torch.Tensor, k: int, level_bound: Optional[float] = None) -> tuple:
-    """MEmeL's selection, exactly the k largest phi (ties by topk's order among the candidates below), as flat
-    indices: ``(sel, sel_phi, cand_phi, bound)``, without a sort or top-k over all T x N entries.
+@dataclass
+class Scan:
+    """What ``scan`` computes on a [T, N] batch (0-dim / flat tensors unless noted).
 
-    A strided sample of about TOP_K_SAMPLE values gives a bound b a little below the k-th largest phi (the
-    sample's r-th largest, r = its expected share of k plus 4 standard deviations); one comparison pass finds the
-    candidates phi >= min(b, level_bound) and torch.topk runs over them only. Whenever fewer than k candidates come
-    out (a bound too high: improbable), the full torch.topk is used instead, so the selection is always exact: the
-    k largest of all lie among any candidate set of at least k entries at or above a bound. ``cand_phi``: the
-    candidates' phi (every phi >= ``bound``; None on the fallback, with ``bound`` None)."""
-    flat = phi.reshape(-1)
+    moments: (count, mean [N], M2 [N]) or None; phi: the full [T, N] phi or None (only with keep_phi);
+    phi_sum: sum of phi (fp32); sel, sel_phi: the selection as flat indices and its phi; cand_phi: every phi >=
+    ``bound`` (a superset of the selection; None when the top-k fell back to a full top-k); bound: a float or
+    0-dim tensor <= the selection's phi and <= level_bound."""
+
+    moments: Optional[tuple] = None
+    phi: Optional[torch.Tensor] = None
+    phi_sum: Optional[torch.Tensor] = None
+    sel: Optional[torch.Tensor] = None
+    sel_phi: Optional[torch.Tensor] = None
+    cand_phi: Optional[torch.Tensor] = None
+    bound: object = None
+
+
+def scan(
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    inv_var: torch.Tensor,
+    *,
+    tau: Optional[float] = None,
+    top_k: Optional[int] = None,
+    level_bound: Optional[float] = None,
+    moments: bool = True,
+    keep_phi: bool = False,
+) -> Scan:
+    """The statistics, phi and the selection of one fp32 batch z [T, N] in one sweep over blocks of rows (each
+    block's temporaries stay in cache), without a dense mask, a sort or a top-k over all T x N entries.
+
+    moments: ``batch_moments`` (the mean first, then the squared deviations block by block; the same values up to
+    summation order). phi: as ``phi`` (the same bits), summed, and compared once with a bound: the flat indices
+    of every phi >= bound are the candidates the selection is taken from.
+
+    - ``tau`` (L2E): selected = phi >= tau; bound = min(tau, level_bound).
+    - ``top_k`` (MEmeL): exactly the k largest phi (ties by topk's order among the candidates). The bound is a
+      little below the k-th largest phi, from a strided sample of about TOP_K_SAMPLE entries (the sample's r-th
+      largest, r = its expected share of k plus 4 standard deviations), capped by level_bound; torch.topk runs
+      over the candidates only. The k largest of all lie among any set of at least k entries at or above a bound,
+      so this is exact; when fewer than k candidates come out (a bound too high: improbable), the full torch.topk
+      over all of phi is used instead.
+
+    Selections are in row-major (ascending) order for tau; the metrics count phi > level on ``cand_phi`` for
+    levels >= bound (all of them when level_bound = min(levels))."""
+    z = z.detach().reshape(-1, z.shape[-1])
+    T, N = z.shape
+    out = Scan()
+    bmean = z.mean(dim=0) if moments else None
+    bound = None
+    if tau is not None:
+        bound = float(tau) if level_bound is None else min(float(tau), float(level_bound))
+    elif top_k is not None:
+        k = max(0, min(int(top_k), T * N))
+        bound = _top_k_bound(z, mean, inv_var, k, level_bound) if k else math.inf
+    rows = max(1, SCAN_BLOCK // max(N, 1))
+    m2 = torch.zeros(N, dtype=torch.float32, device=z.device) if moments else None
+    phi_sum = torch.zeros((), dtype=torch.float32, device=z.device)
+    full = torch.empty_like(z) if keep_phi else None
+    buf = torch.empty(min(rows, T), N, dtype=torch.float32, device=z.device)
+    idx, vals = [], []
+    for i in range(0, T, rows):
+        zb = z[i : i + rows]
+        n = zb.shape[0]
+        if moments:
+            d = torch.sub(zb, bmean, out=buf[:n])
+            m2 += d.mul_(d).sum(dim=0)
+        p = torch.sub(zb, mean, out=full[i : i + n] if keep_phi else buf[:n])
+        p.mul_(p).mul_(inv_var)  # the bits of phi()
+        phi_sum += p.sum()
+        if bound is not None:
+            j = torch.nonzero((p >= bound).view(-1)).squeeze(1)
+            vals.append(p.view(-1).index_select(0, j))
+            idx.append(j.add_(i * N))
+    if moments:
+        out.moments = (torch.full((), float(T), dtype=torch.float32, device=z.device), bmean, m2)
+    out.phi, out.phi_sum, out.bound = full, phi_sum, bound
+    if bound is None:
+        return out
+    idx, vals = torch.cat(idx), torch.cat(vals)
+    if tau is not None:
+        if bound < tau:
+            keep = vals >= tau
+            out.sel, out.sel_phi = idx[keep], vals[keep]
+        else:
+            out.sel, out.sel_phi = idx, vals
+        out.cand_phi = vals
+    elif idx.numel() >= k:  # a shape, not a host copy of a value
+        top = torch.topk(vals, k, sorted=False)
+        out.sel, out.sel_phi, out.cand_phi = idx.index_select(0, top.indices), top.values, vals
+    else:  # the fallback: the full top-k (phi kept for the metrics' level counts)
+        out.phi = full if keep_phi else phi(z, mean, inv_var)
+        top = torch.topk(out.phi.reshape(-1), k, sorted=False)
+        out.sel, out.sel_phi, out.bound = top.indices, top.values, None
+    return out
+
+
+def _top_k_bound(z, mean, inv_var, k: int, level_bound: Optional[float]) -> torch.Tensor:
+    """A value a little below the k-th largest phi of z, from phi on a strided sample of z's entries."""
+    flat = z.reshape(-1)
     n = flat.numel()
-    k = max(0, min(int(k), n))
-    if k == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=phi.device)
-        return empty, flat[:0], flat[:0], math.inf
     stride = max(1, n // TOP_K_SAMPLE)
     stride += 1 - stride % 2 if stride > 1 else 0  # odd: not a divisor of a power-of-two row length
-    sample = flat[::stride]
+    pos = torch.arange(0, n, stride, device=z.device)
+    col = pos.remainder(z.shape[-1])
+    sample = phi(flat.index_select(0, pos), mean.index_select(0, col), inv_var.index_select(0, col))
     m = sample.numel()
     expect = k * m / n
     r = min(m, int(math.ceil(expect + 4.0 * math.sqrt(expect) + 8.0)))
     b = torch.topk(sample, r, sorted=False).values.min()
-    if level_bound is not None:
-        b = b.clamp(max=float(level_bound))
-    idx, vals = _at_or_above(flat, b)
-    if idx.numel() < k:  # a shape, not a host copy of a value
-        top = torch.topk(flat, k, sorted=False)
-        return top.indices, top.values, None, None
-    top = torch.topk(vals, k, sorted=False)
-    return idx.index_select(0, top.indices), top.values, vals, b
+    return b.clamp(max=float(level_bound)) if level_bound is not None else b
 
 
 def top_k_mask(phi: torch.Tensor, k: int) -> torch.Tensor:

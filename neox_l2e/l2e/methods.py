@@ -110,7 +110,7 @@ class L2EInhibitor(Inhibitor):
 class MEmeLInhibitor(Inhibitor):
     """MEmeL: in training, the k = round(p * T * N) largest phi of this rank's batch are reflected about the
     neuron's mean, z' = 2 mean - z. Scores phi on the fp32 z of the torch path on every backend. The selection
-    (``functional.select_top_k`` on CPU, a top-k over all entries elsewhere) is made once per micro-batch: an
+    (``functional.scan`` on CPU, a top-k over all entries elsewhere) is made once per micro-batch: an
     activation-checkpointing recompute reuses it."""
 
     method = "memel"
@@ -162,6 +162,7 @@ class MEmeLInhibitor(Inhibitor):
                 selection=r.selection if select else None,
             )
         return r.z
+
 
 METHODS = {"l2e": L2EInhibitor, "memel": MEmeLInhibitor}
 

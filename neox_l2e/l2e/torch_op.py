@@ -78,9 +78,10 @@ class L2EForward:
     """What one forward computes. ``n_sel`` is int64 0-dim; ``moments`` is (count, bmean, bm2) or None;
     ``z32``, ``phi`` and ``mask`` are None where the backend does not produce them (the Triton kernel).
 
-    The CPU (gather) form of the torch path gives the selection as ``sel`` (flat indices into [T, N]) instead of
-    ``mask``, with ``sel_phi`` (phi at ``sel``) and ``cand_phi`` (every phi >= ``cand_bound``, a superset of the
-    selection, for the metrics' level counts)."""
+    The CPU (gather) form of the torch path (``functional.scan``) gives the selection as ``sel`` (flat indices
+    into [T, N]) instead of ``mask``, with ``sel_phi`` (phi at ``sel``), ``cand_phi`` (every phi >= ``cand_bound``,
+    a superset of the selection, for the metrics' level counts) and ``phi_sum``; ``phi`` only when scoring without
+    selecting (the batch that initialises tau)."""
 
     z: torch.Tensor
     loss_sum: torch.Tensor
@@ -89,6 +90,7 @@ class L2EForward:
     z32: Optional[torch.Tensor] = None
     phi: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
+    phi_sum: Optional[torch.Tensor] = None
     sel: Optional[torch.Tensor] = None
     sel_phi: Optional[torch.Tensor] = None
     cand_phi: Optional[torch.Tensor] = None
@@ -204,31 +206,34 @@ def up_gelu_l2e(
     if gather is None:
         gather = gather_form(x.device)
     if not gather:
-        return _up_gelu_l2e_masked(
-            x, weight, bias, mean, inv_var, tau, eps, approximate, preact, grad_to_input, moments, score, top_k, selection
-        )
+        args = (x, weight, bias, mean, inv_var, tau, eps, approximate, preact, grad_to_input, moments, score)
+        return _up_gelu_l2e_masked(*args, top_k, selection)
     u = preactivation(x, weight, bias, preact)
     with torch.no_grad():
         z32 = TF.gelu(u.detach().float(), approximate=approximate)
-        out = L2EForward(z=None, loss_sum=None, n_sel=None)
-        out.moments = functional.batch_moments(z32) if moments else None
         select = tau is not None or top_k is not None
-        if score or (select and selection is None):
-            out.phi = functional.phi(z32, mean, inv_var)
+        fresh = select and selection is None
+        if fresh or moments or score:
+            sc = functional.scan(
+                z32,
+                mean,
+                inv_var,
+                tau=tau if fresh else None,
+                top_k=top_k if fresh else None,
+                level_bound=level_bound,
+                moments=moments,
+                keep_phi=score and not select,
+            )
+        else:
+            sc = functional.Scan()
+        out = L2EForward(z=None, loss_sum=None, n_sel=None, moments=sc.moments, phi=sc.phi, phi_sum=sc.phi_sum)
         z = z32.to(x.dtype)
         out.z32 = z32 if z is not z32 or top_k is None else None  # MEmeL reflects z in place (fp32: z is z32)
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         sel = d = None
         if select:
-            if selection is not None:
-                sel = selection
-            else:
-                pick = (
-                    functional.select_top_k(out.phi, top_k, level_bound)
-                    if top_k is not None
-                    else functional.select_above(out.phi, tau, level_bound)
-                )
-                sel, out.sel_phi, out.cand_phi, out.cand_bound = pick
+            sel = selection if selection is not None else sc.sel
+            out.sel_phi, out.cand_phi, out.cand_bound = sc.sel_phi, sc.cand_phi, sc.bound
             cols = sel.remainder(z32.shape[-1])
             if top_k is None:  # L2E: the loss over the selected entries, in flat (row-major) order
                 d = z32.reshape(-1).index_select(0, sel) - mean.detach().index_select(0, cols)

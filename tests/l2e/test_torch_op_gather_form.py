@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from neox_l2e.l2e import commit_all
 from neox_l2e.l2e import functional as F
 from neox_l2e.l2e.metrics import BatchMetrics
-from neox_l2e.l2e.torch_op import up_gelu_l2e
+from neox_l2e.l2e.torch_op import L2EForward, up_gelu_l2e
 
 
 def _stats(n, seed=7):
@@ -48,6 +48,14 @@ def _grads(fn, leaves, gz, w_loss=0.7):
     )
 
 
+def _run(x, w, b, mean, inv_var, tau, eps, approximate, grad_to_input, gather):
+    def fn():
+        r = up_gelu_l2e(x, w, b, mean, inv_var, tau, eps, approximate, grad_to_input=grad_to_input, gather=gather)
+        return r.z, r.loss_sum
+
+    return fn
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grad_to_input", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
@@ -63,32 +71,19 @@ def test_gather_form_equals_plain_autograd(dtype, grad_to_input, bias, shape):
     gz = torch.randn(T, n, generator=torch.Generator().manual_seed(3))
     tau, eps = 1.5, 1e-6
     for approximate in ("none", "tanh"):
-        z0, l0, g0 = _grads(
-            lambda: _plain_reference(x, w, b, mean, inv_var, tau, eps, approximate, grad_to_input)[:2], leaves, gz
-        )
+        args = (x, w, b, mean, inv_var, tau, eps, approximate, grad_to_input)
+        z0, l0, g0 = _grads(lambda args=args: _plain_reference(*args)[:2], leaves, gz)
+        mask = _plain_reference(*args)[2]
         r = up_gelu_l2e(x, w, b, mean, inv_var, tau, eps, approximate, grad_to_input=grad_to_input)
-        mask = _plain_reference(x, w, b, mean, inv_var, tau, eps, approximate, grad_to_input)[2]
         assert 0 < int(r.n_sel) == int(mask.sum()) < mask.numel()  # the shape selects some, not all
         assert torch.equal(r.sel, mask.reshape(-1).nonzero().squeeze(1))
-        z1, l1, g1 = _grads(
-            lambda: (lambda r: (r.z, r.loss_sum))(
-                up_gelu_l2e(x, w, b, mean, inv_var, tau, eps, approximate, grad_to_input=grad_to_input)
-            ),
-            leaves,
-            gz,
-        )
+        z1, l1, g1 = _grads(_run(*args, gather=True), leaves, gz)
         assert z1.dtype == dtype and torch.equal(z1, z0)
         assert torch.equal(l1, l0)
         for a, c in zip(g1, g0):
             assert torch.equal(a, c)
         # and the masked form (kept for devices where gathering would synchronise) gives the same
-        z2, l2, g2 = _grads(
-            lambda: (lambda r: (r.z, r.loss_sum))(
-                up_gelu_l2e(x, w, b, mean, inv_var, tau, eps, approximate, grad_to_input=grad_to_input, gather=False)
-            ),
-            leaves,
-            gz,
-        )
+        z2, l2, g2 = _grads(_run(*args, gather=False), leaves, gz)
         assert torch.equal(z2, z0)
         torch.testing.assert_close(l2, l0, rtol=1e-6, atol=0)
         for a, c in zip(g2, g0):
@@ -131,66 +126,73 @@ def test_memel_gather_form_equals_plain_autograd(dtype):
     assert int(r.n_sel) == k and r.sel.numel() == k
 
 
-def _distinct(n, seed):
-    """Random non-negative values without ties (a permutation of distinct levels, heavy-tailed like phi)."""
+def _distinct_z(shape, seed):
+    """z with distinct positive values, mean 0 and inv_var 1: phi = z^2 without ties, heavy-tailed."""
+    n = shape[0] * shape[1]
     g = torch.Generator().manual_seed(seed)
-    v = torch.linspace(0.0, 1.0, n + 1)[1:] ** 4 * 50.0
-    return v[torch.randperm(n, generator=g)]
+    v = torch.linspace(0.0, 1.0, n + 1)[1:] ** 2 * 7.0
+    z = v[torch.randperm(n, generator=g)].reshape(shape)
+    return z, torch.zeros(shape[1]), torch.ones(shape[1])
 
 
 @pytest.mark.parametrize("shape", [(16, 24), (300, 700), (517, 1031)])
 @pytest.mark.parametrize("ratio", [0.01, 0.02, 0.3])
 @pytest.mark.parametrize("level_bound", [None, 5.0])
-def test_select_top_k_equals_the_full_top_k(shape, ratio, level_bound):
-    phi = _distinct(shape[0] * shape[1], seed=shape[0]).reshape(shape)
+def test_scan_top_k_equals_the_full_top_k(shape, ratio, level_bound):
+    z, mean, inv_var = _distinct_z(shape, seed=shape[0])
+    phi = F.phi(z, mean, inv_var)
     assert phi.unique().numel() == phi.numel()
     k = max(1, round(ratio * phi.numel()))
-    sel, sel_phi, cand, bound = F.select_top_k(phi, k, level_bound)
+    sc = F.scan(z, mean, inv_var, top_k=k, level_bound=level_bound)
     want = torch.topk(phi.reshape(-1), k).indices
-    assert sel.numel() == k and torch.equal(sel.sort().values, want.sort().values)
-    assert torch.equal(phi.reshape(-1)[sel], sel_phi)
-    if cand is not None:  # every phi >= bound, a superset of the selection, below every level
-        assert cand.numel() == int((phi >= bound).sum()) >= k
-        if level_bound is not None:
-            assert float(bound) <= level_bound
+    assert sc.sel.numel() == k and torch.equal(sc.sel.sort().values, want.sort().values)
+    assert torch.equal(phi.reshape(-1)[sc.sel], sc.sel_phi)
+    assert sc.cand_phi is not None  # no fallback on such data
+    assert sc.cand_phi.numel() == int((phi >= sc.bound).sum()) >= k  # every phi >= bound
+    if level_bound is not None:
+        assert float(sc.bound) <= level_bound
+    # the moments and the phi sum are those of the unblocked formulas
+    c, m, m2 = F.batch_moments(z)
+    assert torch.equal(sc.moments[1], m) and torch.equal(sc.moments[0], c)
+    torch.testing.assert_close(sc.moments[2], m2, rtol=1e-5, atol=0)
+    torch.testing.assert_close(sc.phi_sum, phi.sum(), rtol=1e-5, atol=0)
 
 
-def test_select_top_k_falls_back_when_the_sample_misleads():
+def test_scan_top_k_falls_back_when_the_sample_misleads():
     """Sampled positions hold the largest values, the rest is small: the sample's bound leaves fewer than k
     candidates, and the full top-k is taken (still exact)."""
     n = 200 * 1000
-    phi = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    z = torch.rand(n, generator=torch.Generator().manual_seed(0))
     stride = n // F.TOP_K_SAMPLE
     stride += 1 - stride % 2
     sampled = torch.arange(0, n, stride)
-    phi[sampled] = 1000.0 + torch.arange(sampled.numel(), dtype=torch.float32)
+    z[sampled] = 1000.0 + torch.arange(sampled.numel(), dtype=torch.float32)
     k = 4000
-    sel, sel_phi, cand, bound = F.select_top_k(phi.reshape(200, 1000), k)
-    assert cand is None and bound is None  # the fallback ran
-    assert torch.equal(sel.sort().values, torch.topk(phi, k).indices.sort().values)
+    sc = F.scan(z.reshape(200, 1000), torch.zeros(1000), torch.ones(1000), top_k=k, moments=False)
+    assert sc.cand_phi is None and sc.bound is None and sc.phi is not None  # the fallback ran
+    assert torch.equal(sc.sel.sort().values, torch.topk(z, k).indices.sort().values)
 
 
-def test_select_above_and_metrics_equal_the_dense_ones():
+def test_scan_above_and_metrics_equal_the_dense_ones():
     torch.manual_seed(0)
-    phi = torch.rand(80, 96) ** 3 * 40
+    z = torch.rand(80, 96) * 6
+    mean, inv_var = 0.2 * torch.rand(96), 0.5 + torch.rand(96)
+    phi = F.phi(z, mean, inv_var)
     levels = [5.0, 10.0, 25.0]
     for tau in (3.0, 8.0, 30.0):
-        sel, sel_phi, cand, bound = F.select_above(phi, tau, min(levels))
+        sc = F.scan(z, mean, inv_var, tau=tau, level_bound=min(levels))
         mask = phi >= tau
-        assert torch.equal(sel, mask.reshape(-1).nonzero().squeeze(1))
-        assert bound == min(tau, 5.0) and cand.numel() == int((phi >= bound).sum())
-
-        class R:  # what of_selection reads from an L2EForward
-            pass
-
-        r = R()
-        r.phi, r.sel, r.sel_phi, r.cand_phi = phi, sel, sel_phi, cand
-        n_sel = torch.tensor(sel.numel())
+        assert torch.equal(sc.sel, mask.reshape(-1).nonzero().squeeze(1))
+        assert sc.bound == min(tau, 5.0) and sc.cand_phi.numel() == int((phi >= sc.bound).sum())
+        r = L2EForward(z=z, loss_sum=None, n_sel=None, phi_sum=sc.phi_sum, sel=sc.sel, sel_phi=sc.sel_phi)
+        r.cand_phi = sc.cand_phi
+        n_sel = torch.tensor(sc.sel.numel())
         fast = BatchMetrics.of_selection(r, n_sel, 80, 96, levels, None)
         dense = BatchMetrics.of(phi, mask, n_sel, 80, 96, levels, None)
-        for name in ("eligible", "selected", "scored", "selected_scored", "above_levels", "hit", "phi_sum"):
+        for name in ("eligible", "selected", "scored", "selected_scored", "above_levels", "hit"):
             assert torch.equal(getattr(fast, name), getattr(dense, name)), name
-        torch.testing.assert_close(fast.phi_sum_selected, dense.phi_sum_selected, rtol=1e-6, atol=0)
+        for name in ("phi_sum", "phi_sum_selected"):
+            torch.testing.assert_close(getattr(fast, name), getattr(dense, name), rtol=1e-6, atol=0)
 
 
 class _Block(nn.Module):
@@ -210,7 +212,7 @@ def test_checkpoint_recompute_reuses_the_selection(method, monkeypatch):
     """Under non-reentrant checkpointing the recompute selects nothing anew (no phi, no selection call) and the
     gradients equal those without checkpointing."""
     calls = {"phi": 0, "select": 0}
-    real_phi, real_top, real_above = F.phi, F.select_top_k, F.select_above
+    real_phi, real_scan = F.phi, F.scan
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -220,8 +222,7 @@ def test_checkpoint_recompute_reuses_the_selection(method, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(F, "phi", count("phi", real_phi))
-    monkeypatch.setattr(F, "select_top_k", count("select", real_top))
-    monkeypatch.setattr(F, "select_above", count("select", real_above))
+    monkeypatch.setattr(F, "scan", count("select", real_scan))
     torch.manual_seed(0)
     plain, ck = _Block(method), _Block(method)
     ck.load_state_dict(plain.state_dict())
@@ -243,7 +244,7 @@ def test_checkpoint_recompute_reuses_the_selection(method, monkeypatch):
             if ckpt and selects:
                 selecting += 1
                 assert calls["select"] - before["select"] == 1  # once per micro-batch, not again in the recompute
-                assert calls["phi"] - before["phi"] == 1
+                assert calls["phi"] - before["phi"] <= 1  # the top-k's bound scores a sample
         for gp, gc in zip(*grads):
             assert torch.equal(gp, gc)
     assert selecting >= 2
