@@ -276,6 +276,12 @@ class MLPLayer(torch.nn.Module):
             l2e = dataclasses.replace(cfg.l2e, l2e_enabled=True, l2e_method=method)
             inhibitor = NeuronInhibitor(cfg.ffn_size, l2e, ps, layer_index=0)
         self.mlp = MLP(cfg.model.hidden_size, cfg.ffn_size, ps, approximate=cfg.gelu_approximate, inhibitor=inhibitor)
+        with torch.no_grad():  # the layer's parameters are created empty: draw them (normal, std 0.02, zero biases)
+            for name, p in self.mlp.named_parameters():
+                if name.endswith("weight"):
+                    p.normal_(0.0, 0.02)
+                else:
+                    p.zero_()
         self.to(device=device, dtype=dtype)
 
     def inhibitors(self):

@@ -103,9 +103,10 @@ def scan(
     """The statistics, phi and the selection of one fp32 batch z [T, N] in one sweep over blocks of rows (each
     block's temporaries stay in cache), without a dense mask, a sort or a top-k over all T x N entries.
 
-    moments: ``batch_moments`` (the mean first, then the squared deviations block by block; the same values up to
-    summation order). phi: as ``phi`` (the same bits), summed, and compared once with a bound: the flat indices
-    of every phi >= bound are the candidates the selection is taken from.
+    moments: ``batch_moments`` (the same mean, then the squared deviations summed block by block: the same M2 up
+    to summation order). phi: as ``phi`` (the same bits), summed, and compared once with a bound: the flat
+    indices of every phi >= bound are the candidates the selection is taken from (their phi recomputed from z,
+    the same bits).
 
     - ``tau`` (L2E): selected = phi >= tau; bound = min(tau, level_bound).
     - ``top_k`` (MEmeL): exactly the k largest phi (ties by topk's order among the candidates). The bound is a
@@ -132,7 +133,7 @@ def scan(
     phi_sum = torch.zeros((), dtype=torch.float32, device=z.device)
     full = torch.empty_like(z) if keep_phi else None
     buf = torch.empty(min(rows, T), N, dtype=torch.float32, device=z.device)
-    idx, vals = [], []
+    hits = torch.empty(T, N, dtype=torch.bool, device=z.device) if bound is not None else None
     for i in range(0, T, rows):
         zb = z[i : i + rows]
         n = zb.shape[0]
@@ -143,15 +144,15 @@ def scan(
         p.mul_(p).mul_(inv_var)  # the bits of phi()
         phi_sum += p.sum()
         if bound is not None:
-            j = torch.nonzero((p >= bound).view(-1)).squeeze(1)
-            vals.append(p.view(-1).index_select(0, j))
-            idx.append(j.add_(i * N))
+            torch.ge(p, bound, out=hits[i : i + n])
     if moments:
         out.moments = (torch.full((), float(T), dtype=torch.float32, device=z.device), bmean, m2)
     out.phi, out.phi_sum, out.bound = full, phi_sum, bound
     if bound is None:
         return out
-    idx, vals = torch.cat(idx), torch.cat(vals)
+    idx = torch.nonzero(hits.view(-1)).squeeze(1)  # one nonzero over the whole mask (cheaper than per block)
+    col = idx.remainder(N)
+    vals = phi(z.view(-1).index_select(0, idx), mean.index_select(0, col), inv_var.index_select(0, col))
     if tau is not None:
         if bound < tau:
             keep = vals >= tau
