@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_leaves
 from neox_l2e.config.schema import L2EConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,11 +144,14 @@ def time_steps(
     optimizer: Optional[torch.optim.Optimizer] = None,
     step_fn: Optional[Callable] = None,
     warmup: int = 0,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> StepStats:
-    """Run `warmup` untimed then `n` timed training steps of `model` on `batch` [b, s+1]; per-step wall times.
+    """Run `warmup` untimed then `n` timed training steps of `model` on `batch` [b, s+1]; per-step times.
 
-    `optimizer` defaults to a fresh torch AdamW on model.parameters() (pass one to keep its state across
-    calls); `step_fn(model, batch, optimizer)` defaults to ``default_step``.
+    `timer`: wall clock by default; ``time.process_time`` (CPU seconds of this process, ``--timer cpu``)
+    is what to use with one thread on a machine shared with other jobs, where wall time also counts the
+    time slices other processes take. `optimizer` defaults to a fresh torch AdamW on model.parameters()
+    (pass one to keep its state across calls); `step_fn(model, batch, optimizer)` defaults to ``default_step``.
     """
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_fn = step_fn or default_step
@@ -162,11 +166,11 @@ def time_steps(
         base = torch.cuda.memory_allocated()
     with _PeakRSS() if not cuda else _Null() as rss:
         for _ in range(n):
-            t0 = time.perf_counter()
+            t0 = timer()
             step_fn(model, batch, optimizer)
             if cuda:
                 torch.cuda.synchronize()
-            stats.times_s.append(time.perf_counter() - t0)
+            stats.times_s.append(timer() - t0)
     if cuda:
         stats.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
@@ -359,6 +363,12 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (ours, HF, ours, HF, ...)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--timer",
+        choices=list(TIMERS),
+        default="wall",
+        help="wall: elapsed time; cpu: CPU time of this process (use with --threads 1 on a shared machine)",
+    )
     p.add_argument("--vocab", type=int, default=None, help="vocab size when the config has none")
     p.add_argument("--no-hf", action="store_true", help="time only our model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -388,6 +398,12 @@ class MLPLayer(torch.nn.Module):
             l2e = dataclasses.replace(cfg.l2e, l2e_enabled=True, l2e_method=method)
             inhibitor = NeuronInhibitor(cfg.ffn_size, l2e, ps, layer_index=0)
         self.mlp = MLP(cfg.model.hidden_size, cfg.ffn_size, ps, approximate=cfg.gelu_approximate, inhibitor=inhibitor)
+        with torch.no_grad():  # the layer's parameters are created empty: draw them (normal, std 0.02, zero biases)
+            for name, p in self.mlp.named_parameters():
+                if name.endswith("weight"):
+                    p.normal_(0.0, 0.02)
+                else:
+                    p.zero_()
         self.to(device=device, dtype=dtype)
 
     def inhibitors(self):
@@ -449,8 +465,10 @@ def run_overhead(cfg, args, vocab, dtype, device, batch) -> int:
     print(
         f"config {' '.join(args.configs)} | {what} | tokens {batch.shape[0]} x {batch.shape[1] - 1} | "
         f"{args.dtype} | {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-        f"{platform.machine()} {os.cpu_count()} cpus | p = {cfg.l2e.l2e_ratio:g}"
+        f"{platform.machine()} {os.cpu_count()} cpus | p = {cfg.l2e.l2e_ratio:g} | timer {args.timer} | "
+        f"activation checkpointing {'on' if cfg.model.checkpoint_activations and not args.mlp_layer else 'off'}"
     )
+    timer = TIMERS[args.timer]
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _, _) in variants.items()}
     for k, (m, b, fn) in variants.items():  # warm-up until the inhibitors select (stats, then tau, then selection)
         time_steps(m, b, 0, opts[k], step_fn=fn, warmup=max(args.warmup, 3))
@@ -459,11 +477,14 @@ def run_overhead(cfg, args, vocab, dtype, device, batch) -> int:
             print(f"{k:>6}: inhibitors after warm-up: {', '.join(states)}")
     names = list(variants)
     per_round = {k: [] for k in names}
+    every = {k: [] for k in names}
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
         for k in order:
             m, b, fn = variants[k]
-            per_round[k].append(time_steps(m, b, args.steps, opts[k], step_fn=fn).median_s)
+            st = time_steps(m, b, args.steps, opts[k], step_fn=fn, timer=timer)
+            per_round[k].append(st.median_s)
+            every[k].extend(st.times_s)
     tokens = batch.shape[0] * (batch.shape[1] - 1)
     for k in names:
         med = statistics.median(per_round[k])
@@ -474,11 +495,11 @@ def run_overhead(cfg, args, vocab, dtype, device, batch) -> int:
         )
         if k != "none":
             over = [100.0 * (t / t0 - 1.0) for t, t0 in zip(per_round[k], per_round["none"])]
-            line += (
-                f" | overhead vs none {statistics.median(over):+.1f} % (per round: "
-                + " ".join(f"{o:+.1f}" for o in over)
-                + ")"
+            line += f" | overhead vs none {statistics.median(over):+.1f} % ({spread(over)}; per round: " + (
+                " ".join(f"{o:+.1f}" for o in over) + ")"
             )
+            # other jobs only ever add time: the fastest steps are the least disturbed
+            line += f" | fastest step vs fastest none {100.0 * (min(every[k]) / min(every['none']) - 1.0):+.1f} %"
         print(line)
     return 0
 
@@ -537,12 +558,13 @@ def main(argv=None) -> int:
         print(f"max |logit difference| ours vs HF before timing: {diff:.2e}")
     for k, m in variants.items():  # warm-up, not timed
         time_steps(m, batch, 0, opts[k], warmup=args.warmup)
+    timer = TIMERS[args.timer]
     per_round = {k: [] for k in variants}
     peaks = {k: 0.0 for k in variants}
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))  # alternate who goes first
         for k in order:
-            s = time_steps(variants[k], batch, args.steps, opts[k])
+            s = time_steps(variants[k], batch, args.steps, opts[k], timer=timer)
             per_round[k].append(s.median_s)
             peaks[k] = max(peaks[k], s.peak_mem_mb)
     tokens = batch.shape[0] * seq
@@ -560,6 +582,13 @@ def main(argv=None) -> int:
             f"(per round: {' '.join(f'{x:.3f}' for x in ratios)}; > 1 means ours is faster)"
         )
     return 0
+
+
+def spread(values) -> str:
+    """'IQR a to b, min-max c to d' of per-round overheads in percent."""
+    v = sorted(values)
+    q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0], v[0], v[0]]
+    return f"IQR {q[0]:+.1f} to {q[2]:+.1f}, min-max {v[0]:+.1f} to {v[-1]:+.1f}"
 
 
 def fmt_params(model) -> str:

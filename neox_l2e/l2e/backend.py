@@ -3,7 +3,8 @@
     backend = choose_backend(cfg.l2e_backend, device)
     r = backend(x2d, weight, bias, mean, inv_var, tau, eps, approximate, grad_to_input=True)   # torch_op.L2EForward
 
-``torch``: ``torch_op.up_gelu_l2e`` (returns phi and the mask too). ``triton``: the fused kernel
+``torch``: ``torch_op.up_gelu_l2e`` (returns phi and the selection too; MEmeL's top-k and the reuse of a
+selection by a checkpointing recompute are arguments of this backend only). ``triton``: the fused kernel
 (``neox_l2e.kernels.l2e_mlp.fused_up_gelu_l2e``; phi and the mask stay on the chip, so they are None).
 ``auto``: triton when the model is built for a CUDA device and the kernel imports, torch otherwise.
 """
@@ -40,7 +41,9 @@ class TorchBackend:
         grad_to_input: bool = True,
         moments: bool = True,
         score: bool = True,
+        **torch_only,
     ) -> L2EForward:
+        """``torch_only``: ``top_k``, ``selection``, ``level_bound``, ``gather`` of ``up_gelu_l2e``."""
         return up_gelu_l2e(
             x,
             weight,
@@ -53,6 +56,7 @@ class TorchBackend:
             grad_to_input=grad_to_input,
             moments=moments,
             score=score,
+            **torch_only,
         )
 
 

@@ -15,7 +15,9 @@ never from raw sums (sum x^2 - n mean^2 cancels for near-constant neurons).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -63,6 +65,136 @@ def inhibition_loss_sum(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor,
     return torch.log(arg).sum()
 
 
+#: elements of z per block of rows in ``scan`` (512 KiB of fp32: the block's temporaries stay in cache)
+SCAN_BLOCK = 131072
+#: sample size for the bound of MEmeL's k-th largest phi (``scan`` with top_k)
+TOP_K_SAMPLE = 65536
+
+
+@dataclass
+class Scan:
+    """What ``scan`` computes on a [T, N] batch (0-dim / flat tensors unless noted).
+
+    moments: (count, mean [N], M2 [N]) or None; phi: the full [T, N] phi or None (only with keep_phi);
+    phi_sum: sum of phi (fp32); sel, sel_phi: the selection as flat indices and its phi; cand_phi: every phi >=
+    ``bound`` (a superset of the selection; None when the top-k fell back to a full top-k); bound: a float or
+    0-dim tensor <= the selection's phi and <= level_bound."""
+
+    moments: Optional[tuple] = None
+    phi: Optional[torch.Tensor] = None
+    phi_sum: Optional[torch.Tensor] = None
+    sel: Optional[torch.Tensor] = None
+    sel_phi: Optional[torch.Tensor] = None
+    cand_phi: Optional[torch.Tensor] = None
+    bound: object = None
+
+
+def scan(
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    inv_var: torch.Tensor,
+    *,
+    tau: Optional[float] = None,
+    top_k: Optional[int] = None,
+    level_bound: Optional[float] = None,
+    moments: bool = True,
+    keep_phi: bool = False,
+) -> Scan:
+    """The statistics, phi and the selection of one fp32 batch z [T, N] in one sweep over blocks of rows (each
+    block's temporaries stay in cache), without a dense mask, a sort or a top-k over all T x N entries.
+
+    moments: ``batch_moments`` (the same mean, then the squared deviations summed block by block: the same M2 up
+    to summation order). phi: as ``phi`` (the same bits), summed, and compared once with a bound: the flat
+    indices of every phi >= bound are the candidates the selection is taken from (their phi recomputed from z,
+    the same bits).
+
+    - ``tau`` (L2E): selected = phi >= tau; bound = min(tau, level_bound).
+    - ``top_k`` (MEmeL): exactly the k largest phi (ties by topk's order among the candidates). The bound is a
+      little below the k-th largest phi, from a strided sample of about TOP_K_SAMPLE entries (the sample's r-th
+      largest, r = its expected share of k plus 4 standard deviations), capped by level_bound; torch.topk runs
+      over the candidates only. The k largest of all lie among any set of at least k entries at or above a bound,
+      so this is exact; when fewer than k candidates come out (a bound too high: improbable), the full torch.topk
+      over all of phi is used instead.
+
+    Selections are in row-major (ascending) order for tau; the metrics count phi > level on ``cand_phi`` for
+    levels >= bound (all of them when level_bound = min(levels))."""
+    z = z.detach().reshape(-1, z.shape[-1])
+    T, N = z.shape
+    out = Scan()
+    bmean = z.mean(dim=0) if moments else None
+    bound = None
+    if tau is not None:
+        bound = float(tau) if level_bound is None else min(float(tau), float(level_bound))
+    elif top_k is not None:
+        k = max(0, min(int(top_k), T * N))
+        bound = _top_k_bound(z, mean, inv_var, k, level_bound) if k else math.inf
+    rows = max(1, SCAN_BLOCK // max(N, 1))
+    m2 = torch.zeros(N, dtype=torch.float32, device=z.device) if moments else None
+    phi_sum = torch.zeros((), dtype=torch.float32, device=z.device)
+    full = torch.empty_like(z) if keep_phi else None
+    buf = torch.empty(min(rows, T), N, dtype=torch.float32, device=z.device)
+    hits = torch.empty(T, N, dtype=torch.bool, device=z.device) if bound is not None else None
+    for i in range(0, T, rows):
+        zb = z[i : i + rows]
+        n = zb.shape[0]
+        if moments:
+            d = torch.sub(zb, bmean, out=buf[:n])
+            m2 += d.mul_(d).sum(dim=0)
+        p = torch.sub(zb, mean, out=full[i : i + n] if keep_phi else buf[:n])
+        p.mul_(p).mul_(inv_var)  # the bits of phi()
+        phi_sum += p.sum()
+        if bound is not None:
+            torch.ge(p, bound, out=hits[i : i + n])
+    if moments:
+        out.moments = (torch.full((), float(T), dtype=torch.float32, device=z.device), bmean, m2)
+    out.phi, out.phi_sum, out.bound = full, phi_sum, bound
+    if bound is None:
+        return out
+    idx = torch.nonzero(hits.view(-1)).squeeze(1)  # one nonzero over the whole mask (cheaper than per block)
+    col = idx.remainder(N)
+    vals = phi(z.view(-1).index_select(0, idx), mean.index_select(0, col), inv_var.index_select(0, col))
+    if tau is not None:
+        if bound < tau:
+            keep = vals >= tau
+            out.sel, out.sel_phi = idx[keep], vals[keep]
+        else:
+            out.sel, out.sel_phi = idx, vals
+        out.cand_phi = vals
+    elif idx.numel() >= k:  # a shape, not a host copy of a value
+        top = torch.topk(vals, k, sorted=False)
+        out.sel, out.sel_phi, out.cand_phi = idx.index_select(0, top.indices), top.values, vals
+    else:  # the fallback: the full top-k (phi kept for the metrics' level counts)
+        out.phi = full if keep_phi else phi(z, mean, inv_var)
+        top = torch.topk(out.phi.reshape(-1), k, sorted=False)
+        out.sel, out.sel_phi, out.bound = top.indices, top.values, None
+    return out
+
+
+def _top_k_bound(z, mean, inv_var, k: int, level_bound: Optional[float]) -> torch.Tensor:
+    """A value a little below the k-th largest phi of z, from phi on a strided sample of z's entries."""
+    flat = z.reshape(-1)
+    n = flat.numel()
+    stride = max(1, n // TOP_K_SAMPLE)
+    stride += 1 - stride % 2 if stride > 1 else 0  # odd: not a divisor of a power-of-two row length
+    pos = torch.arange(0, n, stride, device=z.device)
+    col = pos.remainder(z.shape[-1])
+    sample = phi(flat.index_select(0, pos), mean.index_select(0, col), inv_var.index_select(0, col))
+    m = sample.numel()
+    expect = k * m / n
+    r = min(m, int(math.ceil(expect + 4.0 * math.sqrt(expect) + 8.0)))
+    b = torch.topk(sample, r, sorted=False).values.min()
+    return b.clamp(max=float(level_bound)) if level_bound is not None else b
+
+
+def top_k_mask(phi: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense mask of exactly the k largest phi (torch.topk over all entries; ties by its order)."""
+    flat = phi.reshape(-1)
+    idx = torch.topk(flat, max(0, min(int(k), flat.numel())), sorted=False).indices
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    mask[idx] = True
+    return mask.reshape(phi.shape)
+
+
 def count(mask: torch.Tensor) -> torch.Tensor:
     """Number of True entries as a float64 scalar tensor (exact; no host synchronisation)."""
     return torch.count_nonzero(mask).to(torch.float64)
@@ -84,7 +216,8 @@ def batch_moments(z: torch.Tensor) -> tuple:
     z = z.detach().float().reshape(-1, z.shape[-1])
     n = z.shape[0]
     mean = z.mean(dim=0)
-    m2 = ((z - mean) ** 2).sum(dim=0)
+    d = z - mean
+    m2 = d.mul_(d).sum(dim=0)  # the same bits as ((z - mean) ** 2).sum(0), one [T, N] buffer
     return torch.full((), float(n), dtype=torch.float32, device=z.device), mean, m2  # a fill: no host copy
 
 

@@ -89,6 +89,13 @@ class Inhibitor(InhibitorState):
     def _forward(self, x, weight, bias, approximate, phase: Phase, kind: Pass) -> torch.Tensor:
         raise NotImplementedError
 
+    def _reusable_selection(self, kind: Pass, rows: int, phase: Phase) -> Optional[torch.Tensor]:
+        """The pending micro-batch's selection when this forward is its recompute (same rows and phase), else None."""
+        pend = self._pending
+        if kind is not Pass.RECOMPUTE or pend is None or pend.rows != rows or pend.phase is not phase:
+            return None
+        return pend.selection
+
     def _record(self, loss=None, loss_sum=None, n_selected=None, rows=0) -> None:
         self.loss, self.loss_sum, self.n_selected, self.rows = loss, loss_sum, n_selected, rows
 

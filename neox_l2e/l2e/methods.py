@@ -11,6 +11,7 @@ import torch.nn.functional as TF
 
 from . import functional as F
 from . import stats as S
+from .backend import TorchBackend
 from .inhibitor import Inhibitor
 from .metrics import BatchMetrics
 from .plan import Pass, Pending, Phase
@@ -42,6 +43,10 @@ class L2EInhibitor(Inhibitor):
             return _plain(x, weight, bias, approximate)
         select = phase is Phase.SELECT
         backend = self.torch_backend if phase is Phase.INIT_TAU else self.backend  # the quantile needs phi
+        extra = {}
+        if isinstance(backend, TorchBackend):
+            reuse = self._reusable_selection(kind, x.shape[0], phase) if select else None
+            extra = dict(selection=reuse, level_bound=min(self.levels) if self.levels else None)
         r = backend(
             x,
             weight,
@@ -53,7 +58,8 @@ class L2EInhibitor(Inhibitor):
             approximate,
             grad_to_input=self.grad_to_input,
             moments=kind is Pass.FIRST,
-            score=phase is not Phase.GATHER,
+            score=phase is Phase.INIT_TAU or (select and kind is not Pass.RECOMPUTE),
+            **extra,
         )
         T = x.shape[0]
         n_sel = r.n_sel.detach().to(torch.float64) if select else None
@@ -76,10 +82,13 @@ class L2EInhibitor(Inhibitor):
                 n_eligible=float(T * self.num_neurons) if phase is not Phase.GATHER else 0.0,
                 init_phi=r.phi if phase is Phase.INIT_TAU and self.threshold.from_quantile else None,
                 metrics=self._metrics(r, n_sel, T) if select else None,
+                selection=r.sel,  # gather form only (the masked form recomputes its mask: no T x N kept)
             )
         return r.z
 
     def _metrics(self, r, n_sel, T) -> BatchMetrics:
+        if r.sel is not None:  # the torch path's gather form
+            return BatchMetrics.of_selection(r, n_sel, T, self.num_neurons, self.levels, self.loss)
         phi, mask = r.phi, r.mask
         if phi is None:  # Triton path: score a strided row sample of z (documented estimate)
             stride = max(1, -(-T // self.metrics_rows))
@@ -100,7 +109,9 @@ class L2EInhibitor(Inhibitor):
 
 class MEmeLInhibitor(Inhibitor):
     """MEmeL: in training, the k = round(p * T * N) largest phi of this rank's batch are reflected about the
-    neuron's mean, z' = 2 mean - z. Scores phi on the fp32 z of the torch path on every backend."""
+    neuron's mean, z' = 2 mean - z. Scores phi on the fp32 z of the torch path on every backend. The selection
+    (``functional.scan`` on CPU, a top-k over all entries elsewhere) is made once per micro-batch: an
+    activation-checkpointing recompute reuses it."""
 
     method = "memel"
 
@@ -112,6 +123,8 @@ class MEmeLInhibitor(Inhibitor):
         if kind is Pass.EVAL:  # MEmeL inhibits in training only
             return _plain(x, weight, bias, approximate)
         select = phase is Phase.SELECT
+        T = x.shape[0]
+        reuse = self._reusable_selection(kind, T, phase) if select else None
         r = self.torch_backend(
             x,
             weight,
@@ -122,33 +135,33 @@ class MEmeLInhibitor(Inhibitor):
             self.eps,
             approximate,
             moments=kind is Pass.FIRST,
-            score=select,
+            score=select and kind is not Pass.RECOMPUTE,
+            top_k=S.kth_index(self.ratio, T * self.num_neurons) if select else None,
+            selection=reuse,
+            level_bound=min(self.levels) if self.levels else None,
         )
-        out, T = r.z, x.shape[0]
-        n_sel = mask = None
+        n_sel = None
         if select:
-            mask = self._topk_mask(r.phi)
-            out = F.reverse_deactivate(out, self.mean, mask)
-            n_sel = F.count(mask)
+            n_sel = r.n_sel.to(torch.float64)
             self.n_selected = n_sel
         if kind is Pass.FIRST:
+            metrics = None
+            if select:
+                metrics = (
+                    BatchMetrics.of_selection(r, n_sel, T, self.num_neurons, self.levels, None)
+                    if r.sel is not None
+                    else BatchMetrics.of(r.phi, r.mask, n_sel, T, self.num_neurons, self.levels, None)
+                )
             self._pending = Pending(
                 rows=T,
                 phase=phase,
                 moments=r.moments,
                 n_selected=n_sel,
                 n_eligible=float(T * self.num_neurons) if select else 0.0,
-                metrics=BatchMetrics.of(r.phi, mask, n_sel, T, self.num_neurons, self.levels, None) if select else None,
+                metrics=metrics,
+                selection=r.selection if select else None,
             )
-        return out
-
-    def _topk_mask(self, phi: torch.Tensor) -> torch.Tensor:
-        """Exactly k = round(ratio * numel) largest phi of this rank's batch (ties by topk's order)."""
-        flat = phi.reshape(-1)
-        idx = torch.topk(flat, S.kth_index(self.ratio, flat.numel()), sorted=False).indices
-        mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-        mask[idx] = True
-        return mask.reshape(phi.shape)
+        return r.z
 
 
 METHODS = {"l2e": L2EInhibitor, "memel": MEmeLInhibitor}

@@ -62,6 +62,35 @@ class BatchMetrics:
             loss_batches=torch.full((), 1.0 if loss is not None else 0.0, **f64),
         )
 
+    @classmethod
+    def of_selection(cls, r, n_sel: torch.Tensor, rows: int, num_neurons: int, levels, loss) -> "BatchMetrics":
+        """The same sums from the gather form of the torch path (``torch_op.L2EForward`` with ``sel``, made by
+        ``functional.scan``): ``phi_sum``, the selection's own values for the selected sums and ``neurons_hit``,
+        ``cand_phi`` (every phi >= its bound, <= every level when given) for the level counts. Equal to ``of`` up
+        to summation order."""
+        dev = r.sel.device
+        f64 = dict(dtype=torch.float64, device=dev)
+        if levels and r.cand_phi is not None:
+            above = torch.stack([torch.count_nonzero(r.cand_phi > lv) for lv in levels]).to(torch.float64)
+        elif levels:  # the top-k's fallback: no candidates, but the full phi
+            above = torch.stack([functional.count(r.phi > lv) for lv in levels])
+        else:
+            above = torch.zeros(0, **f64)
+        hit = torch.zeros(num_neurons, dtype=torch.bool, device=dev)
+        hit.index_fill_(0, r.sel.remainder(num_neurons), True)
+        return cls(
+            eligible=torch.full((), float(rows * num_neurons), **f64),
+            selected=n_sel.detach().to(torch.float64).reshape(()),
+            scored=torch.full((), float(rows * num_neurons), **f64),
+            phi_sum=r.phi_sum.to(torch.float64),
+            phi_sum_selected=r.sel_phi.sum().to(torch.float64),
+            selected_scored=torch.full((), float(r.sel.numel()), **f64),
+            above_levels=above,
+            hit=hit,
+            loss_sum=loss.detach().to(torch.float64).reshape(()) if loss is not None else torch.zeros((), **f64),
+            loss_batches=torch.full((), 1.0 if loss is not None else 0.0, **f64),
+        )
+
 
 @dataclass
 class MetricsWindow:

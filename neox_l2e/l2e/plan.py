@@ -6,7 +6,9 @@ and what a training forward leaves pending for ``commit``.
     Phase.SELECT    statistics + selection (L2E: phi >= tau and the loss; MEmeL: top-k reflected)
 
     Pass.FIRST      the micro-batch's training forward: gathers moments, records loss/metrics, leaves Pending
-    Pass.RECOMPUTE  a second training forward before commit (activation checkpointing): the same ops, no side effects
+    Pass.RECOMPUTE  a second training forward before commit (activation checkpointing): the same z and saved tensors,
+                    no side effects; it reuses the first forward's selection (Pending.selection) instead of
+                    scoring and selecting again
     Pass.EVAL       eval mode: nothing pending; no statistics path where nothing is selected
 """
 
@@ -44,3 +46,4 @@ class Pending:
     n_eligible: float = 0.0  # T x N when the phase scores, else 0
     init_phi: Optional[torch.Tensor] = None  # INIT_TAU with a quantile init: this rank's phi
     metrics: Optional[BatchMetrics] = None  # selecting micro-batches only
+    selection: Optional[torch.Tensor] = None  # the first forward's selection, reused by a checkpointing recompute
