@@ -317,8 +317,8 @@ def run_grid(
                     d.mkdir(parents=True)
                     cmd = train_command(train_configs or configs, settings["overrides"], d, keep_checkpoints)
                     proc = _start(cmd, d / "train.log", threads)
+                    running[proc] = (name, seed, d, settings, time.time())  # at once: an interrupt stops it
                     (d / "train.pid").write_text(f"{proc.pid}\n")
-                    running[proc] = (name, seed, d, settings, time.time())
                     started += 1
                     log(
                         f"[started {skipped + started}/{len(plan)}] {name} seed {seed} ({len(running)} running; "

@@ -251,16 +251,33 @@ def test_ctrl_c_stops_the_training_children(grid):
     out = grid["root"] / "interrupted"
     argv = _argv(grid["inp"], out, "train-iters=100000", "--jobs", "2")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tools/l2e_grid.py"), *argv], env=env, cwd=ROOT)
+    # SIGINT back to its default in the child: a test process started in the background (nohup, `&`) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so Ctrl-C could not be simulated
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools/l2e_grid.py"), *argv],
+        env=env,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     pids = []
     deadline = time.time() + 120
     while time.time() < deadline and len(pids) < 2:
         pids = [int(p.read_text()) for p in out.glob("*/seed*/train.pid") if p.read_text().strip()]
         time.sleep(0.2)
-    assert len(pids) == 2, "the two training runs did not start"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-    assert not list(out.glob("*/seed*/done.json"))
+    try:
+        assert len(pids) == 2, "the two training runs did not start"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert not list(out.glob("*/seed*/done.json"))
+    finally:  # a failure must not leave training processes running for the rest of the suite
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
