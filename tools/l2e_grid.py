@@ -740,7 +740,7 @@ def aggregate(
         row["per_layer"] = {}
         for layer in range(num_layers):
             row["per_layer"][layer] = {
-                m: collect(lambda r, b, m=m, i=layer: r["heldout"][i][m]) for m in ("frac_phi_gt_5", "kurtosis_median")
+                m: collect(lambda r, b, m=m, i=layer: r["heldout"][i][m]) for m, _, _ in PER_LAYER_TABLES
             }
         # local eval tasks: the score's mean ± sd over seeds, and lm-eval's stderr (mean over seeds)
         keys = []
@@ -823,44 +823,24 @@ def report_tables(rows: List[dict], num_layers: int) -> List[str]:
             + " |"
         )
     lines += fkr_tables(rows, num_layers)
-    lines += [
-        "",
-        "Held-out phi > 5 per layer (`ms_heldout/layer<i>/frac_phi_gt_5`, last evaluation; * = inhibited "
-        "by that entry):",
-        "",
-        "| entry | " + " | ".join(f"layer {i}" for i in range(num_layers)) + " |",
-        "|---|" + "---:|" * num_layers,
-    ]
-    for r in rows:
-        inh = set(r["layers"]) if r["name"] != "baseline" else set()
-        lines.append(
-            "| "
-            + r["name"]
-            + " | "
-            + " | ".join(
-                _ms(r["per_layer"][i]["frac_phi_gt_5"], ".3e") + (" *" if i in inh else "") for i in range(num_layers)
-            )
-            + " |"
-        )
-    lines += [
-        "",
-        "Held-out median per-neuron kurtosis per layer (`ms_heldout/layer<i>/kurtosis_median`):",
-        "",
-        "| entry | " + " | ".join(f"layer {i}" for i in range(num_layers)) + " |",
-        "|---|" + "---:|" * num_layers,
-    ]
-    for r in rows:
-        inh = set(r["layers"]) if r["name"] != "baseline" else set()
-        lines.append(
-            "| "
-            + r["name"]
-            + " | "
-            + " | ".join(
-                _ms(r["per_layer"][i]["kurtosis_median"], ".3f") + (" *" if i in inh else "") for i in range(num_layers)
-            )
-            + " |"
-        )
+    for metric, title, fmt in PER_LAYER_TABLES:
+        note = f"`ms_heldout/layer<i>/{metric}`, last evaluation; * = inhibited by that entry"
+        lines += ["", f"{title} per layer ({note}):"]
+        lines += ["", "| entry | " + " | ".join(f"layer {i}" for i in range(num_layers)) + " |"]
+        lines.append("|---|" + "---:|" * num_layers)
+        for r in rows:
+            inh = set(r["layers"]) if r["name"] != "baseline" else set()
+            cells = (_ms(r["per_layer"][i][metric], fmt) + (" *" if i in inh else "") for i in range(num_layers))
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return lines
+
+
+# the held-out per-layer tables of the report: (metric, title, number format)
+PER_LAYER_TABLES = (
+    ("frac_phi_gt_5", "Held-out phi > 5", ".3e"),
+    ("frac_phi_gt_25", "Held-out phi > 25", ".3e"),
+    ("kurtosis_median", "Held-out median per-neuron kurtosis", ".3f"),
+)
 
 
 def _layers_cell(r: dict) -> str:

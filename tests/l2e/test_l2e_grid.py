@@ -199,6 +199,9 @@ def test_report_numbers_are_the_per_run_files(grid):
     assert "tiny_shakespeare acc (0-shot)" in md and "tiny_shakespeare acc_norm (0-shot)" in md
     assert "| entry | layers | seeds | k=1% | base | k=5% | base | k=10% | base | chance |" in md
     assert "FKR settings:" in md and "eval tasks settings:" in md and "machine:" in md
+    for title in ("Held-out phi > 5 per layer", "Held-out phi > 25 per layer", "median per-neuron kurtosis per layer"):
+        assert title in md, title
+    assert rows["l2e-2pct-mid2"]["per_layer"]["0"]["frac_phi_gt_25"][2] == 2  # two seeds behind each per-layer cell
     assert rows["l2e-2pct-mid2"]["valid_change_pct"][2] == 2 and rows["l2e-2pct-mid2"]["overhead_pct"][2] == 2
     assert rows["baseline"]["inh_var_ratio_median"][2] == 0 and rows["l2e-2pct-mid2"]["inh_var_ratio_median"][2] == 2
 
