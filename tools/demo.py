@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     if result.l2e_metrics:
         print(
             f"L2E             {cfg.l2e.l2e_method} on layers {summary['inhibited_layers']} "
-            f"(p = {cfg.l2e.l2e_ratio:g}, lambda = {cfg.l2e.l2e_lambda:g})"
+            f"(p = {cfg.l2e.l2e_ratio:g}, lambda = {cfg.l2e.l2e_lambda:g}, {cfg.l2e.l2e_loss_reduction})"
         )
     elif not cfg.l2e_active:
         print("L2E             off (baseline: the held-out measure below is the comparison column)")

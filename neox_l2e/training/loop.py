@@ -244,7 +244,7 @@ class Trainer:
         ]
         l2e = (
             f"L2E {cfg.l2e.l2e_method} on layers {cfg.inhibited_layers()} (p = {cfg.l2e.l2e_ratio:g}, "
-            f"lambda = {cfg.l2e.l2e_lambda:g})"
+            f"lambda = {cfg.l2e.l2e_lambda:g}, {cfg.l2e.l2e_loss_reduction})"
             if self.l2e
             else "L2E off"
         )
