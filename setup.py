@@ -1,9 +1,9 @@
 """neox-l2e: GPT-NeoX-style Pythia pretraining with L2E (inhibiting monosemantic neurons).
 
 The top-level kernels/ folder is installed as the namespaced package ``neox_l2e.kernels``
-(a bare ``kernels`` would clash with an unrelated PyPI package). The C++ sample-index helper
-(kernels/csrc) is built through pybind11; if it cannot be compiled the numpy implementation,
-which gives identical arrays, is used instead.
+(a bare ``kernels`` would clash with an unrelated PyPI package). The C++ helpers
+(kernels/csrc: the sample index, the L2E torch path's CPU sweep) are built through pybind11; if they cannot
+be compiled, the numpy / torch implementations, which give the same results, are used instead.
 """
 
 import sys
@@ -17,7 +17,15 @@ try:
     ext_modules = [
         Pybind11Extension(
             "neox_l2e.kernels._sample_index", ["kernels/csrc/sample_index.cpp"], cxx_std=17, extra_compile_args=["-O3"]
-        )
+        ),
+        # no FMA contraction: phi = (z - mean)^2 * inv_var must round operation by operation, as torch does
+        Pybind11Extension(
+            "neox_l2e.kernels._l2e_scan",
+            ["kernels/csrc/l2e_scan.cpp"],
+            cxx_std=17,
+            extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
+            extra_link_args=["-pthread"],
+        ),
     ]
 except ImportError:  # pybind11 missing: the numpy fallback is used
     ext_modules = []

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 VAR_FLOOR = 1e-12
@@ -69,6 +70,13 @@ def inhibition_loss_sum(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor,
 SCAN_BLOCK = 131072
 #: sample size for the bound of MEmeL's k-th largest phi (``scan`` with top_k)
 TOP_K_SAMPLE = 65536
+#: ``scan`` on CPU sweeps in C++ (kernels/csrc/l2e_scan.cpp) when the helper is built; False: the torch blocks
+USE_CPP_SCAN = True
+
+try:
+    from neox_l2e.kernels import _l2e_scan as _cpp_scan
+except ImportError:  # not built (no compiler or pybind11): the torch sweep, same results up to summation order
+    _cpp_scan = None
 
 
 @dataclass
@@ -76,15 +84,16 @@ class Scan:
     """What ``scan`` computes on a [T, N] batch (0-dim / flat tensors unless noted).
 
     moments: (count, mean [N], M2 [N]) or None; phi: the full [T, N] phi or None (only with keep_phi);
-    phi_sum: sum of phi (fp32); sel, sel_phi: the selection as flat indices and its phi; cand_phi: every phi >=
-    ``bound`` (a superset of the selection; None when the top-k fell back to a full top-k); bound: a float or
-    0-dim tensor <= the selection's phi and <= level_bound."""
+    phi_sum: sum of phi (fp32); sel, sel_phi, sel_d: the selection as flat indices, its phi and its z - mean (None
+    for MEmeL's fallback); cand_phi: every phi >= ``bound`` (a superset of the selection; None when the top-k fell
+    back to a full top-k); bound: a float <= the selection's phi and <= level_bound."""
 
     moments: Optional[tuple] = None
     phi: Optional[torch.Tensor] = None
     phi_sum: Optional[torch.Tensor] = None
     sel: Optional[torch.Tensor] = None
     sel_phi: Optional[torch.Tensor] = None
+    sel_d: Optional[torch.Tensor] = None
     cand_phi: Optional[torch.Tensor] = None
     bound: object = None
 
@@ -103,10 +112,15 @@ def scan(
     """The statistics, phi and the selection of one fp32 batch z [T, N] in one sweep over blocks of rows (each
     block's temporaries stay in cache), without a dense mask, a sort or a top-k over all T x N entries.
 
-    moments: ``batch_moments`` (the same mean, then the squared deviations summed block by block: the same M2 up
-    to summation order). phi: as ``phi`` (the same bits), summed, and compared once with a bound: the flat
-    indices of every phi >= bound are the candidates the selection is taken from (their phi recomputed from z,
-    the same bits).
+    Per block: d = z - mean (the running mean), d^2 and phi = d^2 * inv_var (the bits of ``phi``), the column sums
+    of d and d^2, and the positions where phi >= bound, with their d and phi taken from the block.
+
+    moments: shifted by the running mean: batch mean = mean + S1 / T, M2 = S2 - S1^2 / T (S1, S2 the column sums
+    of d and d^2), from the d and d^2 that phi needs anyway (no pass of its own). Its rounding error relative to
+    M2 is about eps32 x (1 + T (batch mean - mean)^2 / M2): a few eps32 once the running mean tracks the batch
+    mean, larger only when they are many standard deviations apart (the first batch of a neuron whose mean is far
+    from 0, folded in with the count of one batch). phi_sum = sum over columns of S2 x inv_var (sum of phi up to
+    rounding).
 
     - ``tau`` (L2E): selected = phi >= tau; bound = min(tau, level_bound).
     - ``top_k`` (MEmeL): exactly the k largest phi (ties by topk's order among the candidates). The bound is a
@@ -121,53 +135,111 @@ def scan(
     z = z.detach().reshape(-1, z.shape[-1])
     T, N = z.shape
     out = Scan()
-    bmean = z.mean(dim=0) if moments else None
     bound = None
     if tau is not None:
         bound = float(tau) if level_bound is None else min(float(tau), float(level_bound))
     elif top_k is not None:
         k = max(0, min(int(top_k), T * N))
-        bound = _top_k_bound(z, mean, inv_var, k, level_bound) if k else math.inf
-    rows = max(1, SCAN_BLOCK // max(N, 1))
-    m2 = torch.zeros(N, dtype=torch.float32, device=z.device) if moments else None
-    phi_sum = torch.zeros((), dtype=torch.float32, device=z.device)
-    full = torch.empty_like(z) if keep_phi else None
-    buf = torch.empty(min(rows, T), N, dtype=torch.float32, device=z.device)
-    hits = torch.empty(T, N, dtype=torch.bool, device=z.device) if bound is not None else None
-    for i in range(0, T, rows):
-        zb = z[i : i + rows]
-        n = zb.shape[0]
-        if moments:
-            d = torch.sub(zb, bmean, out=buf[:n])
-            m2 += d.mul_(d).sum(dim=0)
-        p = torch.sub(zb, mean, out=full[i : i + n] if keep_phi else buf[:n])
-        p.mul_(p).mul_(inv_var)  # the bits of phi()
-        phi_sum += p.sum()
-        if bound is not None:
-            torch.ge(p, bound, out=hits[i : i + n])
+        bound = float(_top_k_bound(z, mean, inv_var, k, level_bound)) if k else math.inf
+    sweep = _sweep_cpp if _cpp_scan_usable(z) and not keep_phi else _sweep_blocks
+    s1, s2, idx, cand_d, vals, full = sweep(z, mean, inv_var, bound, keep_phi)
     if moments:
-        out.moments = (torch.full((), float(T), dtype=torch.float32, device=z.device), bmean, m2)
-    out.phi, out.phi_sum, out.bound = full, phi_sum, bound
+        out.moments = _shifted_moments(z, mean, s1, s2)
+    out.phi, out.phi_sum, out.bound = full, (s2 * inv_var.double()).sum().to(torch.float32), bound
     if bound is None:
         return out
-    idx = torch.nonzero(hits.view(-1)).squeeze(1)  # one nonzero over the whole mask (cheaper than per block)
-    col = idx.remainder(N)
-    vals = phi(z.view(-1).index_select(0, idx), mean.index_select(0, col), inv_var.index_select(0, col))
     if tau is not None:
         if bound < tau:
-            keep = vals >= tau
-            out.sel, out.sel_phi = idx[keep], vals[keep]
+            keep = _flat_at_least(vals, float(tau))
+            out.sel, out.sel_d, out.sel_phi = idx[keep], cand_d[keep], vals[keep]
         else:
-            out.sel, out.sel_phi = idx, vals
+            out.sel, out.sel_d, out.sel_phi = idx, cand_d, vals
         out.cand_phi = vals
     elif idx.numel() >= k:  # a shape, not a host copy of a value
         top = torch.topk(vals, k, sorted=False)
         out.sel, out.sel_phi, out.cand_phi = idx.index_select(0, top.indices), top.values, vals
+        out.sel_d = cand_d.index_select(0, top.indices)
     else:  # the fallback: the full top-k (phi kept for the metrics' level counts)
         out.phi = full if keep_phi else phi(z, mean, inv_var)
         top = torch.topk(out.phi.reshape(-1), k, sorted=False)
         out.sel, out.sel_phi, out.bound = top.indices, top.values, None
     return out
+
+
+#: ``scan``'s moments are redone in two passes when a column's batch mean lies more than this many batch standard
+#: deviations from the running mean (the shift), where the shifted formula would lose digits of M2
+SHIFT_LIMIT_STD = 8.0
+
+
+def _shifted_moments(z, mean, s1, s2) -> tuple:
+    """(count, mean, M2) of z [T, N] from the fp64 column sums S1 of z - mean and S2 of (z - mean)^2 (fp32 in and
+    out): batch mean = mean + S1 / T, M2 = S2 - S1^2 / T. Each d^2 carries a rounding of about eps32 x d^2, so the
+    error relative to M2 is about eps32 x (1 + T x shift^2 / M2) (shift = batch mean - mean): at most about 65 eps32
+    within SHIFT_LIMIT_STD standard deviations. Beyond that (the first batch of a neuron far from the initial mean 0,
+    or a jump), ``batch_moments``' two passes over z (one CPU synchronisation to decide; the torch path's gather
+    form runs on CPU only)."""
+    T = z.shape[0]
+    shift = s1 / T
+    m2 = (s2 - s1 * shift).clamp_min_(0.0)
+    if bool((shift * shift * T > SHIFT_LIMIT_STD**2 * m2).any()):
+        return batch_moments(z)
+    f32 = dict(dtype=torch.float32, device=z.device)
+    return torch.full((), float(T), **f32), (mean.double() + shift).to(torch.float32), m2.to(torch.float32)
+
+
+def _sweep_blocks(z, mean, inv_var, bound: Optional[float], keep_phi: bool):
+    """The sweep of ``scan`` in torch, over blocks of rows that stay in cache (the reference of the C++ sweep):
+    (S1, S2 fp64 [N], candidate positions int64, their d and phi fp32, the full phi or None)."""
+    T, N = z.shape
+    rows = max(1, SCAN_BLOCK // max(N, 1))
+    s1 = torch.zeros(N, dtype=torch.float64, device=z.device)
+    s2 = torch.zeros(N, dtype=torch.float64, device=z.device)
+    full = torch.empty_like(z) if keep_phi else None
+    d_buf, d2_buf, p_buf = (torch.empty(min(rows, T), N, dtype=torch.float32, device=z.device) for _ in range(3))
+    parts = []  # per block: (flat positions, their d, their phi)
+    for i in range(0, T, rows):
+        zb = z[i : i + rows]
+        n = zb.shape[0]
+        d = torch.sub(zb, mean, out=d_buf[:n])
+        s1 += d.sum(dim=0, dtype=torch.float64)
+        d2 = torch.mul(d, d, out=d2_buf[:n])
+        s2 += d2.sum(dim=0, dtype=torch.float64)
+        p = torch.mul(d2, inv_var, out=full[i : i + n] if keep_phi else p_buf[:n])  # the bits of phi()
+        if bound is not None:
+            pos = _flat_at_least(p, bound)
+            parts.append((pos + i * N, d.view(-1).index_select(0, pos), p.view(-1).index_select(0, pos)))
+    if bound is None:
+        return s1, s2, None, None, None, full
+    idx, cand_d, vals = (torch.cat([q[j] for q in parts]) for j in range(3))
+    return s1, s2, idx, cand_d, vals, full
+
+
+def _sweep_cpp(z, mean, inv_var, bound: Optional[float], keep_phi: bool = False):
+    """``_sweep_blocks`` in one C++ pass over z (kernels/csrc/l2e_scan.cpp), on torch's intra-op thread count."""
+    s1, s2, idx, d, p = _cpp_scan.scan(
+        z.numpy(),
+        mean.detach().numpy(),
+        inv_var.detach().numpy(),
+        math.inf if bound is None else float(bound),
+        bound is not None,
+        torch.get_num_threads(),
+    )
+    s1, s2 = torch.from_numpy(s1), torch.from_numpy(s2)
+    if bound is None:
+        return s1, s2, None, None, None, None
+    return s1, s2, torch.from_numpy(idx), torch.from_numpy(d), torch.from_numpy(p), None
+
+
+def _cpp_scan_usable(z: torch.Tensor) -> bool:
+    return _cpp_scan is not None and USE_CPP_SCAN and z.device.type == "cpu" and z.dtype == torch.float32
+
+
+def _flat_at_least(p: torch.Tensor, bound: float) -> torch.Tensor:
+    """Flat (row-major, ascending) int64 positions of p >= bound. On CPU through numpy (its comparison and
+    flatnonzero are several times faster than torch's bool ge and nonzero here)."""
+    if p.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(p.numpy() >= bound))
+    return torch.nonzero(p.reshape(-1) >= bound).squeeze(1)
 
 
 def _top_k_bound(z, mean, inv_var, k: int, level_bound: Optional[float]) -> torch.Tensor:

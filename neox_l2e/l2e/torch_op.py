@@ -126,8 +126,10 @@ def gather_form(device) -> bool:
 class _GeluInhibit(torch.autograd.Function):
     """z = GELU(u) and the L2E loss sum, whose values are computed outside (under no_grad); the backward is the
     plain GELU backward plus, on the selected entries only (flat indices ``sel``), the L2E loss's gradient or
-    MEmeL's sign flip. Bit for bit what autograd gives through ``z32 = GELU(u.float())``, the gathered loss
-    ``log((z32[sel] - mean)^2 + eps).sum()`` and ``torch.where(mask, 2 mean - z, z)``.
+    MEmeL's sign flip. What autograd gives through ``z32 = GELU(u.float())``, the gathered loss
+    ``log((z32[sel] - mean)^2 + eps).sum()`` and ``torch.where(mask, 2 mean - z, z)``: MEmeL bit for bit; L2E up to
+    one rounding on the selected entries (dz GELU'(u) + g GELU'(u) instead of (dz + g) GELU'(u), so that the plain
+    part is the uninhibited layer's bits and lambda = 0 trains bit for bit like L2E off).
 
     u: the pre-activation (x.dtype or fp32); u_p: its copy whose gradient reaches only W and b
     (``grad_to_input=False``; the loss's gradient goes there instead of to u) or None; z: the output (x.dtype,
@@ -152,25 +154,21 @@ class _GeluInhibit(torch.autograd.Function):
             g = q * d + q * d
         du = du_p = None
         if ctx.needs_input_grad[0] and (dz is not None or (g is not None and not ctx.split)):
+            # the plain GELU backward over the whole tensor (the bits of the uninhibited layer), then the loss's
+            # part g * GELU'(u) added on the selected entries: lambda = 0 (g = 0) trains bit for bit like L2E off;
+            # otherwise it equals autograd's (dz + g) * GELU'(u) up to one rounding
+            du32 = gelu_backward(dz.float(), u32, approx) if dz is not None else torch.zeros_like(u32)
+            du32 = du32.contiguous()
             if g is not None and not ctx.split:
-                # the loss's gradient joins dz where autograd would add it (dz + g on the selected entries),
-                # then ONE GELU backward over the whole tensor: the same bits as autograd through the plain
-                # formula (a second GELU backward over the gathered entries can differ in the last bit:
-                # vectorised and scalar tails), so lambda = 0 trains bit for bit like L2E off
-                dz_all = dz.float().clone() if dz is not None else torch.zeros_like(u32)
-                dz_all = dz_all.contiguous()
-                dz_all.view(-1).index_add_(0, sel, g)
-                du32 = gelu_backward(dz_all, u32, approx).contiguous()
-            else:
-                du32 = gelu_backward(dz.float(), u32, approx).contiguous()
+                du32.view(-1).index_add_(0, sel, gelu_backward(g, u32.reshape(-1).index_select(0, sel), approx))
             if ctx.reflect and dz is not None and sel.numel():  # d(2 mean - z)/dz = -1: an exact sign flip
                 flat = du32.view(-1)
                 flat.put_(sel, flat.index_select(0, sel).neg_())
             du = du32.to(u.dtype)
         if ctx.split and ctx.needs_input_grad[1] and g is not None:
-            dzp = torch.zeros_like(u32)
-            dzp.view(-1).put_(sel, g)
-            du_p = gelu_backward(dzp, u32, approx).to(u.dtype)
+            du_p32 = torch.zeros_like(u32)
+            du_p32.view(-1).put_(sel, gelu_backward(g, u32.reshape(-1).index_select(0, sel), approx))
+            du_p = du_p32.to(u.dtype)
         return du, du_p, None, None, None, None, None, None, None
 
 
@@ -241,7 +239,10 @@ def up_gelu_l2e(
             out.sel_phi, out.cand_phi, out.cand_bound = sc.sel_phi, sc.cand_phi, sc.bound
             cols = sel.remainder(z32.shape[-1])
             if top_k is None:  # L2E: the loss over the selected entries, in flat (row-major) order
-                d = z32.reshape(-1).index_select(0, sel) - mean.detach().index_select(0, cols)
+                if selection is None:
+                    d = sc.sel_d  # z32 - mean at sel, from the scan's block (the same bits)
+                else:
+                    d = z32.reshape(-1).index_select(0, sel) - mean.detach().index_select(0, cols)
                 loss_sum = torch.log(d * d + eps).sum()
             else:  # MEmeL: reverse deactivation in the output's dtype, as functional.reverse_deactivate
                 flat = z.view(-1)

@@ -1,8 +1,10 @@
 """At most one device-to-host copy per training micro-batch from our code, L2E on (gas 1 and 2): the NaN /
 interrupt flags and every inhibited layer's commit values travel together (issue M, item 1).
 
-Counted by wrapping the tensor-to-host calls (tolist, item, float/int/bool, cpu, numpy) made directly by code in
-neox_l2e; the optimizer step's own copies (DeepSpeed internals) are not ours."""
+Counted by wrapping the tensor-to-host calls (tolist, item, float/int/bool, cpu) made directly by code in neox_l2e;
+the optimizer step's own copies (DeepSpeed internals) are not ours. ``numpy()`` is not counted: it is a view of a
+CPU tensor and raises on a CUDA one, so it can never be a hidden device synchronisation (the CPU sweep of the torch
+path uses it)."""
 
 import collections
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from distributed import run_ranks
 
-HOST_CALLS = ("tolist", "item", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+HOST_CALLS = ("tolist", "item", "__float__", "__int__", "__bool__", "__index__", "cpu")
 
 
 def _worker(rank, world, gas):

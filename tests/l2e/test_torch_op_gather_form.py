@@ -1,5 +1,7 @@
-"""The CPU (gather) form of the torch L2E op: its custom backward equals plain autograd through the formula, bit
-for bit; MEmeL's candidate top-k equals the full top-k; a checkpointing recompute reuses the first selection."""
+"""The CPU (gather) form of the torch L2E op: z and the loss equal plain autograd through the formula bit for bit,
+the gradients up to one rounding (the loss's part is added after the plain GELU backward: (dz + g) GELU'(u) becomes
+dz GELU'(u) + g GELU'(u)); MEmeL's candidate top-k equals the full top-k; a checkpointing recompute reuses the
+first selection."""
 
 import pytest
 import torch
@@ -12,6 +14,15 @@ from neox_l2e.l2e import commit_all
 from neox_l2e.l2e import functional as F
 from neox_l2e.l2e.metrics import BatchMetrics
 from neox_l2e.l2e.torch_op import L2EForward, up_gelu_l2e
+
+# the gradients of the gather form against plain autograd, relative to the gradient's largest entry: fp32 one rounding
+# of dL/du on the selected entries, summed through the GEMMs; bf16: dL/du may round to the neighbouring bf16 value
+_GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 1e-2)}
+
+
+def _close_grads(a, c, dtype):
+    rtol, scale = _GRAD_TOL[dtype]
+    torch.testing.assert_close(a, c, rtol=rtol, atol=scale * float(c.abs().max()))
 
 
 def _stats(n, seed=7):
@@ -80,8 +91,8 @@ def test_gather_form_equals_plain_autograd(dtype, grad_to_input, bias, shape):
         z1, l1, g1 = _grads(_run(*args, gather=True), leaves, gz)
         assert z1.dtype == dtype and torch.equal(z1, z0)
         assert torch.equal(l1, l0)
-        for a, c in zip(g1, g0):
-            assert torch.equal(a, c)
+        for a, c in zip(g1, g0):  # one rounding apart on the selected entries' dL/du, then through the GEMMs
+            _close_grads(a, c, dtype)
         # and the masked form (kept for devices where gathering would synchronise) gives the same
         z2, l2, g2 = _grads(_run(*args, gather=False), leaves, gz)
         assert torch.equal(z2, z0)
@@ -153,7 +164,8 @@ def test_scan_top_k_equals_the_full_top_k(shape, ratio, level_bound):
         assert float(sc.bound) <= level_bound
     # the moments and the phi sum are those of the unblocked formulas
     c, m, m2 = F.batch_moments(z)
-    assert torch.equal(sc.moments[1], m) and torch.equal(sc.moments[0], c)
+    assert torch.equal(sc.moments[0], c)
+    torch.testing.assert_close(sc.moments[1], m, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(sc.moments[2], m2, rtol=1e-5, atol=0)
     torch.testing.assert_close(sc.phi_sum, phi.sum(), rtol=1e-5, atol=0)
 
