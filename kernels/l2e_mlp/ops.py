@@ -47,7 +47,9 @@ class KernelConfig:
     mm_stages: int = 3
     # statistics merge
     merge_block_p: int = 16
-    merge_block_n: int = 32  # N / 32 programs: 64 at N = 2048 (the 70M shape), 512 at N = 16384
+    merge_block_n: int = 32  # the widest column block; halved (down to merge_min_block_n) while the grid is
+    merge_min_programs: int = 128  # smaller than this: 128 programs at N = 2048 (70M), N / 32 from N = 4096 on
+    merge_min_block_n: int = 16
     merge_block_r: int = 1024  # program 0's chunk when it reduces the P x Q loss / count partials
     # keep the pre-activation for backward (True) or recompute it there with the forward's GEMM (False)
     save_preact: bool = True
@@ -58,7 +60,14 @@ class KernelConfig:
 GPU_CONFIG = KernelConfig()
 # under the interpreter every program costs milliseconds: few, large tiles
 INTERPRET_CONFIG = KernelConfig(
-    ew_block_m=64, ew_block_n=64, mm_block_m=64, mm_block_n=64, mm_block_k=64, merge_block_p=64, merge_block_n=128
+    ew_block_m=64,
+    ew_block_n=64,
+    mm_block_m=64,
+    mm_block_n=64,
+    mm_block_k=64,
+    merge_block_p=64,
+    merge_block_n=128,
+    merge_min_programs=0,
 )
 
 
@@ -128,6 +137,16 @@ def _mm_config(cfg: KernelConfig, dtype: torch.dtype, h: int, N: int) -> KernelC
     if h % 16 or N % 16:
         cfg = replace(cfg, mm_block_m=max(16, cfg.mm_block_m // 2))
     return cfg
+
+
+def _merge_block_n(cfg: KernelConfig, N: int) -> int:
+    """BLOCK_N of the statistics merge: ``merge_block_n`` halved while the grid (one program per BLOCK_N columns)
+    has fewer than ``merge_min_programs`` programs, not below ``merge_min_block_n``. A function of N and the
+    config only, so a given shape always reduces in the same order (bitwise reproducible)."""
+    bn = cfg.merge_block_n
+    while bn // 2 >= cfg.merge_min_block_n and _cdiv(N, bn) < cfg.merge_min_programs:
+        bn //= 2
+    return bn
 
 
 def _ew_tile(cfg: KernelConfig, N: int):
@@ -272,9 +291,10 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
     n_sel = torch.empty((), dtype=torch.int64, device=dev)
     count = torch.empty((), dtype=torch.float32, device=dev)
     # one launch merges the moments and reduces the loss / count partials (fixed order: deterministic)
+    merge_bn = _merge_block_n(cfg, N)
     _launch(
         "_merge_moments_kernel",
-        (_cdiv(N, cfg.merge_block_n),),
+        (_cdiv(N, merge_bn),),
         dict(num_warps=4),
         pmean_ptr=pmean,
         pm2_ptr=pm2,
@@ -291,7 +311,7 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
         R=P * Q,
         BLOCK_M=bm,
         BLOCK_P=cfg.merge_block_p,
-        BLOCK_N=cfg.merge_block_n,
+        BLOCK_N=merge_bn,
         BLOCK_R=cfg.merge_block_r,
     )
     return z, loss_sum, n_sel, count, bmean, bm2, u_lin

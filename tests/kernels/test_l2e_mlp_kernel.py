@@ -531,6 +531,27 @@ def test_every_launch_pins_fp_fusion_off():
     assert all(ln.options.get("enable_fp_fusion") is False for ln in launches)
 
 
+def test_merge_grid_is_wide_at_the_pythia_widths():
+    """The statistics merge runs on at least 128 programs at every Pythia MLP width (N = 4h, 2048 ... 20480):
+    its column block is halved from 32 to 16 where N / 32 < 128; the block is a function of N alone."""
+    from neox_l2e.kernels.l2e_mlp import ops
+
+    seen = {}
+    for h in (512, 768, 1024, 2048, 2560, 4096, 5120):
+        n = 4 * h
+        x = torch.empty((64, h), dtype=torch.bfloat16, device="meta")
+        w = torch.empty((n, h), dtype=torch.bfloat16, device="meta")
+        stats = torch.empty((n,), dtype=torch.float32, device="meta")
+        with ops.record_launches() as launches:
+            ops._apply_kernels(x, w, None, stats, stats, 1.0, 1e-6, "none", "split", ops.GPU_CONFIG)
+        (merge,) = [ln for ln in launches if ln.kernel == "_merge_moments_kernel"]
+        assert merge.grid[0] >= 128 and merge.grid[0] * merge.args["BLOCK_N"] >= n, (n, merge.grid)
+        seen[n] = merge.args["BLOCK_N"]
+    assert seen[2048] == seen[3072] == 16 and seen[4096] == seen[20480] == 32
+    # the interpreter keeps few, large programs
+    assert ops._merge_block_n(ops.INTERPRET_CONFIG, 2048) == ops.INTERPRET_CONFIG.merge_block_n
+
+
 # ---------------------------------------------------------------- autograd details (K4)
 
 
