@@ -491,7 +491,8 @@ def run_host(args) -> list:
             )
         )
     print(
-        "| variant | pass | us/call | Triton launches | torch ops with device work | allocations | launched (Triton ; torch) |"
+        "| variant | pass | us/call | Triton launches | torch ops with device work | allocations"
+        " | launched (Triton ; torch) |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
