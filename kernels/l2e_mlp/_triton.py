@@ -5,8 +5,9 @@ Per-tile outputs go to partials buffers that the host (or ``_merge_moments_kerne
 order; no float atomics anywhere, so every output is bitwise reproducible for a given launch config.
 
 Partials layout (P = cdiv(T, BLOCK_M) row blocks, Q = cdiv(N, BLOCK_N) column blocks):
-    pmean[P, N], pm2[P, N]  fp32   per-row-block column mean and M2 (two-pass inside the tile: relative error of
-                                   M2 ~ (c + P) u, plus a term ~ u max|z| sqrt(T M2) from the fp32 tile means)
+    pmean[P, N], pm2[P, N]  fp32   per-row-block column mean and M2, two passes inside the tile of c rows (errors
+                                   <= (c + 1) u max|z| and (c + 3) u M2 to first order, u = 2^-24; the merged
+                                   bound: docs/kernels.md, "Tiles, partials and merge order")
     psel[P, Q]              int32  selected entries of the tile
     ploss[P, Q]             fp32   sum over the tile's selected entries of log((z - mean)^2 + eps)
 Row block p has min(BLOCK_M, T - p * BLOCK_M) rows; that count is implied, never stored.
