@@ -22,11 +22,27 @@ the fused variants need Triton's interpreter there and are skipped unless --inte
     python tools/bench_kernels.py --tokens 256 --shapes 70m --csv smoke.csv    # CPU smoke run
 
 tools/gpu_check.py runs this script once per shape (with a timeout each) and merges the results.
+
+--host measures the host cost per call of fused_up_gelu_l2e (and of the floor) at a small shape, where the GPU
+work is a few microseconds and the host code and the launches set the pace (default T = 128, 70m: h = 512,
+N = 2048), for the forward and for forward + backward (torch.autograd.grad: no gradient accumulation):
+    CUDA: wall time per call of --host-calls back-to-back calls with one synchronisation at the end; it includes
+          Triton's launcher and the torch ops' launches (launch-bound: it is the host cost whenever the GPU keeps up)
+    CPU:  the host code alone, kernel launches recorded (ops.record_launches), not run: it excludes Triton's
+          launcher (argument binding, the driver call) and any device work. It runs on tiny CPU tensors
+          (T = 8, h = 16, N = 64: the host code does not depend on the shape), where the torch ops it calls
+          cost their dispatch and microseconds of compute; on meta tensors some of them (addmm, gelu) are Python
+          meta functions of a few hundred microseconds, which would swamp the figure
+and, per call at the requested shape, the Triton launches and the torch ops that launch device work (counted
+on meta tensors).
+
+    python tools/bench_kernels.py --host                                       # GPU or CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -73,7 +89,13 @@ def parse_args(argv=None):
         "--rounds", type=int, default=3, help="time all variants once per round, this many rounds; report the median"
     )
     p.add_argument("--cpu-min-runs", type=int, default=3, help="CPU timer: at least this many timed runs")
-    p.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    p.add_argument("--csv", default=None, help="write the rows to this CSV file (not with --host)")
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="host microseconds per call at a small shape (default --tokens 128 --shapes 70m); see above",
+    )
+    p.add_argument("--host-calls", type=int, default=200, help="--host: calls per timed round")
     return p.parse_args(argv)
 
 
@@ -341,8 +363,151 @@ def write_csv(path, rows, device, dtype_name, approximate) -> None:
             wr.writerow([device, dtype_name, approximate] + vals)
 
 
+# aten ops that launch no device work: allocations, views, autograd bookkeeping
+NO_LAUNCH_OPS = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "detach",
+    "alias",
+    "t",
+    "transpose",
+    "permute",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "as_strided",
+    "expand",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+}
+
+
+def count_launches(fn):
+    """(Triton launches, torch ops that launch device work, allocations) of one ``fn()`` on meta tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from neox_l2e.kernels.l2e_mlp import ops
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with ops.record_launches() as launches, Count() as c:
+        fn()
+    torch_ops = [n for n in c.names if n not in NO_LAUNCH_OPS]
+    return [ln.kernel for ln in launches], torch_ops, sum(n.startswith("empty") for n in c.names)
+
+
+def host_calls(args, dev):
+    """The timed callables at the --host shape on ``dev``: {(variant, pass): fn}."""
+    from neox_l2e.kernels.l2e_mlp import GPU_CONFIG, fused_up_gelu_l2e
+
+    dtype = DTYPES[args.dtype]
+    s = (args.shapes or "70m").split(",")[0]
+    h = SHAPES[s] if s in SHAPES else int(s)
+    T, N = (args.tokens or 128), 4 * h
+    if dev == "cpu":  # tiny real tensors (see the module docstring)
+        T, h, N = 8, 16, 64
+
+    def t(*shape, dt=dtype, grad=False):
+        if dev == "meta":
+            out = torch.empty(shape, dtype=dt, device=dev)
+        else:
+            out = torch.randn(shape, dtype=torch.float32, device=dev).mul_(0.1).to(dt)
+        return out.requires_grad_(grad)
+
+    x, w, b = t(T, h, grad=True), t(N, h, grad=True), t(N, grad=True)
+    mean, inv_var, gz = t(N, dt=torch.float32), t(N, dt=torch.float32).abs_(), t(T, N)
+    gl = torch.ones((), device=dev)
+    cfg = GPU_CONFIG  # the compiled path's host code, also on CPU
+
+    def fused(mode):
+        return lambda: fused_up_gelu_l2e(x, w, b, mean, inv_var, 9.0, 1e-6, args.approximate, mode, config=cfg)
+
+    calls = {}
+    for mode in [m for m in args.modes.split(",") if m]:
+        f = fused(mode)
+        calls[(f"fused:{mode}", "fwd")] = f
+        calls[(f"fused:{mode}", "fwd+bwd")] = lambda f=f: torch.autograd.grad(list(f()[:2]), [x, w, b], [gz, gl])
+    floor = lambda: floor_path(x, w, b, args.approximate)  # noqa: E731
+    calls[("floor", "fwd")] = floor
+    calls[("floor", "fwd+bwd")] = lambda: torch.autograd.grad([floor()], [x, w, b], [gz])
+    return calls, (s, h, N, T)
+
+
+def run_host(args) -> list:
+    """Host microseconds per call (see the module docstring); one row per (variant, pass)."""
+    from neox_l2e.kernels.l2e_mlp import ops
+
+    n = max(1, args.host_calls)
+    counted, _ = host_calls(args, "meta")
+    counts = {k: count_launches(f) for k, f in counted.items()}
+    calls, (s, h, N, T) = host_calls(args, "cuda" if CUDA else "cpu")
+    if CUDA:
+        where = f"CUDA wall per call, back-to-back, one sync (includes Triton's launcher); T={T} h={h} N={N}"
+    else:
+        where = (
+            "CPU host code, Triton launches recorded not run (excludes Triton's launcher), tiny CPU tensors "
+            f"T={T} h={h} N={N} (launch counts at the requested shape)"
+        )
+    print(f"host cost per call: {where}; dtype {args.dtype}; {n} calls x {args.rounds} rounds")
+    rows = []
+    for key, f in calls.items():
+        samples = []
+        for _ in range(args.rounds):
+            with ops.record_launches() if not CUDA else contextlib.nullcontext():
+                for _ in range(min(10, n)):  # warm-up (CUDA: compiles the kernels once)
+                    f()
+                if CUDA:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    f()
+                if CUDA:
+                    torch.cuda.synchronize()
+                samples.append((time.perf_counter() - t0) / n * 1e6)
+        triton_l, torch_ops, allocs = counts[key]
+        rows.append(
+            dict(
+                shape=s,
+                h=h,
+                N=N,
+                T=T,
+                variant=key[0],
+                pass_=key[1],
+                us=statistics.median(samples),
+                triton=len(triton_l),
+                torch_ops=len(torch_ops),
+                allocs=allocs,
+                note=" ".join(k.strip("_").replace("_kernel", "") for k in triton_l) + " ; " + " ".join(torch_ops),
+            )
+        )
+    print(
+        "| variant | pass | us/call | Triton launches | torch ops with device work | allocations"
+        " | launched (Triton ; torch) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['variant']} | {r['pass_']} | {r['us']:.1f} | {r['triton']} | {r['torch_ops']} | {r['allocs']} "
+            f"| {r['note']} |"
+        )
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.host:
+        run_host(args)
+        return 0
     rows = run(args)
     print_table(rows)
     if CUDA:  # the issue's goals, forward pass

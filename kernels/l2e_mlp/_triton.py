@@ -5,7 +5,9 @@ Per-tile outputs go to partials buffers that the host (or ``_merge_moments_kerne
 order; no float atomics anywhere, so every output is bitwise reproducible for a given launch config.
 
 Partials layout (P = cdiv(T, BLOCK_M) row blocks, Q = cdiv(N, BLOCK_N) column blocks):
-    pmean[P, N], pm2[P, N]  fp32   per-row-block column mean and M2 (two-pass inside the tile)
+    pmean[P, N], pm2[P, N]  fp32   per-row-block column mean and M2, two passes inside the tile of c rows (errors
+                                   <= (c + 1) u max|z| and (c + 3) u M2 to first order, u = 2^-24; the merged
+                                   bound: docs/kernels.md, "Tiles, partials and merge order")
     psel[P, Q]              int32  selected entries of the tile
     ploss[P, Q]             fp32   sum over the tile's selected entries of log((z - mean)^2 + eps)
 Row block p has min(BLOCK_M, T - p * BLOCK_M) rows; that count is implied, never stored.
@@ -129,7 +131,11 @@ def _l2e_epilogue(
     tl.store(psel_ptr + pid_m * num_pid_n + pid_n, n_sel)
     tl.store(ploss_ptr + pid_m * num_pid_n + pid_n, loss)
 
-    # two-pass moments of the tile's valid rows, from the registers (z is read once)
+    # two-pass moments of the tile's valid rows, from the registers (z is read once). Kept over a single pass
+    # shifted by the running mean (column sums of d and d2, M2 = s2 - s1^2 / c): compiled for sm_90 that saves no
+    # instructions (the column reductions' shuffles and cross-warp stage cost the same, not the arithmetic) and its
+    # relative error grows like u c (tile mean - mu)^2 / M2, all digits lost at mu = 0 (the first batch) on a
+    # column with mean / std ~ 1e3. Error bound of this form: tests/kernels (moments_bound); docs/kernels.md.
     cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     t_mean = tl.sum(tl.where(mask2, z, 0.0), axis=0) / cnt
     dev = tl.where(mask2, z - t_mean[None, :], 0.0)

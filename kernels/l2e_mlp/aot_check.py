@@ -208,6 +208,8 @@ def describe(v: Variant) -> str:
         bits.append("strided")
     if v.launch.kernel == "_bwd_kernel" and a["HAS_DZ"] and a["stride_dzn"] != 1:
         bits.append("strided-dz")
+    if v.launch.kernel == "_merge_moments_kernel":
+        bits.append(f"block_n:{a['BLOCK_N']}")
     if a.get("INPUT_PRECISION") == "tf32":
         bits.append("tf32")
     return " ".join(bits)

@@ -47,7 +47,9 @@ class KernelConfig:
     mm_stages: int = 3
     # statistics merge
     merge_block_p: int = 16
-    merge_block_n: int = 32  # N / 32 programs: 64 at N = 2048 (the 70M shape), 512 at N = 16384
+    merge_block_n: int = 32  # the widest column block; halved (down to merge_min_block_n) while the grid is
+    merge_min_programs: int = 128  # smaller than this: 128 programs at N = 2048 (70M), N / 32 from N = 4096 on
+    merge_min_block_n: int = 16
     merge_block_r: int = 1024  # program 0's chunk when it reduces the P x Q loss / count partials
     # keep the pre-activation for backward (True) or recompute it there with the forward's GEMM (False)
     save_preact: bool = True
@@ -58,7 +60,14 @@ class KernelConfig:
 GPU_CONFIG = KernelConfig()
 # under the interpreter every program costs milliseconds: few, large tiles
 INTERPRET_CONFIG = KernelConfig(
-    ew_block_m=64, ew_block_n=64, mm_block_m=64, mm_block_n=64, mm_block_k=64, merge_block_p=64, merge_block_n=128
+    ew_block_m=64,
+    ew_block_n=64,
+    mm_block_m=64,
+    mm_block_n=64,
+    mm_block_k=64,
+    merge_block_p=64,
+    merge_block_n=128,
+    merge_min_programs=0,
 )
 
 
@@ -100,7 +109,8 @@ _RECORDING: Optional[List[Launch]] = None
 @contextlib.contextmanager
 def record_launches() -> Iterator[List[Launch]]:
     """Inside the block, kernel launches are appended to the yielded list instead of run: the host code
-    (variant selection, shapes, flags) runs as usual, typically on ``meta`` tensors. Not thread-safe."""
+    (variant selection, shapes, flags) runs as usual, typically on ``meta`` tensors (``fused_up_gelu_l2e`` takes
+    the kernel path here whatever the device, never the torch fallback). Not thread-safe."""
     global _RECORDING
     prev, _RECORDING = _RECORDING, []
     try:
@@ -117,11 +127,11 @@ def _launch(kernel: str, grid: tuple, options: dict, **args) -> None:
     getattr(_kernels(), kernel)[grid](**launch.args, **launch.options)
 
 
-def _mm_config(cfg: KernelConfig, dtype: torch.dtype, h: int, N: int) -> KernelConfig:
+def _mm_config(cfg: KernelConfig, dtype: torch.dtype, h: int, N: int, interp: Optional[bool] = None) -> KernelConfig:
     """The fused-gemm tiles for this call, compiled: fp32 halves BLOCK_K (its tiles take twice the shared
     memory); h or N not divisible by 16 (rows not 16-byte aligned: no asynchronous copies, so no pipelined
     main loop, and one address per element) halves BLOCK_M, which keeps those variants free of spills."""
-    if interpreter_enabled():
+    if interpreter_enabled() if interp is None else interp:
         return cfg
     if dtype == torch.float32:
         cfg = replace(cfg, mm_block_k=min(cfg.mm_block_k, 32))
@@ -130,23 +140,33 @@ def _mm_config(cfg: KernelConfig, dtype: torch.dtype, h: int, N: int) -> KernelC
     return cfg
 
 
-def _ew_tile(cfg: KernelConfig, N: int):
+def _merge_block_n(cfg: KernelConfig, N: int) -> int:
+    """BLOCK_N of the statistics merge: ``merge_block_n`` halved while the grid (one program per BLOCK_N columns)
+    has fewer than ``merge_min_programs`` programs, not below ``merge_min_block_n``. A function of N and the
+    config only, so a given shape always reduces in the same order (bitwise reproducible)."""
+    bn = cfg.merge_block_n
+    while bn // 2 >= cfg.merge_min_block_n and _cdiv(N, bn) < cfg.merge_min_programs:
+        bn //= 2
+    return bn
+
+
+def _ew_tile(cfg: KernelConfig, N: int, interp: Optional[bool] = None):
     """[BLOCK_M, BLOCK_N] of the element-wise passes. A row length N not divisible by 16 (rows not 16-byte
     aligned: no vector loads, one 64-bit address per element) halves BLOCK_M when compiled, which keeps those
     variants free of register spills (checked by aot_check)."""
-    if N % 16 != 0 and not interpreter_enabled():
+    if N % 16 != 0 and not (interpreter_enabled() if interp is None else interp):
         return max(16, cfg.ew_block_m // 2), cfg.ew_block_n
     return cfg.ew_block_m, cfg.ew_block_n
 
 
-def _bf16_rne(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreter_enabled()
+def _bf16_rne(dtype: torch.dtype, interp: bool) -> bool:
+    return dtype == torch.bfloat16 and interp
 
 
-def _input_precision(dtype: torch.dtype):
+def _input_precision(dtype: torch.dtype, interp: bool):
     """tl.dot's input_precision: fp32 GEMMs like torch's (TF32 only where torch itself would use it);
     16-bit operands keep Triton's default (None); the interpreter's fp32-cast bf16 path is exact."""
-    if interpreter_enabled():
+    if interp:
         return "ieee"
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -158,7 +178,8 @@ def _gemm_launch(
 ):
     T, h = x.shape
     N = weight.shape[0]
-    cfg = _mm_config(cfg, x.dtype, h, N)
+    interp = interpreter_enabled()  # read once per call (an environment lookup)
+    cfg = _mm_config(cfg, x.dtype, h, N, interp)
     grid = (_cdiv(T, cfg.mm_block_m) * _cdiv(N, cfg.mm_block_n),)
     dummy = mean
     pmean, pm2, psel, ploss = parts if parts is not None else (dummy, dummy, dummy, dummy)
@@ -190,10 +211,10 @@ def _gemm_launch(
         SAVE_U=save_u,
         EPILOGUE=epilogue,
         APPROX_TANH=approx_tanh,
-        BF16_RNE=_bf16_rne(x.dtype),
-        DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
-        INPUT_PRECISION=_input_precision(x.dtype),
-        FAST_LOG=cfg.fast_log and not interpreter_enabled(),
+        BF16_RNE=_bf16_rne(x.dtype, interp),
+        DOT_FP32=interp and x.dtype == torch.bfloat16,
+        INPUT_PRECISION=_input_precision(x.dtype, interp),
+        FAST_LOG=cfg.fast_log and not interp,
         EVEN_M=T % cfg.mm_block_m == 0,
         EVEN_N=N % cfg.mm_block_n == 0,
         EVEN_K=h % cfg.mm_block_k == 0,
@@ -209,11 +230,12 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
     T, _ = x.shape
     N = weight.shape[0]
     dev = x.device
+    interp = interpreter_enabled()  # read once per call (an environment lookup)
     z = torch.empty((T, N), dtype=x.dtype, device=dev)
     if mode == "split":
-        bm, bn = _ew_tile(cfg, N)
+        bm, bn = _ew_tile(cfg, N, interp)
     else:
-        mm = _mm_config(cfg, x.dtype, x.shape[1], N)
+        mm = _mm_config(cfg, x.dtype, x.shape[1], N, interp)
         bm, bn = mm.mm_block_m, mm.mm_block_n
     P, Q = _cdiv(T, bm), _cdiv(N, bn)
     pmean = torch.empty((P, N), dtype=torch.float32, device=dev)
@@ -239,8 +261,8 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
             tau=float(tau),
             eps=float(eps),
             APPROX_TANH=approx_tanh,
-            BF16_RNE=_bf16_rne(x.dtype),
-            FAST_LOG=cfg.fast_log and not interpreter_enabled(),
+            BF16_RNE=_bf16_rne(x.dtype, interp),
+            FAST_LOG=cfg.fast_log and not interp,
             EVEN_M=T % bm == 0,
             EVEN_N=N % bn == 0,
             BLOCK_M=bm,
@@ -272,9 +294,10 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
     n_sel = torch.empty((), dtype=torch.int64, device=dev)
     count = torch.empty((), dtype=torch.float32, device=dev)
     # one launch merges the moments and reduces the loss / count partials (fixed order: deterministic)
+    merge_bn = _merge_block_n(cfg, N)
     _launch(
         "_merge_moments_kernel",
-        (_cdiv(N, cfg.merge_block_n),),
+        (_cdiv(N, merge_bn),),
         dict(num_warps=4),
         pmean_ptr=pmean,
         pm2_ptr=pm2,
@@ -291,7 +314,7 @@ def _forward(x, weight, bias, mean, inv_var, tau, eps, approx_tanh, mode, cfg: K
         R=P * Q,
         BLOCK_M=bm,
         BLOCK_P=cfg.merge_block_p,
-        BLOCK_N=cfg.merge_block_n,
+        BLOCK_N=merge_bn,
         BLOCK_R=cfg.merge_block_r,
     )
     return z, loss_sum, n_sel, count, bmean, bm2, u_lin
@@ -333,7 +356,8 @@ def _backward_du(
     """dL/du [T, N] in u_lin.dtype (u_lin: the pre-activation, bias included); when need_db, db (fp32 [N]);
     when need_du_lm, also the LM part alone, dL/dz * GELU'(u) (bitwise the dL/du of a call without ``g``)."""
     T, N = u_lin.shape
-    bm, bn = _ew_tile(cfg, N)
+    interp = interpreter_enabled()
+    bm, bn = _ew_tile(cfg, N, interp)
     P, Q = _cdiv(T, bm), _cdiv(N, bn)
     du = torch.empty_like(u_lin)
     du_lm = torch.empty_like(u_lin) if need_du_lm else None
@@ -361,7 +385,7 @@ def _backward_du(
         HAS_G=g is not None,
         STORE_DU_LM=need_du_lm,
         APPROX_TANH=approx_tanh,
-        BF16_RNE=_bf16_rne(u_lin.dtype),
+        BF16_RNE=_bf16_rne(u_lin.dtype, interp),
         EVEN_M=T % bm == 0,
         EVEN_N=N % bn == 0,
         BLOCK_M=bm,
@@ -509,8 +533,11 @@ def fused_up_gelu_l2e(
     """
     x, weight, bias = _autocast_inputs(x, weight, bias)
     _check_args(x, weight, bias, mean, inv_var, tau, eps, approximate, mode)
-    with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else contextlib.nullcontext():
-        if not triton_usable(x.device):
+    dev_type = x.device.type
+    autocast_on = dev_type in ("cuda", "cpu") and torch.is_autocast_enabled(dev_type)
+    # autocast off inside (entering the context costs microseconds of host time: only when it is on)
+    with torch.autocast(dev_type, enabled=False) if autocast_on else contextlib.nullcontext():
+        if not triton_usable(x.device) and _RECORDING is None:
             return _reference_split_grad(x, weight, bias, mean, inv_var, tau, eps, approximate, mode, l2e_grad_to_input)
         cfg = config if config is not None else default_config()
         if save_preact is not None and save_preact != cfg.save_preact:

@@ -66,3 +66,28 @@ def test_bench_kernels_fused_path_runs_on_the_interpreter(repo_root, tmp_path, c
     ]
     lines = bench.goal_lines(rows_d)
     assert len(lines) == 2 and all(ln.startswith("goal 32 fused:") for ln in lines)
+
+
+def test_bench_kernels_host_measurement_on_cpu(repo_root, capsys):
+    """--host on CPU: the host code's microseconds per call with the Triton launches recorded (not run), and the
+    launches one forward / forward + backward makes, counted on meta tensors at the requested shape."""
+    bench = _load(repo_root)
+    rc = bench.main(["--host", "--host-calls", "3", "--rounds", "1", "--tokens", "128", "--shapes", "70m"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "excludes Triton's launcher" in out
+    rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in out.splitlines() if ln.startswith("| ")}
+
+    def cells(variant, pas):
+        c = [x.strip() for x in rows[(variant, pas)].split("|")[1:-1]]
+        return float(c[2]), int(c[3]), int(c[4]), c[6]
+
+    us, triton_n, torch_n, launched = cells("fused:split", "fwd")
+    assert us > 0 and triton_n == 2 and torch_n == 1  # the epilogue pass and the merge; cuBLAS addmm
+    assert launched == "split_fwd merge_moments ; addmm"
+    us, triton_n, torch_n, launched = cells("fused:split", "fwd+bwd")
+    assert us > 0 and triton_n == 3 and "bwd" in launched.split(";")[0].split()
+    assert launched.split(";")[1].split().count("mm") == 2  # dx, dW
+    us, triton_n, torch_n, _ = cells("fused:fused-gemm", "fwd")
+    assert us > 0 and triton_n == 2 and torch_n == 0
+    assert cells("floor", "fwd")[1:3] == (0, 2)  # addmm, gelu

@@ -411,6 +411,73 @@ def test_z_is_the_plain_mlp_activation(device, dtype, mode, approximate):
     assert (diff == 0).float().mean().item() >= (0.995 if mode == "split" else 0.95)
 
 
+# ---------------------------------------------------------------- batch moments: precision bound (K5)
+
+U32 = 2.0**-24  # fp32 unit roundoff
+# (mean, spread) of the pre-activation per column: ordinary GELU columns, then ill-conditioned ones (large mean,
+# tiny spread; mean / std up to 1e4) where a shifted single-pass formula with shift 0 would lose every digit
+MOMENT_SPECS = [(0.0, 1.0), (-0.5, 0.3), (0.1, 0.05), (3.0, 3e-2), (8.0, 8e-3), (8.0, 8e-4), (20.0, 2e-3), (50.0, 5e-3)]
+
+
+def _moment_inputs(device, t, h=8, seed=21):
+    """fp32 x, W, b giving columns with the (mean, spread) of MOMENT_SPECS, each with three running means:
+    0 (the first batch), GELU(b) (near the batch mean) and GELU(b) + 100 spreads."""
+    g = torch.Generator().manual_seed(seed)
+    cols = [(m, s, k) for (m, s) in MOMENT_SPECS for k in range(3)]
+    x = torch.randn(t, h, generator=g)
+    w = torch.stack([s * torch.randn(h, generator=g) / math.sqrt(h) for (_, s, _) in cols])
+    b = torch.tensor([m for (m, _, _) in cols])
+    near = F.gelu(b.double())
+    mean = torch.tensor(
+        [0.0 if k == 0 else float(near[j]) + (100.0 * s if k == 2 else 0.0) for j, (_, s, k) in enumerate(cols)]
+    )
+    inv_var = torch.ones(len(cols))
+    return [v.to(device) for v in (x, w, b, mean, inv_var)]
+
+
+def moments_bound(z, block_m):
+    """First-order worst-case error bound of the kernel's two-pass batch moments of fp32 ``z`` [T, N], per column.
+
+    Tile of c <= block_m rows (P tiles): mean by one fp32 sum, error <= (c + 1) u max|z|; M2 by a second pass
+    over z - tile mean, error <= (c + 3) u M2_tile + O(u^2) (no cancellation). Merge (fp32, fixed order): the
+    mean adds <= (P + 1) u max|z|; M2 = sum M2_p + sum c_p (mean_p - mean)^2 adds (P + 3) u M2, and the
+    tile means' errors dm_p (<= K u max|z|, K = c + P + 6) enter the second sum as
+    2 sum c_p |mean_p - mean| |dm_p| + sum c_p dm_p^2 <= 2 K u max|z| sqrt(T M2) + T (K u max|z|)^2 (Cauchy-Schwarz).
+    Returns (bound on |bmean - mean|, bound on |bm2 - M2|, fp64 mean, fp64 M2)."""
+    z64 = z.detach().double().cpu()
+    t = z64.shape[0]
+    mean = z64.mean(0)
+    m2 = ((z64 - mean) ** 2).sum(0)
+    k = block_m + -(-t // block_m) + 6
+    zmax = z64.abs().max(0).values
+    tol_mean = k * U32 * zmax
+    tol_m2 = k * U32 * m2 + 2 * k * U32 * zmax * torch.sqrt(t * m2) + t * (k * U32 * zmax) ** 2
+    return tol_mean, tol_m2, mean, m2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_moments_within_the_two_pass_bound(device, mode):
+    """(count, bmean, bm2) against an fp64 two-pass reference of the kernel's own fp32 z, column by column, on
+    ordinary and ill-conditioned columns (mean / std up to 1e4) with the running mean at 0, near the batch mean and
+    far from it, T not a multiple of the tile (a short last row block). The tolerance is the error bound of the
+    kernel's formulas (moments_bound), a few 1e-5 of M2 on the ordinary columns: a wrong count, a missing term, or
+    a single-pass formula shifted by the running mean (error ~ u sum (z - mean_run)^2, i.e. ~ u (mean/std)^2 M2 at
+    shift 0: 6x M2 on the (8, 8e-4) columns) fails it."""
+    t = 200  # 13 row blocks of 16, the last one 8 rows
+    x, w, b, mean, inv_var = _moment_inputs(device, t)
+    z, _, _, (count, bmean, bm2) = fused_up_gelu_l2e(x, w, b, mean, inv_var, 1.0, 1e-6, "none", mode, config=SMALL)
+    assert float(count) == t
+    tol_mean, tol_m2, ref_mean, ref_m2 = moments_bound(z, SMALL.ew_block_m if mode == "split" else SMALL.mm_block_m)
+    err_mean = (bmean.double().cpu() - ref_mean).abs()
+    err_m2 = (bm2.double().cpu() - ref_m2).abs()
+    assert (err_mean <= tol_mean).all(), (err_mean / tol_mean).max()
+    assert (err_m2 <= tol_m2).all(), [(c, float(err_m2[c] / ref_m2[c])) for c in (err_m2 > tol_m2).nonzero().flatten()]
+    # the bound is tight enough to mean something: ~1e-5 of M2 where the columns are well conditioned
+    ordinary = slice(0, 9)
+    assert (tol_m2[ordinary] / ref_m2[ordinary]).max() < 1e-3
+
+
 # ---------------------------------------------------------------- forward/backward mask agreement (K2)
 
 
@@ -462,6 +529,27 @@ def test_every_launch_pins_fp_fusion_off():
     kinds = {ln.kernel for ln in launches}
     assert kinds == {"_split_fwd_kernel", "_gemm_fwd_kernel", "_merge_moments_kernel", "_bwd_kernel"}
     assert all(ln.options.get("enable_fp_fusion") is False for ln in launches)
+
+
+def test_merge_grid_is_wide_at_the_pythia_widths():
+    """The statistics merge runs on at least 128 programs at every Pythia MLP width (N = 4h, 2048 ... 20480):
+    its column block is halved from 32 to 16 where N / 32 < 128; the block is a function of N alone."""
+    from neox_l2e.kernels.l2e_mlp import ops
+
+    seen = {}
+    for h in (512, 768, 1024, 2048, 2560, 4096, 5120):
+        n = 4 * h
+        x = torch.empty((64, h), dtype=torch.bfloat16, device="meta")
+        w = torch.empty((n, h), dtype=torch.bfloat16, device="meta")
+        stats = torch.empty((n,), dtype=torch.float32, device="meta")
+        with ops.record_launches() as launches:
+            ops._apply_kernels(x, w, None, stats, stats, 1.0, 1e-6, "none", "split", ops.GPU_CONFIG)
+        (merge,) = [ln for ln in launches if ln.kernel == "_merge_moments_kernel"]
+        assert merge.grid[0] >= 128 and merge.grid[0] * merge.args["BLOCK_N"] >= n, (n, merge.grid)
+        seen[n] = merge.args["BLOCK_N"]
+    assert seen[2048] == seen[3072] == 16 and seen[4096] == seen[20480] == 32
+    # the interpreter keeps few, large programs
+    assert ops._merge_block_n(ops.INTERPRET_CONFIG, 2048) == ops.INTERPRET_CONFIG.merge_block_n
 
 
 # ---------------------------------------------------------------- autograd details (K4)
