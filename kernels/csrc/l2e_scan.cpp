@@ -32,6 +32,15 @@ struct Chunk {
   std::vector<float> d, phi;
 };
 
+// x86-64 with GCC or Clang: an AVX2 clone besides the baseline (SSE2) one, picked at load time by the CPU (the
+// same results: no FMA contraction, IEEE operations one by one in both)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+#define L2E_SCAN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define L2E_SCAN_CLONES
+#endif
+
+L2E_SCAN_CLONES
 void scan_chunk(const float* __restrict__ z, const float* __restrict__ mean, const float* __restrict__ inv_var,
                 int64_t N, int64_t r0, int64_t r1, float bound, bool select, Chunk& out, std::vector<float>& buf) {
   // per chunk: fp32 column sums over its (at most CHUNK_ROWS) rows, then fp64 across chunks

@@ -237,14 +237,15 @@ def up_gelu_l2e(
         if select:
             sel = selection if selection is not None else sc.sel
             out.sel_phi, out.cand_phi, out.cand_bound = sc.sel_phi, sc.cand_phi, sc.bound
-            cols = sel.remainder(z32.shape[-1])
             if top_k is None:  # L2E: the loss over the selected entries, in flat (row-major) order
                 if selection is None:
-                    d = sc.sel_d  # z32 - mean at sel, from the scan's block (the same bits)
+                    d = sc.sel_d  # z32 - mean at sel, from the scan's sweep (the same bits)
                 else:
+                    cols = sel.remainder(z32.shape[-1])
                     d = z32.reshape(-1).index_select(0, sel) - mean.detach().index_select(0, cols)
                 loss_sum = torch.log(d * d + eps).sum()
             else:  # MEmeL: reverse deactivation in the output's dtype, as functional.reverse_deactivate
+                cols = sel.remainder(z32.shape[-1])
                 flat = z.view(-1)
                 flat.put_(sel, (2.0 * mean).to(z.dtype).index_select(0, cols) - flat.index_select(0, sel))
             out.sel = sel
