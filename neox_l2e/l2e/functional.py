@@ -175,16 +175,20 @@ def _shifted_moments(z, mean, s1, s2) -> tuple:
     """(count, mean, M2) of z [T, N] from the fp64 column sums S1 of z - mean and S2 of (z - mean)^2 (fp32 in and
     out): batch mean = mean + S1 / T, M2 = S2 - S1^2 / T. Each d^2 carries a rounding of about eps32 x d^2, so the
     error relative to M2 is about eps32 x (1 + T x shift^2 / M2) (shift = batch mean - mean): at most about 65 eps32
-    within SHIFT_LIMIT_STD standard deviations. Beyond that (the first batch of a neuron far from the initial mean 0,
-    or a jump), ``batch_moments``' two passes over z (one CPU synchronisation to decide; the torch path's gather
-    form runs on CPU only)."""
+    within SHIFT_LIMIT_STD standard deviations. The columns beyond that (the first batch of a neuron far from the
+    initial mean 0, or a jump; usually none) get ``batch_moments``' two passes over their own z; which columns is
+    decided on the device (an index list, as the gather form's selection), without a host copy."""
     T = z.shape[0]
     shift = s1 / T
     m2 = (s2 - s1 * shift).clamp_min_(0.0)
-    if bool((shift * shift * T > SHIFT_LIMIT_STD**2 * m2).any()):
-        return batch_moments(z)
     f32 = dict(dtype=torch.float32, device=z.device)
-    return torch.full((), float(T), **f32), (mean.double() + shift).to(torch.float32), m2.to(torch.float32)
+    bmean, bm2 = (mean.double() + shift).to(torch.float32), m2.to(torch.float32)
+    far = torch.nonzero(shift * shift * T > SHIFT_LIMIT_STD**2 * m2).squeeze(1)
+    if far.numel():  # a shape, not a host copy of a value
+        _, far_mean, far_m2 = batch_moments(z.index_select(1, far))
+        bmean.index_copy_(0, far, far_mean)
+        bm2.index_copy_(0, far, far_m2)
+    return torch.full((), float(T), **f32), bmean, bm2
 
 
 def _sweep_blocks(z, mean, inv_var, bound: Optional[float], keep_phi: bool):
