@@ -27,24 +27,24 @@ try:
             extra_link_args=["-pthread"],
         ),
     ]
-except ImportError:  # pybind11 missing: the numpy fallback is used
+except ImportError:  # pybind11 missing: the numpy / torch fallbacks are used
     ext_modules = []
 
 
 class OptionalBuildExt(build_ext):
-    """Build the C++ helper, but never fail the install over it (numpy fallback exists)."""
+    """Build the C++ helpers, but never fail the install over them (numpy / torch fallbacks exist)."""
 
     def run(self):
         try:
             super().run()
         except Exception as e:  # noqa: BLE001 - report and fall back
-            print(f"warning: C++ helpers not built ({e}); using the numpy fallback", file=sys.stderr)
+            print(f"warning: C++ helpers not built ({e}); using the numpy / torch fallbacks", file=sys.stderr)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001
-            print(f"warning: {ext.name} not built ({e}); using the numpy fallback", file=sys.stderr)
+            print(f"warning: {ext.name} not built ({e}); using its numpy / torch fallback", file=sys.stderr)
 
 
 packages = [p for p in find_packages(include=["neox_l2e", "neox_l2e.*"])]
@@ -61,7 +61,7 @@ setup(
     cmdclass={"build_ext": OptionalBuildExt},
     # DeepSpeed: the range the test suite ran with (tools/install.sh installs the same)
     install_requires=[
-        "torch",
+        "torch>=2.4",
         "deepspeed>=0.19.8,<0.20",
         "numpy",
         "pyyaml",

@@ -14,8 +14,11 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <limits>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -104,27 +107,44 @@ py::tuple scan(Array<float> z, Array<float> mean, Array<float> inv_var, double b
   const int64_t T = z.shape(0), N = z.shape(1);
   if (mean.ndim() != 1 || mean.shape(0) != N || inv_var.ndim() != 1 || inv_var.shape(0) != N)
     throw std::invalid_argument("mean and inv_var must be [N]");
+  if (N > INT32_MAX) throw std::invalid_argument("rows longer than 2^31 - 1 entries are not supported");
   const float* zp = z.data();
   const float* mp = mean.data();
   const float* vp = inv_var.data();
   const int64_t n_chunks = (T + CHUNK_ROWS - 1) / CHUNK_ROWS;
-  const float b = static_cast<float>(bound);  // an fp32 value (tau, a level, a phi) or inf: exact
+  // an fp32 value (tau, a level, a phi) or inf: exact; anything beyond fp32's range selects nothing
+  const float b = bound > std::numeric_limits<float>::max() ? std::numeric_limits<float>::infinity()
+                                                           : static_cast<float>(std::max(bound, -1.0e38));
   std::vector<Chunk> chunks(static_cast<size_t>(n_chunks));
-  const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
+  // at least 4 chunks a thread (threads are started per call); the result does not depend on the count
+  const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks / 4));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(n_threads));
   {
     py::gil_scoped_release release;
     auto work = [&](int64_t first) {
-      std::vector<float> buf(5 * N + (N + 3) / 4 + 4);  // column sums, d, phi, hit columns and flags of a row
-      for (int64_t k = first; k < n_chunks; k += n_threads) {
-        const int64_t r0 = k * CHUNK_ROWS, r1 = std::min(T, r0 + CHUNK_ROWS);
-        scan_chunk(zp, mp, vp, N, r0, r1, b, select, chunks[k], buf);
+      try {
+        std::vector<float> buf(5 * N + (N + 3) / 4 + 4);  // column sums, d, phi, hit columns and flags of a row
+        for (int64_t k = first; k < n_chunks; k += n_threads) {
+          const int64_t r0 = k * CHUNK_ROWS, r1 = std::min(T, r0 + CHUNK_ROWS);
+          scan_chunk(zp, mp, vp, N, r0, r1, b, select, chunks[k], buf);
+        }
+      } catch (...) {
+        errors[first] = std::current_exception();  // rethrown below, after every thread is joined
       }
     };
     std::vector<std::thread> pool;
-    for (int64_t i = 1; i < n_threads; ++i) pool.emplace_back(work, i);
+    for (int64_t i = 1; i < n_threads; ++i) {
+      try {
+        pool.emplace_back(work, i);
+      } catch (...) {  // no thread to be had: do its chunks here
+        work(i);
+      }
+    }
     work(0);
     for (auto& th : pool) th.join();
   }
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);  // bad_alloc -> MemoryError in Python, never std::terminate
   Array<double> s1(N), s2(N);
   double* a1 = s1.mutable_data();
   double* a2 = s2.mutable_data();

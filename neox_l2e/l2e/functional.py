@@ -70,6 +70,7 @@ def inhibition_loss_sum(z: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor,
 SCAN_BLOCK = 131072
 #: sample size for the bound of MEmeL's k-th largest phi (``scan`` with top_k)
 TOP_K_SAMPLE = 65536
+_F32_MAX = float(torch.finfo(torch.float32).max)
 #: ``scan`` on CPU sweeps in C++ (kernels/csrc/l2e_scan.cpp) when the helper is built; False: the torch blocks
 USE_CPP_SCAN = True
 
@@ -132,7 +133,7 @@ def scan(
 
     Selections are in row-major (ascending) order for tau; the metrics count phi > level on ``cand_phi`` for
     levels >= bound (all of them when level_bound = min(levels))."""
-    z = z.detach().reshape(-1, z.shape[-1])
+    z = z.detach().float().reshape(-1, z.shape[-1])
     T, N = z.shape
     out = Scan()
     bound = None
@@ -141,7 +142,7 @@ def scan(
     elif top_k is not None:
         k = max(0, min(int(top_k), T * N))
         bound = float(_top_k_bound(z, mean, inv_var, k, level_bound)) if k else math.inf
-    sweep = _sweep_cpp if _cpp_scan_usable(z) and not keep_phi else _sweep_blocks
+    sweep = _sweep_cpp if _cpp_scan_usable(z, mean, inv_var) and not keep_phi else _sweep_blocks
     s1, s2, idx, cand_d, vals, full = sweep(z, mean, inv_var, bound, keep_phi)
     if moments:
         out.moments = _shifted_moments(z, mean, s1, s2)
@@ -173,9 +174,10 @@ SHIFT_LIMIT_STD = 8.0
 
 def _shifted_moments(z, mean, s1, s2) -> tuple:
     """(count, mean, M2) of z [T, N] from the fp64 column sums S1 of z - mean and S2 of (z - mean)^2 (fp32 in and
-    out): batch mean = mean + S1 / T, M2 = S2 - S1^2 / T. Each d^2 carries a rounding of about eps32 x d^2, so the
-    error relative to M2 is about eps32 x (1 + T x shift^2 / M2) (shift = batch mean - mean): at most about 65 eps32
-    within SHIFT_LIMIT_STD standard deviations. The columns beyond that (the first batch of a neuron far from the
+    out): batch mean = mean + S1 / T, M2 = S2 - S1^2 / T. Each d^2 carries a rounding of about eps32 x d^2 (and the C++
+    sweep's fp32 chunk sums of 32 rows a few more), so the error relative to M2 is about eps32 x (1 + T x shift^2 /
+    M2) (shift = batch mean - mean) times a small factor: at most a few hundred eps32 within SHIFT_LIMIT_STD
+    standard deviations (measured: about 7 at 7.9). The columns beyond that (the first batch of a neuron far from the
     initial mean 0, or a jump; usually none) get ``batch_moments``' two passes over their own z; which columns is
     decided on the device (an index list, as the gather form's selection), without a host copy."""
     T = z.shape[0]
@@ -214,12 +216,16 @@ def _sweep_blocks(z, mean, inv_var, bound: Optional[float], keep_phi: bool):
             parts.append((pos + i * N, d.view(-1).index_select(0, pos), p.view(-1).index_select(0, pos)))
     if bound is None:
         return s1, s2, None, None, None, full
+    if not parts:  # no rows
+        empty = torch.zeros(0, dtype=torch.float32, device=z.device)
+        return s1, s2, torch.zeros(0, dtype=torch.int64, device=z.device), empty, empty.clone(), full
     idx, cand_d, vals = (torch.cat([q[j] for q in parts]) for j in range(3))
     return s1, s2, idx, cand_d, vals, full
 
 
 def _sweep_cpp(z, mean, inv_var, bound: Optional[float], keep_phi: bool = False):
-    """``_sweep_blocks`` in one C++ pass over z (kernels/csrc/l2e_scan.cpp), on torch's intra-op thread count."""
+    """``_sweep_blocks`` in one C++ pass over z (kernels/csrc/l2e_scan.cpp), with up to torch's intra-op thread
+    count of its own threads (the result does not depend on how many)."""
     s1, s2, idx, d, p = _cpp_scan.scan(
         z.numpy(),
         mean.detach().numpy(),
@@ -234,15 +240,23 @@ def _sweep_cpp(z, mean, inv_var, bound: Optional[float], keep_phi: bool = False)
     return s1, s2, torch.from_numpy(idx), torch.from_numpy(d), torch.from_numpy(p), None
 
 
-def _cpp_scan_usable(z: torch.Tensor) -> bool:
-    return _cpp_scan is not None and USE_CPP_SCAN and z.device.type == "cpu" and z.dtype == torch.float32
+def _cpp_scan_usable(z: torch.Tensor, mean: torch.Tensor, inv_var: torch.Tensor) -> bool:
+    """The C++ sweep takes CPU fp32 tensors only (the torch sweep handles the rest: the same bits need the same
+    fp32 operands)."""
+    tensors = (z, mean, inv_var)
+    return (
+        _cpp_scan is not None
+        and USE_CPP_SCAN
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    )
 
 
 def _flat_at_least(p: torch.Tensor, bound: float) -> torch.Tensor:
     """Flat (row-major, ascending) int64 positions of p >= bound. On CPU through numpy (its comparison and
     flatnonzero are several times faster than torch's bool ge and nonzero here)."""
     if p.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(p.numpy() >= bound))
+        b = np.float32(math.inf if bound > _F32_MAX else bound)  # compared in fp32, as torch does
+        return torch.from_numpy(np.flatnonzero(p.numpy() >= b))
     return torch.nonzero(p.reshape(-1) >= bound).squeeze(1)
 
 

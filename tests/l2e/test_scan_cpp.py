@@ -47,7 +47,7 @@ def test_cpp_sweep_equals_the_torch_sweep(shape, threads, monkeypatch):
     for b in (bound, None, math.inf):
         want = F._sweep_blocks(z, mean, inv_var, b, False)
         got = F._sweep_cpp(z, mean, inv_var, b)
-        for name, w, g in zip(("s1", "s2"), want[:2], got[:2]):
+        for name, w, g in zip(("s1", "s2"), want[:2], got[:2]):  # summation order differs
             assert g.dtype == torch.float64
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
         if b is None:
@@ -104,3 +104,28 @@ def test_scan_moments_stay_exact_when_the_running_mean_is_far(use_cpp, monkeypat
     # near the batch mean, the shifted sweep itself is used and is as close
     sc = F.scan(z, z.mean(0), inv_var, tau=1e9)
     torch.testing.assert_close(sc.moments[2].double(), m2_exact, rtol=1e-5, atol=0)
+
+
+def test_cpp_sweep_is_the_same_for_any_thread_count_and_edge_inputs():
+    """Chunks are merged in order: the same bits with 1, 3 or 7 threads. No rows, a bound beyond fp32's range and
+    non-fp32 statistics (which the C++ sweep does not take) give what the torch sweep gives."""
+    _require_cpp()
+    import numpy as np
+
+    z, mean, inv_var = _data(700, 37, seed=9)
+    args = (z.numpy(), mean.numpy(), inv_var.numpy(), 3.0, True)
+    runs = [F._cpp_scan.scan(*args, threads) for threads in (1, 3, 7)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert np.array_equal(a, b)
+    assert runs[0][2].size > 0
+    empty = torch.zeros(0, 37)
+    for sweep in (F._sweep_cpp, F._sweep_blocks):
+        out = sweep(empty, mean, inv_var, 3.0, False)
+        assert out[2].numel() == 0 and out[2].dtype == torch.int64 and out[4].numel() == 0
+        out = sweep(z, mean, inv_var, 1e300, False)  # beyond fp32: nothing selected, no overflow warning
+        assert out[2].numel() == 0
+    assert not F._cpp_scan_usable(z, mean.double(), inv_var)
+    assert not F._cpp_scan_usable(z.bfloat16(), mean, inv_var)
+    sc = F.scan(z.bfloat16(), mean, inv_var, tau=3.0, keep_phi=True)  # phi in fp32 whatever z's dtype
+    assert sc.phi.dtype == torch.float32 and sc.sel.numel() > 0
