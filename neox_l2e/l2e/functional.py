@@ -174,12 +174,13 @@ SHIFT_LIMIT_STD = 8.0
 
 def _shifted_moments(z, mean, s1, s2) -> tuple:
     """(count, mean, M2) of z [T, N] from the fp64 column sums S1 of z - mean and S2 of (z - mean)^2 (fp32 in and
-    out): batch mean = mean + S1 / T, M2 = S2 - S1^2 / T. Each d^2 carries a rounding of about eps32 x d^2 (and the C++
-    sweep's fp32 chunk sums of 32 rows a few more), so the error relative to M2 is about eps32 x (1 + T x shift^2 /
-    M2) (shift = batch mean - mean) times a small factor: at most a few hundred eps32 within SHIFT_LIMIT_STD
-    standard deviations (measured at 7.9, T = 8192: 19 eps32 in C++, 1 in the torch sweep). The columns beyond that (the first batch of a neuron far from the
-    initial mean 0, or a jump; usually none) get ``batch_moments``' two passes over their own z; which columns is
-    decided on the device (an index list, as the gather form's selection), without a host copy."""
+    out): batch mean = mean + S1 / T, M2 = S2 - S1^2 / T. Each d^2 carries a rounding of about eps32 x d^2 (and the
+    C++ sweep's fp32 chunk sums of 32 rows a few more), so the error relative to M2 is about
+    eps32 x (1 + T x shift^2 / M2) (shift = batch mean - mean) times a small factor: at most a few hundred eps32
+    within SHIFT_LIMIT_STD standard deviations (measured at 7.9, T = 8192: 19 eps32 in C++, 1 in the torch sweep).
+    The columns beyond that (the first batch of a neuron far from the initial mean 0, or a jump; usually none) get
+    ``batch_moments``' two passes over their own z; which columns is decided on the device (an index list, as the
+    gather form's selection), without a host copy."""
     T = z.shape[0]
     shift = s1 / T
     m2 = (s2 - s1 * shift).clamp_min_(0.0)
