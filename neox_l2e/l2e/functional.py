@@ -73,6 +73,10 @@ TOP_K_SAMPLE = 65536
 _F32_MAX = float(torch.finfo(torch.float32).max)
 #: ``scan`` on CPU sweeps in C++ (kernels/csrc/l2e_scan.cpp) when the helper is built; False: the torch blocks
 USE_CPP_SCAN = True
+#: threads of the C++ sweep. One: threads of its own compete with torch's OpenMP workers, which keep spinning after
+#: each parallel op (measured on 2 cores, torch at 2 threads, one test training two short L2E runs: 98 s with 2
+#: sweep threads, 74 s and 84 s with 1, 82 s with the torch sweep: single runs, about 10 % noise)
+SCAN_CPP_THREADS = 1
 
 try:
     from neox_l2e.kernels import _l2e_scan as _cpp_scan
@@ -225,15 +229,15 @@ def _sweep_blocks(z, mean, inv_var, bound: Optional[float], keep_phi: bool):
 
 
 def _sweep_cpp(z, mean, inv_var, bound: Optional[float], keep_phi: bool = False):
-    """``_sweep_blocks`` in one C++ pass over z (kernels/csrc/l2e_scan.cpp), with up to torch's intra-op thread
-    count of its own threads (the result does not depend on how many)."""
+    """``_sweep_blocks`` in one C++ pass over z (kernels/csrc/l2e_scan.cpp), on SCAN_CPP_THREADS threads (the result
+    does not depend on how many)."""
     s1, s2, idx, d, p = _cpp_scan.scan(
         z.numpy(),
         mean.detach().numpy(),
         inv_var.detach().numpy(),
         math.inf if bound is None else float(bound),
         bound is not None,
-        torch.get_num_threads(),
+        SCAN_CPP_THREADS,
     )
     s1, s2 = torch.from_numpy(s1), torch.from_numpy(s2)
     if bound is None:

@@ -43,7 +43,7 @@ def test_cpp_sweep_equals_the_torch_sweep(shape, threads, monkeypatch):
     phi = F.phi(z, mean, inv_var)
     finite = phi[phi.isfinite()]
     bound = float(finite.flatten().sort().values[int(0.9 * (finite.numel() - 1))]) if finite.numel() else 1.0
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(F, "SCAN_CPP_THREADS", threads)
     for b in (bound, None, math.inf):
         want = F._sweep_blocks(z, mean, inv_var, b, False)
         got = F._sweep_cpp(z, mean, inv_var, b)
