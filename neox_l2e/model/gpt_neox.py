@@ -233,7 +233,8 @@ class GPTNeoX(nn.Module):
             logits = F.linear(copy_to_tp(x, self.ps), self.gpt_neox.embed_in.weight)
         else:
             logits = self.embed_out(x)  # [b, s, V/tp]
-        return ModelOutput(logits, _l2e_loss(self.l2e))
+        # no inhibited layer: no eager call, so a compiled forward is one graph
+        return ModelOutput(logits, _l2e_loss(self.l2e) if self.l2e.inhibitors else None)
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32); logits may be vocab-parallel."""

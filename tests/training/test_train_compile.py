@@ -1,8 +1,8 @@
 """compile: true on 2 gloo ranks with ZeRO 1 (gas 2) and ZeRO 2 (L2E on): the same losses, validation and
-weights as compile: false, the module compiled in place (same class and state_dict keys), and an inhibited
-layer's up-projection run eagerly (a graph break); the final validation's held-out measurement reads forward
-hooks and runs eagerly. Backend aot_eager (dynamo + AOT autograd, no code generation) keeps the test short;
-inductor on CPU compiles C++ (minutes on a small machine)."""
+weights as compile: false, the module compiled in place (same class and state_dict keys), one graph without
+L2E and, with it, an inhibited layer's up-projection run eagerly (a graph break); the final validation's
+held-out measurement reads forward hooks and runs eagerly. Backend aot_eager (dynamo + AOT autograd, no code
+generation) keeps the test short; inductor on CPU compiles C++ (minutes on a small machine)."""
 
 import pytest
 from distributed import run_ranks
@@ -35,6 +35,7 @@ def _worker(rank, world):
                 "keys": sorted(tr.module.state_dict()),
                 "graphs": counters["stats"]["unique_graphs"],
                 "eager_breaks": sum(v for k, v in counters["graph_break"].items() if "_run_eagerly" in k),
+                "breaks": sum(counters["graph_break"].values()),
             }
             weights = {k: v.detach().clone() for k, v in tr.module.state_dict().items()}
             if comp:  # the largest weight difference to the run without compile (tensors stay in this process)
@@ -64,6 +65,8 @@ def test_compile_gives_the_same_training(results, stage):
         if stage == 2:  # L2E on: its up-projection ran eagerly (graph break), per inhibited layer and forward
             assert on["eager_breaks"] > 0
             assert any(".inhibitor." in k for k in on["keys"])
+        else:  # L2E off: the whole forward is one graph (no eager L2E loss read-out)
+            assert on["breaks"] == 0
 
 
 def test_compile_keys_are_checked():
