@@ -165,15 +165,14 @@ def test_cli_errors_are_one_line(tmp_path):
         ),
     ],
 )
-def test_bad_config_json_is_one_line(tmp_path, config_json, message):
+def test_bad_config_json_is_one_line(tmp_path, capsys, config_json, message):
+    """Through the tool's main (the entry point itself runs as a process in test_cli_errors_are_one_line)."""
     _, hf_dir = hf_model(tmp_path)
     (hf_dir / "config.json").write_text(config_json)
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "convert_hf.py"), "import", str(hf_dir), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    capsys.readouterr()
+    assert convert_hf.main(["import", str(hf_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0, err
     assert not (tmp_path / "out").exists()
 
 
