@@ -13,7 +13,17 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rot_dims = rot_dims
         inv_freq = 1.0 / (base ** (torch.arange(0, rot_dims, 2, dtype=torch.float32, device=device) / rot_dims))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # fp32 always (see _apply)
+
+    def _apply(self, fn, recurse=True):
+        """inv_freq follows device moves but stays fp32: ``model.bfloat16()`` would round it (at head size 64,
+        position 2047, cos/sin off by up to 0.36), and the tables are computed in fp32 before the cast to the
+        activations' dtype (as GPT-NeoX keeps its rotary caches in fp32)."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq is not None and self.inv_freq.dtype != torch.float32:
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device)
+        return self
 
     def forward(self, seq_len: int, device, dtype) -> tuple:
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
