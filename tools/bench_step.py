@@ -277,24 +277,32 @@ def activation_memory(model: torch.nn.Module, batch: torch.Tensor, fn: Optional[
 
 
 def run_memory(cfg, args, ours, hf, batch) -> int:
-    """--memory: saved-for-backward bytes and peak held bytes of one step, ours and HF on the same batch."""
+    """--memory: saved-for-backward bytes and peak held bytes of one step, ours and HF on the same batch; HF
+    twice: without a KV cache (as timed here) and with ``use_cache`` on (its config's default: the forward
+    copies k and v into a cache, and its attention reads those copies)."""
     res = {"ours": activation_memory(ours, batch)}
     if hf is not None:
         res["hf"] = activation_memory(hf, batch)
+        hf.config.use_cache = True
+        try:
+            res["hf+cache"] = activation_memory(hf, batch)
+        finally:
+            hf.config.use_cache = False
     for k, m in res.items():
         print(
-            f"{k:>5}: saved for backward {m.saved_bytes / 2**20:.2f} MiB ({m.saved_tensors} tensors) | "
+            f"{k:>8}: saved for backward {m.saved_bytes / 2**20:.2f} MiB ({m.saved_tensors} tensors) | "
             f"peak held in forward + backward {m.peak_bytes / 2**20:.2f} MiB"
         )
-    if hf is not None:
-        a, b = res["ours"], res["hf"]
+    a = res["ours"]
+    for k in ("hf", "hf+cache") if hf is not None else ():
+        b = res[k]
         print(
-            f"ours / HF: saved {a.saved_bytes / b.saved_bytes:.4f}, peak {a.peak_bytes / b.peak_bytes:.4f} "
+            f"ours / {k}: saved {a.saved_bytes / b.saved_bytes:.4f}, peak {a.peak_bytes / b.peak_bytes:.4f} "
             "(<= 1: ours holds no more)"
         )
-        extra = {k: v - b.by_size.get(k, 0) for k, v in a.by_size.items() if v > b.by_size.get(k, 0)}
+        extra = {n: v - b.by_size.get(n, 0) for n, v in a.by_size.items() if v > b.by_size.get(n, 0)}
         if extra:
-            print("saved by ours more often than by HF ((elements, dtype): extra count): " + str(extra))
+            print(f"saved by ours more often than by {k} ((elements, dtype): extra count): " + str(extra))
     return 0
 
 
@@ -311,7 +319,8 @@ def build_ours(cfg, vocab: int, dtype: torch.dtype, device: torch.device):
 
 
 def build_hf_like(cfg, vocab: int, ours: torch.nn.Module, dtype: torch.dtype, device: torch.device):
-    """transformers' GPTNeoXForCausalLM on the same config (sdpa attention) with our weights copied in."""
+    """transformers' GPTNeoXForCausalLM on the same config (sdpa attention) with our weights copied in, without
+    a KV cache (``config.use_cache`` False: a training step needs none)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from neox_l2e.interop.hf import hf_config_from_neox, our_state_to_hf
@@ -335,7 +344,9 @@ def build_hf_like(cfg, vocab: int, ours: torch.nn.Module, dtype: torch.dtype, de
             hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        hf.config.use_cache = False
+    # no KV cache in a training step: with use_cache (HF's default) each layer's forward copies k and v into a
+    # DynamicCache that lives until the forward returns (memory and copies ours does not spend)
+    hf.config.use_cache = False
     return hf
 
 
