@@ -1,12 +1,12 @@
-"""Test setup: Triton runs in its interpreter on machines without an NVIDIA GPU.
+"""Test setup: Triton runs in its interpreter on machines without a CUDA device.
 
-TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection (importing
+torch does not import triton). Whether a device exists is torch's answer, not a device file's: on a GPU the
+gpu-marked tests must run the compiled kernels, never the interpreter.
 """
 
 import os
 
-if not os.path.exists("/dev/nvidiactl") and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -14,6 +14,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -25,6 +28,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            raise pytest.UsageError("a CUDA device is here but TRITON_INTERPRET is set: unset it for the GPU tests")
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

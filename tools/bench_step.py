@@ -310,11 +310,20 @@ def run_memory(cfg, args, ours, hf, batch) -> int:
 # the two models
 
 
-def build_ours(cfg, vocab: int, dtype: torch.dtype, device: torch.device):
+def build_ours(cfg, vocab: int, dtype: torch.dtype, device: torch.device, weights: Optional[dict] = None):
+    """Our GPTNeoX, its weights drawn from training.seed, or copied from ``weights`` (parameter name -> tensor,
+    every parameter: a model built before, without drawing again)."""
     from neox_l2e.model import GPTNeoX
     from neox_l2e.parallel import ParallelState
 
-    model = GPTNeoX(cfg, ParallelState.single(device), vocab_size=vocab, seed=cfg.training.seed)
+    model = GPTNeoX(cfg, ParallelState.single(device), vocab_size=vocab, seed=cfg.training.seed, init=not weights)
+    if weights:
+        params = dict(model.named_parameters())
+        if set(params) != set(weights):
+            raise ValueError(f"weights for {sorted(set(params) ^ set(weights))[:4]} do not match the model's")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
     return model.to(dtype=dtype)
 
 

@@ -10,14 +10,17 @@ out or fails leaves the earlier ones' files and is marked in the summary):
             checked against the torch reference (counts and z);
   2. tests  the GPU-marked correctness tests of tests/kernels, compiled (production launch configuration,
             bf16/fp16/fp32, both modes, both GELUs, bias / no bias, save / recompute, ragged shapes, T = 1,
-            determinism, forward/backward selection agreement, l2e_grad_to_input, autocast);
+            determinism, forward/backward selection agreement, l2e_grad_to_input, autocast); an inhibited
+            micro-batch under torch.cuda.set_sync_debug_mode("error") (tests/l2e/test_host_syncs.py); bf16
+            SDPA with the flash backend (tests/model/test_sdpa.py);
   3. bench  tools/bench_kernels.py once per shape (T = 16384; 70M, 410M, 2.8B, 6.9B, 12B MLP shapes): floor
             (cuBLAS GEMM + bias + GELU), fused split / fused-gemm (saved and recomputed pre-activation), the
             unfused torch path, the bare GEMMs; forward and backward;
   4. report one CSV and one markdown table of every timed row, and the goal lines.
-  5. step   (--parts ...,step; not in the default parts) the whole training step at Pythia-410M and 1B
+  5. step   (--parts ...,step; not in the default parts) the whole training step at Pythia-1B, then 410M
             (--step-shapes): bf16, seq 2048, no activation checkpointing, the largest micro-batch that fits
-            (from --step-micro-batch down, halving on out-of-memory), --step-iters timed steps after warm-up;
+            (from the config's, 16 and 32, or --step-micro-batch, down, halving on out-of-memory; variants
+            measured before at a larger one run again), --step-iters timed steps after warm-up;
             tokens/s, TFLOP/s and MFU for ours with and without L2E, with and without compile, and for Hugging
             Face's GPTNeoXForCausalLM with the same weights on the same batch (see whole_step below):
                 python tools/gpu_check.py --parts step --budget-s 540
@@ -25,7 +28,9 @@ Outputs in --out: env.log, tests.log, tests.xml, bench_<shape>.csv/.log, gpu_che
 step_<shape>.jsonl/.log, gpu_check_step.csv, gpu_check_step.md, summary.json.
 
 Without a CUDA device it prints one line saying so and exits 0 (the CPU checks are the test suite and the
-ahead-of-time compile: python -m neox_l2e.kernels.l2e_mlp.aot_check).
+ahead-of-time compile: python -m neox_l2e.kernels.l2e_mlp.aot_check). It needs the project installed
+(kernels/ is importable as neox_l2e.kernels only then); on a bare machine first:
+    python -m pip install --no-deps --no-build-isolation -e .
 """
 
 from __future__ import annotations
@@ -91,9 +96,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--skip-tests", action="store_true", help="skip step 2 (the compiled correctness tests)")
     p.add_argument("--parts", default="env,tests,bench", help=f"parts to run, in order ({','.join(PARTS)})")
-    p.add_argument("--step-shapes", default=",".join(STEP_CONFIGS), help="whole-step shapes (410m,1b)")
+    p.add_argument("--step-shapes", default=",".join(STEP_CONFIGS), help="whole-step shapes, in order (1b,410m)")
     p.add_argument("--step-variants", default=",".join(STEP_VARIANTS), help="whole-step variants, in order")
-    p.add_argument("--step-micro-batch", type=int, default=32, help="first micro-batch tried (halved on OOM)")
+    p.add_argument(
+        "--step-micro-batch",
+        type=int,
+        default=None,
+        help="first micro-batch tried, halved on OOM (default: the config's train_micro_batch_size_per_gpu)",
+    )
     p.add_argument("--step-iters", type=int, default=20, help="timed whole steps per variant, after warm-up")
     p.add_argument("--step-warmup", type=int, default=3, help="untimed steps first (compile happens there)")
     p.add_argument("--step-seq", type=int, default=2048, help="sequence length of the whole-step measurement")
@@ -230,7 +240,8 @@ def report(out: Path, rows: list, bench) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # the whole training step (part "step")
 
-STEP_CONFIGS = {"410m": "configs/pythia/pythia-410m.yml", "1b": "configs/pythia/pythia-1b.yml"}
+# in the order they run: 1B first (the goals are at 1B)
+STEP_CONFIGS = {"1b": "configs/pythia/pythia-1b.yml", "410m": "configs/pythia/pythia-410m.yml"}
 # in the order they run (a step cut by its timeout keeps the rows before): also possible, hf+compile
 STEP_VARIANTS = ("ours", "hf", "ours+l2e", "ours+compile", "ours+l2e+compile")
 # dense bf16 peak TFLOP/s by device name (first match wins; the vendors' figures without sparsity)
@@ -286,19 +297,30 @@ def _free(device) -> None:
 
     import torch
 
+    torch._dynamo.reset()  # compiled code and its guards can hold the previous variant's model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def build_variant(cfg, variant: str, vocab: int, dtype, device, compile_backend: str = "inductor"):
+def build_variant(
+    cfg, variant: str, vocab: int, dtype, device, compile_backend: str = "inductor", weights: Optional[dict] = None
+):
     """(model, step_fn) of one variant, weights from the config's seed (the same in every variant): "ours",
     "ours+l2e" (the config's L2E keys with l2e-enabled true), "+compile" (nn.Module.compile in place, as the
-    trainer's engine.compile does), "hf" (transformers' GPTNeoXForCausalLM with our weights)."""
+    trainer's engine.compile does), "hf" (transformers' GPTNeoXForCausalLM with our weights). ``weights``: a
+    dict filled with CPU copies of the parameters when empty, and the weights to copy in (not drawn again)
+    when not (drawing them costs seconds per build at 1B)."""
     bench = _bench_step_module()
     parts = set(variant.split("+"))
     c = cfg.replace(l2e_enabled="l2e" in parts, checkpoint_activations=False)
-    ours = bench.build_ours(c, vocab, dtype, device)
+    ours = bench.build_ours(c, vocab, dtype, device, weights=weights or None)
+    if weights is not None and not weights:
+        weights.update({n: p.detach().to("cpu", copy=True) for n, p in ours.named_parameters()})
+    if "l2e" in parts and device.type == "cuda":  # the measurement is of the fused kernel, not the torch path
+        names = {i.backend.name for i in ours.inhibitors()}
+        if names != {"triton"}:
+            raise RuntimeError(f"L2E backend {sorted(names)} on CUDA, not the Triton kernel (see its import warning)")
     model = ours
     if "hf" in parts:
         model = bench.build_hf_like(c, vocab, ours, dtype, device)
@@ -327,73 +349,100 @@ def whole_step(
 ) -> list:
     """Time the training step (forward, next-token loss (+ L2E), backward, AdamW step) of each variant on the same
     batch [micro_batch, seq + 1] (seed 0), the largest micro-batch that fits: from ``micro_batch`` down, halving
-    on out-of-memory (the first fit is where the next variant starts; a variant that fits only a smaller one uses
-    the batch's first rows and says so). ``warmup`` untimed steps first (at least 3 with L2E: its inhibitors
-    select from the third), then ``steps`` timed ones. One row (dict, STEP_COLUMNS) per variant, also passed to
-    ``on_row`` as soon as it exists. Device-agnostic (runs on CPU at a tiny config; MFU needs ``peak_tflops``)."""
+    on out-of-memory. The micro-batch a variant fits at is where the next one starts, and variants measured
+    before at a larger one run again at it (rows say so), so every comparison has one micro-batch. The weights
+    are drawn once (the first variant's) and copied into the others. ``warmup`` untimed steps first (at least 3
+    with L2E: its inhibitors select from the third), then ``steps`` timed ones. One row (dict, STEP_COLUMNS) per
+    measurement, also passed to ``on_row`` as soon as it exists. Device-agnostic (runs on CPU at a tiny config;
+    MFU needs ``peak_tflops``)."""
     import torch
 
-    bench = _bench_step_module()
     vocab = cfg.model.vocab_size
     seq = cfg.model.seq_length
     g = torch.Generator().manual_seed(0)
     batch_full = torch.randint(0, vocab, (micro_batch, seq + 1), generator=g).to(device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    weights: dict = {}
     rows, mb = [], micro_batch
-    for variant in variants:
-        note, row = [], None
-        while mb >= 1:
-            model = opt = None
-            try:
-                model, step_fn = build_variant(cfg, variant, vocab, dtype, device, compile_backend)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-                batch = batch_full[:mb]
-                w = max(warmup, 3) if "l2e" in variant else warmup
-                stats = bench.time_steps(model, batch, steps, opt, step_fn=step_fn, warmup=w)
-                if "l2e" in variant:
-                    inh = model.inhibitors()
-                    note.append(f"L2E layers {[i.layer_index for i in inh]}, {sum(i.active for i in inh)} active")
-                n_mm = sum(
-                    p.numel() for n, p in model.named_parameters() if not n.endswith(("embed_in.weight", "embed_in"))
-                )
-                tokens = mb * seq
-                tflops = step_flops(n_mm, cfg.model.num_layers, cfg.model.hidden_size, seq, tokens) / stats.median_s
-                tflops /= 1e12
-                row = dict(
-                    shape=shape,
-                    variant=variant,
-                    device=dev_name,
-                    dtype=str(dtype).replace("torch.", ""),
-                    seq=seq,
-                    micro_batch=mb,
-                    tokens_per_step=tokens,
-                    steps=steps,
-                    median_s=stats.median_s,
-                    tokens_per_s=stats.tokens_per_s,
-                    tflops=tflops,
-                    mfu=(tflops / peak_tflops) if peak_tflops else None,
-                    peak_mem_gib=stats.peak_mem_mb / 1024,
-                    matmul_params=n_mm,
-                    note="; ".join(note),
-                )
-                break
-            except Exception as e:  # noqa: BLE001 - out of memory: halve; anything else: recorded as the row
-                if not _is_oom(e):
-                    row = dict(
-                        shape=shape, variant=variant, device=dev_name, micro_batch=mb, note=f"error: {e!r}"[:300]
-                    )
-                    break
-                note.append(f"OOM at micro-batch {mb}")
-                mb //= 2
-            finally:
-                del model, opt
-                _free(device)
-        if row is None:
-            row = dict(shape=shape, variant=variant, device=dev_name, micro_batch=0, note="; ".join(note) or "no fit")
+    queue = [(v, "") for v in variants]
+    while queue:
+        variant, why = queue.pop(0)
+        if mb >= 1:
+            row, fit = _measure(
+                cfg, variant, batch_full, mb, steps, warmup, device, dtype, peak_tflops, compile_backend, weights
+            )
+        else:  # an earlier variant fit no micro-batch at all
+            row, fit = dict(micro_batch=0, note="no fit"), 0
+        row.update(shape=shape, variant=variant, device=dev_name)
+        row["note"] = "; ".join(n for n in (why, row.get("note", "")) if n)
         rows.append(row)
         if on_row is not None:
             on_row(row)
+        if 1 <= fit < mb:  # the variants that ran at a larger micro-batch run again at this one
+            again = [r["variant"] for r in rows[:-1] if r.get("median_s") and r["micro_batch"] > fit]
+            why = f"again at micro-batch {fit} ({variant} did not fit {mb})"
+            queue = [(v, why) for v in dict.fromkeys(again)] + queue
+        mb = fit if fit < mb else mb
     return rows
+
+
+def _measure(cfg, variant, batch_full, mb, steps, warmup, device, dtype, peak_tflops, compile_backend, weights=None):
+    """(row, micro-batch it fit at) of one variant, halving from ``mb`` on out-of-memory (0: nothing fit)."""
+    bench = _bench_step_module()
+    seq = cfg.model.seq_length
+    note, row = [], None
+    while mb >= 1:
+        model = opt = None
+        try:
+            model, step_fn = build_variant(cfg, variant, cfg.model.vocab_size, dtype, device, compile_backend, weights)
+            opt = _adamw(model, device)
+            w = max(warmup, 3) if "l2e" in variant else warmup
+            stats = bench.time_steps(model, batch_full[:mb], steps, opt, step_fn=step_fn, warmup=w)
+            if "l2e" in variant:
+                inh = model.inhibitors()
+                note.append(
+                    f"L2E layers {[i.layer_index for i in inh]}, {sum(i.active for i in inh)} active, "
+                    f"backend {inh[0].backend.name if inh else '-'}"
+                )
+            n_mm = sum(
+                p.numel() for n, p in model.named_parameters() if not n.endswith(("embed_in.weight", "embed_in"))
+            )
+            tokens = mb * seq
+            tflops = step_flops(n_mm, cfg.model.num_layers, cfg.model.hidden_size, seq, tokens) / stats.median_s
+            tflops /= 1e12
+            row = dict(
+                dtype=str(dtype).replace("torch.", ""),
+                seq=seq,
+                micro_batch=mb,
+                tokens_per_step=tokens,
+                steps=steps,
+                median_s=stats.median_s,
+                tokens_per_s=stats.tokens_per_s,
+                tflops=tflops,
+                mfu=(tflops / peak_tflops) if peak_tflops else None,
+                peak_mem_gib=stats.peak_mem_mb / 1024,
+                matmul_params=n_mm,
+            )
+            break
+        except Exception as e:  # noqa: BLE001 - out of memory: halve; anything else: recorded as the row
+            if not _is_oom(e):
+                row = dict(micro_batch=mb, note=f"error: {e!r}"[:300])
+                return row, mb
+            note.append(f"OOM at micro-batch {mb}")
+            mb //= 2
+        finally:
+            del model, opt
+            _free(device)
+    if row is None:
+        return dict(micro_batch=0, note="; ".join(note) or "no fit"), 0
+    row["note"] = "; ".join(note)
+    return row, mb
+
+
+def _adamw(model, device):
+    import torch
+
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
 
 def step_goal_lines(rows: list) -> list:
@@ -512,7 +561,7 @@ def whole_step_worker(args) -> int:
     whole_step(
         cfg,
         variants,
-        args.step_micro_batch,
+        args.step_micro_batch or cfg.training.train_micro_batch_size_per_gpu,
         args.step_iters,
         args.step_warmup,
         device,
@@ -542,8 +591,15 @@ def main(argv=None) -> int:
     if unknown:
         print(f"gpu_check: unknown part(s) {unknown}; choose from {','.join(PARTS)}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the steps run with the repository as their working folder
     out.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("neox_l2e.kernels") is None:  # kernels/ is mapped there by the install
+        print(
+            "gpu_check: neox_l2e.kernels is not importable (kernels/ becomes neox_l2e.kernels when the project "
+            "is installed): run `python -m pip install --no-deps --no-build-isolation -e .` first",
+            file=sys.stderr,
+        )
+        return 2
     run = Runner(out, args.budget_s)
     py = sys.executable
     if "env" in parts:
@@ -559,6 +615,8 @@ def main(argv=None) -> int:
                 "-m",
                 "gpu",
                 "tests/kernels",
+                "tests/l2e/test_host_syncs.py",
+                "tests/model/test_sdpa.py",
                 "-p",
                 "no:cacheprovider",
                 f"--junitxml={out / 'tests.xml'}",
@@ -604,7 +662,8 @@ def main(argv=None) -> int:
         run.step(
             f"step:{shape}",
             [py, "tools/gpu_check.py", "--whole-step-worker", shape, "--out", str(out)]
-            + ["--step-variants", args.step_variants, "--step-micro-batch", str(args.step_micro_batch)]
+            + ["--step-variants", args.step_variants]
+            + (["--step-micro-batch", str(args.step_micro_batch)] if args.step_micro_batch else [])
             + ["--step-iters", str(args.step_iters), "--step-warmup", str(args.step_warmup)]
             + ["--step-seq", str(args.step_seq), "--compile-backend", args.compile_backend]
             + (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []),

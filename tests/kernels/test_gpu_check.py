@@ -172,3 +172,75 @@ def test_whole_step_halves_the_micro_batch_on_out_of_memory(repo_root, monkeypat
     rows = gc.whole_step(_tiny_cfg(), ["ours", "hf"], 8, 1, 0, torch.device("cpu"), torch.float32, None)
     assert [r["micro_batch"] for r in rows] == [2, 2] and rows[0]["mfu"] is None
     assert "OOM at micro-batch 8; OOM at micro-batch 4" in rows[0]["note"] and "OOM" not in rows[1]["note"]
+
+
+def test_whole_step_runs_earlier_variants_again_at_a_smaller_micro_batch(repo_root, monkeypatch):
+    """A later variant that fits only a smaller micro-batch: the earlier ones run again at it (the comparisons
+    need one micro-batch), and the goal lines read the rows at that micro-batch."""
+    import torch
+
+    gc = _gpu_check_module(repo_root)
+    build = gc.build_variant
+
+    def tight(cfg, variant, *a, **k):  # HF fits 1 sequence, ours 2
+        model, fn = build(cfg, variant, *a, **k)
+
+        def step(m, b, opt):
+            if b.shape[0] > (1 if variant == "hf" else 2):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+            return fn(m, b, opt)
+
+        return model, step
+
+    monkeypatch.setattr(gc, "build_variant", tight)
+    rows = gc.whole_step(_tiny_cfg(), ["ours", "hf", "ours+l2e"], 2, 1, 0, torch.device("cpu"), torch.float32, 1.0)
+    assert [(r["variant"], r["micro_batch"]) for r in rows] == [("ours", 2), ("hf", 1), ("ours", 1), ("ours+l2e", 1)]
+    assert "OOM at micro-batch 2" in rows[1]["note"]
+    assert rows[2]["note"].startswith("again at micro-batch 1 (hf did not fit 2)")
+    goals = gc.step_goal_lines([dict(r, shape="1b") for r in rows])
+    assert any(g.startswith("info 1b ours:") for g in goals)  # ours and HF now share micro-batch 1
+    assert any(g.startswith("goal 1b L2E overhead (eager)") for g in goals)
+
+
+def test_variants_share_the_weights_drawn_once(repo_root, monkeypatch):
+    import torch
+
+    from neox_l2e.model import GPTNeoX
+
+    gc = _gpu_check_module(repo_root)
+    draws = []
+    init = GPTNeoX.init_weights
+    monkeypatch.setattr(GPTNeoX, "init_weights", lambda self, *a, **k: (draws.append(1), init(self, *a, **k))[1])
+    weights = {}
+    cpu = torch.device("cpu")
+    first, _ = gc.build_variant(_tiny_cfg(), "ours", 64, torch.float32, cpu, weights=weights)
+    assert len(draws) == 1 and set(weights) == {n for n, _ in first.named_parameters()}
+    for variant in ("ours+l2e", "hf"):
+        model, _ = gc.build_variant(_tiny_cfg(), variant, 64, torch.float32, cpu, weights=weights)
+        if variant == "hf":  # the HF copy of the same weights gives the same logits
+            tokens = torch.arange(16).reshape(1, 16) % 64
+            with torch.no_grad():
+                diff = (model(input_ids=tokens).logits - first(tokens).logits[..., :64]).abs().max()
+            assert diff <= 1e-5
+        else:
+            assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert len(draws) == 1  # drawn once, copied into the others
+
+
+def test_gpu_check_says_in_one_line_when_the_project_is_not_installed(repo_root, tmp_path, monkeypatch, capsys):
+    """On a machine with a GPU but without the project installed, neox_l2e.kernels cannot be imported: the
+    command stops before its first step with one line naming the install command."""
+    import importlib.util
+
+    import torch
+
+    gc = _gpu_check_module(repo_root)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "neox_l2e.kernels" else find(name)
+    )
+    monkeypatch.setattr(gc.Runner, "step", lambda *a, **k: pytest.fail("a step ran"))
+    assert gc.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install --no-deps --no-build-isolation -e ." in err, err
