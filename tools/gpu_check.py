@@ -58,7 +58,7 @@ STEP_TIMEOUT = {
     "bench:6.9b": 60,
     "bench:12b": 70,
     "step:410m": 240,
-    "step:1b": 300,
+    "step:1b": 360,
 }
 PARTS = ("env", "tests", "bench", "step")
 
