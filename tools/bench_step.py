@@ -119,6 +119,8 @@ def default_step(
     l2e_lambda: float = L2EConfig().l2e_lambda,
 ) -> torch.Tensor:
     """One training step: next-token loss (+ L2E loss and commits for our model), backward, AdamW step."""
+    from neox_l2e.l2e import commit_all
+
     x, y = batch[:, :-1], batch[:, 1:]
     if hasattr(model, "lm_loss"):  # our GPTNeoX
         out = model(x)
@@ -126,8 +128,7 @@ def default_step(
         if out.l2e_loss is not None:
             loss = loss + l2e_lambda * out.l2e_loss
         loss.backward()
-        for inh in model.inhibitors():
-            inh.commit()
+        commit_all(model.inhibitors())  # every layer's commit, one host copy (as the training loop)
     else:  # transformers GPTNeoXForCausalLM
         logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))

@@ -620,7 +620,9 @@ def main(argv=None) -> int:
                 "-p",
                 "no:cacheprovider",
                 f"--junitxml={out / 'tests.xml'}",
-            ],
+            ]
+            # the kernels' compiles dominate: 4 workers where pytest-xdist is installed
+            + (["-n", "4"] if importlib.util.find_spec("xdist") is not None else []),
             "tests.log",
         )
     csvs = []
