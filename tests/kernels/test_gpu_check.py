@@ -227,20 +227,97 @@ def test_variants_share_the_weights_drawn_once(repo_root, monkeypatch):
     assert len(draws) == 1  # drawn once, copied into the others
 
 
-def test_gpu_check_says_in_one_line_when_the_project_is_not_installed(repo_root, tmp_path, monkeypatch, capsys):
-    """On a machine with a GPU but without the project installed, neox_l2e.kernels cannot be imported: the
-    command stops before its first step with one line naming the install command."""
+@pytest.mark.parametrize("missing", ["kernels", "package"])
+def test_gpu_check_says_in_one_line_when_the_project_is_not_installed(
+    repo_root, tmp_path, monkeypatch, capsys, missing
+):
+    """On a machine with a GPU but without the project installed, neox_l2e.kernels cannot be imported (and,
+    run from outside the repository, neox_l2e neither: find_spec then raises): the command stops before its
+    first step with one line naming the install command."""
     import importlib.util
 
     import torch
 
     gc = _gpu_check_module(repo_root)
     find = importlib.util.find_spec
+
+    def find_spec(name, *a):
+        if name == "neox_l2e.kernels":
+            if missing == "package":
+                raise ModuleNotFoundError("No module named 'neox_l2e'")
+            return None
+        return find(name, *a)
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "neox_l2e.kernels" else find(name)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(gc.Runner, "step", lambda *a, **k: pytest.fail("a step ran"))
     assert gc.main(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install --no-deps --no-build-isolation -e ." in err, err
+
+
+def test_whole_step_error_after_an_oom_keeps_the_micro_batch_and_the_notes(repo_root, monkeypatch):
+    """A variant that runs out of memory, then fails otherwise, fit nothing: the next variants start where it
+    started, nothing runs again, and its row keeps both notes."""
+    import torch
+
+    gc = _gpu_check_module(repo_root)
+    build = gc.build_variant
+
+    def broken(cfg, variant, *a, **k):
+        model, fn = build(cfg, variant, *a, **k)
+
+        def step(m, b, opt):
+            if variant == "hf":
+                if b.shape[0] > 1:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+                raise RuntimeError("something else")
+            return fn(m, b, opt)
+
+        return model, step
+
+    monkeypatch.setattr(gc, "build_variant", broken)
+    rows = gc.whole_step(_tiny_cfg(), ["ours", "hf", "ours+l2e"], 2, 1, 0, torch.device("cpu"), torch.float32, 1.0)
+    assert [(r["variant"], r["micro_batch"]) for r in rows] == [("ours", 2), ("hf", 1), ("ours+l2e", 2)]
+    assert rows[1].get("median_s") is None
+    assert "OOM at micro-batch 2" in rows[1]["note"] and "error: RuntimeError('something else')" in rows[1]["note"]
+
+
+def test_mfu_goal_reads_the_best_plain_row_at_any_micro_batch(repo_root):
+    gc = _gpu_check_module(repo_root)
+
+    def row(variant, mb, mfu):
+        return dict(shape="1b", variant=variant, micro_batch=mb, median_s=1.0, tokens_per_s=1.0, tflops=1.0, mfu=mfu)
+
+    rows = [row("ours", 16, 0.47), row("hf", 8, 0.40), row("ours", 8, 0.44)]  # ours again at HF's micro-batch
+    goals = gc.step_goal_lines(rows)
+    assert "goal 1b MFU >= 45 % (ours, micro-batch 16): 47.0 %: MET" in goals, goals
+    assert any(g.startswith("info 1b ours:") and "ours / HF 1.000" in g for g in goals)  # compared at 8
+
+
+def test_whole_step_reruns_each_variant_once_per_micro_batch(repo_root, monkeypatch):
+    """A re-run that itself fits only a smaller micro-batch: the others run again at it, the variant itself
+    not a third time."""
+    import torch
+
+    gc = _gpu_check_module(repo_root)
+    build = gc.build_variant
+    builds = {}
+
+    def shrinking(cfg, variant, *a, **k):  # ours fits 4 at first, then (fragmented) 1; HF fits 2
+        builds[variant] = builds.get(variant, 0) + 1
+        limit = {"hf": 2}.get(variant, 4 if builds[variant] == 1 or variant != "ours" else 1)
+        model, fn = build(cfg, variant, *a, **k)
+
+        def step(m, b, opt):
+            if b.shape[0] > limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+            return fn(m, b, opt)
+
+        return model, step
+
+    monkeypatch.setattr(gc, "build_variant", shrinking)
+    rows = gc.whole_step(_tiny_cfg(), ["ours", "hf", "ours+l2e"], 4, 1, 0, torch.device("cpu"), torch.float32, 1.0)
+    got = [(r["variant"], r["micro_batch"]) for r in rows]
+    assert got == [("ours", 4), ("hf", 2), ("ours", 1), ("hf", 1), ("ours+l2e", 1)], got
+    assert rows[3]["note"].startswith("again at micro-batch 1 (ours did not fit 2)")
