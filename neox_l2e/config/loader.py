@@ -584,6 +584,12 @@ def validate(cfg: NeoXConfig) -> None:
                 f"{s('compile')}: compile with ZeRO stage 3 is not supported here (stage 3 gathers weights in "
                 "hooks around each module's forward); use ZeRO stage 0, 1 or 2, or compile: false"
             )
+        if m.checkpoint_activations and m.attention_dropout > 0:
+            raise ConfigError(
+                f"{s('compile')}: compile with checkpoint-activations and attention-dropout "
+                f"{m.attention_dropout:g} is not supported (a compiled recomputation cannot replay the tensor-parallel "
+                "dropout stream); set attention-dropout 0 (Pythia's), checkpoint-activations false, or compile false"
+            )
 
     pr = cfg.precision
     if pr.fp16 and pr.fp16.get("enabled", True) and pr.bf16 and pr.bf16.get("enabled", True):

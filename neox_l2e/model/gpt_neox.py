@@ -216,16 +216,12 @@ class GPTNeoX(nn.Module):
         layers = self.gpt_neox.layers
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             n = self.checkpoint_num_layers
+            # eager: the recomputation replays the TP dropout stream (ps.rng). Compiled: torch's own checkpoint
+            # (a context_fn cannot run under compile; attention dropout, the stream's one user, is refused with
+            # compile and checkpointing at config load)
+            ctx = {} if torch.compiler.is_compiling() else {"context_fn": self.ps.rng.checkpoint_contexts}
             for start in range(0, len(layers), n):
-                x = checkpoint(
-                    _run_layers,
-                    layers[start : start + n],
-                    x,
-                    cos,
-                    sin,
-                    use_reentrant=False,
-                    context_fn=self.ps.rng.checkpoint_contexts,
-                )
+                x = checkpoint(_run_layers, layers[start : start + n], x, cos, sin, use_reentrant=False, **ctx)
         else:
             x = _run_layers(layers, x, cos, sin)
         x = self.gpt_neox.final_layer_norm(x)

@@ -83,3 +83,62 @@ def test_compile_keys_are_checked():
         build_config({**base, "compile": True, "compile_backend": "cudagraphs"})
     with pytest.raises(ConfigError, match="compile with ZeRO stage 3 is not supported"):
         build_config({**base, "compile": True, "zero_optimization": {"stage": 3}})
+    ckpt = {**base, "compile": True, "checkpoint_activations": True}
+    assert build_config(ckpt).compile_mode == "default"  # Pythia's: no attention dropout
+    with pytest.raises(ConfigError, match="compile with checkpoint-activations and attention-dropout 0.1"):
+        build_config({**ckpt, "attention_dropout": 0.1})
+
+
+@pytest.mark.parametrize("l2e", [False, True])
+def test_compile_with_activation_checkpointing_trains_like_eager(l2e):
+    """Pythia's configs checkpoint every layer: compiled (aot_eager), the checkpointed layers give the same
+    losses as eager over steps that take L2E through its phases (statistics, tau, selection), bit for bit.
+    A custom context_fn cannot run under compile (it crashed at the first forward): compiled, the model uses
+    torch's own checkpoint."""
+    import torch
+
+    from neox_l2e.config import build_config
+    from neox_l2e.l2e import commit_all
+    from neox_l2e.model import GPTNeoX
+    from neox_l2e.parallel import ParallelState
+
+    cfg = build_config(
+        dict(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            seq_length=16,
+            max_position_embeddings=16,
+            vocab_size=64,
+            make_vocab_size_divisible_by=8,
+            rotary_pct=0.25,
+            gpt_j_residual=True,
+            no_weight_tying=True,
+            checkpoint_activations=True,
+            l2e_enabled=l2e,
+            l2e_min_samples=8,
+        )
+    )
+    torch._dynamo.reset()
+    models = [GPTNeoX(cfg, ParallelState.single(torch.device("cpu")), vocab_size=64) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    models[0].compile(backend="aot_eager")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    g = torch.Generator().manual_seed(0)
+    losses = [[], []]
+    for _ in range(4):
+        x = torch.randint(0, 64, (4, 17), generator=g)
+        for i, (m, opt) in enumerate(zip(models, opts)):
+            out = m(x[:, :-1])
+            loss = m.lm_loss(out.logits, x[:, 1:])
+            if out.l2e_loss is not None:
+                loss = loss + 0.1 * out.l2e_loss
+            loss.backward()
+            commit_all(m.inhibitors())
+            opt.step()
+            opt.zero_grad()
+            losses[i].append(loss.item())
+    assert losses[0] == losses[1]
+    if l2e:
+        assert all(inh.phase().value == "select" for m in models for inh in m.inhibitors())
+    torch._dynamo.reset()
