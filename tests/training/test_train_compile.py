@@ -96,29 +96,13 @@ def test_compile_with_activation_checkpointing_trains_like_eager(l2e):
     A custom context_fn cannot run under compile (it crashed at the first forward): compiled, the model uses
     torch's own checkpoint."""
     import torch
+    from train_common import tiny_cfg
 
-    from neox_l2e.config import build_config
     from neox_l2e.l2e import commit_all
     from neox_l2e.model import GPTNeoX
     from neox_l2e.parallel import ParallelState
 
-    cfg = build_config(
-        dict(
-            num_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            seq_length=16,
-            max_position_embeddings=16,
-            vocab_size=64,
-            make_vocab_size_divisible_by=8,
-            rotary_pct=0.25,
-            gpt_j_residual=True,
-            no_weight_tying=True,
-            checkpoint_activations=True,
-            l2e_enabled=l2e,
-            l2e_min_samples=8,
-        )
-    )
+    cfg = tiny_cfg(checkpoint_activations=True, l2e_enabled=l2e, l2e_min_samples=8)
     torch._dynamo.reset()
     models = [GPTNeoX(cfg, ParallelState.single(torch.device("cpu")), vocab_size=64) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
