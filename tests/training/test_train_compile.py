@@ -93,8 +93,8 @@ def test_compile_keys_are_checked():
 def test_compile_with_activation_checkpointing_trains_like_eager(l2e):
     """Pythia's configs checkpoint every layer: compiled (aot_eager), the checkpointed layers give the same
     losses as eager over steps that take L2E through its phases (statistics, tau, selection), bit for bit.
-    A custom context_fn cannot run under compile (it crashed at the first forward): compiled, the model uses
-    torch's own checkpoint."""
+    A custom context_fn cannot run under compile (without L2E it crashed at the first forward): compiled, the
+    model uses torch's own checkpoint."""
     import torch
     from train_common import tiny_cfg
 
