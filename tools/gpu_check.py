@@ -245,7 +245,7 @@ STEP_CONFIGS = {"1b": "configs/pythia/pythia-1b.yml", "410m": "configs/pythia/py
 # in the order they run (a step cut by its timeout keeps the rows before): also possible, hf+compile
 STEP_VARIANTS = ("ours", "hf", "ours+l2e", "ours+compile", "ours+l2e+compile")
 # dense bf16 peak TFLOP/s by device name (first match wins; the vendors' figures without sparsity)
-BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("A100", 312.0))
 STEP_COLUMNS = [
     "shape",
     "variant",

@@ -149,6 +149,7 @@ def test_whole_step_measurement_runs_on_cpu(repo_root, tmp_path):
     assert "| 1b | ours+l2e+compile | 2 |" in (tmp_path / "gpu_check_step.md").read_text()
     assert gc.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gc.bf16_peak_tflops("NVIDIA H200") == 989.0
     assert gc.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0 and gc.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gc.bf16_peak_tflops("NVIDIA H100 NVL") == 835.0
     assert gc.bf16_peak_tflops("cpu") is None
 
 
