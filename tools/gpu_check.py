@@ -378,18 +378,22 @@ def whole_step(
         rows.append(row)
         if on_row is not None:
             on_row(row)
-        if 1 <= fit < mb:  # the other variants that ran at a larger micro-batch run again at this one (once)
-            again = {r["variant"]: 1 for r in rows if r["variant"] != variant and r.get("micro_batch", 0) > fit}
-            again = [v for v in again if any(r["variant"] == v and r.get("median_s") for r in rows)]
+        if 1 <= fit < mb:  # the other variants timed at a larger micro-batch run again at this one (once)
+            again = [
+                r["variant"] for r in rows if r["variant"] != variant and r.get("median_s") and r["micro_batch"] > fit
+            ]
+            again = list(dict.fromkeys(again))
             why = f"again at micro-batch {fit} ({variant} did not fit {mb})"
             queue = [(v, why) for v in again] + [(v, w) for v, w in queue if v not in again]
-        mb = fit if fit < mb else mb
+        mb = min(mb, fit)
     return rows
 
 
 def _measure(cfg, variant, batch_full, mb, steps, warmup, device, dtype, peak_tflops, compile_backend, weights=None):
     """(row, micro-batch it fit at) of one variant, halving from ``mb`` on out-of-memory (0: nothing fit; an
     error other than out-of-memory fits nothing smaller: ``mb`` as given)."""
+    import torch
+
     bench = _bench_step_module()
     seq = cfg.model.seq_length
     note, row, mb0 = [], None, mb
@@ -397,7 +401,7 @@ def _measure(cfg, variant, batch_full, mb, steps, warmup, device, dtype, peak_tf
         model = opt = None
         try:
             model, step_fn = build_variant(cfg, variant, cfg.model.vocab_size, dtype, device, compile_backend, weights)
-            opt = _adamw(model, device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
             w = max(warmup, 3) if "l2e" in variant else warmup
             stats = bench.time_steps(model, batch_full[:mb], steps, opt, step_fn=step_fn, warmup=w)
             if "l2e" in variant:
@@ -438,12 +442,6 @@ def _measure(cfg, variant, batch_full, mb, steps, warmup, device, dtype, peak_tf
         return dict(micro_batch=0, note="; ".join(note) or "no fit"), 0
     row["note"] = "; ".join(note)
     return row, mb
-
-
-def _adamw(model, device):
-    import torch
-
-    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
 
 def step_goal_lines(rows: list) -> list:
@@ -597,8 +595,6 @@ def main(argv=None) -> int:
     if unknown:
         print(f"gpu_check: unknown part(s) {unknown}; choose from {','.join(PARTS)}", file=sys.stderr)
         return 2
-    out = Path(args.out).resolve()  # the steps run with the repository as their working folder
-    out.mkdir(parents=True, exist_ok=True)
     try:  # kernels/ is mapped to neox_l2e.kernels by the install
         kernels = importlib.util.find_spec("neox_l2e.kernels")
     except ImportError:  # neox_l2e itself is not importable
@@ -610,6 +606,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    out = Path(args.out).resolve()  # the steps run with the repository as their working folder
+    out.mkdir(parents=True, exist_ok=True)
     run = Runner(out, args.budget_s)
     py = sys.executable
     if "env" in parts:

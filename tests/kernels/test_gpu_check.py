@@ -255,6 +255,7 @@ def test_gpu_check_says_in_one_line_when_the_project_is_not_installed(
     assert gc.main(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install --no-deps --no-build-isolation -e ." in err, err
+    assert not (tmp_path / "out").exists()  # nothing left behind
 
 
 def test_whole_step_error_after_an_oom_keeps_the_micro_batch_and_the_notes(repo_root, monkeypatch):
